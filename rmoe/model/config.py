@@ -1,0 +1,134 @@
+"""Typed model configuration, validated on construction.
+
+The field names follow transformers' ``Qwen2MoeConfig`` where the concept is the same
+(``hidden_size``, ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``,
+``mlp_only_layers``...), so the adapter in :mod:`rmoe.interop.qwen2_moe` is one small mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rmoe.errors import RmoeError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Qwen2-MoE-style decoder LM.
+
+    Args:
+        vocab_size: Number of token ids (set from the tokenizer by the data module when 0).
+        hidden_size: Model width D.
+        num_layers: Number of decoder layers L.
+        num_attention_heads: Query heads; ``hidden_size`` must be divisible by it.
+        num_key_value_heads: Key/value heads for grouped-query attention (divides the query heads).
+        rope_theta: Base of the rotary position embedding.
+        rms_norm_eps: Epsilon of every RMSNorm.
+        qkv_bias: Bias on the q/k/v projections (Qwen2 uses it).
+        tie_word_embeddings: Share the input embedding with the LM head.
+        intermediate_size: Width of the SwiGLU MLP in dense (non-MoE) layers.
+        num_experts: Number of routed experts E.
+        top_k: Experts per token K (``num_experts_per_tok`` in transformers).
+        moe_intermediate_size: Width F of each routed SwiGLU expert.
+        norm_topk_prob: Renormalise the top-k probabilities to sum to 1.
+        shared_expert_intermediate_size: Width of the always-on shared expert (0: none). Its output
+            is scaled by ``sigmoid(Linear(D -> 1))`` as in Qwen2-MoE.
+        decoder_sparse_step: Layer i is an MoE layer when ``(i + 1) % decoder_sparse_step == 0``.
+        mlp_only_layers: Layer indices that use a dense MLP whatever ``decoder_sparse_step`` says.
+        router: Registered router name (see ``rmoe.routers.ROUTERS``).
+        router_options: Options of that router (each router documents its own).
+        expert_backend: How experts run: ``grouped_mm`` (one fused grouped matmul per projection,
+            CUDA), ``loop`` (contiguous per-expert slices after one sort, best on CPU) or ``auto``.
+        initializer_range: Std of the normal init; residual output projections are further scaled
+            by ``1/sqrt(2 * num_layers)`` (GPT-2) unless ``scale_residual_init`` is false.
+        scale_residual_init: See ``initializer_range``.
+    """
+
+    vocab_size: int = 0
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    tie_word_embeddings: bool = True
+    intermediate_size: int = 512
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 128
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router: str = "linear"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    expert_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
+    initializer_range: float = 0.02
+    scale_residual_init: bool = True
+
+    def __post_init__(self) -> None:
+        self.mlp_only_layers = list(self.mlp_only_layers)
+        self.router_options = dict(self.router_options or {})
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def validate(self) -> None:
+        """Check every invariant; raise :class:`RmoeError` naming the key and the expected values."""
+        positive = ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "moe_intermediate_size", "decoder_sparse_step")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise RmoeError(f"model.{key}={getattr(self, key)} must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            raise RmoeError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; choose a head count that divides "
+                f"it (e.g. {', '.join(str(h) for h in _divisors(self.hidden_size)[:6])})."
+            )
+        if self.head_dim % 2:
+            raise RmoeError(
+                f"head dim hidden_size/num_attention_heads={self.head_dim} must be even for rotary embeddings."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise RmoeError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_key_value_heads={self.num_key_value_heads} (grouped-query attention needs it)."
+            )
+        if self.num_experts < 0 or self.shared_expert_intermediate_size < 0:
+            raise RmoeError("model.num_experts and model.shared_expert_intermediate_size must be >= 0.")
+        if self.num_experts > 0 and not 1 <= self.top_k <= self.num_experts:
+            raise RmoeError(
+                f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}."
+            )
+        bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad_layers:
+            raise RmoeError(
+                f"model.mlp_only_layers has {bad_layers}, outside the layer range 0..{self.num_layers - 1}."
+            )
+        if self.expert_backend not in ("auto", "grouped_mm", "loop"):
+            raise RmoeError(
+                f"model.expert_backend={self.expert_backend!r}; expected one of: auto, grouped_mm, loop."
+            )
+        from rmoe.routers import get_router_class  # noqa: PLC0415 (the registry imports this module)
+
+        get_router_class(self.router).parse_options(self.router_options)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0 and (n // d) % 2 == 0]
