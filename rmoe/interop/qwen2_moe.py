@@ -109,6 +109,8 @@ def from_hf_model(hf: Qwen2MoeForCausalLM) -> MoeLM:
     )
     model = MoeLM(config)
     state = from_hf_state_dict(hf.state_dict())
+    if config.shared_expert_intermediate_size == 0:  # transformers' empty (width 0) shared expert
+        state = {k: v for k, v in state.items() if ".shared_expert" not in k}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=not config.tie_word_embeddings)
