@@ -13,8 +13,16 @@ from rmoe.routers import RoutingOutput
 
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(
-        vocab_size=97, hidden_size=32, num_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, num_experts=4, top_k=2, moe_intermediate_size=16, initializer_range=0.2,
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        num_experts=4,
+        top_k=2,
+        moe_intermediate_size=16,
+        initializer_range=0.2,
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -172,9 +180,9 @@ def test_active_parameter_count():
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (dict(hidden_size=30, num_attention_heads=4), "not divisible by model.num_attention_heads=4"),
-        (dict(top_k=5, num_experts=4), "model.top_k=5 must be between 1 and model.num_experts=4"),
-        (dict(router="nope"), "model.router='nope' is not a known choice; expected one of: "),
+        (dict(hidden_size=30, num_attention_heads=4), "not divisible by model.arch.num_attention_heads=4"),
+        (dict(top_k=5, num_experts=4), "model.arch.top_k=5 must be between 1 and model.arch.num_experts=4"),
+        (dict(router="nope"), "model.arch.router='nope' is not a known choice; expected one of: "),
         (dict(router_options={"bogus": 1}), "valid options"),
         (dict(mlp_only_layers=[7]), "outside the layer range"),
     ],

@@ -33,7 +33,7 @@ def from_hf_name(name: str) -> str:
 
 def to_hf_config(config: ModelConfig, **overrides: Any) -> Qwen2MoeConfig:
     """The ``Qwen2MoeConfig`` of the same architecture (linear router only)."""
-    from transformers import Qwen2MoeConfig  # noqa: PLC0415 (optional at import time)
+    from transformers import Qwen2MoeConfig
 
     if config.router != "linear":
         raise ValueError(f"only the linear router exists in transformers, not {config.router!r}")
@@ -71,7 +71,7 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def to_hf_model(model: MoeLM, **config_overrides: Any) -> Qwen2MoeForCausalLM:
     """A ``Qwen2MoeForCausalLM`` holding a copy of ``model``'s weights."""
-    from transformers import Qwen2MoeForCausalLM  # noqa: PLC0415
+    from transformers import Qwen2MoeForCausalLM
 
     hf = Qwen2MoeForCausalLM(to_hf_config(model.config, **config_overrides))
     state = to_hf_state_dict(model)

@@ -90,15 +90,22 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check every invariant; raise :class:`RmoeError` naming the key and the expected values."""
-        positive = ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
-                    "intermediate_size", "moe_intermediate_size", "decoder_sparse_step")
+        positive = (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "decoder_sparse_step",
+        )
         for key in positive:
             if getattr(self, key) <= 0:
-                raise RmoeError(f"model.{key}={getattr(self, key)} must be a positive integer.")
+                raise RmoeError(f"model.arch.{key}={getattr(self, key)} must be a positive integer.")
         if self.hidden_size % self.num_attention_heads:
             raise RmoeError(
-                f"model.hidden_size={self.hidden_size} is not divisible by "
-                f"model.num_attention_heads={self.num_attention_heads}; choose a head count that divides "
+                f"model.arch.hidden_size={self.hidden_size} is not divisible by "
+                f"model.arch.num_attention_heads={self.num_attention_heads}; choose a head count that divides "
                 f"it (e.g. {', '.join(str(h) for h in _divisors(self.hidden_size)[:6])})."
             )
         if self.head_dim % 2:
@@ -107,25 +114,25 @@ class ModelConfig:
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise RmoeError(
-                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"model.num_key_value_heads={self.num_key_value_heads} (grouped-query attention needs it)."
+                f"model.arch.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.arch.num_key_value_heads={self.num_key_value_heads} (grouped-query attention needs it)."
             )
         if self.num_experts < 0 or self.shared_expert_intermediate_size < 0:
-            raise RmoeError("model.num_experts and model.shared_expert_intermediate_size must be >= 0.")
+            raise RmoeError("model.arch.num_experts and model.arch.shared_expert_intermediate_size must be >= 0.")
         if self.num_experts > 0 and not 1 <= self.top_k <= self.num_experts:
             raise RmoeError(
-                f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}."
+                f"model.arch.top_k={self.top_k} must be between 1 and model.arch.num_experts={self.num_experts}."
             )
         bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if bad_layers:
             raise RmoeError(
-                f"model.mlp_only_layers has {bad_layers}, outside the layer range 0..{self.num_layers - 1}."
+                f"model.arch.mlp_only_layers has {bad_layers}, outside the layer range 0..{self.num_layers - 1}."
             )
         if self.expert_backend not in ("auto", "grouped_mm", "loop"):
             raise RmoeError(
-                f"model.expert_backend={self.expert_backend!r}; expected one of: auto, grouped_mm, loop."
+                f"model.arch.expert_backend={self.expert_backend!r}; expected one of: auto, grouped_mm, loop."
             )
-        from rmoe.routers import get_router_class  # noqa: PLC0415 (the registry imports this module)
+        from rmoe.routers import get_router_class
 
         get_router_class(self.router).parse_options(self.router_options)
 

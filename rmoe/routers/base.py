@@ -5,6 +5,10 @@ the previous MoE layer's router returned (``None`` at the first one). It returns
 this layer and the state for the next. The decoder never looks inside the state and never
 branches on router names, so a router that recurs over depth (RMoE) fits without touching it.
 
+Token-choice routers (each token picks its top-k experts) derive from :class:`TokenChoiceRouter`,
+which owns the choice itself (fp32 softmax, top-k, renormalisation) and the options every
+token-choice router shares (:class:`TokenChoiceOptions`: auxiliary-loss-free bias balancing).
+
 Shape legend: T tokens (batch x sequence, flattened), D model width, E experts, K top-k.
 """
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rmoe.errors import RmoeError
@@ -49,10 +54,28 @@ class NoOptions:
     """Routers without options."""
 
 
+@dataclass
+class TokenChoiceOptions:
+    """Options shared by every token-choice router (their own ``Options`` inherit these).
+
+    Args:
+        bias_update_rate: Auxiliary-loss-free load balancing (Wang et al., arXiv 2408.15664)
+            when > 0: a per-expert bias ``b`` is added to the scores for the top-k
+            *selection* only, and after every optimiser step ``b += rate * sign(mean load - load)``.
+            0 turns it off (no bias buffer at all, so checkpoints are unchanged).
+    """
+
+    bias_update_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 turns it off)")
+
+
 class Router(nn.Module):
     """Base class of every router; subclasses register with :func:`rmoe.routers.register_router`.
 
-    Subclasses set ``Options`` to a dataclass of their YAML options (``model.router_options``)
+    Subclasses set ``Options`` to a dataclass of their YAML options (``model.arch.router_options``)
     and implement :meth:`forward`. Routers whose parameters are shared across layers build them
     once in :meth:`build_shared`; the decoder stores that module once and hands it to every
     layer's router (which keeps a reference without registering it, so it is counted once).
@@ -78,13 +101,13 @@ class Router(nn.Module):
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise RmoeError(
-                f"model.router_options has {', '.join(unknown)}, which router {cls.name!r} does not take; "
+                f"model.arch.router_options has {', '.join(unknown)}, which router {cls.name!r} does not take; "
                 f"valid options: {', '.join(valid) or '(none)'}."
             )
         try:
             return cls.Options(**options)
         except (TypeError, ValueError) as err:
-            raise RmoeError(f"model.router_options for router {cls.name!r}: {err}") from None
+            raise RmoeError(f"model.arch.router_options for router {cls.name!r}: {err}") from None
 
     @classmethod
     def build_shared(cls, config: ModelConfig) -> nn.Module | None:
@@ -98,8 +121,86 @@ class Router(nn.Module):
             if p.dim() >= 2:
                 nn.init.normal_(p, std=self.config.initializer_range)
 
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop on every router after each optimiser step (no-op here)."""
+
     def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
         raise NotImplementedError
+
+
+class TokenChoiceRouter(Router):
+    """A router where each token picks its top-k experts from scores computed by the subclass.
+
+    Subclasses compute fp32 ``logits_TE`` in :meth:`forward` and return ``self.select(logits_TE)``.
+
+    Auxiliary-loss-free balancing (``bias_update_rate > 0``; Wang et al., "Auxiliary-Loss-Free
+    Load Balancing Strategy for Mixture-of-Experts", arXiv 2408.15664): with ``s`` the
+    softmax probabilities, the top-k is taken over ``s + b`` but the combine weights are the
+    unbiased ``s`` of the chosen experts (renormalised per ``norm_topk_prob``). ``b`` is the
+    persistent, non-trainable buffer ``balance_bias_E``; the number of (token, expert) choices per
+    expert is accumulated while ``self.training`` and consumed by :meth:`after_optimizer_step`,
+    which all-reduces it across processes and applies ``b += u * sign(mean load - load)``.
+
+    The load counter is a plain tensor attribute, not a buffer: DDP re-broadcasts every buffer
+    from rank 0 at each forward (``broadcast_buffers``), which would overwrite per-rank counts.
+    """
+
+    Options: ClassVar[type] = TokenChoiceOptions
+
+    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+        super().__init__(config, layer_idx, shared)
+        self.bias_update_rate = float(self.options.bias_update_rate)
+        # None (no state_dict entry) when off, so checkpoints of unbalanced routers are unchanged.
+        bias_E = torch.zeros(config.num_experts) if self.bias_update_rate > 0 else None
+        self.balance_bias_E: torch.Tensor | None
+        self.register_buffer("balance_bias_E", bias_E, persistent=True)
+        self._load_counts_E: torch.Tensor | None = None  # choices per expert since the last step
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.balance_bias_E is not None:
+            self.balance_bias_E.zero_()
+        self._load_counts_E = None
+
+    def select(self, logits_TE: torch.Tensor) -> RoutingOutput:
+        """fp32 softmax over experts, top-k (over ``probs + b`` when balancing), renormalise."""
+        if self.balance_bias_E is None:
+            return topk_softmax(logits_TE, self.top_k, self.config.norm_topk_prob)
+        logits_TE = logits_TE.float()
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        expert_ids_TK = torch.topk(probs_TE + self.balance_bias_E.float(), self.top_k, dim=-1).indices
+        weights_TK = probs_TE.gather(1, expert_ids_TK)  # unbiased scores: b steers the choice only
+        if self.config.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.training:
+            self._count_load(expert_ids_TK)
+        return RoutingOutput(logits_TE, probs_TE, weights_TK, expert_ids_TK)
+
+    @torch.no_grad()
+    def _count_load(self, expert_ids_TK: torch.Tensor) -> None:
+        counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=self.num_experts).float()
+        if self._load_counts_E is None or self._load_counts_E.device != counts_E.device:
+            self._load_counts_E = counts_E
+        else:
+            self._load_counts_E += counts_E
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """``b += u * sign(mean load - load)`` from the loads counted since the last step, then reset.
+
+        Call it on every rank (it all-reduces the counts when ``torch.distributed`` is initialised).
+        """
+        if self.balance_bias_E is None:
+            return
+        counts_E = self._load_counts_E
+        if counts_E is None or counts_E.device != self.balance_bias_E.device:
+            counts_E = torch.zeros(self.num_experts, device=self.balance_bias_E.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts_E, op=dist.ReduceOp.SUM)
+        error_E = counts_E.mean() - counts_E  # > 0: underloaded, its bias goes up
+        self.balance_bias_E += (self.bias_update_rate * torch.sign(error_E)).to(self.balance_bias_E.dtype)
+        self._load_counts_E = None
 
 
 def topk_softmax(logits_TE: torch.Tensor, top_k: int, norm_topk_prob: bool) -> RoutingOutput:

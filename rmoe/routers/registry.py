@@ -14,7 +14,7 @@ ROUTERS: dict[str, type[Router]] = {}
 
 
 def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
-    """Class decorator: make a router available as ``model.router: <name>``."""
+    """Class decorator: make a router available as ``model.arch.router: <name>``."""
 
     def wrap(cls: type[Router]) -> type[Router]:
         if name in ROUTERS:
@@ -27,5 +27,5 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
 
 
 def get_router_class(name: str) -> type[Router]:
-    check_choice("model.router", name, ROUTERS)
+    check_choice("model.arch.router", name, ROUTERS)
     return ROUTERS[name]

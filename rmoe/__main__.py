@@ -1,0 +1,5 @@
+"""python -m rmoe"""
+
+from rmoe.cli import main
+
+main()

@@ -1,0 +1,104 @@
+"""The ``rmoe`` command: Lightning's CLI over YAML configs, with clear errors.
+
+Why LightningCLI (with ``parser_mode="omegaconf"``): it gives, from the type hints and docstrings
+of ``MoeLMModule``, ``TextDataModule`` and ``Trainer``, everything the project needs without
+custom code: ``fit``/``validate``/``test`` subcommands, several ``--config`` files merged in order
+(a base plus small override files), ``--key=value`` and ``key=value`` dot-list overrides, omegaconf
+``${...}`` interpolation, type checking and unknown-key errors, ``--print_config``, the resolved
+config saved in every run directory (``config.yaml``, which re-runs as is), and ``--ckpt_path``
+resume.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from typing import Any, NoReturn
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from rmoe.errors import RmoeError
+
+_DOTLIST = re.compile(r"^[A-Za-z_][\w.]*=")
+_UNKNOWN = (
+    re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
+    re.compile(r"unrecognized arguments: --(?P<key>[\w.]+)"),
+    re.compile(r"Key '(?P<key>[\w.]+)' is not expected"),
+)
+
+
+class RmoeArgumentParser(LightningArgumentParser):
+    """Reports a bad key or value in one paragraph (the key, the nearest valid keys) and exits 2,
+    instead of printing the whole usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        message = " ".join(message.split())
+        for pattern in _UNKNOWN:
+            match = pattern.search(message)
+            if match:
+                group = match.groupdict().get("group")
+                key = f"{group}.{match['key']}" if group else match["key"]
+                message = f"unknown key {key!r}. {_valid_keys_hint(parser, key)}"
+                break
+        prog = parser.prog.replace(" [options]", "")
+        print(f"rmoe: error: {message} (see `{prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _valid_keys_hint(parser: Any, key: str) -> str:
+    known = sorted({s.lstrip("-") for a in parser._actions for s in a.option_strings if s.startswith("--")})
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [
+        k[len(prefix) :] for k in known if prefix and k.startswith(prefix) and not re.search(r"[.+]", k[len(prefix) :])
+    ]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"Did you mean {' or '.join(repr(k) for k in close)}? " if close else ""
+    if siblings:
+        hint += f"Valid keys under {prefix[:-1]!r}: {', '.join(siblings)}."
+    return hint
+
+
+class RmoeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # the tokenizer decides the vocabulary: copy it into the model config at instantiation
+        parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+
+
+def normalize_args(argv: list[str]) -> list[str]:
+    """Accept omegaconf-style ``model.arch.router=gru`` overrides as well as ``--model.arch.router=gru``."""
+    return [f"--{a}" if _DOTLIST.match(a) and not a.startswith("-") else a for a in argv]
+
+
+def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
+    """Parse ``argv`` (``rmoe`` arguments, dot-list overrides allowed) and, if ``run``, run the subcommand."""
+    from rmoe.data import TextDataModule
+    from rmoe.training.module import MoeLMModule
+
+    return RmoeCLI(
+        MoeLMModule,
+        TextDataModule,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_class=RmoeArgumentParser,
+        parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "prog": "rmoe"},
+        auto_configure_optimizers=False,
+        args=normalize_args(argv),
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``rmoe`` command (and ``python -m rmoe``)."""
+    try:
+        build_cli(sys.argv[1:] if argv is None else list(argv))
+    except RmoeError as err:
+        print(f"rmoe: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""The LightningDataModule: a corpus, a tokenizer and cached packed blocks for train / val / test.
+
+``__init__`` only checks the arguments and builds the tokenizer (nothing is written), so bad
+input fails before any work and ``vocab_size`` is known at once. ``prepare_data`` (one process
+per node) downloads, trains the BPE and tokenises; ``setup`` (every process) loads the cached
+blocks. Cache layout under ``cache_dir``::
+
+    hf-datasets/                      datasets.load_dataset's cache (hub presets, text files)
+    tokenizers/bpe-<key>/             trained BPE tokenizers
+    splits/<split>-<key>/tokens.arrow           one row per document: ids + <eos>
+    splits/<split>-<key>/blocks-<B>.arrow       one row per block of B + 1 ids
+    splits/<split>-<key>/blocks-<B>.json        SplitStats, written last: marks the entry complete
+
+``<key>`` hashes everything that changes the token stream of the split: the split's corpus
+identity (sha256 of the split's files for ``files``, plus the train files' for carved splits;
+path, size and mtime of the split's files for ``stdlib``; the preset for hub sources), the split,
+its byte cap and the tokenizer's fingerprint (its full serialised vocabulary and rules). The
+block size is in the file name, so changing it only re-packs the cached tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rmoe.data.blocks import BlockDataset, SplitStats, pack_tokens, token_stats, tokenize_documents
+from rmoe.data.corpus import SPLITS, Corpus, build_corpus, take_prefix
+from rmoe.data.sampler import ResumableShuffleSampler
+from rmoe.data.tokenizer import META_FILE, MIN_BPE_VOCAB_SIZE, BpeTokenizer, Tokenizer, build_tokenizer
+from rmoe.errors import RmoeError
+
+# Bump when the cached format or the meaning of a cache key changes.
+CACHE_FORMAT = 1
+# The model's vocabulary is the tokenizer's rounded up to a multiple of this (e.g. 258 -> 320,
+# 50257 -> 50304): matmuls with aligned sizes are faster on GPUs; the extra ids never occur.
+VOCAB_MULTIPLE = 64
+DEFAULT_BPE_VOCAB_SIZE = 4096
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+
+
+def default_cache_dir() -> Path:
+    """``$RMOE_CACHE`` if set, else ``~/.cache/rmoe``."""
+    return Path(os.environ.get("RMOE_CACHE") or Path.home() / ".cache" / "rmoe").expanduser()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
+def _check_positive(key: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RmoeError(f"{key}={value!r} is invalid; expected a positive integer{' or None' if allow_none else ''}.")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Language-modelling data: documents -> tokens -> packed blocks of ``block_size + 1`` ids.
+
+    Batches are ``LongTensor`` of shape ``(batch_size, block_size + 1)``: inputs ``[:, :-1]``,
+    targets ``[:, 1:]``. Training batches are shuffled with a generator seeded by ``seed`` and the
+    last partial batch is dropped; eval batches are in order and the last partial batch is kept.
+    See :mod:`rmoe.data.blocks` for the packing and :mod:`rmoe.data.corpus` for the splits.
+
+    Attributes:
+        vocab_size: Size of the model's vocabulary: the tokenizer's (for ``bpe``: ``bpe_vocab_size``)
+            rounded up to a multiple of 64. Known right after ``__init__``.
+    """
+
+    def __init__(
+        self,
+        source: str = "stdlib",
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        test_files: list[str] | None = None,
+        tokenizer: str = "byte",
+        bpe_vocab_size: int = DEFAULT_BPE_VOCAB_SIZE,
+        block_size: int = 256,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_bytes: int | None = None,
+        max_eval_bytes: int | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Check the arguments and build the tokenizer; nothing is read from the corpus or written yet.
+
+        Args:
+            source: ``"stdlib"`` (the Python standard library's source files, split 90/5/5 by a hash
+                of the file path), ``"files"`` (``train_files`` etc.), or a hub preset:
+                ``"wikitext-103"``, ``"enwik8"``, ``"tinystories"`` (need network the first time).
+            train_files: For ``source="files"``: UTF-8 text files or globs, one document per file.
+            val_files: For ``source="files"``: validation files; if omitted, carved out of the end
+                of the training text (see ``test_files``).
+            test_files: For ``source="files"``: test files. Missing eval splits are carved out of the
+                end of the training text: with neither, train / val / test are the first 90%, the
+                next 5% and the last 5% of its characters; with one given, the other is the last
+                5%. Cuts move forward to a line break.
+            tokenizer: ``"byte"`` (UTF-8 bytes + ``<eos>``, ``<pad>``), ``"bpe"`` (byte-level BPE
+                trained on the train split), or a transformers tokenizer name or local directory
+                (also a tokenizer directory written by ``save_tokenizer``).
+            bpe_vocab_size: Vocabulary size of the trained BPE (only for ``tokenizer="bpe"``).
+            block_size: Tokens of context per training example.
+            batch_size: Training batch size.
+            eval_batch_size: Validation/test batch size (default: ``batch_size``).
+            num_workers: DataLoader worker processes.
+            max_train_bytes: Use only the first this many UTF-8 bytes of the train split.
+            max_eval_bytes: Use only the first this many UTF-8 bytes of the val and test splits.
+            cache_dir: Cache directory (default: ``$RMOE_CACHE`` or ``~/.cache/rmoe``).
+            seed: Seed of the training shuffle.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        for key, value in (("block_size", block_size), ("batch_size", batch_size)):
+            _check_positive(key, value)
+        for key, value in (
+            ("eval_batch_size", eval_batch_size),
+            ("max_train_bytes", max_train_bytes),
+            ("max_eval_bytes", max_eval_bytes),
+        ):
+            _check_positive(key, value, allow_none=True)
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise RmoeError(f"num_workers={num_workers!r} is invalid; expected an integer >= 0.")
+        self.source = source
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_bytes = {"train": max_train_bytes, "val": max_eval_bytes, "test": max_eval_bytes}
+        self.seed = seed
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.corpus: Corpus = build_corpus(source, train_files, val_files, test_files)
+
+        self._tokenizer: Tokenizer | None = None
+        self.bpe_vocab_size = bpe_vocab_size
+        if tokenizer == "bpe":
+            if bpe_vocab_size < MIN_BPE_VOCAB_SIZE:
+                raise RmoeError(
+                    f"bpe_vocab_size={bpe_vocab_size} is too small; a byte-level BPE needs at least "
+                    f"{MIN_BPE_VOCAB_SIZE} (256 bytes + <eos> + <pad>)."
+                )
+            tokenizer_vocab_size = bpe_vocab_size
+        else:
+            if bpe_vocab_size != DEFAULT_BPE_VOCAB_SIZE:
+                warnings.warn(
+                    f"bpe_vocab_size={bpe_vocab_size} is ignored with tokenizer={tokenizer!r}.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._tokenizer = build_tokenizer(tokenizer)
+            tokenizer_vocab_size = self._tokenizer.vocab_size
+        self.vocab_size = -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+        self._documents: dict[str, Any] | None = None  # loaded corpus, only while preparing
+        self._blocks: dict[str, Any] = {}
+        self._stats: dict[str, SplitStats] = {}
+
+    # ----------------------------------------------------------------------------------------
+    # tokenizer
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer; for ``bpe`` it is loaded from the cache or trained on first access."""
+        if self._tokenizer is None:
+            self._tokenizer = self._load_or_train_bpe()
+        return self._tokenizer
+
+    def _load_or_train_bpe(self) -> Tokenizer:
+        import tokenizers
+
+        key = _digest(
+            {
+                "format": CACHE_FORMAT,
+                "corpus": self.corpus.identity("train"),
+                "max_bytes": self.max_bytes["train"],
+                "vocab_size": self.bpe_vocab_size,
+                "tokenizers": tokenizers.__version__,
+            }
+        )
+        directory = self.cache_root / "tokenizers" / f"bpe-{key}"
+        if not (directory / META_FILE).is_file():
+            trained = BpeTokenizer.train(_iter_texts(self._load_documents()["train"]), self.bpe_vocab_size)
+            temporary = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+            trained.save(temporary)
+            try:
+                temporary.rename(directory)
+            except OSError:  # another process finished first
+                shutil.rmtree(temporary, ignore_errors=True)
+        return BpeTokenizer.load(directory)
+
+    def save_tokenizer(self, directory: str) -> None:
+        """Write the tokenizer into ``directory`` (``tokenizer=directory`` loads it back)."""
+        self.tokenizer.save(directory)
+
+    # ----------------------------------------------------------------------------------------
+    # preparing and loading the splits
+
+    def _load_documents(self) -> dict[str, Any]:
+        if self._documents is None:
+            loaded = self.corpus.load(self.cache_root / "hf-datasets")
+            self._documents = {split: take_prefix(loaded[split], self.max_bytes[split]) for split in SPLITS}
+        return self._documents
+
+    def _split_dir(self, split: str) -> Path:
+        key = _digest(
+            {
+                "format": CACHE_FORMAT,
+                "corpus": self.corpus.identity(split),
+                "split": split,
+                "max_bytes": self.max_bytes[split],
+                "tokenizer": self.tokenizer.fingerprint,
+            }
+        )
+        return self.cache_root / "splits" / f"{split}-{key}"
+
+    def _prepare_split(self, split: str) -> Path:
+        """Build the split's cached blocks unless they exist; return the blocks' Arrow file."""
+        from datasets import Dataset
+
+        directory = self._split_dir(split)
+        blocks_path = directory / f"blocks-{self.block_size}.arrow"
+        stats_path = blocks_path.with_suffix(".json")
+        if stats_path.is_file():
+            return blocks_path
+        tokens_path = directory / "tokens.arrow"
+        if tokens_path.is_file():
+            tokens = Dataset.from_file(str(tokens_path))
+        else:
+            tokens = tokenize_documents(self._load_documents()[split], self.tokenizer, tokens_path)
+        num_documents, num_bytes, num_tokens = token_stats(tokens)
+        blocks = pack_tokens(tokens, self.block_size, blocks_path)
+        if len(blocks) == 0:
+            raise RmoeError(
+                f"The {split} split of source={self.source!r} has {num_tokens} tokens, fewer than "
+                f"block_size + 1 = {self.block_size + 1}; lower block_size, raise max_*_bytes or give more text."
+            )
+        SplitStats(num_documents, num_bytes, num_tokens, len(blocks)).save(stats_path)
+        return blocks_path
+
+    def prepare_data(self) -> None:
+        """Download, train the BPE and tokenise + pack every split into the cache (one process per node)."""
+        try:
+            for split in SPLITS:
+                self._prepare_split(split)
+        finally:
+            self._documents = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached blocks of the splits ``stage`` needs (building any that are missing)."""
+        from datasets import Dataset
+
+        splits = STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS
+        try:
+            for split in splits:
+                if split in self._blocks:
+                    continue
+                blocks_path = self._prepare_split(split)
+                self._blocks[split] = Dataset.from_file(str(blocks_path))
+                self._stats[split] = SplitStats.load(blocks_path.with_suffix(".json"))
+        finally:
+            self._documents = None
+        if "train" in splits and len(self._blocks["train"]) < self.batch_size:
+            raise RmoeError(
+                f"The train split has {len(self._blocks['train'])} blocks of block_size={self.block_size}, fewer "
+                f"than batch_size={self.batch_size}, so an epoch would have no batch; lower batch_size or block_size."
+            )
+
+    def split_stats(self, split: str) -> SplitStats:
+        """Documents, bytes, tokens and blocks of ``split`` (``"train"``, ``"val"``, ``"test"``), after ``setup``."""
+        if split not in SPLITS:
+            raise RmoeError(f"split={split!r} is not a known split; expected one of: {', '.join(SPLITS)}.")
+        if split not in self._stats:
+            raise RuntimeError(f"The {split} split is not loaded; call setup() first.")
+        return self._stats[split]
+
+    def bytes_per_token(self, split: str) -> float:
+        """UTF-8 bytes of the split's text per token of its stream (``<eos>`` tokens included).
+
+        Bits per byte = loss in nats/token / (ln 2 * bytes_per_token). Available after ``setup``.
+        """
+        return self.split_stats(split).bytes_per_token
+
+    # ----------------------------------------------------------------------------------------
+    # dataloaders
+
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self._blocks:
+            raise RuntimeError(f"The {split} split is not loaded; call setup() first.")
+        dataset = BlockDataset(self._blocks[split])
+        sampler = (
+            ResumableShuffleSampler(len(dataset), batch_size, self.seed, batches_done=self._train_batches_done)
+            if shuffle
+            else None
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _train_batches_done(self, epoch: int) -> int:
+        """Batches of ``epoch`` this process already trained on: non-zero only right after resuming
+        mid-epoch from a checkpoint, where it makes the run continue with the very next batch.
+        Derived from the restored optimiser step count (checkpoints are taken at step boundaries)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        per_epoch = len(self._blocks["train"]) // (self.batch_size * trainer.world_size)
+        return trainer.global_step * trainer.accumulate_grad_batches - epoch * per_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", self.eval_batch_size, shuffle=False)
+
+
+def _iter_texts(documents: Any) -> Any:
+    for batch in documents.iter(batch_size=1000):
+        yield from batch["text"]

@@ -1,0 +1,121 @@
+"""Per-token routing metrics: gate entropy, inner/outer balance, router z, the top-1 expert.
+
+Shape legend: T tokens, E experts, K chosen experts per token. Each function returns the
+per-token vector (T,) so callers can take means, medians and histograms; all run under
+``torch.no_grad()`` and leave their inputs untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def gate_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Entropy ``-sum_e g_e ln g_e`` (nats) of each token's full router distribution.
+
+    Over the full softmax ``probs_TE`` (all E experts, before top-k), with ``0 ln 0 = 0``: ln E
+    for a uniform router, 0 for a one-hot one. Shannon entropy of the router's distribution, a
+    router-confidence measure (cf. the RMoE paper's analysis of router score distributions, Qiu
+    et al., "Layerwise Recurrent Router for Mixture-of-Experts", arXiv 2408.06793, Sec. 5).
+
+    Args:
+        probs_TE: (T, E) router probabilities.
+
+    Returns:
+        (T,) fp32 entropies.
+    """
+    return torch.special.entr(probs_TE.float()).sum(dim=-1)
+
+
+@torch.no_grad()
+def sorted_top_scores(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest router probabilities of each token, in decreasing order: (T, k) fp32."""
+    return torch.topk(probs_TE.float(), k, dim=-1, sorted=True).values
+
+
+@torch.no_grad()
+def inner_balance(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Per-token "inner balance": top-1 score / top-2 score (>= 1; 1 = the two tie).
+
+    RMoE paper (Qiu et al., arXiv 2408.06793), Table 8, which reports its median over tokens.
+    The scores are the full-softmax probabilities ``probs_TE``, not the renormalised combine
+    weights (the ratio is the same for softmax routers, but reading ``probs_TE`` keeps it defined
+    for every router). +inf where the top-2 probability underflows to 0.
+
+    Args:
+        probs_TE: (T, E) router probabilities, E >= 2.
+
+    Returns:
+        (T,) fp32 ratios.
+    """
+    top_T2 = sorted_top_scores(probs_TE, 2)
+    return top_T2[:, 0] / top_T2[:, 1]
+
+
+@torch.no_grad()
+def outer_balance(probs_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per-token "outer balance": the sum of the top-k router probabilities, in (0, 1].
+
+    RMoE paper (Qiu et al., arXiv 2408.06793), Table 8 (median over tokens): how much of the
+    router's mass the chosen experts get. Read from the full softmax ``probs_TE``: the
+    renormalised combine weights always sum to 1 under ``norm_topk_prob``, so they cannot show it.
+
+    Args:
+        probs_TE: (T, E) router probabilities.
+        top_k: K, the number of experts each token is routed to.
+
+    Returns:
+        (T,) fp32 sums.
+    """
+    return sorted_top_scores(probs_TE, top_k).sum(dim=-1)
+
+
+@torch.no_grad()
+def router_z(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Per-token ``z = logsumexp_e(logits)``, the quantity the ST-MoE router z-loss squares.
+
+    Zoph et al., "ST-MoE: Designing Stable and Transferable Sparse Expert Models", arXiv
+    2202.08906, Eq. 5 (z-loss = mean z^2). Its mean tracks the growth of the router logits.
+
+    Args:
+        logits_TE: (T, E) router logits.
+
+    Returns:
+        (T,) fp32.
+    """
+    return torch.logsumexp(logits_TE.float(), dim=-1)
+
+
+@torch.no_grad()
+def top1_expert_ids(
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    probs_TE: torch.Tensor,
+    keep_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each token's main expert: the computed (kept) chosen expert with the largest combine weight.
+
+    For plain top-k routers this is ``expert_ids_TK[:, 0]`` (the router's argmax); with
+    auxiliary-loss-free bias balancing it is the highest-probability expert among those chosen
+    with the bias; with a capacity mask it skips dropped pairs. A token with no kept pair
+    (dropped everywhere, or picked by no expert under expert choice) falls back to the router's
+    argmax ``probs_TE.argmax(-1)``. Ties go to the first column.
+
+    Args:
+        expert_ids_TK: (T, K) chosen expert ids.
+        weights_TK: (T, K) combine weights.
+        probs_TE: (T, E) router probabilities (for the fallback).
+        keep_TK: Optional (T, K) bool mask.
+
+    Returns:
+        (T,) int64 expert ids.
+    """
+    weights_TK = weights_TK.float()
+    if keep_TK is not None:
+        weights_TK = weights_TK.masked_fill(~keep_TK, float("-inf"))
+    best_T1 = weights_TK.argmax(dim=-1, keepdim=True)
+    ids_T = expert_ids_TK.gather(1, best_T1).squeeze(1)
+    if keep_TK is not None:
+        ids_T = torch.where(keep_TK.any(dim=-1), ids_T, probs_TE.argmax(dim=-1))
+    return ids_T

@@ -1,0 +1,86 @@
+"""Norms of the router parameters' gradients from each loss separately (RMoE paper, Table 11)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters whose name contains ``router``, by name.
+
+    This covers every layer's router (``layers.{i}.mlp.router.*``) and the parameters shared by
+    all layers (``shared_router.*``, e.g. RMoE's GRU cell), each counted once. Frozen routers
+    (buffers, or ``requires_grad`` False) contribute nothing.
+    """
+    return {name: p for name, p in model.named_parameters() if "router" in name and p.requires_grad}
+
+
+def router_group(name: str) -> str:
+    """``layer_{i}`` for a parameter of decoder layer i's router, ``shared`` otherwise."""
+    match = _LAYER_RE.search(name)
+    return f"layer_{match.group(1)}" if match else "shared"
+
+
+def router_grad_norms_by_loss(model: nn.Module, losses: Mapping[str, torch.Tensor | None]) -> dict[str, float]:
+    """L2 norm of d(loss)/d(router parameters) for each loss separately, without touching ``.grad``.
+
+    Uses ``torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)``, so the
+    graph survives for the training step's own backward and no ``.grad`` is accumulated. A loss
+    that is None or does not require grad (e.g. a balance loss with coefficient 0 on a detached
+    value) gives zeros. Call it on the bare model (not a DDP wrapper): the gradients are the
+    local process's, not all-reduced.
+
+    Args:
+        model: The model (e.g. ``rmoe.model.decoder.MoeLM``).
+        losses: Name -> scalar loss, e.g. ``{"lm": lm_loss, "balance": aux_loss}``.
+
+    Returns:
+        Flat dict ``"{loss}/total"``, ``"{loss}/shared"`` (parameters shared across layers, 0 if
+        none) and ``"{loss}/layer_{i}"`` (i = decoder layer index of each MoE layer's router).
+    """
+    params = router_parameters(model)
+    names = list(params)
+    groups = sorted({router_group(n) for n in names} | {"shared"}, key=_group_order)
+    out: dict[str, float] = {}
+    for loss_name, loss in losses.items():
+        if loss is None or not loss.requires_grad or not names:
+            grads: list[torch.Tensor | None] = [None] * len(names)
+        else:
+            grads = list(torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True))
+        squares = dict.fromkeys(groups, 0.0)
+        for name, grad in zip(names, grads):
+            if grad is not None:
+                squares[router_group(name)] += float(grad.detach().float().pow(2).sum())
+        out[f"{loss_name}/total"] = sum(squares.values()) ** 0.5
+        for group in groups:
+            out[f"{loss_name}/{group}"] = squares[group] ** 0.5
+    return out
+
+
+def router_grad_norms(model: nn.Module, lm_loss: torch.Tensor, balance_loss: torch.Tensor | None) -> dict[str, float]:
+    """Router gradient norms from the LM loss and from the balance loss, separately.
+
+    The RMoE paper (Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts", arXiv
+    2408.06793, Table 11) compares the router's gradient norm from the language-modelling loss
+    with that from the load-balancing loss, to show how much of the router's training signal
+    each provides. See :func:`router_grad_norms_by_loss` for the keys (``lm/...``, ``balance/...``).
+
+    Args:
+        model: The model.
+        lm_loss: The language-modelling loss (scalar, with graph).
+        balance_loss: The balance loss *as added to the total* (scalar, with graph), or None.
+
+    Returns:
+        Flat dict of norms (python floats).
+    """
+    return router_grad_norms_by_loss(model, {"lm": lm_loss, "balance": balance_loss})
+
+
+def _group_order(group: str) -> tuple[int, int]:
+    return (0, 0) if group == "shared" else (1, int(group.split("_")[1]))

@@ -1,0 +1,302 @@
+"""Cross-layer information metrics: entropies, mutual information, the RMoE paper's binned-
+probability MI matrix, and the diversity of expert paths through the depth.
+
+Shape legend: T tokens, E experts, L MoE layers, N distinct items (paths). Entropies and MI are in
+nats. Every function runs under ``torch.no_grad()`` and leaves its inputs untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+NUM_PROB_BINS = 100
+"""Bins over [0, 1] of the RMoE paper's binned-probability MI (Qiu et al., arXiv 2408.06793, App. A.4.2)."""
+
+_MAX_CODE = 2**62  # mixed-radix path codes stay below this (int64 with room to spare)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plug-in entropy and mutual information from counts
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def entropy_from_counts(counts_N: torch.Tensor) -> torch.Tensor:
+    """Plug-in (maximum-likelihood) Shannon entropy ``-sum p ln p`` of the empirical distribution
+    ``p = counts / sum(counts)``, over the last dim (leading batch dims allowed); ``0 ln 0 = 0``.
+
+    Computed as ``ln n - sum c ln c / n`` in fp64 (exact for integer counts; Cover & Thomas,
+    "Elements of Information Theory", Eq. 2.1). 0 for an empty histogram.
+
+    Args:
+        counts_N: (..., N) non-negative counts.
+
+    Returns:
+        (...,) fp64 entropies.
+    """
+    counts = counts_N.double()
+    total = counts.sum(dim=-1)
+    c_log_c = torch.special.xlogy(counts, counts).sum(dim=-1)
+    safe_total = total.clamp_min(1.0)
+    return torch.where(total > 0, safe_total.log() - c_log_c / safe_total, torch.zeros_like(total))
+
+
+@torch.no_grad()
+def mutual_information(joint_XY: torch.Tensor) -> torch.Tensor:
+    """Plug-in mutual information ``I(X;Y) = H(X) + H(Y) - H(X,Y)`` from a joint histogram.
+
+    The maximum-likelihood estimate from the empirical joint distribution (Cover & Thomas,
+    "Elements of Information Theory", Eq. 2.45). Biased upwards for finite samples: for
+    independent X, Y its expectation is about ``(|X| - 1)(|Y| - 1) / (2 n)`` nats (Miller 1955;
+    Panzeri & Treves 1996, "Analytical estimates of limited sampling biases in different
+    information measures", Network 7). Clamped at 0 against rounding.
+
+    Args:
+        joint_XY: (..., X, Y) counts (leading batch dims allowed).
+
+    Returns:
+        (...,) fp64 MI in nats.
+    """
+    h_x = entropy_from_counts(joint_XY.sum(dim=-1))
+    h_y = entropy_from_counts(joint_XY.sum(dim=-2))
+    h_xy = entropy_from_counts(joint_XY.flatten(-2))
+    return (h_x + h_y - h_xy).clamp_min(0.0)
+
+
+@torch.no_grad()
+def normalized_mutual_information(joint_XY: torch.Tensor) -> torch.Tensor:
+    """NMI ``2 I(X;Y) / (H(X) + H(Y))`` in [0, 1] (the arithmetic-mean normalisation).
+
+    Strehl & Ghosh, "Cluster Ensembles", JMLR 3 (2002), discuss the sqrt normalisation; the
+    arithmetic one is scikit-learn's default ``normalized_mutual_info_score`` (Vinh, Epps & Bailey,
+    "Information Theoretic Measures for Clusterings Comparison", JMLR 11 (2010), NMI_sum). Chosen
+    because it stays defined when only one side is constant (then I = 0 and NMI = 0); when both
+    sides are constant (H(X) = H(Y) = 0) the two labelings agree trivially and NMI = 1, as in
+    scikit-learn.
+
+    Args:
+        joint_XY: (..., X, Y) counts.
+
+    Returns:
+        (...,) fp64 NMI.
+    """
+    h_sum = entropy_from_counts(joint_XY.sum(dim=-1)) + entropy_from_counts(joint_XY.sum(dim=-2))
+    mi = mutual_information(joint_XY)
+    return torch.where(h_sum > 0, (2.0 * mi / h_sum.clamp_min(1e-300)).clamp(0.0, 1.0), torch.ones_like(h_sum))
+
+
+@torch.no_grad()
+def joint_histogram(x_T: torch.Tensor, y_T: torch.Tensor, num_x: int, num_y: int) -> torch.Tensor:
+    """Counts of the pairs ``(x_t, y_t)``: an (num_x, num_y) int64 contingency table."""
+    return torch.bincount(x_T * num_y + y_T, minlength=num_x * num_y).view(num_x, num_y)
+
+
+@torch.no_grad()
+def consecutive_joint_histograms(top1_LT: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Joint histograms of consecutive layers' top-1 expert ids: (L-1, E, E) int64.
+
+    Entry ``[l, a, b]`` counts the tokens whose top-1 expert is a at MoE layer l and b at l+1.
+    """
+    L, _ = top1_LT.shape
+    E = num_experts
+    if L < 2:
+        return torch.zeros(0, E, E, dtype=torch.int64, device=top1_LT.device)
+    pair_offset_L1 = torch.arange(L - 1, device=top1_LT.device)[:, None] * (E * E)
+    codes = (pair_offset_L1 + top1_LT[:-1] * E + top1_LT[1:]).reshape(-1)
+    return torch.bincount(codes, minlength=(L - 1) * E * E).view(L - 1, E, E)
+
+
+# ----------------------------------------------------------------------------------------------
+# The RMoE paper's binned-probability MI (App. A.4.2)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def bin_probabilities(probs_TE: torch.Tensor, num_bins: int = NUM_PROB_BINS) -> torch.Tensor:
+    """Equal-width bin index of each probability over [0, 1]: ``min(floor(p * bins), bins - 1)``.
+
+    Bin b covers ``[b / bins, (b + 1) / bins)``; the last bin is closed so p = 1 falls in it
+    (``numpy.histogram``'s convention). Returns int64 of the input's shape.
+    """
+    return (probs_TE.float() * num_bins).floor().long().clamp(0, num_bins - 1)
+
+
+def _byte_counts(words: torch.Tensor) -> torch.Tensor:
+    """Sum of the 8 bytes of int64 words whose bytes are each 0 or 1 (shift-add, no overflow)."""
+    s = words + (words >> 32)  # a new tensor: the in-place steps below never touch ``words``
+    s += s >> 16
+    s += s >> 8
+    return s.bitwise_and_(0xFF)
+
+
+@torch.no_grad()
+def binned_log_count_sums(
+    probs_LTE: torch.Tensor, num_bins: int = NUM_PROB_BINS, max_chunk_bytes: int = 1 << 25
+) -> torch.Tensor:
+    """Sufficient statistic of the binned-probability MI matrix: ``S[i, j] = sum_t sum_e ln n_ij(t, e)``.
+
+    ``n_ij(t, e)`` is the number of experts f whose probability falls in the same bin as expert
+    e's at layer i *and* at layer j (for token t). Sums over batches add up, so
+    :class:`rmoe.metrics.RoutingStats` accumulates S and converts it with
+    :func:`binned_mi_from_log_count_sums`.
+
+    Vectorised without any (T, bins, bins) histogram: the (T, E, E) bool matrix "f shares e's bin"
+    of each layer is reinterpreted as int64 words (8 experts per word, one byte each), so the
+    joint "same bin at i and at j" is one AND per word and ``n_ij`` a byte count. Tokens are
+    processed in chunks of about ``max_chunk_bytes`` bytes of those matrices.
+
+    Args:
+        probs_LTE: (L, T, E) router probabilities of L layers.
+        num_bins: Bins over [0, 1].
+        max_chunk_bytes: Memory bound of the intermediate matrices.
+
+    Returns:
+        (L, L) fp64, symmetric.
+    """
+    bins_LTE = bin_probabilities(probs_LTE, num_bins)
+    bins_LTE = bins_LTE.to(torch.uint8 if num_bins <= 256 else torch.int32)  # cheaper comparisons
+    L, T, E = bins_LTE.shape
+    num_words = -(-E // 8)
+    pad = 8 * num_words - E
+    log_n = torch.arange(E + 1, device=probs_LTE.device).float().clamp_min(1.0).log()  # ln n, n = 0..E
+    sums_LL = torch.zeros(L, L, dtype=torch.float64, device=probs_LTE.device)
+    chunk = max(1, max_chunk_bytes // (L * E * 8 * num_words))
+    for start in range(0, T, chunk):
+        b_LtE = bins_LTE[:, start : start + chunk]
+        same_LtEE = b_LtE[..., :, None] == b_LtE[..., None, :]
+        if pad:
+            same_LtEE = torch.cat([same_LtEE, same_LtEE.new_zeros(*same_LtEE.shape[:-1], pad)], dim=-1)
+        words_LtEW = same_LtEE.view(torch.int64)  # byte f of word w: expert 8w + f shares e's bin
+        for i in range(L):
+            n_JtEW = _byte_counts(words_LtEW[i][None] & words_LtEW[i:])
+            n_JtE = n_JtEW.squeeze(-1) if num_words == 1 else n_JtEW.sum(dim=-1)
+            sums_J = log_n[n_JtE].sum(dim=(1, 2), dtype=torch.float64)
+            sums_LL[i, i:] += sums_J
+            sums_LL[i + 1 :, i] += sums_J[1:]
+    return sums_LL
+
+
+@torch.no_grad()
+def binned_mi_from_log_count_sums(sums_LL: torch.Tensor, num_tokens: int, num_experts: int) -> torch.Tensor:
+    """Token-averaged binned MI matrix from :func:`binned_log_count_sums` over ``num_tokens`` tokens.
+
+    With E samples per token, the plug-in entropies are ``H_i(t) = ln E - (1/E) sum_e ln n_ii(t, e)``
+    and ``H_ij(t) = ln E - (1/E) sum_e ln n_ij(t, e)``, so the mean over tokens of
+    ``I_ij(t) = H_i + H_j - H_ij`` is ``ln E - (S_ii + S_jj - S_ij) / (T E)``; the diagonal is the
+    mean entropy of a layer's binned vector.
+    """
+    diag_L = sums_LL.diagonal()
+    mi_LL = math.log(num_experts) - (diag_L[:, None] + diag_L[None, :] - sums_LL) / (num_tokens * num_experts)
+    mi_LL = mi_LL.clamp_min(0.0)
+    return (mi_LL + mi_LL.T) / 2  # exactly symmetric
+
+
+@torch.no_grad()
+def binned_probability_mi_matrix(
+    probs: Sequence[torch.Tensor] | torch.Tensor, num_bins: int = NUM_PROB_BINS
+) -> torch.Tensor:
+    """The RMoE paper's cross-layer mutual information of router probabilities, as an L x L matrix.
+
+    Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts", arXiv 2408.06793, App. A.4.2
+    (the MI heat map of its Sec. 5): each token's probability vector is discretised into 100
+    equal-width bins over [0, 1], the MI between two layers' binned vectors is estimated, and the
+    result is averaged over tokens. Interpretation implemented here: for one token t, the E
+    binned probabilities of layer i and of layer j are E paired samples ``(x_e, y_e)``, e = 1..E;
+    ``I_ij(t)`` is the plug-in MI of their E-sample joint histogram (as
+    ``sklearn.metrics.mutual_info_score(x, y)`` would compute it, in nats); the matrix entry is
+    the mean of ``I_ij(t)`` over tokens. The matrix is symmetric and its diagonal is the mean
+    plug-in entropy of a layer's binned vector (``I(X;X) = H(X)``); every entry is at most ln E.
+    With only E samples per token the plug-in MI is strongly biased upwards (two independent
+    random layers with E = 8 score about 1.3 nats against a diagonal of about 1.66): compare
+    entries across layers, routers and checkpoints, not against 0.
+
+    Vectorised as described in :func:`binned_log_count_sums` (no (T, 100, 100) histogram).
+
+    Args:
+        probs: L tensors (T, E) (one per MoE layer, e.g. ``[r.probs_TE for r in routing]``) or one
+            (L, T, E) tensor.
+        num_bins: Bins over [0, 1] (the paper: 100).
+
+    Returns:
+        (L, L) fp64 MI matrix (nats), on the inputs' device.
+    """
+    probs_LTE = probs if isinstance(probs, torch.Tensor) else torch.stack([p.float() for p in probs])
+    _, T, E = probs_LTE.shape
+    return binned_mi_from_log_count_sums(binned_log_count_sums(probs_LTE, num_bins), T, E)
+
+
+@torch.no_grad()
+def binned_probability_mi(
+    probs_a_TE: torch.Tensor, probs_b_TE: torch.Tensor, num_bins: int = NUM_PROB_BINS
+) -> torch.Tensor:
+    """Per-token binned-probability MI between two layers (see :func:`binned_probability_mi_matrix`).
+
+    Args:
+        probs_a_TE: (T, E) probabilities of one layer.
+        probs_b_TE: (T, E) probabilities of another layer.
+        num_bins: Bins over [0, 1].
+
+    Returns:
+        (T,) fp64 per-token MI (nats); its mean is the matrix entry.
+    """
+    E = probs_a_TE.shape[-1]
+    bins_2TE = bin_probabilities(torch.stack([probs_a_TE.float(), probs_b_TE.float()]), num_bins)
+    eq_2TEE = bins_2TE[..., :, None] == bins_2TE[..., None, :]
+    log_n_a_T = eq_2TEE[0].sum(-1).double().log().sum(-1)
+    log_n_b_T = eq_2TEE[1].sum(-1).double().log().sum(-1)
+    log_n_ab_T = (eq_2TEE[0] & eq_2TEE[1]).sum(-1).double().log().sum(-1)
+    return (math.log(E) - (log_n_a_T + log_n_b_T - log_n_ab_T) / E).clamp_min(0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert paths through the depth
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def path_keys(top1_LT: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """A hashable key per token for its path: the tuple of its top-1 experts over the L layers.
+
+    The mixed-radix code ``sum_l id_l E^(L-1-l)`` (T,) int64 when ``E^L <= 2^62``; otherwise (too
+    many layers for an int64) the rows themselves, (T, L), to be made unique with ``dim=0``.
+    """
+    L, T = top1_LT.shape
+    if num_experts**L > _MAX_CODE:
+        return top1_LT.T.contiguous()
+    code_T = torch.zeros(T, dtype=torch.int64, device=top1_LT.device)
+    for l in range(L):  # Horner
+        code_T = code_T * num_experts + top1_LT[l]
+    return code_T
+
+
+@torch.no_grad()
+def unique_with_counts(keys: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct keys (codes (N,) or rows (N, L)) and how often each occurs (or their summed ``counts``)."""
+    if counts is None:
+        return torch.unique(keys, dim=0 if keys.dim() == 2 else None, return_counts=True)
+    unique_keys, inverse = torch.unique(keys, dim=0 if keys.dim() == 2 else None, return_inverse=True)
+    totals = torch.zeros(unique_keys.shape[0], dtype=torch.int64, device=keys.device)
+    return unique_keys, totals.index_add_(0, inverse, counts.long())
+
+
+@torch.no_grad()
+def expert_path_diversity(top1_LT: torch.Tensor, num_experts: int) -> tuple[int, float]:
+    """Number of distinct expert paths and the plug-in entropy (nats) of the path distribution.
+
+    The expert-selection diversity through the depth (cf. the RMoE paper, Qiu et al., arXiv
+    2408.06793, Sec. 5, which argues that the recurrent router diversifies expert selection): a
+    token's path is the tuple of its top-1 expert ids over all MoE layers. One path: entropy 0;
+    at most ``min(T, E^L)`` paths and ``ln min(T, E^L)`` nats.
+
+    Args:
+        top1_LT: (L, T) top-1 expert ids per layer.
+        num_experts: E.
+
+    Returns:
+        (number of distinct paths, path entropy).
+    """
+    _, counts_N = unique_with_counts(path_keys(top1_LT, num_experts))
+    return int(counts_N.numel()), float(entropy_from_counts(counts_N))

@@ -1,0 +1,130 @@
+"""LocMoE-style affinity router with expert capacity (Li et al., "LocMoE: A Low-overhead MoE for
+Large Language Model Training", arXiv 2401.13920; LocMoE+, arXiv 2406.00023).
+
+Affinity ``delta_ti = cos(x_t, w_i)`` against the rows of an orthogonal grouped-average-pooling
+(GAP) matrix, ``w_i = (E/D) 1{j in group i}``: with D split into E contiguous groups,
+``delta_ti = sqrt(|g_i|) mean(x_t over g_i) / ||x_t||``. Each token takes its top-k experts over
+``softmax(delta / temperature)`` (token choice); each expert then keeps at most C of the tokens
+that chose it, those of highest affinity (``C = ceil(capacity_factor * T * K / E)``), and the
+dropped (token, expert) pairs are expressed by ``keep_TK`` False: they contribute 0 and the token
+passes through the residual (and the shared expert, if any).
+
+Choices the papers leave open, made here:
+- Only the routing is implemented; LocMoE's node-locality loss and locality-aware all-to-all
+  (the "Loc" in the name) concern multi-node expert parallelism and are out of scope.
+- Combine weights are the softmax probabilities of ``delta / temperature`` at the chosen experts,
+  renormalised per ``model.arch.norm_topk_prob`` *before* drops (a dropped pair's share is lost, not
+  given to the kept one), as in Switch/GShard capacity.
+- C is computed over the T tokens of one forward call (the whole local batch), at least 1 and at
+  most T; LocMoE's lower bound on capacity is left to ``capacity_factor``. Ties in affinity keep
+  the earlier token. The bias of auxiliary-loss-free balancing (when on) steers the token choice;
+  the capacity ranking uses the unbiased affinity, and the balancing counts choices before drops.
+- When D is not divisible by E the groups differ in size by one (``torch.tensor_split``); the
+  cosine normalises each row, so the affinity stays ``sqrt(|g_i|) mean_g(x) / ||x||``.
+- ``learnable_keys``: the GAP rows initialise trainable expert keys (fixed buffer otherwise).
+
+Capacity makes a token's drop depend on the other tokens of the batch, later ones included: like
+every capacity-limited MoE, this router is causal only when nothing is dropped (e.g.
+``capacity_factor >= E / K``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter
+from rmoe.routers.registry import register_router
+
+if TYPE_CHECKING:
+    from rmoe.model.config import ModelConfig
+
+
+@dataclass
+class LocMoeOptions(TokenChoiceOptions):
+    """Args:
+    temperature: Divides the affinities (cosines in [-1, 1]) before the softmax.
+    capacity_factor: C = ceil(capacity_factor * T * K / E) kept pairs per expert at most.
+    learnable_keys: Train the expert keys (initialised to the GAP rows) instead of fixing them.
+    """
+
+    temperature: float = 0.1
+    capacity_factor: float = 1.25
+    learnable_keys: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0 or self.capacity_factor <= 0:
+            raise ValueError(f"temperature={self.temperature} and capacity_factor={self.capacity_factor} must be > 0")
+
+
+def gap_rows(num_experts: int, hidden_size: int) -> torch.Tensor:
+    """(E, D) grouped-average-pooling matrix: row i averages the i-th contiguous group of D."""
+    rows_ED = torch.zeros(num_experts, hidden_size)
+    for i, group in enumerate(torch.tensor_split(torch.arange(hidden_size), num_experts)):
+        rows_ED[i, group] = 1.0 / len(group)
+    return rows_ED
+
+
+def capacity_keep_mask(
+    expert_ids_TK: torch.Tensor, affinity_TK: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """True for the (at most ``capacity``) highest-affinity pairs of each expert; vectorised.
+
+    Sort the T*K pairs by (expert, -affinity) with two stable sorts, rank each pair within its
+    expert's group (position minus the group's start) and keep ranks below the capacity.
+    No host synchronisation.
+    """
+    ids_S = expert_ids_TK.reshape(-1)
+    by_affinity_S = torch.argsort(affinity_TK.reshape(-1), descending=True, stable=True)
+    order_S = by_affinity_S[torch.argsort(ids_S[by_affinity_S], stable=True)]  # grouped by expert
+    counts_E = torch.bincount(ids_S, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    rank_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts_E[ids_S[order_S]]
+    keep_S = torch.empty_like(ids_S, dtype=torch.bool)
+    keep_S[order_S] = rank_S < capacity
+    return keep_S.view_as(expert_ids_TK)
+
+
+@register_router("locmoe")
+class LocMoeRouter(TokenChoiceRouter):
+    """GAP-affinity token choice, then per-expert capacity by affinity (see the module docstring).
+
+    The state passes through untouched. With fixed keys the router has no trainable parameter.
+    """
+
+    Options = LocMoeOptions
+
+    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+        super().__init__(config, layer_idx, shared)
+        rows_ED = gap_rows(config.num_experts, config.hidden_size)
+        if self.options.learnable_keys:
+            self.keys = nn.Parameter(rows_ED)
+        else:  # deterministic from the config: not saved
+            self.register_buffer("keys", rows_ED, persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.keys.copy_(gap_rows(self.num_experts, self.config.hidden_size))
+
+    def capacity(self, num_tokens: int) -> int:
+        c = math.ceil(self.options.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return max(1, min(num_tokens, c))
+
+    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            affinity_TE = F.linear(
+                F.normalize(x_TD.float(), dim=-1, eps=1e-6), F.normalize(self.keys.float(), dim=-1, eps=1e-6)
+            )
+        routing = self.select(affinity_TE / self.options.temperature)
+        affinity_TK = affinity_TE.gather(1, routing.expert_ids_TK)
+        routing.keep_TK = capacity_keep_mask(
+            routing.expert_ids_TK, affinity_TK.detach(), self.num_experts, self.capacity(x_TD.shape[0])
+        )
+        return routing, state

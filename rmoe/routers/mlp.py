@@ -1,0 +1,51 @@
+"""Two-layer MLP router (the "SMoE-MLP" baseline of RMoE, Qiu et al., arXiv 2408.06793)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear
+from rmoe.routers.registry import register_router
+
+if TYPE_CHECKING:
+    from rmoe.model.config import ModelConfig
+
+
+@dataclass
+class MlpOptions(TokenChoiceOptions):
+    """Args:
+    hidden_dim: Width H of the MLP's hidden layer (128 matches RMoE's default state width, so the
+        per-layer parameter count is that of RMoE's projector + gate).
+    """
+
+    hidden_dim: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden_dim <= 0:
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be a positive integer")
+
+
+@register_router("mlp")
+class MlpRouter(TokenChoiceRouter):
+    """``logits = W2 gelu(W1 x)`` (D -> H -> E, no biases), in fp32, then softmax top-k.
+
+    The state passes through untouched.
+    """
+
+    Options = MlpOptions
+
+    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+        super().__init__(config, layer_idx, shared)
+        self.up_proj = nn.Parameter(torch.empty(self.options.hidden_dim, config.hidden_size))  # (H, D)
+        self.out_proj = nn.Parameter(torch.empty(config.num_experts, self.options.hidden_dim))  # (E, H)
+
+    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+        hidden_TH = F.gelu(fp32_linear(x_TD, self.up_proj))
+        logits_TE = fp32_linear(hidden_TH, self.out_proj)
+        return self.select(logits_TE), state

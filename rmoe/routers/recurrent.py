@@ -1,0 +1,215 @@
+"""The layerwise recurrent router of RMoE (Qiu et al., "Layerwise Recurrent Router for
+Mixture-of-Experts", ICLR 2025, arXiv 2408.06793, Sec. 3, Eqs. 4-6), with the paper's ablations
+(Tables 4-7) as options.
+
+At MoE layer i, with x_i the MoE block's normalised input (T, D):
+
+    x'_i = Proj_i(x_i)              D -> P, no bias            (Eq. 4)
+    h_i  = Cell(x'_i, h_{i-1})      one cell for all layers    (Eq. 5; h_0 = 0)
+    logits_i = G_i h_i              P -> E, no bias, per layer (Eq. 6)
+
+then fp32 softmax, top-k and renormalisation. The recurrence runs over depth only: every token
+is routed in parallel and nothing is carried across positions, so causal decoding is unaffected.
+The experts still receive x_i (never x'_i), and h never enters the residual stream; it travels
+from MoE layer to MoE layer as the opaque router state (:class:`RecurrentState`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear
+from rmoe.routers.cosine import CosineScorer, check_cosine_options
+from rmoe.routers.registry import register_router
+
+if TYPE_CHECKING:
+    from rmoe.model.config import ModelConfig
+
+_CELLS = {"gru": nn.GRUCell, "rnn": nn.RNNCell, "lstm": nn.LSTMCell}
+
+
+@dataclass
+class RecurrentOptions(TokenChoiceOptions):
+    """Args:
+    state_dim: Width P of the projected input and of the recurrent state (paper: 128).
+    cell: ``gru`` (paper), ``rnn`` (tanh) or ``lstm`` (its state carries (h, c)).
+    projector: ``layerwise`` (one Proj_i per layer, paper) or ``shared`` (one for all).
+    pass_state: False is the paper's "NP": every layer starts from h_0 = 0 (same parameters and
+        FLOPs, no cross-layer information).
+    detach_state: Pass h forward but stop its gradient between layers (forward information only).
+    residual_alpha: Residual routing ("r-alpha"): add alpha times the previous MoE layer's router
+        logits (its final ones, residual included) to this layer's logits. 0: off.
+    residual_detach: Stop the gradient through those previous logits.
+    head: ``linear`` (G_i, paper) or ``cosine`` (X-MoE's cosine head on h_i, "XMoE + GRU", Table 2).
+    cosine_dim: Cosine head only: down-projection width of h before the cosine (0: none).
+    cosine_init_temperature: Cosine head only: initial learnable temperature.
+    cosine_min_temperature: Cosine head only: lower clamp of the temperature.
+    """
+
+    state_dim: int = 128
+    cell: Literal["gru", "rnn", "lstm"] = "gru"
+    projector: Literal["layerwise", "shared"] = "layerwise"
+    pass_state: bool = True
+    detach_state: bool = False
+    residual_alpha: float = 0.0
+    residual_detach: bool = False
+    head: Literal["linear", "cosine"] = "linear"
+    cosine_dim: int = 16
+    cosine_init_temperature: float = 0.07
+    cosine_min_temperature: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, choices in (
+            ("cell", tuple(_CELLS)),
+            ("projector", ("layerwise", "shared")),
+            ("head", ("linear", "cosine")),
+        ):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}={getattr(self, key)!r}; expected one of: {', '.join(choices)}")
+        if self.state_dim <= 0:
+            raise ValueError(f"state_dim={self.state_dim} must be a positive integer")
+        if self.detach_state and not self.pass_state:
+            raise ValueError("detach_state: true does nothing with pass_state: false (no state is passed)")
+        if self.residual_detach and self.residual_alpha == 0:
+            raise ValueError("residual_detach: true does nothing with residual_alpha: 0 (residual routing is off)")
+        cosine_keys = ("cosine_dim", "cosine_init_temperature", "cosine_min_temperature")
+        if self.head == "linear":
+            changed = [k for k in cosine_keys if getattr(self, k) != type(self).__dataclass_fields__[k].default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply to head: cosine, not head: linear")
+        else:
+            check_cosine_options(self.cosine_dim, self.cosine_init_temperature, self.cosine_min_temperature)
+
+
+@dataclass
+class RecurrentState:
+    """What one MoE layer's recurrent router hands to the next (opaque to the decoder).
+
+    Attributes:
+        h_TP: The cell output h_i (None when ``pass_state`` is false).
+        c_TP: The LSTM memory cell (None for the other cells).
+        logits_TE: This layer's router logits, for residual routing (None when it is off).
+    """
+
+    h_TP: torch.Tensor | None
+    c_TP: torch.Tensor | None = None
+    logits_TE: torch.Tensor | None = None
+
+
+class RecurrentCore(nn.Module):
+    """The parameters all layers share: the cell (``torch.nn.*Cell`` conventions and default init)
+    and, with ``projector: shared``, the projector. Built once by :meth:`RecurrentRouter.build_shared`."""
+
+    def __init__(self, config: ModelConfig, options: RecurrentOptions) -> None:
+        super().__init__()
+        P = options.state_dim
+        self.kind = options.cell
+        self.cell = _CELLS[options.cell](P, P)  # gates with input and hidden biases
+        self.proj = nn.Parameter(torch.empty(P, config.hidden_size)) if options.projector == "shared" else None
+        self.initializer_range = config.initializer_range
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.cell.reset_parameters()  # PyTorch's U(-1/sqrt(P), 1/sqrt(P)) for every cell weight and bias
+        if self.proj is not None:
+            nn.init.normal_(self.proj, std=self.initializer_range)
+
+    def step(
+        self, x_TP: torch.Tensor, h_TP: torch.Tensor, c_TP: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One cell step in fp32 (even under autocast or with low-precision weights)."""
+        c = self.cell
+        weights = (c.weight_ih.float(), c.weight_hh.float(), c.bias_ih.float(), c.bias_hh.float())
+        with torch.autocast(device_type=x_TP.device.type, enabled=False):
+            if self.kind == "gru":
+                return torch.gru_cell(x_TP, h_TP, *weights), None
+            if self.kind == "rnn":
+                return torch.rnn_tanh_cell(x_TP, h_TP, *weights), None
+            h_TP, c_TP = torch.lstm_cell(x_TP, (h_TP, c_TP), *weights)
+            return h_TP, c_TP
+
+
+@register_router("gru")
+class RecurrentRouter(TokenChoiceRouter):
+    """RMoE's router (see the module docstring); ``cell`` also selects the rnn and lstm variants.
+
+    Per layer it owns the projector (``proj``, (P, D), unless shared) and the head: ``gate``
+    ((E, P)) or a :class:`~rmoe.routers.cosine.CosineScorer`. Gradients flow through h across
+    layers unless ``detach_state`` is set.
+    """
+
+    Options = RecurrentOptions
+
+    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+        super().__init__(config, layer_idx, shared)
+        if not isinstance(shared, RecurrentCore):
+            raise ValueError("RecurrentRouter needs the shared cell from RecurrentRouter.build_shared")
+        o, P = self.options, self.options.state_dim
+        self.proj = nn.Parameter(torch.empty(P, config.hidden_size)) if o.projector == "layerwise" else None
+        self.gate: nn.Parameter | None = None
+        self.scorer: CosineScorer | None = None
+        if o.head == "linear":
+            self.gate = nn.Parameter(torch.empty(config.num_experts, P))
+        else:
+            self.scorer = CosineScorer(
+                P,
+                config.num_experts,
+                o.cosine_dim,
+                o.cosine_init_temperature,
+                o.cosine_min_temperature,
+                config.initializer_range,
+            )
+
+    @classmethod
+    def build_shared(cls, config: ModelConfig) -> nn.Module:
+        options = cls.parse_options(config.router_options)
+        cross_layer = [k for k in ("detach_state", "residual_alpha", "residual_detach") if getattr(options, k)]
+        if not options.pass_state:
+            cross_layer.append("pass_state")
+        if len(config.moe_layers) < 2 and cross_layer:
+            warnings.warn(
+                f"router_options {', '.join(cross_layer)} do nothing with a single MoE layer "
+                "(there is no previous layer to take a state or logits from).",
+                stacklevel=2,
+            )
+        return RecurrentCore(config, options)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.scorer is not None:
+            self.scorer.reset_parameters()
+
+    def forward(self, x_TD: torch.Tensor, state: RecurrentState | None) -> tuple[RoutingOutput, Any]:
+        o = self.options
+        core: RecurrentCore = self.shared
+        x_TP = fp32_linear(x_TD, self.proj if self.proj is not None else core.proj)  # Eq. 4
+
+        h_TP, c_TP = None, None
+        if o.pass_state and state is not None:
+            h_TP, c_TP = state.h_TP, state.c_TP
+            if o.detach_state:
+                h_TP = h_TP.detach()
+                c_TP = c_TP.detach() if c_TP is not None else None
+        if h_TP is None:  # h_0 = 0: the first MoE layer, or every layer with pass_state false
+            h_TP = x_TP.new_zeros(x_TP.shape)
+            c_TP = x_TP.new_zeros(x_TP.shape) if core.kind == "lstm" else None
+        h_TP, c_TP = core.step(x_TP, h_TP, c_TP)  # Eq. 5
+
+        logits_TE = fp32_linear(h_TP, self.gate) if self.scorer is None else self.scorer(h_TP)  # Eq. 6
+        if o.residual_alpha and state is not None and state.logits_TE is not None:
+            previous_TE = state.logits_TE.detach() if o.residual_detach else state.logits_TE
+            logits_TE = logits_TE + o.residual_alpha * previous_TE
+
+        next_state = RecurrentState(
+            h_TP=h_TP if o.pass_state else None,
+            c_TP=c_TP if o.pass_state else None,
+            logits_TE=logits_TE if o.residual_alpha else None,
+        )
+        return self.select(logits_TE), next_state

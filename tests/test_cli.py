@@ -1,0 +1,174 @@
+"""End to end through the real `rmoe` CLI with the real YAML files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rmoe.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow! "
+    "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump.\n"
+)
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    """base.yaml + quick.yaml shrunk to seconds: a tiny model on a small local text file."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "train.txt").write_text(TEXT * 40)
+    (data / "val.txt").write_text(TEXT[::-1] * 8)
+    return [
+        "--config",
+        str(ROOT / "configs/base.yaml"),
+        "--config",
+        str(ROOT / "configs/quick.yaml"),
+        "data.source=files",
+        f"data.train_files=[{data / 'train.txt'}]",
+        f"data.val_files=[{data / 'val.txt'}]",
+        f"data.test_files=[{data / 'val.txt'}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.block_size=32",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "model.arch.hidden_size=32",
+        "model.arch.num_layers=2",
+        "model.arch.num_attention_heads=4",
+        "model.arch.num_key_value_heads=2",
+        "model.arch.intermediate_size=64",
+        "model.arch.num_experts=4",
+        "model.arch.moe_intermediate_size=32",
+        "model.optim.warmup_steps=2",
+        f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "trainer.logger.init_args.name=t",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        *extra,
+    ]
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+def test_every_config_parses_and_instantiates(path, tmp_path):
+    """Each YAML, merged over base.yaml, parses, type-checks and builds the model and data module."""
+    from rmoe.cli import build_cli
+
+    args = ["--config", str(ROOT / "configs/base.yaml")]
+    if path.name != "base.yaml":
+        args += ["--config", str(path)]
+    doc = yaml.safe_load(path.read_text())
+    if doc.get("data", {}).get("source", "stdlib") not in ("stdlib", "files"):
+        args += ["data.source=stdlib"]  # hub presets: parse them, but build on local data (no network)
+    if "shared/data" in path.read_text() and not (ROOT.parent / "shared/data").exists():
+        pytest.skip("../shared/data is absent")
+    args += [f"data.cache_dir={tmp_path}", "trainer.accelerator=cpu", "model.compile=false"]
+    cli = build_cli(args, run=False)
+    assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size
+    assert cli.model.model.num_parameters() > 0
+
+
+def test_fit_writes_events_config_and_checkpoints_then_validate_and_test(tmp_path):
+    main(["fit", *tiny_args(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=3")])
+    run = tmp_path / "runs/t/version_0"
+    assert (run / "config.yaml").exists()
+    assert (run / "checkpoints/last.ckpt").exists()
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    assert (run / "tokenizer").exists()
+    losses = scalars(run, "train/loss")
+    assert len(losses) == 6
+    for tag in (
+        "train/aux_loss",
+        "train/z_loss",
+        "val/loss",
+        "val/ppl",
+        "val/bpb",
+        "train/tokens_seen",
+        "train/tokens_per_sec",
+        "train/lr",
+    ):
+        assert scalars(run, tag), f"{tag} was not logged"
+    val_bpb = list(scalars(run, "val/bpb").values())[-1]
+    assert 0 < val_bpb < 9  # bits per byte of a byte-level model that learned something
+
+    # the saved config re-runs as is (here: validate and test the last checkpoint with it)
+    ckpt = str(run / "checkpoints/last.ckpt")
+    main(["validate", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
+    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
+    assert scalars(tmp_path / "runs/t/version_2", "test/bpb")
+
+
+def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
+    every_3 = (
+        "trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+        "{every_n_train_steps: 3, save_top_k: -1, filename: 'step{step}', auto_insert_metric_name: false}}]"
+    )
+    common = [
+        "trainer.max_steps=7",
+        "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=0",
+        "trainer.log_every_n_steps=1",
+        every_3,
+    ]
+    main(["fit", *tiny_args(tmp_path, *common)])
+    straight = scalars(tmp_path / "runs/t/version_0", "train/loss")
+    ckpt = tmp_path / "runs/t/version_0/checkpoints/step3.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+
+    main(["fit", *tiny_args(tmp_path, *common), f"--ckpt_path={ckpt}"])
+    resumed = scalars(tmp_path / "runs/t/version_1", "train/loss")
+    assert min(resumed) == 3  # the first step after the checkpoint, not 0
+    assert sorted(resumed) == [s for s in sorted(straight) if s >= 3]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], abs=1e-6), step
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rmoe", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.arch.router=nope", "model.arch.router='nope' is not a known choice; expected one of:"),
+        ("model.arch.top_k=9", "model.arch.top_k=9 must be between 1 and model.arch.num_experts=4"),
+        ("model.arch.num_attention_heads=5", "not divisible by model.arch.num_attention_heads=5"),
+        ("model.arch.hiden_size=8", "unknown key 'model.arch.hiden_size'. Did you mean 'model.arch.hidden_size'"),
+        ("data.source=nope", "data.source"),
+        ("data.train_files=[/no/such/file.txt]", "/no/such/file.txt"),
+    ],
+)
+def test_bad_input_is_one_clear_message_and_nothing_is_written(override, fragment, tmp_path):
+    result = run_cli("fit", *tiny_args(tmp_path, "trainer.max_steps=1", override), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "latin1"])
+def test_bad_data_files_are_named(kind, tmp_path):
+    bad = tmp_path / f"{kind}.txt"
+    bad.write_bytes(b"" if kind == "empty" else "caf\xe9 na\xefve".encode("latin-1"))
+    result = run_cli("fit", *tiny_args(tmp_path, "trainer.max_steps=1", f"data.train_files=[{bad}]"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
