@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
 from rmoe.model.losses import average_over_layers
-from rmoe.routers import Router
+from rmoe.routers import Router, RoutingOutput
 
 LN2 = math.log(2.0)
 
@@ -40,6 +40,21 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+
+
+@dataclass
+class StepRecord:
+    """What the last training/eval step computed, for callbacks (routing analytics).
+
+    Attributes:
+        routing: Per MoE layer, the router's decisions (still attached to the graph in training).
+        lm_loss: The language-modelling loss.
+        balance_loss: The balancing part of the loss (coefficient-weighted aux + z losses).
+    """
+
+    routing: list[RoutingOutput]
+    lm_loss: torch.Tensor
+    balance_loss: torch.Tensor
 
 
 class MoeLMModule(L.LightningModule):
@@ -70,6 +85,7 @@ class MoeLMModule(L.LightningModule):
         self.compile_layers = compile
         self.model = MoeLM(arch)
         self.tokens_seen = 0
+        self.last_step: StepRecord | None = None
 
     def configure_model(self) -> None:
         if self.compile_layers:
@@ -85,8 +101,9 @@ class MoeLMModule(L.LightningModule):
         lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
         aux_loss, z_loss = average_over_layers(out.routing, self.arch.num_experts)
         aux_loss, z_loss = aux_loss.to(lm_loss.device), z_loss.to(lm_loss.device)
-        total = lm_loss + self.aux_loss_coef * aux_loss + self.z_loss_coef * z_loss
-        return {"loss": total, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss}
+        balance_loss = self.aux_loss_coef * aux_loss + self.z_loss_coef * z_loss
+        self.last_step = StepRecord(out.routing, lm_loss, balance_loss)
+        return {"loss": lm_loss + balance_loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss}
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
