@@ -14,8 +14,10 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import warnings
 from typing import Any, NoReturn
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rmoe.errors import RmoeError
@@ -78,6 +80,9 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
     from rmoe.data import TextDataModule
     from rmoe.training.module import MoeLMModule
 
+    # `args` is how dot-list overrides reach the parser, not a mistake; the pytree note is Lightning's own.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     return RmoeCLI(
         MoeLMModule,
         TextDataModule,
@@ -95,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rmoe`` command (and ``python -m rmoe``)."""
     try:
         build_cli(sys.argv[1:] if argv is None else list(argv))
-    except RmoeError as err:
-        print(f"rmoe: error: {err}", file=sys.stderr)
+    except (RmoeError, MisconfigurationException) as err:  # user errors: one paragraph, no traceback
+        print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -251,15 +251,15 @@ class FilesCorpus(Corpus):
         """Resolve and check every file (exists, non-empty, valid UTF-8)."""
         if not train_files:
             raise RmoeError(
-                "source='files' needs train_files: a list of text files or globs (val_files and test_files "
+                "data.source='files' needs data.train_files: a list of text files or globs (val_files and test_files "
                 "are optional; missing ones are carved out of the end of the training text)."
             )
         given = {"train": train_files, "val": val_files, "test": test_files}
         self.files: dict[str, list[Path] | None] = {
-            split: resolve_files(f"{split}_files", patterns) if patterns else None for split, patterns in given.items()
+            split: resolve_files(f"data.{split}_files", patterns) if patterns else None for split, patterns in given.items()
         }
         self.digests = {
-            split: [check_text_file(f"{split}_files", path) for path in paths] if paths is not None else None
+            split: [check_text_file(f"data.{split}_files", path) for path in paths] if paths is not None else None
             for split, paths in self.files.items()
         }
         self.carved = [split for split in ("val", "test") if self.files[split] is None]
@@ -409,7 +409,7 @@ class HubCorpus(Corpus):
 
     def __init__(self, name: str) -> None:
         """Look up preset ``name`` (nothing is downloaded here)."""
-        check_choice("source", name, PRESETS)
+        check_choice("data.source", name, PRESETS)
         self.name = name
         self.preset = PRESETS[name]
 
@@ -439,7 +439,7 @@ class HubCorpus(Corpus):
                 continue
             return preset.to_splits(loaded)
         raise RmoeError(
-            f"source={self.name!r}: could not load the hub dataset {preset.path!r} (config {preset.config!r}). "
+            f"data.source={self.name!r}: could not load the hub dataset {preset.path!r} (config {preset.config!r}). "
             f"It needs network access once (then it is cached under {hub_cache}). Errors: {'; '.join(errors)}"
         )
 
@@ -461,18 +461,18 @@ def build_corpus(
     Raises:
         RmoeError: Unknown source, bad files, or files given to a source that does not read them.
     """
-    check_choice("source", source, SOURCES)
+    check_choice("data.source", source, SOURCES)
     if source == "files":
         return FilesCorpus(train_files, val_files, test_files)
     given = [
         key
-        for key, value in (("train_files", train_files), ("val_files", val_files), ("test_files", test_files))
+        for key, value in (("data.train_files", train_files), ("data.val_files", val_files), ("data.test_files", test_files))
         if value
     ]
     if given:
         raise RmoeError(
-            f"{', '.join(given)} only apply to source='files', but source={source!r}; "
-            "remove them or set source='files'."
+            f"{', '.join(given)} only apply to data.source='files', but data.source={source!r}; "
+            "remove them or set data.source='files'."
         )
     if source == "stdlib":
         return StdlibCorpus()

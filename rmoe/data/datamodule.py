@@ -121,16 +121,16 @@ class TextDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        for key, value in (("block_size", block_size), ("batch_size", batch_size)):
+        for key, value in (("data.block_size", block_size), ("data.batch_size", batch_size)):
             _check_positive(key, value)
         for key, value in (
-            ("eval_batch_size", eval_batch_size),
-            ("max_train_bytes", max_train_bytes),
-            ("max_eval_bytes", max_eval_bytes),
+            ("data.eval_batch_size", eval_batch_size),
+            ("data.max_train_bytes", max_train_bytes),
+            ("data.max_eval_bytes", max_eval_bytes),
         ):
             _check_positive(key, value, allow_none=True)
         if not isinstance(num_workers, int) or num_workers < 0:
-            raise RmoeError(f"num_workers={num_workers!r} is invalid; expected an integer >= 0.")
+            raise RmoeError(f"data.num_workers={num_workers!r} is invalid; expected an integer >= 0.")
         self.source = source
         self.block_size = block_size
         self.batch_size = batch_size
