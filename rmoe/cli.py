@@ -99,7 +99,13 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rmoe`` command (and ``python -m rmoe``)."""
     try:
-        build_cli(sys.argv[1:] if argv is None else list(argv))
+        args = sys.argv[1:] if argv is None else list(argv)
+        if args[:1] == ["analyze"]:  # offline routing analysis of a checkpoint: rmoe/analysis.py
+            from rmoe.analysis import main as analyze
+
+            analyze(args[1:])
+        else:
+            build_cli(args)
     except (RmoeError, MisconfigurationException) as err:  # user errors: one paragraph, no traceback
         print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,7 +13,8 @@ import yaml
 from rmoe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# experiment configs only; sweep files (a `grid:` of overrides, experiments/sweep.py) are tested in test_sweep.py
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "grid" not in (yaml.safe_load(p.read_text()) or {}))
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow! "
     "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump.\n"

@@ -256,7 +256,8 @@ class FilesCorpus(Corpus):
             )
         given = {"train": train_files, "val": val_files, "test": test_files}
         self.files: dict[str, list[Path] | None] = {
-            split: resolve_files(f"data.{split}_files", patterns) if patterns else None for split, patterns in given.items()
+            split: resolve_files(f"data.{split}_files", patterns) if patterns else None
+            for split, patterns in given.items()
         }
         self.digests = {
             split: [check_text_file(f"data.{split}_files", path) for path in paths] if paths is not None else None
@@ -466,7 +467,11 @@ def build_corpus(
         return FilesCorpus(train_files, val_files, test_files)
     given = [
         key
-        for key, value in (("data.train_files", train_files), ("data.val_files", val_files), ("data.test_files", test_files))
+        for key, value in (
+            ("data.train_files", train_files),
+            ("data.val_files", val_files),
+            ("data.test_files", test_files),
+        )
         if value
     ]
     if given:

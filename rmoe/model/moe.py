@@ -1,14 +1,15 @@
 """Sparse MoE block: a router, grouped SwiGLU experts with sort-based dispatch, a shared expert.
 
 Shape legend: T tokens, D model width, F expert width, E experts, K top-k, S = T*K routed
-(token, expert) pairs.
+(token, expert) pairs, N <= S of them kept (a capacity router may drop some).
 
 Dispatch: the T*K pairs are sorted by expert id so every expert's tokens are one contiguous group;
 each projection is then ONE grouped matmul over the groups (``torch.nn.functional.grouped_mm``,
-no host sync at all) or, on CPU where that kernel is slower, plain matmuls on contiguous slices
-after a single host read of the group sizes per layer (never one sync per expert). Every expert
-runs, on an empty slice if it got no token, so every expert weight is in the autograd graph and
-DDP needs no ``find_unused_parameters``.
+no host sync at all, where its fused kernel exists: bf16 on Hopper/Blackwell) or, elsewhere (CPU,
+fp32), plain matmuls on contiguous slices after a single host read of the group sizes per layer
+(never one sync per expert), with a hand-written backward (:class:`_SlicedExperts`). Every expert
+takes part, with a zero gradient if it got no token, so every expert weight is in the autograd
+graph and DDP needs no ``find_unused_parameters``.
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _grouped_mm_available(device: torch.device) -> bool:
-    if not hasattr(F, "grouped_mm"):
+def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``F.grouped_mm`` runs its fused kernel here (no host sync, no per-group loop).
+
+    In torch 2.13 that is bf16 operands on CUDA compute capability 9.x/10.x (Hopper, Blackwell);
+    anything else (fp32 or fp16, A100, CPU) takes a fallback that copies the offsets to the host
+    at every call (forward and backward: six syncs per layer) and loops over the groups, which
+    is what the ``loop`` backend does with one sync per layer.
+    """
+    if not hasattr(F, "grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
         return False
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 class GroupedExperts(nn.Module):
@@ -57,59 +65,180 @@ class GroupedExperts(nn.Module):
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
         if self.backend == "auto":
-            return "grouped_mm" if _grouped_mm_available(x.device) else "loop"
+            return "grouped_mm" if _grouped_mm_available(x.device, self._compute_dtype(x)) else "loop"
         return self.backend
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The autocast dtype when autocast is on (our kernels are not autocast-aware), else the weights'."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.gate_up_proj.dtype
 
     def forward(self, x_TD: torch.Tensor, routing: RoutingOutput) -> torch.Tensor:
         """Weighted sum over each token's chosen experts; dropped pairs (``keep_TK`` False) give 0."""
-        T, D = x_TD.shape
         E = self.num_experts
         expert_ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
-        K = expert_ids_TK.shape[1]
         if routing.keep_TK is not None:  # dropped pairs get the id E: sorted last, never computed
             expert_ids_TK = expert_ids_TK.masked_fill(~routing.keep_TK, E)
             weights_TK = weights_TK.masked_fill(~routing.keep_TK, 0.0)
 
         ids_S = expert_ids_TK.reshape(-1)  # (S,)
         order_S = torch.argsort(ids_S, stable=True)  # (S,) pair index, grouped by expert
-        token_S = order_S // K  # (S,) token of each sorted pair
         counts_E1 = torch.bincount(ids_S, minlength=E + 1)  # (E+1,) last slot: dropped pairs
-        x_SD = x_TD[token_S]
-
+        dtype = self._compute_dtype(x_TD)
         if self._resolve_backend(x_TD) == "grouped_mm":
-            y_SD = self._grouped_mm_swiglu(x_SD, counts_E1[:E])
-            if routing.keep_TK is not None:  # rows past the last group are left uninitialised
-                valid_S = torch.arange(ids_S.numel(), device=x_TD.device) < counts_E1[:E].sum()
-                y_SD = torch.where(valid_S[:, None], y_SD, 0.0)
+            out_TD = self._grouped_mm_forward(
+                x_TD.to(dtype), weights_TK, order_S, counts_E1[:E], has_drops=routing.keep_TK is not None
+            )
         else:
-            y_SD = self._loop_swiglu(x_SD, counts_E1.tolist())  # the one host sync of this layer
+            counts_E = counts_E1[:E].tolist()  # the one host sync of this layer
+            with torch.autocast(x_TD.device.type, enabled=False):  # cast by hand: mm(out=) is not autocast-aware
+                out_TD = _SlicedExperts.apply(
+                    x_TD.to(dtype),
+                    weights_TK.to(dtype),
+                    self.gate_up_proj.to(dtype),
+                    self.down_proj.to(dtype),
+                    order_S,
+                    counts_E,
+                )
+        return out_TD.to(x_TD.dtype)
 
-        w_S = weights_TK.reshape(-1)[order_S].to(y_SD.dtype)
-        y_SD = y_SD * w_S[:, None]
+    def _grouped_mm_forward(
+        self,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        order_S: torch.Tensor,
+        counts_E: torch.Tensor,
+        has_drops: bool,
+    ) -> torch.Tensor:
+        """Each projection is ONE ``F.grouped_mm`` over the expert groups; autograd does the backward."""
+        T, K = weights_TK.shape
+        dtype = x_TD.dtype
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        x_SD = x_TD[order_S // K]
+        # grouped_mm is not autocast-aware: the weights are cast by hand to the compute dtype.
+        gate_up_S2F = F.grouped_mm(x_SD, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
+        gate_SF, up_SF = gate_up_S2F.chunk(2, dim=-1)
+        y_SD = F.grouped_mm(F.silu(gate_SF) * up_SF, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
+        if has_drops:  # rows past the last group (dropped pairs) are left uninitialised
+            valid_S = torch.arange(order_S.numel(), device=x_TD.device) < offsets_E[-1]
+            y_SD = torch.where(valid_S[:, None], y_SD, 0.0)
+        y_SD = y_SD * weights_TK.reshape(-1)[order_S].to(dtype)[:, None]
         # Undo the sort with a gather (deterministic, unlike index_add_ on CUDA), then sum over K.
         inverse_S = torch.empty_like(order_S)
         inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        return y_SD[inverse_S].view(T, K, D).sum(dim=1).to(x_TD.dtype)
+        return y_SD[inverse_S].view(T, K, -1).sum(dim=1)
 
-    def _loop_swiglu(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        num_kept = sum(counts[: self.num_experts])
-        outputs = []
-        for e, x_e in enumerate(x_SD[:num_kept].split(counts[: self.num_experts])):
-            gate, up = F.linear(x_e, self.gate_up_proj[e]).chunk(2, dim=-1)  # empty x_e: still in graph
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-        if counts[self.num_experts]:
-            outputs.append(x_SD.new_zeros(counts[self.num_experts], x_SD.shape[1]))
-        return torch.cat(outputs)
 
-    def _grouped_mm_swiglu(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.gate_up_proj.dtype
-        # grouped_mm is not autocast-aware: cast by hand to the autocast dtype.
-        gate_up_S2F = F.grouped_mm(
-            x_SD.to(dtype), self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E
-        )
-        gate, up = gate_up_S2F.chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
+class _SlicedExperts(torch.autograd.Function):
+    """Gather, SwiGLU experts on contiguous expert-sorted slices, weighted combine; hand-written backward.
+
+    ``apply(x_TD, weights_TK, gate_up_E2FD, down_EDF, order_S, counts_E) -> out_TD``, with
+    ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])``. Why not plain autograd:
+
+    * a weight gradient through ``weight[e]`` allocates and adds a full (E, ...) zero tensor per
+      expert and projection (``select_backward``), E^2 traffic; here each expert's matmul writes
+      its slice of one (E, ...) gradient buffer, an idle expert's slice is zeroed (a zero, not a
+      missing, gradient);
+    * every matmul writes into its slice of one preallocated buffer (no ``torch.cat``), the
+      backward reuses its own temporaries in place, and the weighted combine (and its transpose
+      for dx) is one ``embedding_bag``: no (S, D) temporaries for the weights, the un-sort or
+      the sum over K;
+    * gate and up are two (N, F) buffers, not one (N, 2F): same matmuls, but a block half the
+      size, which glibc serves from its heap instead of mapping (and page-faulting) fresh memory
+      every step once it reaches 32 MiB (N = 8192, F = 512 in fp32).
+
+    Saved tensors are never modified, so a second backward (``retain_graph``) is exact.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        gate_up_E2FD: torch.Tensor,
+        down_EDF: torch.Tensor,
+        order_S: torch.Tensor,
+        counts_E: list[int],
+    ) -> torch.Tensor:
+        T, K = weights_TK.shape
+        F_ = down_EDF.shape[-1]
+        bounds = _group_bounds(counts_E)
+        N = bounds[-1][1]  # kept pairs; the S - N after them are dropped pairs: output 0
+        inverse_TK = torch.empty_like(order_S)
+        inverse_TK[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+        inverse_TK = inverse_TK.view(T, K)  # sorted position of each (token, k) pair
+        x_SD = x_TD.index_select(0, order_S // K)  # (S, D) rows grouped by expert
+        gate_NF, up_NF = x_SD.new_empty(N, F_), x_SD.new_empty(N, F_)
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                torch.mm(x_SD[start:end], gate_up_E2FD[e, :F_].t(), out=gate_NF[start:end])
+                torch.mm(x_SD[start:end], gate_up_E2FD[e, F_:].t(), out=up_NF[start:end])
+        a_NF = F.silu(gate_NF).mul_(up_NF)
+        y_SD = x_SD.new_empty(x_SD.shape)
+        y_SD[N:].zero_()
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                torch.mm(a_NF[start:end], down_EDF[e].t(), out=y_SD[start:end])
+        out_TD = F.embedding_bag(inverse_TK, y_SD, per_sample_weights=weights_TK, mode="sum")
+        ctx.save_for_backward(x_SD, weights_TK, gate_up_E2FD, down_EDF, order_S, inverse_TK, gate_NF, up_NF, a_NF, y_SD)
+        ctx.bounds = bounds
+        return out_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_SD, weights_TK, gate_up_E2FD, down_EDF, order_S, inverse_TK, gate_NF, up_NF, a_NF, y_SD = ctx.saved_tensors
+        need_x, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        bounds = ctx.bounds
+        T, K = weights_TK.shape
+        N, F_ = gate_NF.shape
+        dy_SD = dout_TD.index_select(0, order_S // K)  # (S, D) d out / d y of each pair, unweighted
+        d_weights_TK = None
+        if need_weights:
+            d_weights_S = torch.linalg.vecdot(dy_SD, y_SD)  # (S,)
+            d_weights_TK = d_weights_S[inverse_TK]
+        dy_SD.mul_(weights_TK.reshape(-1)[order_S, None])  # now d loss / d y
+
+        da_NF = a_NF.new_empty(N, F_)
+        d_down_EDF = torch.empty_like(down_EDF) if need_down else None
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                torch.mm(dy_SD[start:end], down_EDF[e], out=da_NF[start:end])
+                if d_down_EDF is not None:
+                    torch.mm(dy_SD[start:end].t(), a_NF[start:end], out=d_down_EDF[e])
+            elif d_down_EDF is not None:
+                d_down_EDF[e].zero_()
+        # a = silu(gate) * up: d_up = da * silu(gate), d_gate = silu'(gate) * da * up (in place on temporaries)
+        d_up_NF = F.silu(gate_NF).mul_(da_NF)
+        d_gate_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(up_NF), gate_NF, grad_input=da_NF)
+
+        d_gate_up_E2FD = torch.empty_like(gate_up_E2FD) if need_gate_up else None
+        dx_SD = dy_SD  # its buffer is free now: each expert's rows are overwritten after their last read
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                if d_gate_up_E2FD is not None:
+                    torch.mm(d_gate_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, :F_])
+                    torch.mm(d_up_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, F_:])
+                if need_x:
+                    torch.mm(d_gate_NF[start:end], gate_up_E2FD[e, :F_], out=dx_SD[start:end])
+                    dx_SD[start:end].addmm_(d_up_NF[start:end], gate_up_E2FD[e, F_:])
+            elif d_gate_up_E2FD is not None:
+                d_gate_up_E2FD[e].zero_()
+        dx_TD = None
+        if need_x:
+            dx_SD[N:].zero_()
+            dx_TD = F.embedding_bag(inverse_TK, dx_SD, mode="sum")
+        return dx_TD, d_weights_TK, d_gate_up_E2FD, d_down_EDF, None, None
+
+
+def _group_bounds(counts: list[int]) -> list[tuple[int, int]]:
+    """``[(start, end)]`` row range of each group, from the group sizes."""
+    bounds, start = [], 0
+    for n in counts:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
 
 
 class SparseMoeBlock(nn.Module):

@@ -1,0 +1,277 @@
+"""Forward+backward time of our sparse MoE block against a dense MLP and transformers' Qwen2-MoE block.
+
+Compared, on the same input and with the same weights:
+
+* ``dense``: a SwiGLU MLP of width ``top_k * expert_size`` (``rmoe.model.moe.SwiGLU``, three
+  ``nn.Linear``), i.e. the same active parameters per token as the MoE block, router aside;
+* ``ours``: ``rmoe.model.moe.SparseMoeBlock`` (linear router + ``GroupedExperts``) with its ``auto``
+  expert backend, and ``ours-<backend>`` with the other backend (``grouped_mm`` on CPU, where
+  ``F.grouped_mm`` runs but is not chosen; ``loop`` where ``auto`` picks ``grouped_mm``);
+* ``hf-eager`` / ``hf-grouped_mm``: transformers' ``Qwen2MoeSparseMoeBlock`` with
+  ``config._experts_implementation`` set to that name (read at call time by
+  ``transformers.integrations.moe.use_experts_implementation``).
+
+Neither MoE block has a shared expert (``shared_expert_intermediate_size=0``). transformers always
+builds one, of width 0: its (exactly zero) branch still costs a few elementwise ops, so the
+transformers rows run the block's own router and experts without it (``--hf-full-block`` times the
+unmodified ``forward`` instead). The router is random-init as at the start of training, so expert
+loads are uneven; the script prints them.
+
+One step is forward + backward (gradients of every parameter and of the input). Before timing,
+every MoE row's output and input gradient are compared with ours (max abs difference printed;
+in bf16 transformers' router computes its logits in bf16, ours in fp32, so a few near-tied tokens
+pick other experts and the difference is O(1e-2) without anything being wrong).
+After warmup the implementations are timed in a rotating order within each repetition, so machine
+noise hits all of them alike; the median is the headline, min and quartiles show the noise.
+
+Usage::
+
+    python experiments/bench_moe.py                      # 4096 tokens, d=256, 8 experts of 512, top-2
+    python experiments/bench_moe.py --tokens 8192 --dtype bf16 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from rmoe.interop.qwen2_moe import to_hf_config
+from rmoe.model.config import ModelConfig
+from rmoe.model.moe import SparseMoeBlock, SwiGLU
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Result:
+    """Timings of one implementation (milliseconds per forward+backward step)."""
+
+    name: str
+    median_ms: float
+    min_ms: float
+    p25_ms: float
+    p75_ms: float
+    samples_ms: list[float]
+    max_abs_diff_vs_ours: float | None  # of the output and of d(input)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096, help="tokens T per step (batch x sequence)")
+    p.add_argument("--seq-len", type=int, default=512, help="sequence length; batch = tokens / seq-len")
+    p.add_argument("--hidden-size", type=int, default=256, help="model width D")
+    p.add_argument("--num-experts", type=int, default=8, help="routed experts E")
+    p.add_argument("--expert-size", type=int, default=512, help="width F of each expert")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token K")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--repeats", type=int, default=30, help="timed steps per implementation")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation first")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the normal init of every weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--hf-full-block", action="store_true", help="time transformers' whole forward, with its width-0 shared expert"
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results here")
+    return p.parse_args()
+
+
+def build_ours(args: argparse.Namespace, backend: str) -> SparseMoeBlock:
+    config = ModelConfig(
+        vocab_size=1,
+        hidden_size=args.hidden_size,
+        num_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        intermediate_size=args.top_k * args.expert_size,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        moe_intermediate_size=args.expert_size,
+        shared_expert_intermediate_size=0,
+        norm_topk_prob=True,
+        initializer_range=args.init_std,
+        expert_backend=backend,
+    )
+    block = SparseMoeBlock(config, layer_idx=0, shared_router=None)
+    with torch.no_grad():
+        for p in block.parameters():
+            nn.init.normal_(p, std=args.init_std)
+    return block
+
+
+def build_hf(ours: SparseMoeBlock, implementation: str) -> nn.Module:
+    """transformers' block with ``ours``' weights (router ``weight`` = ``gate.weight``, same expert layout)."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    hf_config = to_hf_config(ours.router.config)
+    hf_config._experts_implementation = implementation
+    with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" (the width-0 shared expert)
+        warnings.simplefilter("ignore", UserWarning)
+        hf = Qwen2MoeSparseMoeBlock(hf_config)
+    with torch.no_grad():
+        hf.gate.weight.copy_(ours.router.weight)
+        hf.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
+        hf.experts.down_proj.copy_(ours.experts.down_proj)
+    assert sum(p.numel() for p in hf.shared_expert.parameters()) == 0  # width 0: adds exactly zero
+    return hf
+
+
+def hf_routed_forward(hf: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``Qwen2MoeSparseMoeBlock.forward`` without the shared-expert branch (width 0, exactly zero)."""
+
+    def forward(x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.view(-1, D)
+        _, weights_TK, expert_ids_TK = hf.gate(x_TD)
+        return hf.experts(x_TD, expert_ids_TK, weights_TK).view(B, S, D)
+
+    return forward
+
+
+def ours_forward(block: SparseMoeBlock) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x_BSD: block(x_BSD, None)[0]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(
+    forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.Tensor
+) -> torch.Tensor:
+    """One forward + backward; gradients of every parameter and of the input, freed before the next."""
+    module.zero_grad(set_to_none=True)
+    x_BSD.grad = None
+    out_BSD = forward(x_BSD)
+    out_BSD.backward(grad_BSD)
+    return out_BSD
+
+
+def main() -> None:
+    args = parse_args()
+    if args.tokens % args.seq_len:
+        raise SystemExit(f"--tokens={args.tokens} must be a multiple of --seq-len={args.seq_len}")
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+
+    ours = build_ours(args, backend="auto")
+    candidates: dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] = {}
+    dense = SwiGLU(args.hidden_size, args.top_k * args.expert_size)
+    with torch.no_grad():
+        for p in dense.parameters():
+            nn.init.normal_(p, std=args.init_std)
+    candidates["dense"] = (dense, dense)
+    candidates["ours"] = (ours, ours_forward(ours))
+    ours.to(device=device, dtype=dtype)
+    backend = ours.experts._resolve_backend(torch.empty(0, device=device, dtype=dtype))
+    other_backend = "loop" if backend == "grouped_mm" else "grouped_mm"
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        ours_other = copy.deepcopy(ours)
+        ours_other.experts.backend = other_backend
+        candidates[f"ours-{other_backend}"] = (ours_other, ours_forward(ours_other))
+    for implementation in ("eager", "grouped_mm"):
+        hf = build_hf(ours, implementation)
+        candidates[f"hf-{implementation}"] = (hf, hf if args.hf_full_block else hf_routed_forward(hf))
+    for module, _ in candidates.values():
+        module.to(device=device, dtype=dtype)
+
+    x_BSD = torch.randn(args.tokens // args.seq_len, args.seq_len, args.hidden_size, device=device, dtype=dtype)
+    x_BSD.requires_grad_(True)
+    grad_BSD = torch.randn_like(x_BSD)
+
+    # Loads and correctness first: every MoE implementation must agree with ours (output and dx).
+    with torch.no_grad():
+        _, routing, _ = ours(x_BSD, None)
+        tokens_per_expert = torch.bincount(routing.expert_ids_TK.flatten(), minlength=args.num_experts).tolist()
+    outputs = {}
+    for name, (module, forward) in candidates.items():
+        out_BSD = step(forward, module, x_BSD, grad_BSD)
+        outputs[name] = (out_BSD.detach().float(), x_BSD.grad.float())
+    diffs = {
+        name: max(float((a - b).abs().max()) for a, b in zip(outputs[name], outputs["ours"]))
+        for name in candidates
+        if name != "dense"
+    }
+
+    names = list(candidates)
+    for _ in range(args.warmup):
+        for name in names:
+            step(candidates[name][1], candidates[name][0], x_BSD, grad_BSD)
+    samples_ms: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(args.repeats):
+        for i in range(len(names)):  # rotate the order every repetition
+            name = names[(rep + i) % len(names)]
+            module, forward = candidates[name]
+            synchronize(device)
+            start = time.perf_counter()
+            step(forward, module, x_BSD, grad_BSD)
+            synchronize(device)
+            samples_ms[name].append(1e3 * (time.perf_counter() - start))
+
+    results = []
+    for name in names:
+        samples = samples_ms[name]
+        q25, q50, q75 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
+        results.append(Result(name, q50, min(samples_ms[name]), q25, q75, samples_ms[name], diffs.get(name)))
+    by_name = {r.name: r for r in results}
+
+    print(
+        f"torch {torch.__version__}, device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}; "
+        f"ours: expert backend auto -> {backend}"
+    )
+    print(
+        f"T={args.tokens} D={args.hidden_size} E={args.num_experts} F={args.expert_size} K={args.top_k}; "
+        f"{args.repeats} repeats after {args.warmup} warmup; forward+backward"
+    )
+    print(
+        f"tokens per expert: max {max(tokens_per_expert)}, min {min(tokens_per_expert)} "
+        f"(mean {args.tokens * args.top_k / args.num_experts:.0f}): {tokens_per_expert}"
+    )
+    print(
+        f"{'implementation':<16} {'median ms':>10} {'min ms':>8} {'p25-p75 ms':>16} {'vs dense':>9} {'vs ours':>8} "
+        f"{'max|diff| vs ours (out, dx)':>28}"
+    )
+    for r in results:
+        diff = "-" if r.max_abs_diff_vs_ours is None else f"{r.max_abs_diff_vs_ours:.2e}"
+        print(
+            f"{r.name:<16} {r.median_ms:>10.2f} {r.min_ms:>8.2f} {f'{r.p25_ms:.2f}-{r.p75_ms:.2f}':>16} "
+            f"{r.median_ms / by_name['dense'].median_ms:>8.3f}x {r.median_ms / by_name['ours'].median_ms:>7.3f}x "
+            f"{diff:>28}"
+        )
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "args": vars(args),
+                    "device": str(device),
+                    "torch": torch.__version__,
+                    "num_threads": torch.get_num_threads(),
+                    "ours_backend": backend,
+                    "tokens_per_expert": tokens_per_expert,
+                    "results": [asdict(r) for r in results],
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

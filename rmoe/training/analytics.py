@@ -1,0 +1,492 @@
+"""Routing analytics in TensorBoard: how each MoE layer routes, during training and validation.
+
+:class:`RoutingAnalytics` logs, for every MoE layer, the metrics of :mod:`rmoe.metrics` (load
+balance, gate entropy, cross-layer mutual information, expert paths, expert similarity, router
+gradient norms per loss) every ``every_n_steps`` training steps and over each whole validation
+(and test) pass, with a custom-scalars layout that puts all layers of a metric in one chart,
+histograms, heat-map images and an HParams session so runs with different routers can be
+compared side by side. Add it to ``trainer.callbacks``::
+
+    - class_path: rmoe.training.analytics.RoutingAnalytics
+      init_args: {every_n_steps: 100}
+
+Tags (``l`` = MoE layer index in depth order, ``{split}`` = ``train``, ``val`` or ``test``):
+
+- scalars ``moe/{split}/{metric}/layer_{l}`` and ``moe/{split}/{metric}/mean`` for every key of
+  ``rmoe.metrics.stats.PER_LAYER_KEYS`` (``load_cv``, ``load_max_vio``, ``num_dead_experts``,
+  ``load_entropy``, ``drop_ratio``, ``token_drop_ratio``, ``gate_entropy_mean``,
+  ``gate_entropy_median``, ``inner_balance_median``, ``outer_balance_median``, ``router_z_mean``,
+  ``top1_entropy``); ``moe/{split}/{top1_mi,top1_nmi}/layer_{l}_{l+1}`` and ``/mean``;
+  ``moe/{split}/binned_prob_mi/{diag_mean,offdiag_mean,adjacent_mean}``;
+  ``moe/{split}/{num_paths,path_entropy,num_tokens}``;
+- training only: ``moe/train/expert_similarity/layer_{l}`` and ``/mean``;
+  ``moe/train/router_grad_norm_{lm,balance}/{layer_{l},shared,total}``;
+- histograms ``moe/{split}/{gate_entropy_hist,router_probs_hist}/layer_{l}``;
+- images (validation and test) ``moe/{split}/load_heatmap`` and ``moe/{split}/binned_prob_mi_heatmap``;
+- HParams (fit): the run's scalar hyperparameters (``model.*``, ``data.*``, ``trainer.*``) with the
+  metrics ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` and ``hp/<metric>`` for ``gate_entropy_mean``,
+  ``load_cv``, ``load_max_vio``, ``num_dead_experts``, ``top1_mi``, ``top1_nmi`` (layer means of the
+  last validation); ``hp/train_loss`` instead of the validation losses when no validation ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from argparse import Namespace
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from rmoe.analysis import all_reduce_stats
+from rmoe.errors import RmoeError
+from rmoe.metrics import (
+    RoutingStats,
+    expert_similarity_per_layer,
+    router_grad_norms,
+    router_parameters,
+    summary_scalars,
+)
+from rmoe.metrics.stats import PER_LAYER_KEYS, PER_PAIR_KEYS
+from rmoe.routers.base import RoutingOutput
+
+PREFIX = "moe"
+HPARAM_METRICS = (
+    "gate_entropy_mean",
+    "load_cv",
+    "load_max_vio",
+    "num_dead_experts",
+    "top1_mi",
+    "top1_nmi",
+)
+"""Routing metrics (layer means of the last validation) shown next to the losses in the HParams tab."""
+
+Scalar = bool | int | float | str
+
+
+class RoutingAnalytics(L.Callback):
+    """Logs every MoE layer's routing metrics to TensorBoard (see the module docstring for the tags).
+
+    Training: on the steps where ``global_step % every_n_steps == 0`` (first micro-batch of the
+    step, global rank 0 only; its own batch, not all-reduced), the metrics of that step's routing
+    (:class:`~rmoe.metrics.RoutingStats` of ``pl_module.last_step.routing``, detached, under
+    ``torch.no_grad()``), the expert similarity of the weights, and the norms of the router
+    parameters' gradients from the LM loss and from the balance loss separately (RMoE paper,
+    Qiu et al., arXiv 2408.06793, Table 11; ``torch.autograd.grad`` on the router parameters only,
+    with ``retain_graph``, in ``on_before_backward``: no ``.grad`` is touched and the step's own
+    gradients are bit-identical). Not with compiled layers (``model.compile=true``): there a
+    second traversal of the compiled backward fails or corrupts the step's gradients, so the
+    norms are turned off with a warning.
+
+    Validation / test: a :class:`~rmoe.metrics.RoutingStats` over every batch of the pass, whose
+    counts are all-reduced across processes (path counts and samples gathered) before rank 0
+    logs them at the pass's end; also histograms of gate entropy and router probabilities per
+    layer and the layer x expert load and layer x layer binned-MI heat maps. The sanity check is
+    skipped. At each validation end of ``fit``, the HParams session is written (first time) or
+    its metrics updated.
+
+    Cost: per logged training step, two partial backward passes (to the router parameters, about
+    one step's time in all) and one metrics pass; per validation, one metrics update per batch
+    and two small figures (~0.2 s). Measured on CPU (1 thread, 200 steps) at the default
+    ``every_n_steps=100``: 1.4-1.6% of the fit time of ``configs/base.yaml`` (validation every
+    100 steps), 3.5% of ``base.yaml + quick.yaml`` (validation every 60 steps, where the figures
+    dominate); at ``every_n_steps=25``: 3.7-3.9% and 5.3-5.9%.
+
+    Only rank 0 writes. Without a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (or for a
+    model without MoE layers) the callback warns once and does nothing.
+
+    Args:
+        every_n_steps: Log the training-step metrics every this many optimiser steps (>= 1).
+        grad_norms: Also log the router gradient norms per loss on those steps.
+        histograms: Log histograms of gate entropy and router probabilities per layer.
+        images: Log the load and binned-MI heat maps after each validation / test pass.
+        max_samples: Tokens kept (reservoir sample) for the per-token medians over a pass.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        grad_norms: bool = True,
+        histograms: bool = True,
+        images: bool = True,
+        max_samples: int = 65536,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise RmoeError(f"RoutingAnalytics every_n_steps={every_n_steps!r} must be a positive integer.")
+        if not isinstance(max_samples, int) or max_samples < 1:
+            raise RmoeError(f"RoutingAnalytics max_samples={max_samples!r} must be a positive integer.")
+        self.every_n_steps = every_n_steps
+        self.grad_norms = grad_norms
+        self.histograms = histograms
+        self.images = images
+        self.max_samples = max_samples
+        self._logger: TensorBoardLogger | None = None
+        self._warned: set[str] = set()
+        self._layouts_written: set[str] = set()
+        self._last_train_step = -1
+        self._eval: tuple[RoutingStats, Any] | None = None
+        self._last_val_scalars: dict[str, float] = {}
+        self._hparams_written = False
+        self.seconds_spent = 0.0  # wall time spent in this callback (for overhead measurements)
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if self._logger is None:
+            self._warn_once("logger", "RoutingAnalytics does nothing: the trainer has no TensorBoardLogger.")
+            return
+        arch = getattr(pl_module, "arch", None)
+        if arch is None or not getattr(arch, "moe_layers", None) or not hasattr(pl_module, "last_step"):
+            self._warn_once("model", "RoutingAnalytics does nothing: the model has no MoE layers to analyse.")
+            self._logger = None
+            return
+        if self.grad_norms and is_compiled(pl_module):
+            # Measured: autograd.grad(retain_graph=True) through AOTAutograd-compiled layers either
+            # fails (donated buffers) or, with donation off, changes the step's own gradients.
+            message = "router gradient norms are off with compiled layers (model.compile=true)"
+            self._warn_once("compile", f"RoutingAnalytics: {message}: a compiled backward cannot safely run twice.")
+            self.grad_norms = False
+        if trainer.is_global_zero:
+            splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+            log_dir = str(self._logger.log_dir)
+            if splits and log_dir not in self._layouts_written:
+                self._logger.experiment.add_custom_scalars(custom_scalars_layout(splits))
+                self._layouts_written.add(log_dir)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is a TensorBoard logger and an MoE model (decided at ``setup``)."""
+        return self._logger is not None
+
+    # ------------------------------------------------------------------------------------------
+    # Training steps
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        step = trainer.global_step
+        if not self.enabled or not trainer.is_global_zero or step % self.every_n_steps or step == self._last_train_step:
+            return
+        record = getattr(pl_module, "last_step", None)
+        if record is None or not record.routing:
+            return
+        start = time.perf_counter()
+        self._last_train_step = step
+        metrics: dict[str, float] = {}
+        if self.grad_norms:
+            metrics.update(self._grad_norms(pl_module, record))
+        with torch.no_grad():
+            routing = [detached(r) for r in record.routing]
+            stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
+            metrics.update(summary_scalars(stats.update(routing).compute(), prefix=f"{PREFIX}/train"))
+            similarity_L = expert_similarity_per_layer(pl_module.model)
+            metrics.update(
+                {f"{PREFIX}/train/expert_similarity/layer_{l}": float(v) for l, v in enumerate(similarity_L)}
+            )
+            if similarity_L.numel():
+                metrics[f"{PREFIX}/train/expert_similarity/mean"] = float(similarity_L.mean())
+            self._logger.log_metrics(metrics, step=step)
+            if self.histograms:
+                self._write_histograms("train", _histograms(pl_module).update(routing), step)
+        self.seconds_spent += time.perf_counter() - start
+
+    def _grad_norms(self, pl_module: L.LightningModule, record: Any) -> dict[str, float]:
+        """``moe/train/router_grad_norm_{lm,balance}/...``; the balance part is left out (warned once)
+        when its coefficients are 0 or it has no gradient path to the routers."""
+        if not isinstance(record.lm_loss, torch.Tensor) or not record.lm_loss.requires_grad:
+            return {}
+        if not router_parameters(pl_module.model):
+            self._warn_once("params", "RoutingAnalytics: the router has no trainable parameters; no grad norms.")
+            self.grad_norms = False
+            return {}
+        coefs = (getattr(pl_module, "aux_loss_coef", 1.0), getattr(pl_module, "z_loss_coef", 1.0))
+        balance = record.balance_loss
+        if not any(coefs) or not isinstance(balance, torch.Tensor) or not balance.requires_grad:
+            message = "the balance loss has no gradient (coefficients 0): only the LM loss's router grad norms"
+            self._warn_once("balance", f"RoutingAnalytics: {message} are logged.")
+            balance = None
+        try:
+            norms = router_grad_norms(pl_module.model, record.lm_loss, balance)
+        except RuntimeError as err:  # e.g. a compiled graph that cannot be traversed twice
+            self._warn_once("grad", f"RoutingAnalytics: router gradient norms are off for this run ({err}).")
+            self.grad_norms = False
+            return {}
+        moe_index = {f"layer_{d}": f"layer_{l}" for l, d in enumerate(pl_module.arch.moe_layers)}
+        out: dict[str, float] = {}
+        for key, value in norms.items():
+            loss_name, group = key.split("/", 1)
+            if loss_name == "balance" and balance is None:
+                continue
+            out[f"{PREFIX}/train/router_grad_norm_{loss_name}/{moe_index.get(group, group)}"] = value
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Validation and test passes
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_update(pl_module)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_update(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_log(trainer, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_log(trainer, "test")
+
+    def _eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval = None
+        if self.enabled and not trainer.sanity_checking:
+            stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
+            self._eval = (stats, _histograms(pl_module) if self.histograms else None)
+
+    def _eval_update(self, pl_module: L.LightningModule) -> None:
+        record = getattr(pl_module, "last_step", None)
+        if self._eval is None or record is None or not record.routing:
+            return
+        start = time.perf_counter()
+        stats, histograms = self._eval
+        with torch.no_grad():
+            routing = [detached(r) for r in record.routing]
+            stats.update(routing)
+            if histograms is not None:
+                histograms.update(routing)
+        self.seconds_spent += time.perf_counter() - start
+
+    def _eval_log(self, trainer: L.Trainer, split: str) -> None:
+        if self._eval is None:
+            return
+        start = time.perf_counter()
+        stats, histograms = self._eval
+        self._eval = None
+        stats = all_reduce_stats(stats)  # every process takes part
+        if histograms is not None:
+            histograms.all_reduce()
+        if not trainer.is_global_zero or stats.num_layers is None:
+            return
+        step = eval_log_step(trainer)
+        summary = stats.compute()
+        scalars = summary_scalars(summary, prefix=f"{PREFIX}/{split}")
+        self._logger.log_metrics(scalars, step=step)
+        if split == "val":
+            self._last_val_scalars = scalars
+        if histograms is not None:
+            self._write_histograms(split, histograms, step)
+        if self.images:
+            from rmoe.analysis import figure, figure_to_rgb
+
+            for kind, tag in (("load", "load_heatmap"), ("binned_prob_mi", "binned_prob_mi_heatmap")):
+                fig = figure(kind, summary, title=f"{split} step {step}: " + _TITLES[kind], fast=True)
+                image = figure_to_rgb(fig)
+                self._logger.experiment.add_image(f"{PREFIX}/{split}/{tag}", image, step, dataformats="HWC")
+        self.seconds_spent += time.perf_counter() - start
+
+    def _write_histograms(self, split: str, histograms: Any, step: int) -> None:
+        experiment = self._logger.experiment
+        for name, hist in histograms.compute().items():
+            limits = hist["edges"][1:].tolist()
+            for l, counts_B in enumerate(hist["counts"]):
+                if int(hist["num"][l]) == 0:
+                    continue
+                experiment.add_histogram_raw(
+                    f"{PREFIX}/{split}/{name}_hist/layer_{l}",
+                    min=float(hist["min"][l]),
+                    max=float(hist["max"][l]),
+                    num=int(hist["num"][l]),
+                    sum=float(hist["sum"][l]),
+                    sum_squares=float(hist["sum_squares"][l]),
+                    bucket_limits=limits,
+                    bucket_counts=counts_B.tolist(),
+                    global_step=step,
+                )
+
+    # ------------------------------------------------------------------------------------------
+    # HParams
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._write_hparams(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._hparams_written:  # no validation ran: the HParams session gets the train loss
+            self._write_hparams(trainer, pl_module)
+
+    def _write_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        metrics = hparam_metrics(trainer.callback_metrics, self._last_val_scalars)
+        if not metrics:
+            return
+        step = eval_log_step(trainer)
+        if not self._hparams_written:
+            self._logger.log_hyperparams(run_hparams(trainer, pl_module), metrics, step=step)
+            self._hparams_written = True
+        else:
+            self._logger.log_metrics(metrics, step=step)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_train_step = -1
+        self._hparams_written = False
+        self._last_val_scalars = {}
+
+
+_TITLES = {"load": "expert load / mean load", "binned_prob_mi": "binned router-prob. MI (nats)"}
+
+
+def is_compiled(pl_module: L.LightningModule) -> bool:
+    """Whether the module or any submodule runs through ``torch.compile`` (``nn.Module.compile`` or
+    an ``OptimizedModule`` wrapper), or will (``MoeLMModule(compile=True)`` compiles at fit start)."""
+    if getattr(pl_module, "compile_layers", False):
+        return True
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
+        for m in pl_module.modules()
+    )
+
+
+def eval_log_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs validation/test metrics at (``val/loss``), so routing metrics line up
+    with them: ``fit_loop.epoch_loop._batches_that_stepped``, which inside ``fit`` is the step of the
+    training batch just before the pass (``global_step - 1``: validation runs before the counter
+    moves on)."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def detached(routing: RoutingOutput) -> RoutingOutput:
+    """The same routing with every tensor detached from the autograd graph."""
+    return RoutingOutput(
+        **{
+            f.name: (v.detach() if isinstance(v := getattr(routing, f.name), torch.Tensor) else v)
+            for f in dataclasses.fields(routing)
+        }
+    )
+
+
+def _histograms(pl_module: L.LightningModule) -> Any:
+    from rmoe.analysis import RoutingHistograms
+
+    return RoutingHistograms(pl_module.arch.num_experts)
+
+
+def custom_scalars_layout(splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard custom-scalars layout: category ``moe ({split})``, one multiline chart per metric
+    holding every layer (tags are regular expressions)."""
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for split in splits:
+        root = f"{PREFIX}/{split}"
+        charts = {key: ["Multiline", [rf"^{root}/{key}/"]] for key in (*PER_LAYER_KEYS, *PER_PAIR_KEYS)}
+        charts["binned_prob_mi"] = ["Multiline", [rf"^{root}/binned_prob_mi/"]]
+        charts["num_paths"] = ["Multiline", [rf"^{root}/num_paths$"]]
+        charts["path_entropy"] = ["Multiline", [rf"^{root}/path_entropy$"]]
+        if split == "train":
+            charts["expert_similarity"] = ["Multiline", [rf"^{root}/expert_similarity/"]]
+            for loss in ("lm", "balance"):
+                charts[f"router_grad_norm_{loss}"] = ["Multiline", [rf"^{root}/router_grad_norm_{loss}/"]]
+            charts["router_grad_norm (total)"] = ["Multiline", [rf"^{root}/router_grad_norm_(lm|balance)/total$"]]
+        layout[f"{PREFIX} ({split})"] = charts
+    return layout
+
+
+def hparam_metrics(callback_metrics: Mapping[str, Any], val_scalars: Mapping[str, float]) -> dict[str, float]:
+    """The HParams tab's metrics: ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` (``hp/train_loss``
+    when there was no validation) and ``hp/<metric>`` = layer mean of :data:`HPARAM_METRICS` over the
+    last validation."""
+    out: dict[str, float] = {}
+    for tag in ("val/loss", "val/bpb", "val/ppl") if "val/loss" in callback_metrics else ("train/loss",):
+        if tag in callback_metrics:
+            out[f"hp/{tag.replace('/', '_')}"] = float(callback_metrics[tag])
+    for key in HPARAM_METRICS:
+        value = val_scalars.get(f"{PREFIX}/val/{key}/mean")
+        if value is not None:
+            out[f"hp/{key}"] = value
+    return out
+
+
+def flatten_hparams(value: Any, prefix: str = "") -> dict[str, Scalar]:
+    """Nested hyperparameters (dicts, dataclasses, Namespaces) -> ``{"a.b.c": scalar}``.
+
+    Keeps bool, int, float and str; short lists of those become their JSON text; None, private
+    keys (``_instantiator``) and other objects are left out, so TensorBoard's HParams tab can show
+    every value.
+    """
+    out: dict[str, Scalar] = {}
+
+    def visit(key: str, v: Any) -> None:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+        elif isinstance(v, Namespace):
+            v = vars(v)
+        if isinstance(v, Mapping):
+            for k, sub in v.items():
+                if not str(k).startswith("_"):
+                    visit(f"{key}.{k}" if key else str(k), sub)
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            text = json.dumps(list(v))
+            if len(text) <= 200:
+                out[key] = text
+
+    visit(prefix, value)
+    return out
+
+
+def run_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Scalar]:
+    """The run's scalar hyperparameters for the HParams tab: the module's (``model.arch.*``,
+    ``model.optim.*``, ``model.aux_loss_coef``, ...), the data module's (``data.*``) and a few of
+    the trainer's (``trainer.*``)."""
+    hparams = dict(pl_module.hparams)
+    for name in ("arch", "optim"):  # arguments left at None have live defaults on the module
+        if hparams.get(name) is None and getattr(pl_module, name, None) is not None:
+            hparams[name] = getattr(pl_module, name)
+    params = flatten_hparams(hparams, "model")
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        params.update(flatten_hparams(dict(getattr(datamodule, "hparams", {})), "data"))
+    params.update(
+        flatten_hparams(
+            {
+                "max_steps": trainer.max_steps,
+                "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "precision": str(trainer.precision),
+                "gradient_clip_val": trainer.gradient_clip_val,
+                "world_size": trainer.world_size,
+            },
+            "trainer",
+        )
+    )
+    return params

@@ -1,0 +1,270 @@
+"""The sweep runner and the report (experiments/sweep.py, experiments/report.py), end to end.
+
+One tiny sweep (2 routers x 2 seeds of a 4-step model, fit + test) is run once for the module
+through the real command line, with real child processes; the tests then re-run it (everything
+skipped), read its report back against the event files, and resume one run next to a failing one.
+The paper sweep files are checked by expanding them (``--dry-run``), without training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments import report, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow! "
+    "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump.\n"
+)
+ROUTERS = ("linear", "gru")
+SEEDS = ("s0", "s1")
+PAPER_SWEEPS = {
+    "table1_cpu": 24,
+    "table1_gpu": 24,
+    "table5_cpu": 12,
+    "table5_gpu": 12,
+    "table6_cpu": 12,
+    "table6_gpu": 12,
+    "fig2_depth_cpu": 18,
+    "fig2_depth_gpu": 18,
+}
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """base.yaml + quick.yaml shrunk to seconds (as tests/test_cli.py's tiny_args): 4 steps, val at 2 and 4."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "train.txt").write_text(TEXT * 40)
+    (data / "val.txt").write_text(TEXT[::-1] * 8)
+    return [
+        "data.source=files",
+        f"data.train_files=[{data / 'train.txt'}]",
+        f"data.val_files=[{data / 'val.txt'}]",
+        f"data.test_files=[{data / 'val.txt'}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.block_size=32",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "model.arch.hidden_size=32",
+        "model.arch.num_layers=2",
+        "model.arch.num_attention_heads=4",
+        "model.arch.num_key_value_heads=2",
+        "model.arch.intermediate_size=64",
+        "model.arch.num_experts=4",
+        "model.arch.moe_intermediate_size=32",
+        "model.optim.warmup_steps=2",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "trainer.num_sanity_val_steps=0",
+    ]
+
+
+def write_sweep(tmp_path: Path, name: str, routers: dict[str, object]) -> Path:
+    doc = {
+        "name": "tiny",
+        "root": str(tmp_path / "sweep"),
+        "configs": [str(ROOT / "configs/base.yaml"), str(ROOT / "configs/quick.yaml")],
+        "grid": {"router": routers, "seed": {s: f"seed_everything={i}" for i, s in enumerate(SEEDS)}},
+        "overrides": tiny_overrides(tmp_path),
+        "after_fit": "test",
+        "checkpoint_every_n_steps": 2,
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+TINY_ROUTERS = {
+    "linear": "model.arch.router=linear",
+    "gru": [str(ROOT / "configs/router/gru.yaml"), "model.arch.router_options.state_dim=8"],
+}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The tiny sweep, run once: (its directory, the sweep file, what the sweep printed)."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    path = write_sweep(tmp_path, "tiny.yaml", TINY_ROUTERS)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        returncode = sweep.main([str(path), "--jobs", "2"])
+    assert returncode == 0, out.getvalue()
+    return tmp_path, path, out.getvalue()
+
+
+def scalars(directory: Path, tag: str) -> list[float]:
+    """A tag's values in step order, read directly with TensorBoard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(directory.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return [values[s] for s in sorted(values)]
+
+
+def test_sweep_runs_every_combination_in_its_own_directory(swept):
+    tmp_path, _, printed = swept
+    root = tmp_path / "sweep"
+    assert "4 done, 0 skipped" in printed and "0 failed" in printed
+    for router in ROUTERS:
+        for seed in SEEDS:
+            run = root / f"{router}-{seed}"
+            marker = json.loads((run / "done.json").read_text())
+            assert marker["labels"] == {"router": router, "seed": seed}
+            assert (run / "version_0/checkpoints/last.ckpt").is_file()
+            assert list((run / "version_0/checkpoints").glob("best-*.ckpt"))
+            assert not (run / "version_0/checkpoints/resume.ckpt").exists()  # removed once done
+            assert len(scalars(run / "version_0", "train/loss")) == 4
+            assert scalars(run / "test", "test/bpb")  # after_fit: test on the best checkpoint
+            log = (run / "stdout.log").read_text()
+            assert "python -m rmoe fit" in log and "python -m rmoe test" in log and "best-" in log
+            config = yaml.safe_load((run / "version_0/config.yaml").read_text())
+            assert config["seed_everything"] == SEEDS.index(seed)
+            assert config["model"]["arch"]["router"] == router
+    assert (root / "sweep.yaml").is_file()
+
+
+def test_second_invocation_skips_finished_runs(swept, capsys):
+    tmp_path, path, _ = swept
+    before = sorted(str(p) for p in (tmp_path / "sweep").rglob("*") if p.is_file())
+    assert sweep.main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 done, 4 skipped" in printed
+    after = sorted(str(p) for p in (tmp_path / "sweep").rglob("*") if p.is_file())
+    assert after == before
+
+
+def test_report_table_and_plots_match_the_event_files(swept, tmp_path):
+    sweep_dir, _, _ = swept
+    root = sweep_dir / "sweep"
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    for name in ("results.md", "results.csv", "runs.csv", "val_loss.png", "val_bpb.png", "final_val_bpb.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    rows = {row["router"]: row for row in csv.DictReader((out / "results.csv").open())}
+    assert set(ROUTERS) <= set(rows)
+    for router in ROUTERS:
+        row = rows[router]
+        assert int(row["n"]) == len(SEEDS)
+        runs = [root / f"{router}-{seed}" for seed in SEEDS]
+        expected = {
+            "best_val_loss": [min(scalars(r / "version_0", "val/loss")) for r in runs],
+            "final_val_bpb": [scalars(r / "version_0", "val/bpb")[-1] for r in runs],
+            "test_bpb": [scalars(r / "test", "test/bpb")[-1] for r in runs],
+        }
+        for key, values in expected.items():
+            assert float(row[f"{key}_mean"]) == pytest.approx(statistics.fmean(values), rel=1e-6), key
+            assert float(row[f"{key}_std"]) == pytest.approx(statistics.stdev(values), rel=1e-6), key
+        assert float(row["router_params_mean"]) > 0
+        assert float(row["active_params_mean"]) < float(row["total_params_mean"])
+        assert math.isfinite(float(row["step_time_ms_mean"]))
+    assert float(rows["gru"]["router_params_mean"]) > float(rows["linear"]["router_params_mean"])
+
+    table = (out / "results.md").read_text()
+    for router in ROUTERS:
+        assert sum(line.startswith(f"| {router} | 2 |") for line in table.splitlines()) == 1
+    assert "![val_bpb.png](val_bpb.png)" in table
+
+
+def test_interrupted_run_resumes_and_a_failed_run_is_reported(swept, capsys):
+    tmp_path, _, _ = swept
+    gru_s1 = tmp_path / "sweep/gru-s1"
+    (gru_s1 / "done.json").unlink()  # as if interrupted after its last checkpoint
+
+    # a second sweep file: the same runs plus a router whose override is invalid
+    path = write_sweep(tmp_path, "tiny_bad.yaml", {"bad": "model.arch.top_k=9", **TINY_ROUTERS})
+    assert sweep.main([str(path), "--only", "seed=s1", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "gru-s1 (resume)" in printed and "linear-s1 (done)" in printed and "bad-s1 (new)" in printed
+    assert f"--ckpt_path={gru_s1 / 'version_0/checkpoints/last.ckpt'}" in printed
+
+    assert sweep.main([str(path), "--only", "seed=s1", "--jobs", "2"]) == 1
+    printed = capsys.readouterr().out
+    assert "1 done, 1 skipped (already finished), 1 failed" in printed
+    assert "FAILED bad-s1: exit 2" in printed and "model.arch.top_k=9 must be between 1" in printed
+    assert str(tmp_path / "sweep/bad-s1/stdout.log") in printed
+    assert not (tmp_path / "sweep/bad-s1/done.json").exists()
+    marker = json.loads((gru_s1 / "done.json").read_text())
+    assert marker["resumed_from"].endswith("last.ckpt")
+    assert "Restored all states from the checkpoint" in (gru_s1 / "stdout.log").read_text()
+    assert scalars(gru_s1 / "test", "test/bpb")
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        ({"configs": ["configs/base.yaml"], "grid": {"seed": {"s0": "seed_everything=0"}}}, "'name' is required"),
+        ({"name": "x", "configs": ["configs/base.yaml"], "grid": {"s": {"a": "x=1"}}, "overide": []}, "'overide'"),
+        ({"name": "x", "configs": ["configs/nope.yaml"], "grid": {"s": {"a": "x=1"}}}, "configs[0]"),
+        ({"name": "x", "configs": ["configs/base.yaml"], "grid": {"seed": [0, 1]}}, "'grid.seed' must map"),
+        ({"name": "x", "configs": ["configs/base.yaml"], "grid": {"r": {"g": "configs/router/gru2.yaml"}}}, "grid.r.g"),
+        ({"name": "x", "configs": ["configs/base.yaml"], "grid": {"r": {"g": "gru"}}}, "grid.r.g='gru' is neither"),
+        ({"name": "x", "configs": ["configs/base.yaml"], "grid": {"r": {"a-b": "x=1"}}}, "label 'a-b'"),
+        (
+            {"name": "x", "configs": ["configs/base.yaml"], "grid": {"r": {"a": "x=1"}}, "after_fit": "tset"},
+            "after_fit",
+        ),
+    ],
+)
+def test_bad_sweep_file_is_one_paragraph_naming_the_key(doc, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert sweep.main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: error:") and fragment in err and "\n" not in err.strip()
+
+
+def test_bad_options_are_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    table1 = "configs/paper/table1_cpu.yaml"
+    assert sweep.main([table1, "--dry-run", "--only", "router=nope"]) == 2
+    assert "unknown label(s) nope of 'router'" in capsys.readouterr().err
+    assert sweep.main([table1, "--dry-run", "--only", "size=big"]) == 2
+    assert sweep.main([table1, "--dry-run", "--set", "not-an-override"]) == 2
+    assert sweep.main([str(tmp_path / "missing.yaml")]) == 2
+    capsys.readouterr()
+    assert sweep.main([table1, "--dry-run", "--only", "router=gru,linear", "--set", "trainer.max_steps=7"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n# [") == 6 and printed.count("trainer.max_steps=7") == 6
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SWEEPS))
+def test_paper_sweeps_expand_to_the_expected_runs(name, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # config paths are relative to the repository root
+    path = ROOT / "configs/paper" / f"{name}.yaml"
+    parsed = sweep.load_sweep(path)  # checks that every config file exists
+    runs = sweep.expand(parsed)
+    assert parsed.name == name and len(runs) == PAPER_SWEEPS[name]
+    assert len({run.name for run in runs}) == len(runs)
+    size = "configs/paper/cpu_size.yaml" if name.endswith("_cpu") else "configs/paper/medium_gpu.yaml"
+    assert size in parsed.configs
+    # same token budget in every run: no grid value touches the steps, the batch or the block
+    for labels in parsed.grid.values():
+        for value in labels.values():
+            assert not any(
+                o.startswith(("trainer.max_steps", "data.batch_size", "data.block_size")) for o in value.overrides
+            )
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n# [") == PAPER_SWEEPS[name]
+    for i, run in enumerate(runs):
+        assert f"# [{i + 1}/{len(runs)}] {run.name} (" in printed
