@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import BASE_CONFIGS, tiny_overrides
 
 from rmoe.analysis import RoutingHistograms, analyze_checkpoint, compare, summary_rows
 from rmoe.analysis import main as analyze_main
@@ -35,10 +36,6 @@ from rmoe.training.analytics import RoutingAnalytics, custom_scalars_layout, fla
 from rmoe.training.module import MoeLMModule
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow! "
-    "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump.\n"
-)
 NUM_LAYERS = 2
 # The callbacks are set in full (not appended to base.yaml's), so the runs differ only in RoutingAnalytics.
 CHECKPOINT = (
@@ -51,37 +48,13 @@ WITHOUT_ANALYTICS = f"trainer.callbacks=[{CHECKPOINT}]"
 
 
 def tiny_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    """base.yaml + quick.yaml shrunk to seconds (as in test_cli.py): 6 steps, validation at 3 and 6."""
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "train.txt").write_text(TEXT * 40)
-    (data / "val.txt").write_text(TEXT[::-1] * 8)
+    """base.yaml + quick.yaml shrunk to seconds (tests/tiny.py): 6 steps, validation at 3 and 6."""
     return [
-        "--config",
-        str(ROOT / "configs/base.yaml"),
-        "--config",
-        str(ROOT / "configs/quick.yaml"),
-        "data.source=files",
-        f"data.train_files=[{data / 'train.txt'}]",
-        f"data.val_files=[{data / 'val.txt'}]",
-        f"data.test_files=[{data / 'val.txt'}]",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.block_size=32",
-        "data.batch_size=4",
-        "data.eval_batch_size=4",
-        "model.arch.hidden_size=32",
-        f"model.arch.num_layers={NUM_LAYERS}",
-        "model.arch.num_attention_heads=4",
-        "model.arch.num_key_value_heads=2",
-        "model.arch.intermediate_size=64",
-        "model.arch.num_experts=4",
-        "model.arch.moe_intermediate_size=32",
-        "model.optim.warmup_steps=2",
+        *BASE_CONFIGS,
+        *tiny_overrides(tmp_path, num_layers=NUM_LAYERS),
         f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         f"trainer.logger.init_args.name={name}",
-        "trainer.enable_model_summary=false",
         "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1",
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=5",

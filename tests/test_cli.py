@@ -9,63 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import BASE_CONFIGS, scalars, tiny_overrides
 
 from rmoe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # experiment configs only; sweep files (a `grid:` of overrides, experiments/sweep.py) are tested in test_sweep.py
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "grid" not in (yaml.safe_load(p.read_text()) or {}))
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow! "
-    "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump.\n"
-)
 
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
     """base.yaml + quick.yaml shrunk to seconds: a tiny model on a small local text file."""
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "train.txt").write_text(TEXT * 40)
-    (data / "val.txt").write_text(TEXT[::-1] * 8)
     return [
-        "--config",
-        str(ROOT / "configs/base.yaml"),
-        "--config",
-        str(ROOT / "configs/quick.yaml"),
-        "data.source=files",
-        f"data.train_files=[{data / 'train.txt'}]",
-        f"data.val_files=[{data / 'val.txt'}]",
-        f"data.test_files=[{data / 'val.txt'}]",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.block_size=32",
-        "data.batch_size=4",
-        "data.eval_batch_size=4",
-        "model.arch.hidden_size=32",
-        "model.arch.num_layers=2",
-        "model.arch.num_attention_heads=4",
-        "model.arch.num_key_value_heads=2",
-        "model.arch.intermediate_size=64",
-        "model.arch.num_experts=4",
-        "model.arch.moe_intermediate_size=32",
-        "model.optim.warmup_steps=2",
+        *BASE_CONFIGS,
+        *tiny_overrides(tmp_path),
         f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         "trainer.logger.init_args.name=t",
-        "trainer.enable_model_summary=false",
-        "trainer.log_every_n_steps=1",
         *extra,
     ]
-
-
-def scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])

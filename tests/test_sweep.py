@@ -18,14 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import ROOT, tiny_overrides
+from tiny import scalars as tiny_scalars
 
 from experiments import report, sweep
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow! "
-    "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump.\n"
-)
 ROUTERS = ("linear", "gru")
 SEEDS = ("s0", "s1")
 PAPER_SWEEPS = {
@@ -40,31 +37,10 @@ PAPER_SWEEPS = {
 }
 
 
-def tiny_overrides(tmp_path: Path) -> list[str]:
-    """base.yaml + quick.yaml shrunk to seconds (as tests/test_cli.py's tiny_args): 4 steps, val at 2 and 4."""
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    (data / "train.txt").write_text(TEXT * 40)
-    (data / "val.txt").write_text(TEXT[::-1] * 8)
+def sweep_overrides(tmp_path: Path) -> list[str]:
+    """base.yaml + quick.yaml shrunk to seconds (tests/tiny.py): 4 steps, val at 2 and 4."""
     return [
-        "data.source=files",
-        f"data.train_files=[{data / 'train.txt'}]",
-        f"data.val_files=[{data / 'val.txt'}]",
-        f"data.test_files=[{data / 'val.txt'}]",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.block_size=32",
-        "data.batch_size=4",
-        "data.eval_batch_size=4",
-        "model.arch.hidden_size=32",
-        "model.arch.num_layers=2",
-        "model.arch.num_attention_heads=4",
-        "model.arch.num_key_value_heads=2",
-        "model.arch.intermediate_size=64",
-        "model.arch.num_experts=4",
-        "model.arch.moe_intermediate_size=32",
-        "model.optim.warmup_steps=2",
-        "trainer.enable_model_summary=false",
-        "trainer.log_every_n_steps=1",
+        *tiny_overrides(tmp_path),
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=2",
@@ -79,7 +55,7 @@ def write_sweep(tmp_path: Path, name: str, routers: dict[str, object]) -> Path:
         "root": str(tmp_path / "sweep"),
         "configs": [str(ROOT / "configs/base.yaml"), str(ROOT / "configs/quick.yaml")],
         "grid": {"router": routers, "seed": {s: f"seed_everything={i}" for i, s in enumerate(SEEDS)}},
-        "overrides": tiny_overrides(tmp_path),
+        "overrides": sweep_overrides(tmp_path),
         "after_fit": "test",
         "checkpoint_every_n_steps": 2,
     }
@@ -107,15 +83,8 @@ def swept(tmp_path_factory):
 
 
 def scalars(directory: Path, tag: str) -> list[float]:
-    """A tag's values in step order, read directly with TensorBoard's EventAccumulator."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(directory.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    """A tag's values in step order."""
+    values = tiny_scalars(directory, tag)
     return [values[s] for s in sorted(values)]
 
 
@@ -268,3 +237,12 @@ def test_paper_sweeps_expand_to_the_expected_runs(name, capsys, monkeypatch):
     assert printed.count("\n# [") == PAPER_SWEEPS[name]
     for i, run in enumerate(runs):
         assert f"# [{i + 1}/{len(runs)}] {run.name} (" in printed
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_other_sweep_files_expand(path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    runs = sweep.expand(sweep.load_sweep(path))
+    assert runs and len({run.name for run in runs}) == len(runs)
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("\n# [") == len(runs)
