@@ -64,6 +64,12 @@ def _valid_keys_hint(parser: Any, key: str) -> str:
     return hint
 
 
+DESCRIPTION = (
+    "Train and evaluate Mixture-of-Experts LMs from YAML (fit, validate, test; see README.md). "
+    "Offline routing analysis of a checkpoint: rmoe analyze --help."
+)
+
+
 class RmoeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # the tokenizer decides the vocabulary: copy it into the model config at instantiation
@@ -89,7 +95,7 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_class=RmoeArgumentParser,
-        parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "prog": "rmoe"},
+        parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "prog": "rmoe", "description": DESCRIPTION},
         auto_configure_optimizers=False,
         args=normalize_args(argv),
         run=run,
