@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config
 
-from rmoe import ModelConfig, MoeLM
+from rmoe import MoeLM
 from rmoe.metrics import (
     RoutingStats,
     binned_probability_mi,
@@ -81,23 +82,6 @@ def naive_plugin_mi(x: list[int], y: list[int]) -> float:
     n = len(x)
     pxy, px, py = Counter(zip(x, y)), Counter(x), Counter(y)
     return sum(c / n * math.log(c * n / (px[a] * py[b])) for (a, b), c in pxy.items())
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        num_experts=4,
-        top_k=2,
-        moe_intermediate_size=16,
-        initializer_range=0.2,
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,27 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config
 
-from rmoe import ModelConfig, MoeLM, RmoeError
+from rmoe import MoeLM, RmoeError
 from rmoe.model.moe import GroupedExperts, SparseMoeBlock
 from rmoe.routers import RoutingOutput
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        num_experts=4,
-        top_k=2,
-        moe_intermediate_size=16,
-        initializer_range=0.2,
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
 
 
 def randomize_vectors(model: torch.nn.Module) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import tiny_config as shared_tiny_config
 
 from rmoe import ModelConfig, MoeLM, RmoeError
 from rmoe.routers import ROUTERS, Router, TokenChoiceRouter
@@ -23,21 +24,10 @@ VOCAB = 64
 
 
 def tiny_config(router: str = "linear", router_options: dict | None = None, **overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        num_experts=4,
-        top_k=2,
-        moe_intermediate_size=16,
-        router=router,
-        router_options=router_options or {},
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
+    """tests/tiny.py's model with this router, the default init and a vocabulary of ``VOCAB``."""
+    options = router_options or {}
+    defaults = {"vocab_size": VOCAB, "initializer_range": ModelConfig.initializer_range}
+    return shared_tiny_config(**{**defaults, "router": router, "router_options": options, **overrides})
 
 
 def build(router: str, router_options: dict | None = None, seed: int = 0, **overrides) -> MoeLM:

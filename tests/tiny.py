@@ -4,11 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rmoe.model.config import ModelConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow! "
     "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump.\n"
 )
+TINY_ARCH = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    num_experts=4,
+    top_k=2,
+    moe_intermediate_size=16,
+    initializer_range=0.2,
+)
+"""The model of the unit tests: 3 layers of width 32, 4 experts of 16, top-2 (large init: decisive routing)."""
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """``TINY_ARCH`` with any ``ModelConfig`` field overridden."""
+    return ModelConfig(**{**TINY_ARCH, **overrides})
+
+
 BASE_CONFIGS = ["--config", str(ROOT / "configs/base.yaml"), "--config", str(ROOT / "configs/quick.yaml")]
 """base.yaml + quick.yaml, the configs every tiny run starts from."""
 
