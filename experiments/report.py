@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-DEFAULT_METRICS = (r"moe/val/(gate_entropy_mean|load_max_vio|top1_mi)/layer_\d+(?:_\d+)?$",)
+DEFAULT_METRICS = (r"moe/val/(gate_entropy_mean|router_logit_std|load_max_vio|top1_mi)/layer_\d+(?:_\d+)?$",)
 """Routing metrics: the tags matching a pattern are grouped by its first capture group (the column
 name) and their final values averaged (here: over layers, or consecutive layer pairs for the MI)."""
 
@@ -328,6 +328,115 @@ def default_group_keys(runs: Sequence[RunResult]) -> list[str]:
     return [k for k in keys if k != SEED_KEY] or keys
 
 
+def parse_only(items: Iterable[str]) -> dict[str, set[str]]:
+    """``["router=gru,linear", "seed=s0"]`` -> ``{"router": {"gru", "linear"}, "seed": {"s0"}}``."""
+    only: dict[str, set[str]] = {}
+    for item in items:
+        key, sep, labels = item.partition("=")
+        wanted = {label for label in labels.split(",") if label}
+        if not sep or not key or not wanted:
+            raise ReportError(f"--only {item!r}: expected KEY=LABEL[,LABEL...].")
+        only.setdefault(key, set()).update(wanted)
+    return only
+
+
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom; beyond 10 the approximation
+# 1.96 + 2.4 / df is within 1.5% (2.20 vs 2.228 at 10, 2.08 vs 2.086 at 20).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_quantile_95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
+    return _T95.get(df, 1.96 + 2.4 / df)
+
+
+@dataclass
+class Paired:
+    """Same-seed differences ``metric(run) - metric(baseline run)`` for one group of runs.
+
+    Two runs pair when all their labels but ``key`` are equal (so the same seed: same initialisation
+    and data order). The verdict is the paired t-interval's: ``better`` (lower) or ``worse`` when the
+    95% interval of the mean difference excludes 0, otherwise ``indistinguishable``.
+    """
+
+    labels: dict[str, str]
+    differences: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.differences)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.differences) if self.differences else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.differences) if self.n > 1 else math.nan
+
+    @property
+    def half_width(self) -> float:
+        """Half-width of the 95% t-interval of the mean difference (NaN with fewer than 2 pairs)."""
+        return t_quantile_95(self.n - 1) * self.std / math.sqrt(self.n) if self.n > 1 else math.nan
+
+    @property
+    def verdict(self) -> str:
+        if not math.isfinite(self.half_width):
+            return "too few pairs"
+        if self.mean + self.half_width < 0:
+            return "better"
+        if self.mean - self.half_width > 0:
+            return "worse"
+        return "indistinguishable"
+
+
+def paired_comparisons(
+    runs: Sequence[RunResult], key: str, baseline: str, metric: str = "final_val_bpb"
+) -> list[Paired]:
+    """For every non-baseline label of ``key``, the same-seed differences against the baseline's runs.
+
+    Groups are the runs' labels without ``seed`` (e.g. ``router=gru, depth=l12``), in first-run order.
+
+    Raises:
+        ReportError: If no run has ``key=baseline``.
+    """
+    others = [k for k in dict.fromkeys(k for r in runs for k in r.labels) if k != key]
+    base = {tuple(r.labels.get(k) for k in others): r for r in runs if r.labels.get(key) == baseline}
+    if not base:
+        raise ReportError(f"--paired {key}={baseline}: no complete run has {key}={baseline}.")
+    groups: dict[tuple[str | None, ...], Paired] = {}
+    for run in runs:
+        if run.labels.get(key) == baseline:
+            continue
+        partner = base.get(tuple(run.labels.get(k) for k in others))
+        value = run.metrics.get(metric, math.nan)
+        if partner is None or not math.isfinite(value) or not math.isfinite(partner.metrics.get(metric, math.nan)):
+            continue
+        labels = {k: v for k, v in run.labels.items() if k != SEED_KEY}
+        groups.setdefault(tuple(labels.values()), Paired(labels, [])).differences.append(
+            value - partner.metrics[metric]
+        )
+    return list(groups.values())
+
+
+def paired_table(paired: Sequence[Paired], key: str, baseline: str, metric: str) -> str:
+    if not paired:
+        return ""
+    keys = list(paired[0].labels)
+    header = [*keys, "pairs", f"mean Δ {metric}", "std of Δ", "95% interval", "per seed", f"vs {baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(keys) + ["---:"] * 5 + ["---"]) + "|"]
+    for p in paired:
+        interval = f"[{p.mean - p.half_width:+.4f}, {p.mean + p.half_width:+.4f}]" if p.n > 1 else ""
+        per_seed = ", ".join(f"{d:+.3f}" for d in p.differences)
+        std = f"{p.std:.4f}" if p.n > 1 else ""
+        lines.append(
+            "| "
+            + " | ".join([*p.labels.values(), str(p.n), f"{p.mean:+.4f}", std, interval, per_seed, p.verdict])
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def format_value(value: float, kind: str) -> str:
     if not math.isfinite(value):
         return ""
@@ -403,6 +512,7 @@ def write_markdown(
     out: Path,
     plots: Sequence[str],
     band: str,
+    paired: str = "",
 ) -> None:
     sweep: dict[str, Any] = {}
     if (root / SWEEP_FILE).is_file():
@@ -426,6 +536,8 @@ def write_markdown(
         "parameters whose name contains `router`. Step time: median wall time between logged training steps.",
         "",
     ]
+    if paired:
+        parts += [paired, ""]
     if incomplete:
         parts += [
             "Left out (no validation result yet: failed or unfinished): "
@@ -518,8 +630,13 @@ def report(
     group_by: Sequence[str] | None = None,
     metric_patterns: Sequence[str] = DEFAULT_METRICS,
     band: str = "minmax",
+    only: Mapping[str, set[str]] | None = None,
+    paired: tuple[str, str] | None = None,
 ) -> tuple[list[Group], list[RunResult]]:
     """Read a sweep root and write the table, CSVs and plots into ``out``.
+
+    ``only`` keeps the runs with those labels; ``paired = (key, label)`` adds the same-seed
+    comparison of every other ``key`` label against ``label`` (:func:`paired_comparisons`).
 
     Returns:
         The groups (complete runs only) and every run read (complete or not).
@@ -540,6 +657,10 @@ def report(
         raise ReportError(
             f"no run under {str(root)!r} (expected <root>/<run>/run.json or <root>/<run>/version_*/ events)."
         )
+    if only:
+        found = [(path, labels) for path, labels in found if all(labels.get(k) in v for k, v in only.items())]
+        if not found:
+            raise ReportError(f"--only {only}: no run under {str(root)!r} has those labels.")
     runs = [read_run(path, labels, metric_patterns) for path, labels in found]
     complete = [r for r in runs if r.complete]
     incomplete = [r for r in runs if not r.complete]
@@ -563,7 +684,18 @@ def report(
             plots.append(name)
     if plot_bars(groups, "final_val_bpb", "final val bpb", out / "final_val_bpb.png"):
         plots.append("final_val_bpb.png")
-    write_markdown(root, groups, columns, incomplete, out, plots, band)
+    paired_text = ""
+    if paired:
+        key, baseline = paired
+        comparisons = paired_comparisons(complete, key, baseline)
+        paired_text = paired_table(comparisons, key, baseline, "final_val_bpb")
+        if paired_text:
+            paired_text = (
+                f"Paired against `{key}={baseline}` (same seed: same initialisation and data order); Δ = run - "
+                f"baseline, negative is better; the verdict is the 95% t-interval's (better / worse when it "
+                f"excludes 0).\n\n{paired_text}"
+            )
+    write_markdown(root, groups, columns, incomplete, out, plots, band, paired_text)
     return groups, runs
 
 
@@ -587,10 +719,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ")",
     )
     parser.add_argument("--band", choices=("minmax", "std"), default="minmax", help="seed band of the curves")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="KEY=LABEL[,LABEL]", help="keep these runs (repeatable)"
+    )
+    parser.add_argument(
+        "--paired", default=None, metavar="KEY=LABEL", help="same-seed differences against this baseline"
+    )
     args = parser.parse_args(argv)
     group_by = [k for item in args.group_by or [] for k in item.split(",") if k]
     try:
-        groups, runs = report(args.root, args.out, group_by or None, tuple(args.metric or DEFAULT_METRICS), args.band)
+        paired = None
+        if args.paired:
+            key, sep, label = args.paired.partition("=")
+            if not sep or not key or not label:
+                raise ReportError(f"--paired {args.paired!r}: expected KEY=LABEL, e.g. router=linear.")
+            paired = (key, label)
+        groups, runs = report(
+            args.root,
+            args.out,
+            group_by or None,
+            tuple(args.metric or DEFAULT_METRICS),
+            args.band,
+            parse_only(args.only),
+            paired,
+        )
     except ReportError as err:
         print(f"report: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from rmoe.metrics import (
     num_dead_experts,
     outer_balance,
     router_grad_norms,
+    router_logit_variance,
     router_z,
     routing_summary,
     summary_scalars,
@@ -149,6 +150,15 @@ def test_inner_and_outer_balance():
     summary = routing_summary([routing], 3)
     torch.testing.assert_close(summary["outer_balance_median"], torch.tensor([0.8]))
     torch.testing.assert_close(summary["inner_balance_median"], torch.tensor([0.5 / 0.3]))
+
+
+def test_router_logit_std_is_the_rms_of_per_token_stds_and_shift_invariant():
+    # token 0: logits (a, -a, a, -a) -> std a; token 1: all equal -> 0; token 2: (0, 0, 0, 4) -> sqrt(3)
+    logits_TE = torch.tensor([[1.0, -1.0, 1.0, -1.0], [3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 4.0]])
+    torch.testing.assert_close(router_logit_variance(logits_TE), torch.tensor([1.0, 0.0, 3.0]))
+    summary = routing_summary([topk_softmax(logits_TE, 2, True), topk_softmax(2 * logits_TE + 7, 2, True)], 4)
+    torch.testing.assert_close(summary["router_logit_std"], torch.tensor([math.sqrt(4 / 3), 2 * math.sqrt(4 / 3)]))
+    assert "routing/router_logit_std/layer_1" in summary_scalars(summary)
 
 
 def test_router_z_is_logsumexp():
@@ -356,7 +366,7 @@ def assert_summaries_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
     for key in ("num_tokens", "num_paths", "path_entropy", "path_num_tokens", "num_sampled_tokens"):
         assert a[key] == b[key], key
-    for key in ("gate_entropy_mean", "router_z_mean", "binned_prob_mi"):
+    for key in ("gate_entropy_mean", "router_z_mean", "router_logit_std", "binned_prob_mi"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
     for key in ("gate_entropy_median", "inner_balance_median", "outer_balance_median"):
         assert torch.equal(a[key], b[key]), key

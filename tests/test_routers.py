@@ -59,6 +59,10 @@ CASES = [
     ("gru", {"cell": "lstm"}),
     ("gru", {"head": "cosine", "cosine_dim": 8}),
     ("gru", {"bias_update_rate": 0.01}),
+    ("gru", {"bias": True}),
+    ("gru", {"state_norm": "rms"}),
+    ("gru", {"init": "normal", "head_init_std": 0.1}),
+    ("gru", {"projector": "shared", "bias": True, "init": "normal"}),
     ("locmoe", {}),
     ("locmoe", {"learnable_keys": True, "capacity_factor": 0.5}),
     ("expert_choice", {}),
@@ -223,6 +227,100 @@ def test_parameter_count_matches_rmoe_table_1():
     assert round(gru / 1e6, 2) in (0.47, 0.48) and round(linear / 1e6, 2) in (0.04, 0.05)
 
 
+def test_gru_biases_are_added_to_the_projector_and_head_and_counted():
+    """``bias: true``: x'_i = W_i x + b_i and logits_i = G_i h_i + c_i (the authors' models' biases)."""
+    model = build("gru", {"state_dim": 16, "bias": True})
+    cell = model.shared_router.cell
+    torch.manual_seed(2)
+    xs = [torch.randn(10, 32) for _ in range(3)]
+    ours = router_chain_logits(model, xs)
+    h = torch.zeros(10, 16)
+    for router, x, logits in zip(routers_of(model), xs, ours):
+        assert router.proj_bias.abs().sum() > 0 and router.gate_bias.abs().sum() > 0  # U(+-1/sqrt(fan_in))
+        h = cell(x @ router.proj.T + router.proj_bias, h)
+        torch.testing.assert_close(logits, h @ router.gate.T + router.gate_bias, atol=1e-6, rtol=1e-5)
+    ours[-1].sum().backward()
+    assert routers_of(model)[-1].gate_bias.grad.abs().sum() > 0
+    assert routers_of(model)[0].proj_bias.grad.abs().sum() > 0  # through the state
+    without = sum(p.numel() for r in routers_of(build("gru", {"state_dim": 16})) for p in r.parameters())
+    with_bias = sum(p.numel() for r in routers_of(model) for p in r.parameters())
+    assert with_bias - without == len(routers_of(model)) * (16 + 4)  # P + E per layer
+
+
+def first_gru_router(**options) -> Router:
+    """Layer 0's recurrent router of a model with d=256, 16 experts and p=128."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=VOCAB, hidden_size=256, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_experts=16, top_k=2, moe_intermediate_size=8, router="gru",
+        router_options={"state_dim": 128, **options},
+    )  # fmt: skip
+    return routers_of(MoeLM(config))[0]
+
+
+def test_gru_init_torch_is_pytorch_linear_default_and_normal_is_the_model_std():
+    router = first_gru_router(bias=True)  # init: torch (the default)
+    for weight, fan_in in ((router.proj, 256), (router.gate, 128), (router.proj_bias, 256)):
+        bound = 1 / math.sqrt(fan_in)
+        assert weight.abs().max() <= bound
+        assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # std of U(-b, b)
+    normal = first_gru_router(init="normal", bias=True)
+    assert normal.proj.std().item() == pytest.approx(0.02, rel=0.05)
+    assert normal.gate.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.count_nonzero(normal.proj_bias) == 0 and torch.count_nonzero(normal.gate_bias) == 0
+    wide = first_gru_router(init="normal", head_init_std=0.2)
+    assert wide.gate.std().item() == pytest.approx(0.2, rel=0.1)
+    assert wide.proj.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_gru_state_norm_makes_the_logit_scale_independent_of_the_state_scale(monkeypatch):
+    """With ``state_norm: rms`` the head reads h / rms(h): scaling the state leaves the logits as they are."""
+    for state_norm, invariant in (("rms", True), ("none", False)):
+        model = build("gru", {"state_dim": 16, "state_norm": state_norm})
+        core, router = model.shared_router, routers_of(model)[0]
+        x = torch.randn(10, 32)
+        step = core.step
+        logits = {}
+        for scale in (0.01, 1.0):
+
+            def scaled_step(x_TP, h_TP, c_TP, scale=scale, step=step):
+                return scale * step(x_TP, h_TP, c_TP)[0], None
+
+            monkeypatch.setattr(core, "step", scaled_step)
+            logits[scale] = router(x, None)[0].logits_TE
+        monkeypatch.setattr(core, "step", step)
+        if invariant:
+            torch.testing.assert_close(logits[0.01], logits[1.0], atol=1e-4, rtol=1e-4)
+        else:
+            torch.testing.assert_close(logits[0.01], 0.01 * logits[1.0], atol=1e-7, rtol=1e-4)
+
+
+def test_gru_logits_start_near_the_linear_routers_scale_only_with_the_torch_init():
+    """The scale study (docs/results.md): N(0, 0.02) projector and head start the GRU router's logits
+    an order of magnitude below a linear router's; PyTorch's default init (the authors') does not."""
+    from rmoe.metrics.stats import routing_summary
+
+    def logit_std(router: str, options: dict) -> float:
+        stds = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            config = ModelConfig(
+                vocab_size=VOCAB, hidden_size=96, num_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=32, num_experts=8, top_k=2, moe_intermediate_size=8, router=router,
+                router_options=options,
+            )  # fmt: skip
+            with torch.no_grad():
+                routing = MoeLM(config)(torch.randint(0, VOCAB, (4, 32))).routing
+            stds.append(routing_summary(routing, 8)["router_logit_std"].mean().item())
+        return sum(stds) / len(stds)
+
+    linear = logit_std("linear", {})
+    assert 0.1 < linear < 0.3  # ~ 0.02 sqrt(96) = 0.196
+    assert logit_std("gru", {"state_dim": 48, "init": "normal"}) < linear / 8
+    assert linear / 3 < logit_std("gru", {"state_dim": 48}) < linear * 1.5
+    assert linear / 3 < logit_std("gru", {"state_dim": 48, "init": "normal", "state_norm": "rms"}) < linear * 1.5
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
@@ -233,6 +331,10 @@ def test_parameter_count_matches_rmoe_table_1():
         ({"state_dim": 0}, "state_dim=0 must be a positive integer"),
         ({"bias_update_rate": -1.0}, "bias_update_rate=-1.0 must be >= 0"),
         ({"hidden": 3}, "valid options: bias_update_rate, state_dim"),
+        ({"init": "xavier"}, "init='xavier'; expected one of: torch, normal"),
+        ({"state_norm": "layer"}, "state_norm='layer'; expected one of: none, rms"),
+        ({"head_init_std": 0.1}, "head_init_std only applies to init: normal"),
+        ({"init": "normal", "head_init_std": 0.0}, "head_init_std=0.0 must be > 0"),
     ],
 )
 def test_bad_recurrent_options_are_clear_errors(options, fragment):
@@ -428,6 +530,9 @@ def test_router_configs_exist_for_every_router_and_variant():
         "locmoe",
         "expert_choice",
         "linear_bias_balance",
+        "gru_paper",
+        "gru_init_normal",
+        "gru_state_norm",
     }
     assert expected <= names
 

@@ -32,7 +32,7 @@ PAPER_SWEEPS = {
     "table5_gpu": 12,
     "table6_cpu": 12,
     "table6_gpu": 12,
-    "fig2_depth_cpu": 18,
+    "table1_deep_cpu": 60,  # seeds x depths x routers; run in two --only parts (docs/results.md)
     "fig2_depth_gpu": 18,
 }
 
@@ -153,6 +153,36 @@ def test_report_table_and_plots_match_the_event_files(swept, tmp_path):
     assert "![val_bpb.png](val_bpb.png)" in table
 
 
+def test_report_only_and_paired_differences_match_the_event_files(swept, tmp_path):
+    sweep_dir, _, _ = swept
+    root = sweep_dir / "sweep"
+    out = tmp_path / "paired"
+    assert report.main([str(root), "--out", str(out), "--paired", "router=linear", "--only", "router=gru,linear"]) == 0
+    diffs = [
+        scalars(root / f"gru-{seed}" / "version_0", "val/bpb")[-1]
+        - scalars(root / f"linear-{seed}" / "version_0", "val/bpb")[-1]
+        for seed in SEEDS
+    ]
+    paired = (out / "results.md").read_text().split("Paired against `router=linear`")[1]
+    row = next(line for line in paired.splitlines() if line.startswith("| gru | 2 | "))
+    assert f"{statistics.fmean(diffs):+.4f}" in row and f"{statistics.stdev(diffs):.4f}" in row
+    assert all(f"{d:+.3f}" in row for d in diffs)
+    assert report.main([str(root), "--out", str(out), "--only", "router=gru"]) == 0
+    assert {r["router"] for r in csv.DictReader((out / "results.csv").open())} == {"gru"}
+    assert report.main([str(root), "--out", str(out), "--only", "router=nope"]) == 2
+    assert report.main([str(root), "--out", str(out), "--paired", "router=nope"]) == 2
+    assert report.main([str(root), "--out", str(out), "--paired", "router"]) == 2
+
+
+def test_paired_verdict_is_the_95_percent_t_interval():
+    paired = report.Paired({"router": "gru"}, [0.10, 0.12, 0.08])  # mean 0.10, std 0.02, t = 8.7 > 4.303
+    assert paired.verdict == "worse"
+    assert paired.half_width == pytest.approx(4.303 * 0.02 / math.sqrt(3), rel=1e-6)
+    assert report.Paired({}, [-0.10, -0.12, -0.08]).verdict == "better"
+    assert report.Paired({}, [0.10, -0.05, 0.02]).verdict == "indistinguishable"
+    assert report.Paired({}, [0.10]).verdict == "too few pairs"
+
+
 def test_interrupted_run_resumes_and_a_failed_run_is_reported(swept, capsys):
     tmp_path, _, _ = swept
     gru_s1 = tmp_path / "sweep/gru-s1"
@@ -225,8 +255,8 @@ def test_paper_sweeps_expand_to_the_expected_runs(name, capsys, monkeypatch):
     runs = sweep.expand(parsed)
     assert parsed.name == name and len(runs) == PAPER_SWEEPS[name]
     assert len({run.name for run in runs}) == len(runs)
-    size = "configs/paper/cpu_size.yaml" if name.endswith("_cpu") else "configs/paper/medium_gpu.yaml"
-    assert size in parsed.configs
+    size = {"table1_deep_cpu": "deep_cpu"}.get(name, "cpu_size" if name.endswith("_cpu") else "medium_gpu")
+    assert f"configs/paper/{size}.yaml" in parsed.configs
     # same token budget in every run: no grid value touches the steps, the batch or the block
     for labels in parsed.grid.values():
         for value in labels.values():

@@ -13,7 +13,14 @@ Everything runs under ``torch.no_grad()`` and never modifies its inputs.
 """
 
 from rmoe.metrics.experts import expert_similarity, expert_similarity_per_layer
-from rmoe.metrics.gates import gate_entropy, inner_balance, outer_balance, router_z, top1_expert_ids
+from rmoe.metrics.gates import (
+    gate_entropy,
+    inner_balance,
+    outer_balance,
+    router_logit_variance,
+    router_z,
+    top1_expert_ids,
+)
 from rmoe.metrics.gradients import router_grad_norms, router_grad_norms_by_loss, router_parameters
 from rmoe.metrics.information import (
     NUM_PROB_BINS,
@@ -60,6 +67,7 @@ __all__ = [
     "outer_balance",
     "router_grad_norms",
     "router_grad_norms_by_loss",
+    "router_logit_variance",
     "router_parameters",
     "router_z",
     "routing_summary",

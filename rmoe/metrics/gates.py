@@ -1,4 +1,4 @@
-"""Per-token routing metrics: gate entropy, inner/outer balance, router z, the top-1 expert.
+"""Per-token routing metrics: gate entropy, inner/outer balance, router z, logit scale, the top-1 expert.
 
 Shape legend: T tokens, E experts, K chosen experts per token. Each function returns the
 per-token vector (T,) so callers can take means, medians and histograms; all run under
@@ -85,6 +85,27 @@ def router_z(logits_TE: torch.Tensor) -> torch.Tensor:
         (T,) fp32.
     """
     return torch.logsumexp(logits_TE.float(), dim=-1)
+
+
+@torch.no_grad()
+def router_logit_variance(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Per-token variance of the router logits over the E experts (population variance, fp32).
+
+    The scale the softmax sees: a softmax is invariant to adding a constant to a token's logits,
+    so the spread around each token's mean is what makes its probabilities sharp or flat (all
+    logits equal: uniform probabilities). The per-layer ``router_logit_std`` of the analytics is
+    ``sqrt(mean over tokens of this)``, the RMS of the centred logits, whose sums add up exactly
+    across batches and processes. At initialisation a linear router ``W x`` with ``W ~ N(0, s^2)``
+    and ``|x|^2 = D`` has ``router_logit_std ~ s sqrt(D)``; a router whose logits start much smaller
+    starts with near-uniform probabilities (the scale question of RMoE's recurrent router).
+
+    Args:
+        logits_TE: (T, E) router logits.
+
+    Returns:
+        (T,) fp32 variances.
+    """
+    return logits_TE.float().var(dim=-1, unbiased=False)
 
 
 @torch.no_grad()

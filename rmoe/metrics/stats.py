@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rmoe.metrics.gates import gate_entropy, router_z, sorted_top_scores, top1_expert_ids
+from rmoe.metrics.gates import gate_entropy, router_logit_variance, router_z, sorted_top_scores, top1_expert_ids
 from rmoe.metrics.information import (
     NUM_PROB_BINS,
     binned_log_count_sums,
@@ -56,6 +56,7 @@ PER_LAYER_KEYS = (
     "inner_balance_median",
     "outer_balance_median",
     "router_z_mean",
+    "router_logit_std",
     "top1_entropy",
 )
 PER_PAIR_KEYS = ("top1_mi", "top1_nmi")
@@ -141,6 +142,7 @@ class RoutingStats:
             "top1_joint_PEE": torch.zeros(max(L - 1, 0), E, E, **i64),
             "gate_entropy_sum_L": torch.zeros(L, **f64),
             "router_z_sum_L": torch.zeros(L, **f64),
+            "logit_var_sum_L": torch.zeros(L, **f64),
             "binned_log_count_sum_LL": torch.zeros(L, L, **f64),
         }
 
@@ -182,9 +184,12 @@ class RoutingStats:
         s["top1_joint_PEE"] += consecutive_joint_histograms(top1_LT, E).to(s["top1_joint_PEE"].device)
 
         entropy_LT = gate_entropy(probs_LTE)
-        z_LT = router_z(torch.stack([r.logits_TE.float() for r in routing]))
+        logits_LTE = torch.stack([r.logits_TE.float() for r in routing])
+        z_LT = router_z(logits_LTE)
+        var_LT = router_logit_variance(logits_LTE.flatten(0, 1)).view(L, T)
         s["gate_entropy_sum_L"] += entropy_LT.sum(dim=1, dtype=torch.float64).to(s["gate_entropy_sum_L"].device)
         s["router_z_sum_L"] += z_LT.sum(dim=1, dtype=torch.float64).to(s["router_z_sum_L"].device)
+        s["logit_var_sum_L"] += var_LT.sum(dim=1, dtype=torch.float64).to(s["logit_var_sum_L"].device)
         sums_LL = binned_log_count_sums(probs_LTE, self.num_bins)
         s["binned_log_count_sum_LL"] += sums_LL.to(s["binned_log_count_sum_LL"].device)
 
@@ -297,7 +302,8 @@ class RoutingStats:
         - load: ``tokens_per_expert`` (L, E) int64, ``load_cv``, ``load_max_vio``,
           ``num_dead_experts`` (int64), ``load_entropy`` (normalised), ``drop_ratio``,
           ``token_drop_ratio`` - each (L,)
-        - per token: ``gate_entropy_mean``, ``router_z_mean`` (exact means), ``gate_entropy_median``,
+        - per token: ``gate_entropy_mean``, ``router_z_mean`` (exact means), ``router_logit_std``
+          (RMS over tokens of each token's logit std over experts, exact), ``gate_entropy_median``,
           ``inner_balance_median``, ``outer_balance_median`` (from the sample) - each (L,);
           ``gate_entropy_sample``, ``inner_balance_sample``, ``outer_balance_sample`` (N, L) fp32
           for histograms; ``num_sampled_tokens`` (int)
@@ -330,6 +336,7 @@ class RoutingStats:
             "token_drop_ratio": (s["num_dropped_tokens_L"].double() / num_tokens).float(),
             "gate_entropy_mean": (s["gate_entropy_sum_L"] / num_tokens).float(),
             "router_z_mean": (s["router_z_sum_L"] / num_tokens).float(),
+            "router_logit_std": (s["logit_var_sum_L"] / num_tokens).sqrt().float(),
             **{f"{name}_median": _lower_median(samples[name]) for name in _SAMPLED},
             **{f"{name}_sample": samples[name] for name in _SAMPLED},
             "num_sampled_tokens": int(sample_NVL.shape[0]),

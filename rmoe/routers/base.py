@@ -213,7 +213,8 @@ def topk_softmax(logits_TE: torch.Tensor, top_k: int, norm_topk_prob: bool) -> R
     return RoutingOutput(logits_TE, probs_TE, weights_TK, expert_ids_TK)
 
 
-def fp32_linear(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
-    """``x @ W^T`` in fp32 even under autocast (router math stays in full precision)."""
+def fp32_linear(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ b)`` in fp32 even under autocast (router math stays in full precision)."""
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
-        return nn.functional.linear(x_TD.float(), weight_ED.float())
+        bias_E = bias_E.float() if bias_E is not None else None
+        return nn.functional.linear(x_TD.float(), weight_ED.float(), bias_E)

@@ -4,11 +4,22 @@ Mixture-of-Experts", ICLR 2025, arXiv 2408.06793, Sec. 3, Eqs. 4-6), with the pa
 
 At MoE layer i, with x_i the MoE block's normalised input (T, D):
 
-    x'_i = Proj_i(x_i)              D -> P, no bias            (Eq. 4)
-    h_i  = Cell(x'_i, h_{i-1})      one cell for all layers    (Eq. 5; h_0 = 0)
-    logits_i = G_i h_i              P -> E, no bias, per layer (Eq. 6)
+    x'_i = Proj_i(x_i)              D -> P (+ bias with ``bias``)        (Eq. 4)
+    h_i  = Cell(x'_i, h_{i-1})      one cell for all layers              (Eq. 5; h_0 = 0)
+    logits_i = G_i n(h_i)           P -> E (+ bias), per layer           (Eq. 6)
 
-then fp32 softmax, top-k and renormalisation. The recurrence runs over depth only: every token
+then fp32 softmax, top-k and renormalisation; ``n`` is the identity (paper) or, with
+``state_norm: rms``, a parameter-free RMS normalisation of h_i (the state passed on stays h_i).
+
+Scale at initialisation. The cell's state is bounded (|h| < 1) and, from small inputs, small, so
+the logits' scale at step 0 depends on how Proj_i and G_i start. ``init: torch`` is what the
+authors' models used (their released enwik8 checkpoints' weight statistics show nn.Linear /
+nn.GRUCell defaults, with biases: ``weight_hh`` of the NP runs, which no gradient reaches, is at
+std 0.0511 = 1/sqrt(3 x 128)): every projector and head matrix U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+like the cell. ``init: normal`` draws them from N(0, initializer_range), the rest of the model's
+init, which starts the logits an order of magnitude below a linear router's (near-uniform
+probabilities); ``head_init_std`` overrides the head's std. The analytics log the resulting scale
+as ``router_logit_std`` for every router. The recurrence runs over depth only: every token
 is routed in parallel and nothing is carried across positions, so causal decoding is unaffected.
 The experts still receive x_i (never x'_i), and h never enters the residual stream; it travels
 from MoE layer to MoE layer as the opaque router state (:class:`RecurrentState`).
@@ -16,6 +27,7 @@ from MoE layer to MoE layer as the opaque router state (:class:`RecurrentState`)
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +61,15 @@ class RecurrentOptions(TokenChoiceOptions):
     cosine_dim: Cosine head only: down-projection width of h before the cosine (0: none).
     cosine_init_temperature: Cosine head only: initial learnable temperature.
     cosine_min_temperature: Cosine head only: lower clamp of the temperature.
+    init: How the projector and head matrices start: ``torch`` (PyTorch's nn.Linear default,
+        U(+-1/sqrt(fan_in)), as the cell and as in the authors' models) or ``normal``
+        (N(0, initializer_range), like every other matrix of the model; this project's default
+        before the scale study).
+    bias: Biases on the projector and the linear head (the authors' models have them); they start
+        at 0 with ``init: normal`` and U(+-1/sqrt(fan_in)) with ``init: torch``.
+    state_norm: ``none`` (paper) or ``rms``: the head reads h_i / rms(h_i), so the logits' scale is
+        the head's whatever the state's scale (parameter-free; the passed state is unchanged).
+    head_init_std: ``init: normal`` only: std of G_i (null: initializer_range).
     """
 
     state_dim: int = 128
@@ -62,6 +83,10 @@ class RecurrentOptions(TokenChoiceOptions):
     cosine_dim: int = 16
     cosine_init_temperature: float = 0.07
     cosine_min_temperature: float = 0.01
+    init: Literal["torch", "normal"] = "torch"
+    bias: bool = False
+    state_norm: Literal["none", "rms"] = "none"
+    head_init_std: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +94,8 @@ class RecurrentOptions(TokenChoiceOptions):
             ("cell", tuple(_CELLS)),
             ("projector", ("layerwise", "shared")),
             ("head", ("linear", "cosine")),
+            ("init", ("torch", "normal")),
+            ("state_norm", ("none", "rms")),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}={getattr(self, key)!r}; expected one of: {', '.join(choices)}")
@@ -76,6 +103,11 @@ class RecurrentOptions(TokenChoiceOptions):
             raise ValueError(f"state_dim={self.state_dim} must be a positive integer")
         if self.detach_state and not self.pass_state:
             raise ValueError("detach_state: true does nothing with pass_state: false (no state is passed)")
+        if self.head_init_std is not None:
+            if self.init != "normal" or self.head != "linear":
+                raise ValueError("head_init_std only applies to init: normal with head: linear")
+            if not self.head_init_std > 0:
+                raise ValueError(f"head_init_std={self.head_init_std} must be > 0 (or null for initializer_range)")
         if self.residual_detach and self.residual_alpha == 0:
             raise ValueError("residual_detach: true does nothing with residual_alpha: 0 (residual routing is off)")
         cosine_keys = ("cosine_dim", "cosine_init_temperature", "cosine_min_temperature")
@@ -111,14 +143,17 @@ class RecurrentCore(nn.Module):
         P = options.state_dim
         self.kind = options.cell
         self.cell = _CELLS[options.cell](P, P)  # gates with input and hidden biases
-        self.proj = nn.Parameter(torch.empty(P, config.hidden_size)) if options.projector == "shared" else None
+        shared = options.projector == "shared"
+        self.proj = nn.Parameter(torch.empty(P, config.hidden_size)) if shared else None
+        self.proj_bias = nn.Parameter(torch.empty(P)) if shared and options.bias else None
+        self.init = options.init
         self.initializer_range = config.initializer_range
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.cell.reset_parameters()  # PyTorch's U(-1/sqrt(P), 1/sqrt(P)) for every cell weight and bias
         if self.proj is not None:
-            nn.init.normal_(self.proj, std=self.initializer_range)
+            init_linear(self.proj, self.proj_bias, self.init, self.initializer_range)
 
     def step(
         self, x_TP: torch.Tensor, h_TP: torch.Tensor, c_TP: torch.Tensor | None
@@ -151,11 +186,15 @@ class RecurrentRouter(TokenChoiceRouter):
         if not isinstance(shared, RecurrentCore):
             raise ValueError("RecurrentRouter needs the shared cell from RecurrentRouter.build_shared")
         o, P = self.options, self.options.state_dim
-        self.proj = nn.Parameter(torch.empty(P, config.hidden_size)) if o.projector == "layerwise" else None
+        layerwise = o.projector == "layerwise"
+        self.proj = nn.Parameter(torch.empty(P, config.hidden_size)) if layerwise else None
+        self.proj_bias = nn.Parameter(torch.empty(P)) if layerwise and o.bias else None
         self.gate: nn.Parameter | None = None
+        self.gate_bias: nn.Parameter | None = None
         self.scorer: CosineScorer | None = None
         if o.head == "linear":
             self.gate = nn.Parameter(torch.empty(config.num_experts, P))
+            self.gate_bias = nn.Parameter(torch.empty(config.num_experts)) if o.bias else None
         else:
             self.scorer = CosineScorer(
                 P,
@@ -182,14 +221,22 @@ class RecurrentRouter(TokenChoiceRouter):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        super().reset_parameters()
+        super().reset_parameters()  # the bias-balancing buffer; matrices are set below
+        o, std = self.options, self.config.initializer_range
+        if self.proj is not None:
+            init_linear(self.proj, self.proj_bias, o.init, std)
+        if self.gate is not None:
+            init_linear(self.gate, self.gate_bias, o.init, o.head_init_std or std)
         if self.scorer is not None:
             self.scorer.reset_parameters()
 
     def forward(self, x_TD: torch.Tensor, state: RecurrentState | None) -> tuple[RoutingOutput, Any]:
         o = self.options
         core: RecurrentCore = self.shared
-        x_TP = fp32_linear(x_TD, self.proj if self.proj is not None else core.proj)  # Eq. 4
+        if self.proj is not None:
+            x_TP = fp32_linear(x_TD, self.proj, self.proj_bias)  # Eq. 4
+        else:
+            x_TP = fp32_linear(x_TD, core.proj, core.proj_bias)
 
         h_TP, c_TP = None, None
         if o.pass_state and state is not None:
@@ -202,7 +249,11 @@ class RecurrentRouter(TokenChoiceRouter):
             c_TP = x_TP.new_zeros(x_TP.shape) if core.kind == "lstm" else None
         h_TP, c_TP = core.step(x_TP, h_TP, c_TP)  # Eq. 5
 
-        logits_TE = fp32_linear(h_TP, self.gate) if self.scorer is None else self.scorer(h_TP)  # Eq. 6
+        head_TP = rms_normalize(h_TP) if o.state_norm == "rms" else h_TP
+        if self.scorer is None:
+            logits_TE = fp32_linear(head_TP, self.gate, self.gate_bias)  # Eq. 6
+        else:
+            logits_TE = self.scorer(head_TP)
         if o.residual_alpha and state is not None and state.logits_TE is not None:
             previous_TE = state.logits_TE.detach() if o.residual_detach else state.logits_TE
             logits_TE = logits_TE + o.residual_alpha * previous_TE
@@ -213,3 +264,24 @@ class RecurrentRouter(TokenChoiceRouter):
             logits_TE=logits_TE if o.residual_alpha else None,
         )
         return self.select(logits_TE), next_state
+
+
+def rms_normalize(x_TP: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps)`` over the last dimension, no gain (fp32)."""
+    x_TP = x_TP.float()
+    return x_TP * torch.rsqrt(x_TP.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def init_linear(weight_OI: torch.Tensor, bias_O: torch.Tensor | None, init: str, std: float) -> None:
+    """``torch``: nn.Linear's default (U(+-1/sqrt(fan_in)) for weight and bias, i.e.
+    kaiming_uniform(a=sqrt(5))); ``normal``: N(0, std) weight, zero bias."""
+    if init == "torch":
+        bound = 1.0 / math.sqrt(weight_OI.shape[1])
+        nn.init.uniform_(weight_OI, -bound, bound)
+        if bias_O is not None:
+            nn.init.uniform_(bias_O, -bound, bound)
+    else:
+        nn.init.normal_(weight_OI, std=std)
+        if bias_O is not None:
+            nn.init.zeros_(bias_O)

@@ -16,7 +16,7 @@ Tags (``l`` = MoE layer index in depth order, ``{split}`` = ``train``, ``val`` o
   ``rmoe.metrics.stats.PER_LAYER_KEYS`` (``load_cv``, ``load_max_vio``, ``num_dead_experts``,
   ``load_entropy``, ``drop_ratio``, ``token_drop_ratio``, ``gate_entropy_mean``,
   ``gate_entropy_median``, ``inner_balance_median``, ``outer_balance_median``, ``router_z_mean``,
-  ``top1_entropy``); ``moe/{split}/{top1_mi,top1_nmi}/layer_{l}_{l+1}`` and ``/mean``;
+  ``router_logit_std``, ``top1_entropy``); ``moe/{split}/{top1_mi,top1_nmi}/layer_{l}_{l+1}`` and ``/mean``;
   ``moe/{split}/binned_prob_mi/{diag_mean,offdiag_mean,adjacent_mean}``;
   ``moe/{split}/{num_paths,path_entropy,num_tokens}``;
 - training only: ``moe/train/expert_similarity/layer_{l}`` and ``/mean``;
@@ -41,6 +41,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -59,6 +60,7 @@ from rmoe.routers.base import RoutingOutput
 PREFIX = "moe"
 HPARAM_METRICS = (
     "gate_entropy_mean",
+    "router_logit_std",
     "load_cv",
     "load_max_vio",
     "num_dead_experts",
@@ -139,6 +141,13 @@ class RoutingAnalytics(L.Callback):
     # Setup
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # FSDP (ModelParallelStrategy): parameters are sharded, and reading them (expert similarity) or
+        # back-propagating to them (grad norms) on rank 0 alone is a collective the others never join.
+        self._sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        if self._sharded:
+            message = "router gradient norms and expert similarity are off with sharded parameters (FSDP)"
+            self._warn_once("sharded", f"RoutingAnalytics: {message}: rank 0 alone cannot gather them.")
+            self.grad_norms = False
         self._logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if self._logger is None:
             self._warn_once("logger", "RoutingAnalytics does nothing: the trainer has no TensorBoardLogger.")
@@ -190,7 +199,7 @@ class RoutingAnalytics(L.Callback):
             routing = [detached(r) for r in record.routing]
             stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
             metrics.update(summary_scalars(stats.update(routing).compute(), prefix=f"{PREFIX}/train"))
-            similarity_L = expert_similarity_per_layer(pl_module.model)
+            similarity_L = torch.zeros(0) if self._sharded else expert_similarity_per_layer(pl_module.model)
             metrics.update(
                 {f"{PREFIX}/train/expert_similarity/layer_{l}": float(v) for l, v in enumerate(similarity_L)}
             )
