@@ -134,3 +134,32 @@ def test_bad_data_files_are_named(kind, tmp_path):
     assert result.returncode == 2
     assert str(bad) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_deep_cpu_config_trains_with_the_paper_gru_router_and_logs_the_logit_scale(tmp_path):
+    """configs/paper/deep_cpu.yaml (12 layers) with configs/router/gru_paper.yaml, 3 steps through the CLI."""
+    args = [
+        *BASE_CONFIGS,
+        *(
+            "--config",
+            str(ROOT / "configs/paper/deep_cpu.yaml"),
+            "--config",
+            str(ROOT / "configs/router/gru_paper.yaml"),
+        ),
+        *tiny_overrides(tmp_path, num_layers=12),  # the tiny width and data, after deep_cpu.yaml's
+        f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "trainer.logger.init_args.name=t",
+        "model.arch.router_options.state_dim=8",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+    ]
+    main(["fit", *args])
+    run = tmp_path / "runs/t/version_0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["arch"]["num_layers"] == 12
+    assert config["model"]["arch"]["router_options"] == {"state_dim": 8, "cell": "gru", "init": "torch", "bias": True}
+    assert len(scalars(run, "train/loss")) == 3
+    for layer in (0, 11):
+        assert scalars(run, f"moe/train/router_logit_std/layer_{layer}")[0] > 0
+        assert scalars(run, f"moe/val/router_logit_std/layer_{layer}")
