@@ -25,11 +25,11 @@ from rmoe.model.decoder import MoeLM
 
 SETTINGS: dict[str, tuple[str, dict]] = {
     "linear": ("linear", {}),
-    "gru init=normal (before)": ("gru", {"init": "normal"}),
-    "gru init=torch (default)": ("gru", {"init": "torch"}),
-    "gru init=torch bias (paper)": ("gru", {"init": "torch", "bias": True}),
-    "gru init=normal state_norm=rms": ("gru", {"init": "normal", "state_norm": "rms"}),
-    "gru init=torch np": ("gru", {"init": "torch", "pass_state": False}),
+    "gru init=normal, no bias (before)": ("gru", {"init": "normal", "bias": False}),
+    "gru init=torch, no bias": ("gru", {"init": "torch", "bias": False}),
+    "gru init=torch + bias (paper, default)": ("gru", {"init": "torch", "bias": True}),
+    "gru init=normal, state_norm=rms": ("gru", {"init": "normal", "bias": False, "state_norm": "rms"}),
+    "gru paper np (pass_state=false)": ("gru", {"pass_state": False}),
 }
 
 
@@ -38,7 +38,7 @@ def text_batch(path: Path | None, batch: int, seq: int, seed: int) -> torch.Tens
     g = torch.Generator().manual_seed(seed)
     if path is None or not path.is_file():
         return torch.randint(0, 256, (batch, seq), generator=g)
-    data = torch.frombuffer(bytearray(path.read_bytes()[: 4_000_000]), dtype=torch.uint8).long()
+    data = torch.frombuffer(bytearray(path.read_bytes()[:4_000_000]), dtype=torch.uint8).long()
     starts = torch.randint(0, data.numel() - seq, (batch,), generator=g)
     return torch.stack([data[s : s + seq] for s in starts])
 
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     x = text_batch(args.text, 16, 128, seed=0)
-    print(f"{args.layers} layers, d={args.hidden_size}, {args.experts} experts top-2, p={args.state_dim}; "
-          f"{'text ' + str(args.text) if args.text.is_file() else 'random bytes'}; mean over {args.seeds} inits")
-    print(f"{'router':34s} {'logit std: first / mid / last layer':>38s}   {'mean':>6s}  {'gate entropy':>12s}")
+    print(
+        f"{args.layers} layers, d={args.hidden_size}, {args.experts} experts top-2, p={args.state_dim}; "
+        f"{'text ' + str(args.text) if args.text.is_file() else 'random bytes'}; mean over {args.seeds} inits"
+    )
+    print(f"{'router':40s} {'logit std: first / mid / last layer':>38s}   {'mean':>6s}  {'gate entropy':>12s}")
     for name, (router, options) in SETTINGS.items():
         if router == "gru":
             options = {"state_dim": args.state_dim, **options}
@@ -64,9 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             config = ModelConfig(
-                vocab_size=320, hidden_size=args.hidden_size, num_layers=args.layers, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=2 * args.hidden_size, num_experts=args.experts, top_k=2,
-                moe_intermediate_size=args.hidden_size, router=router, router_options=options,
+                vocab_size=320,
+                hidden_size=args.hidden_size,
+                num_layers=args.layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=2 * args.hidden_size,
+                num_experts=args.experts,
+                top_k=2,
+                moe_intermediate_size=args.hidden_size,
+                router=router,
+                router_options=options,
             )
             with torch.no_grad():
                 summary = routing_summary(MoeLM(config).eval()(x).routing, args.experts)
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         std_L = torch.stack(stds).mean(0)
         L = std_L.numel()
         cells = " / ".join(f"{float(std_L[i]):.3f}" for i in (0, L // 2, L - 1))
-        print(f"{name:34s} {cells:>38s}   {float(std_L.mean()):6.3f}  {statistics.fmean(entropies):12.3f}")
+        print(f"{name:40s} {cells:>38s}   {float(std_L.mean()):6.3f}  {statistics.fmean(entropies):12.3f}")
     return 0
 
 

@@ -137,14 +137,14 @@ def test_bad_data_files_are_named(kind, tmp_path):
 
 
 def test_deep_cpu_config_trains_with_the_paper_gru_router_and_logs_the_logit_scale(tmp_path):
-    """configs/paper/deep_cpu.yaml (12 layers) with configs/router/gru_paper.yaml, 3 steps through the CLI."""
+    """configs/paper/deep_cpu.yaml (12 layers) with configs/router/gru.yaml, 3 steps through the CLI."""
     args = [
         *BASE_CONFIGS,
         *(
             "--config",
             str(ROOT / "configs/paper/deep_cpu.yaml"),
             "--config",
-            str(ROOT / "configs/router/gru_paper.yaml"),
+            str(ROOT / "configs/router/gru.yaml"),
         ),
         *tiny_overrides(tmp_path, num_layers=12),  # the tiny width and data, after deep_cpu.yaml's
         f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",

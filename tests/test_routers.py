@@ -59,7 +59,7 @@ CASES = [
     ("gru", {"cell": "lstm"}),
     ("gru", {"head": "cosine", "cosine_dim": 8}),
     ("gru", {"bias_update_rate": 0.01}),
-    ("gru", {"bias": True}),
+    ("gru", {"bias": False}),
     ("gru", {"state_norm": "rms"}),
     ("gru", {"init": "normal", "head_init_std": 0.1}),
     ("gru", {"projector": "shared", "bias": True, "init": "normal"}),
@@ -162,7 +162,7 @@ def test_last_layer_logits_reach_layer0_projector_only_through_the_state(cell, o
 
 def test_gru_router_equals_reference_grucell_and_state_is_depth_only():
     """logits_i = G_i GRUCell(Proj_i x_i, h_{i-1}), h_0 = 0: against torch.nn.GRUCell itself."""
-    model = build("gru", {"state_dim": 16})
+    model = build("gru", {"state_dim": 16, "bias": False})
     cell = model.shared_router.cell
     assert isinstance(cell, torch.nn.GRUCell) and cell.bias
     torch.manual_seed(2)
@@ -182,7 +182,7 @@ def test_gru_router_equals_reference_grucell_and_state_is_depth_only():
 
 
 def test_lstm_state_carries_h_and_c_and_residual_adds_previous_logits():
-    model = build("gru", {"cell": "lstm", "state_dim": 8, "residual_alpha": 0.25})
+    model = build("gru", {"cell": "lstm", "state_dim": 8, "residual_alpha": 0.25, "bias": False})
     r0, r1 = routers_of(model)[:2]
     x0, x1 = torch.randn(6, 32), torch.randn(6, 32)
     out0, s0 = r0(x0, None)
@@ -199,7 +199,7 @@ def test_recurrent_router_math_is_fp32_under_autocast():
     assert all(r.logits_TE.dtype == torch.float32 for r in out.routing)
 
 
-def router_parameter_count(router: str) -> int:
+def router_parameter_count(router: str, options: dict | None = None) -> int:
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=VOCAB,
@@ -212,6 +212,7 @@ def router_parameter_count(router: str) -> int:
         top_k=2,
         moe_intermediate_size=8,
         router=router,
+        router_options=options or {},
     )
     model = MoeLM(config)
     return sum(p.numel() for n, p in model.named_parameters() if "router" in n)
@@ -219,10 +220,11 @@ def router_parameter_count(router: str) -> int:
 
 def test_parameter_count_matches_rmoe_table_1():
     """8 layers, d=352, 16 experts, p=128: GRU router ~0.47M, linear ~0.04M (RMoE, Table 1)."""
-    gru, linear = router_parameter_count("gru"), router_parameter_count("linear")
+    gru, linear = router_parameter_count("gru", {"bias": False}), router_parameter_count("linear")
     per_layer = 352 * 128 + 128 * 16  # Proj_i and G_i
     cell = 3 * (128 * 128 + 128 * 128) + 2 * 3 * 128  # one GRU cell for all layers, with biases
     assert gru == 8 * per_layer + cell == 475_904
+    assert router_parameter_count("gru") == gru + 8 * (128 + 16) == 477_056  # default: the authors' biases
     assert linear == 8 * 352 * 16 == 45_056
     assert round(gru / 1e6, 2) in (0.47, 0.48) and round(linear / 1e6, 2) in (0.04, 0.05)
 
@@ -242,7 +244,7 @@ def test_gru_biases_are_added_to_the_projector_and_head_and_counted():
     ours[-1].sum().backward()
     assert routers_of(model)[-1].gate_bias.grad.abs().sum() > 0
     assert routers_of(model)[0].proj_bias.grad.abs().sum() > 0  # through the state
-    without = sum(p.numel() for r in routers_of(build("gru", {"state_dim": 16})) for p in r.parameters())
+    without = sum(p.numel() for r in routers_of(build("gru", {"state_dim": 16, "bias": False})) for p in r.parameters())
     with_bias = sum(p.numel() for r in routers_of(model) for p in r.parameters())
     assert with_bias - without == len(routers_of(model)) * (16 + 4)  # P + E per layer
 
@@ -276,7 +278,7 @@ def test_gru_init_torch_is_pytorch_linear_default_and_normal_is_the_model_std():
 def test_gru_state_norm_makes_the_logit_scale_independent_of_the_state_scale(monkeypatch):
     """With ``state_norm: rms`` the head reads h / rms(h): scaling the state leaves the logits as they are."""
     for state_norm, invariant in (("rms", True), ("none", False)):
-        model = build("gru", {"state_dim": 16, "state_norm": state_norm})
+        model = build("gru", {"state_dim": 16, "state_norm": state_norm, "bias": False})
         core, router = model.shared_router, routers_of(model)[0]
         x = torch.randn(10, 32)
         step = core.step
@@ -530,7 +532,6 @@ def test_router_configs_exist_for_every_router_and_variant():
         "locmoe",
         "expert_choice",
         "linear_bias_balance",
-        "gru_paper",
         "gru_init_normal",
         "gru_state_norm",
     }

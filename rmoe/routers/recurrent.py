@@ -65,8 +65,8 @@ class RecurrentOptions(TokenChoiceOptions):
         U(+-1/sqrt(fan_in)), as the cell and as in the authors' models) or ``normal``
         (N(0, initializer_range), like every other matrix of the model; this project's default
         before the scale study).
-    bias: Biases on the projector and the linear head (the authors' models have them); they start
-        at 0 with ``init: normal`` and U(+-1/sqrt(fan_in)) with ``init: torch``.
+    bias: Biases on the projector and the linear head (default: on, as in the authors' models); they
+        start at 0 with ``init: normal`` and U(+-1/sqrt(fan_in)) with ``init: torch``.
     state_norm: ``none`` (paper) or ``rms``: the head reads h_i / rms(h_i), so the logits' scale is
         the head's whatever the state's scale (parameter-free; the passed state is unchanged).
     head_init_std: ``init: normal`` only: std of G_i (null: initializer_range).
@@ -84,7 +84,7 @@ class RecurrentOptions(TokenChoiceOptions):
     cosine_init_temperature: float = 0.07
     cosine_min_temperature: float = 0.01
     init: Literal["torch", "normal"] = "torch"
-    bias: bool = False
+    bias: bool = True
     state_norm: Literal["none", "rms"] = "none"
     head_init_std: float | None = None
 
