@@ -1,4 +1,7 @@
-"""Balance losses on the routers' decisions (one value per model, averaged over MoE layers)."""
+"""Balance losses on the routers' decisions (one value per model, averaged over MoE layers).
+
+Shape legend: T tokens, E experts, K top-k, L MoE layers.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,19 @@ import torch
 from rmoe.routers import RoutingOutput
 
 
-def load_balancing_loss(routing: RoutingOutput, num_experts: int) -> torch.Tensor:
+def expert_counts(routing: RoutingOutput, num_experts: int) -> torch.Tensor:
+    """Number of routed (token, expert) assignments per expert, shape ``(E,)``, fp32, no gradient.
+
+    A ``scatter_add_`` into a fixed-size tensor, not ``bincount`` (whose output size needs a host sync on CUDA).
+    """
+    ids = routing.expert_ids_TK.reshape(-1).to(routing.probs_TE.device)
+    counts_E = torch.zeros(num_experts, device=ids.device, dtype=torch.float32)
+    return counts_E.scatter_add_(0, ids, torch.ones(ids.numel(), device=ids.device))
+
+
+def load_balancing_loss(
+    routing: RoutingOutput, num_experts: int, fraction_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch/GShard auxiliary loss of one MoE layer, normalised so perfect balance gives 1.0.
 
     ``E * sum_e f_e * P_e`` (Switch Transformer, Fedus et al., arXiv 2101.03961, Eqs. 4-6), with
@@ -16,16 +31,21 @@ def load_balancing_loss(routing: RoutingOutput, num_experts: int) -> torch.Tenso
     Uniform routing gives exactly 1.0 for any K; all tokens on one expert gives E.
     Only ``P_e`` carries gradient (``f_e`` comes from a top-k).
 
+    ``fraction_E`` replaces the local ``f_e`` of this batch: the global-batch loss of Qiu et al.,
+    "Demons in the Detail: On Implementing Load Balancing Loss for Training Specialized
+    Mixture-of-Expert Models" (arXiv 2501.11873), passes the fractions counted over every
+    data-parallel rank (and micro-batch), while ``P_e`` stays this batch's mean. Averaging the
+    ranks' losses then gives exactly ``E * sum_e f_e^global * P_e^global`` (equal batch sizes).
+
     transformers' ``load_balancing_loss_func`` differs in two ways: it divides the counts by T (not
     T*K), so a balanced layer scores K rather than 1, and it pools the assignments of all layers
     before taking the product, whereas we take the product per layer and average over layers.
     """
-    T, K = routing.expert_ids_TK.shape
-    counts_E = torch.zeros(num_experts, device=routing.probs_TE.device, dtype=torch.float32)
-    counts_E.scatter_add_(0, routing.expert_ids_TK.reshape(-1), torch.ones(T * K, device=counts_E.device))
-    fraction_E = counts_E / (T * K)
+    if fraction_E is None:
+        counts_E = expert_counts(routing, num_experts)
+        fraction_E = counts_E / counts_E.sum()
     mean_prob_E = routing.probs_TE.float().mean(dim=0)
-    return num_experts * torch.sum(fraction_E * mean_prob_E)
+    return num_experts * torch.sum(fraction_E.to(mean_prob_E.device) * mean_prob_E)
 
 
 def router_z_loss(routing: RoutingOutput) -> torch.Tensor:
@@ -33,11 +53,18 @@ def router_z_loss(routing: RoutingOutput) -> torch.Tensor:
     return torch.logsumexp(routing.logits_TE.float(), dim=-1).pow(2).mean()
 
 
-def average_over_layers(routing: list[RoutingOutput], num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean load-balancing loss, mean z-loss) over the MoE layers; zeros for a dense model."""
+def average_over_layers(
+    routing: list[RoutingOutput], num_experts: int, fraction_LE: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean load-balancing loss, mean z-loss) over the MoE layers; zeros for a dense model.
+
+    ``fraction_LE``: per MoE layer, the expert fractions ``f_e`` to use instead of each batch's own
+    (see :func:`load_balancing_loss`); ``None`` is the usual micro-batch loss.
+    """
     if not routing:
         zero = torch.zeros(())
         return zero, zero
-    aux = torch.stack([load_balancing_loss(r, num_experts) for r in routing]).mean()
+    fractions = [None] * len(routing) if fraction_LE is None else list(fraction_LE)
+    aux = torch.stack([load_balancing_loss(r, num_experts, f) for r, f in zip(routing, fractions, strict=True)]).mean()
     z = torch.stack([router_z_loss(r) for r in routing]).mean()
     return aux, z

@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.utilities import rank_zero_only
 
 
 class TokenThroughput(L.Callback):
@@ -57,10 +56,15 @@ class TokenThroughput(L.Callback):
 
 
 class SaveTokenizer(L.Callback):
-    """Writes the data module's tokenizer into ``<log_dir>/tokenizer`` so a run is self-contained."""
+    """Writes the data module's tokenizer into ``<log_dir>/tokenizer`` so a run is self-contained.
 
-    @rank_zero_only
+    Runs on every process: ``trainer.log_dir`` is a collective (a broadcast from rank 0), so reading
+    it on rank 0 alone would leave rank 0 waiting for the other processes forever (issue 10);
+    only global rank 0 writes.
+    """
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # every process takes part in this broadcast
         datamodule = trainer.datamodule
-        if trainer.log_dir is not None and datamodule is not None and hasattr(datamodule, "save_tokenizer"):
-            datamodule.save_tokenizer(os.path.join(trainer.log_dir, "tokenizer"))
+        if trainer.is_global_zero and log_dir is not None and hasattr(datamodule, "save_tokenizer"):
+            datamodule.save_tokenizer(os.path.join(log_dir, "tokenizer"))

@@ -1,21 +1,32 @@
-"""The LightningModule: LM loss + balance losses, AdamW with warmup-cosine, logging."""
+"""The LightningModule: LM loss + balance losses, AdamW with warmup-cosine, logging.
+
+Shape legend: L MoE layers, E experts.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
-from rmoe.model.losses import average_over_layers
+from rmoe.model.losses import average_over_layers, expert_counts
 from rmoe.routers import Router, RoutingOutput
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch.distributed.device_mesh import DeviceMesh
+
 LN2 = math.log(2.0)
+TRAIN_LOSSES = ("loss", "aux_loss", "z_loss", "total_loss")
+"""``train/<name>`` scalars, each the mean over the optimiser step's micro-batches and processes."""
 
 
 @dataclass
@@ -41,6 +52,21 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
 
+    def __post_init__(self) -> None:
+        """Reject values AdamW or the schedule cannot work with, naming the key."""
+        checks = (
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("beta1", 0.0 <= self.beta1 < 1.0, "a number in [0, 1)"),
+            ("beta2", 0.0 <= self.beta2 < 1.0, "a number in [0, 1)"),
+            ("eps", self.eps > 0, "a number > 0"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "a number in [0, 1]"),
+            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+        )
+        for key, ok, expected in checks:
+            if not ok:
+                raise RmoeError(f"model.optim.{key}={getattr(self, key)!r} is invalid; expected {expected}.")
+
 
 @dataclass
 class StepRecord:
@@ -65,6 +91,16 @@ class MoeLMModule(L.LightningModule):
         optim: Optimiser and schedule.
         aux_loss_coef: Weight of the load-balancing loss (mean over MoE layers; 1.0 = balanced).
         z_loss_coef: Weight of the router z-loss (mean over MoE layers).
+        aux_loss_scope: Where the load-balancing loss counts its expert fractions ``f_e`` in
+            training. ``micro_batch`` (default): each process's micro-batch, as most frameworks
+            do. ``global_batch``: summed over every data-parallel process and over the
+            micro-batches of the optimiser step so far (Qiu et al., "Demons in the Detail",
+            arXiv 2501.11873: one extra all-reduce of an (L, E) count tensor per micro-batch).
+            With one micro-batch per step it is exactly the loss of the whole global batch on one
+            process; under gradient accumulation the k-th micro-batch uses the counts of
+            micro-batches 1..k (later ones are not computed yet), so the last one sees the whole
+            step. ``P_e`` is always the local mean (its gradient is averaged by DDP/FSDP).
+            Validation and test use each batch's own fractions.
         compile: ``torch.compile`` each decoder layer (in place, so checkpoint names don't change).
     """
 
@@ -74,48 +110,120 @@ class MoeLMModule(L.LightningModule):
         optim: OptimConfig | None = None,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.001,
+        aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch",
         compile: bool = False,
     ) -> None:
         super().__init__()
+        if aux_loss_scope not in ("micro_batch", "global_batch"):
+            raise RmoeError(
+                f"model.aux_loss_scope={aux_loss_scope!r} is invalid; expected micro_batch or global_batch."
+            )
         self.save_hyperparameters()
         self.arch = arch
         self.optim = optim or OptimConfig()
         self.aux_loss_coef = aux_loss_coef
         self.z_loss_coef = z_loss_coef
+        self.aux_loss_scope = aux_loss_scope
         self.compile_layers = compile
         self.model = MoeLM(arch)
         self.tokens_seen = 0
         self.last_step: StepRecord | None = None
+        self._step_counts_LE: torch.Tensor | None = None  # global_batch: expert counts of this step so far
+        self._step_loss_sums: torch.Tensor | None = None  # TRAIN_LOSSES summed over this step's micro-batches
+        self._step_micro_batches = 0
 
     def configure_model(self) -> None:
+        """Compile the layers if asked, then shard with FSDP2 under a ``ModelParallelStrategy`` (it
+        sets ``self.device_mesh``; see :class:`rmoe.training.strategies.FSDP2Strategy`)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):  # Lightning calls this hook again for validate / test
+            return
         if self.compile_layers:
             for layer in self.model.layers:
                 layer.compile()
+        if self.device_mesh is not None:
+            self._fully_shard(self.device_mesh)
+
+    def _fully_shard(self, mesh: DeviceMesh) -> None:
+        """FSDP2 (``torch.distributed.fsdp.fully_shard``; Zhao et al., "PyTorch FSDP", arXiv 2304.11277)
+        over the data-parallel mesh: each decoder layer is one unit (its parameters all-gathered just
+        before its forward and backward, freed after, gradients reduce-scattered), the root holds the
+        rest (embeddings and tied LM head, final norm, RMoE's shared recurrent cell). Every parameter
+        is sharded on dim 0: the 3-D expert weights ``(E, F, D)`` split across experts."""
+        from torch.distributed.fsdp import fully_shard
+
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise RmoeError(
+                f"trainer.strategy: tensor_parallel_size={mesh['tensor_parallel'].size()} is not supported (rmoe "
+                "shards with FSDP2 only); use rmoe.training.strategies.FSDP2Strategy (configs/strategy/fsdp.yaml)."
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for layer in self.model.layers:
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
 
-    def _losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _losses(
+        self, batch: torch.Tensor, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """LM, balance and total losses of a batch (B, S+1).
+
+        Args:
+            batch: Token blocks; inputs ``[:, :-1]``, targets ``[:, 1:]``.
+            sum_over_ranks: Given (``aux_loss_scope="global_batch"`` in training), the
+                load-balancing loss takes its expert fractions from the counts of this optimiser
+                step so far, summed across processes by this function (an all-reduce).
+        """
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out = self.model(inputs)
         lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
-        aux_loss, z_loss = average_over_layers(out.routing, self.arch.num_experts)
+        fraction_LE = self._step_fractions(out.routing, sum_over_ranks) if sum_over_ranks and out.routing else None
+        aux_loss, z_loss = average_over_layers(out.routing, self.arch.num_experts, fraction_LE)
         aux_loss, z_loss = aux_loss.to(lm_loss.device), z_loss.to(lm_loss.device)
         balance_loss = self.aux_loss_coef * aux_loss + self.z_loss_coef * z_loss
         self.last_step = StepRecord(out.routing, lm_loss, balance_loss)
         return {"loss": lm_loss + balance_loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss}
 
+    @torch.no_grad()
+    def _step_fractions(
+        self, routing: list[RoutingOutput], sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Global-batch ``f_e`` per MoE layer (L, E): this micro-batch's expert counts summed over the
+        processes, added to the step's earlier micro-batches, normalised per layer."""
+        counts_LE = sum_over_ranks(torch.stack([expert_counts(r, self.arch.num_experts) for r in routing]))
+        if self._step_counts_LE is not None:
+            counts_LE = counts_LE + self._step_counts_LE
+        self._step_counts_LE = counts_LE
+        return counts_LE / counts_LE.sum(dim=-1, keepdim=True)
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        losses = self._losses(batch)
-        num_tokens = batch[:, 1:].numel()
-        self.tokens_seen += num_tokens * self.trainer.world_size
-        self.log("train/loss", losses["lm_loss"], prog_bar=True)
-        self.log("train/aux_loss", losses["aux_loss"])
-        self.log("train/z_loss", losses["z_loss"])
-        self.log("train/total_loss", losses["loss"])
-        self.log("train/tokens_seen", float(self.tokens_seen))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        global_batch = self.aux_loss_scope == "global_batch"
+        losses = self._losses(batch, self._sum_over_ranks if global_batch else None)
+        self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
+        values = torch.stack([losses["lm_loss"], losses["aux_loss"], losses["z_loss"], losses["loss"]]).detach()
+        self._step_loss_sums = values if self._step_loss_sums is None else self._step_loss_sums + values
+        self._step_micro_batches += 1
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the step's losses once per optimiser step: the mean over its micro-batches and over the
+        processes (one all-reduce of four scalars), so ``train/loss`` is the loss of the global batch
+        whatever the split into devices and accumulation steps (Lightning's own ``self.log`` in
+        ``training_step`` would log rank 0's last micro-batch)."""
+        if self._step_loss_sums is not None:
+            means = self.trainer.strategy.reduce(self._step_loss_sums / self._step_micro_batches, reduce_op="mean")
+            for name, value in zip(TRAIN_LOSSES, means, strict=True):
+                self.log(f"train/{name}", value, prog_bar=name == "loss")
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self._step_loss_sums, self._step_micro_batches = None, 0
 
     def _eval_step(self, batch: torch.Tensor, split: str) -> None:
         losses = self._losses(batch)
@@ -136,10 +244,11 @@ class MoeLMModule(L.LightningModule):
         if loss is None or self.trainer.sanity_checking:
             return
         loss = float(loss)
-        self.log(f"{split}/ppl", math.exp(min(loss, 50.0)))
+        # the same value on every process (from the synced loss): sync_dist only says so to Lightning
+        self.log(f"{split}/ppl", math.exp(min(loss, 50.0)), sync_dist=True)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
-            self.log(f"{split}/bpb", loss / LN2 / datamodule.bytes_per_token(split))
+            self.log(f"{split}/bpb", loss / LN2 / datamodule.bytes_per_token(split), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_derived("val")
@@ -149,9 +258,13 @@ class MoeLMModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self._step_counts_LE = None  # global_batch fractions start afresh with the next step
         for module in self.model.modules():  # e.g. auxiliary-loss-free bias balancing
             if isinstance(module, Router):
                 module.after_optimizer_step()
+
+    def on_train_start(self) -> None:
+        self._step_counts_LE, self._step_loss_sums, self._step_micro_batches = None, None, 0
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
