@@ -3,6 +3,9 @@
 The field names follow transformers' ``Qwen2MoeConfig`` where the concept is the same
 (``hidden_size``, ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``,
 ``mlp_only_layers``...), so the adapter in :mod:`rmoe.interop.qwen2_moe` is one small mapping.
+The Qwen3-MoE architecture (transformers' ``Qwen3MoeForCausalLM``) is the option set
+``qk_norm: true, qkv_bias: false, shared_expert_intermediate_size: 0`` (``configs/arch/qwen3_moe.yaml``),
+with ``head_dim`` when the head width is not ``hidden_size / num_attention_heads``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ class ModelConfig:
         num_key_value_heads: Key/value heads for grouped-query attention (divides the query heads).
         rope_theta: Base of the rotary position embedding.
         rms_norm_eps: Epsilon of every RMSNorm.
-        qkv_bias: Bias on the q/k/v projections (Qwen2 uses it).
+        qkv_bias: Bias on the q/k/v projections (Qwen2 uses it; Qwen3 does not).
+        qk_norm: Per-head RMSNorm (weights of size ``head_dim``) on the queries and keys before the
+            rotary embedding, as in Qwen3 (transformers' ``Qwen3MoeAttention.q_norm`` / ``k_norm``).
+        head_dim: Width Dh of each attention head; 0 means ``hidden_size // num_attention_heads``
+            (Qwen3 models set it explicitly, e.g. 128 at width 2048 with 32 heads).
         tie_word_embeddings: Share the input embedding with the LM head.
         intermediate_size: Width of the SwiGLU MLP in dense (non-MoE) layers.
         num_experts: Number of routed experts E.
@@ -53,6 +60,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    qk_norm: bool = False
+    head_dim: int = 0
     tie_word_embeddings: bool = True
     intermediate_size: int = 512
     num_experts: int = 8
@@ -74,8 +83,9 @@ class ModelConfig:
         self.validate()
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attention_head_dim(self) -> int:
+        """The head width Dh: ``head_dim``, or ``hidden_size // num_attention_heads`` when it is 0."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
@@ -102,15 +112,18 @@ class ModelConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RmoeError(f"model.arch.{key}={getattr(self, key)} must be a positive integer.")
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim < 0:
+            raise RmoeError(f"model.arch.head_dim={self.head_dim} must be >= 0 (0: hidden_size / num_attention_heads).")
+        if self.head_dim == 0 and self.hidden_size % self.num_attention_heads:
             raise RmoeError(
                 f"model.arch.hidden_size={self.hidden_size} is not divisible by "
                 f"model.arch.num_attention_heads={self.num_attention_heads}; choose a head count that divides "
                 f"it (e.g. {', '.join(str(h) for h in _divisors(self.hidden_size)[:6])})."
             )
-        if self.head_dim % 2:
+        if self.attention_head_dim % 2:
             raise RmoeError(
-                f"head dim hidden_size/num_attention_heads={self.head_dim} must be even for rotary embeddings."
+                f"the head width (model.arch.head_dim, or hidden_size/num_attention_heads)={self.attention_head_dim} "
+                "must be even for rotary embeddings."
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise RmoeError(

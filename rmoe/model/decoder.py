@@ -1,8 +1,10 @@
 """The decoder LM: embedding -> L x [attention, MoE or dense MLP] -> RMSNorm -> head.
 
 Qwen2-MoE architecture (pre-norm RMSNorm, rotary embeddings, grouped-query attention with q/k/v
-bias). The decoder threads an opaque router state from each MoE layer to the next; it never
-looks inside it. Shapes: B batch, S sequence, D width, H heads, G key/value heads, Dh head dim.
+bias), or Qwen3-MoE's (``qk_norm``: per-head q/k RMSNorm, no bias). The decoder threads an opaque
+router state from each MoE layer to the next; it never looks inside it. For decoding, a
+:class:`KVCache` holds each layer's keys and values (the only state across positions). Shapes:
+B batch, S new positions, K cached + new positions, D width, H heads, G key/value heads, Dh head dim.
 """
 
 from __future__ import annotations
@@ -37,9 +39,18 @@ class RMSNorm(nn.Module):
 def rotary_cos_sin(
     seq_len: int, head_dim: int, theta: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (S, Dh), in the rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    """cos and sin tables, each (S, Dh), in the rotate-half layout, for positions 0..S-1."""
+    return rotary_cos_sin_at(torch.arange(seq_len, device=device), head_dim, theta)
+
+
+def rotary_cos_sin_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each ``(*positions.shape, Dh)``, at arbitrary integer positions (fp32).
+
+    The same numbers as transformers' default ``RotaryEmbedding``: ``inv_freq_j = theta^(-2j/Dh)``,
+    angle ``position * inv_freq`` duplicated over both halves (rotate-half layout).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -50,27 +61,106 @@ def apply_rotary(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return (x_BHSD * cos + rotated * sin).to(x_BHSD.dtype)
 
 
-class Attention(nn.Module):
-    """Causal grouped-query self-attention through ``scaled_dot_product_attention``."""
+class KVCache:
+    """Keys and values of every attention layer, for incremental decoding.
 
-    def __init__(self, config: ModelConfig) -> None:
+    Per layer two buffers ``(B, G, capacity, Dh)`` that grow by doubling, so appending one token is
+    a copy of that token only. The method names and signatures are those of transformers'
+    ``Cache`` (``update(key, value, layer_idx)``, ``get_seq_length()``), so
+    :class:`Attention` also accepts a transformers ``DynamicCache`` (the exported remote code
+    relies on it) and a ``KVCache`` can be handed to code written for transformers.
+
+    Only attention has state across positions. The routers have none: every router routes each
+    token from its own hidden state, and RMoE's recurrent router recurs over *depth* (its state
+    goes from one MoE layer to the next within a forward call, for the same token), so a decoding
+    step recomputes it for the new token only; ``tests/test_generate.py`` proves cached and full
+    logits equal for every causal router.
+    """
+
+    def __init__(self) -> None:
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._lengths: list[int] = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions already cached (0 before the first forward)."""
+        return self._lengths[layer_idx] if layer_idx < len(self._lengths) else 0
+
+    def update(
+        self, key_BGSD: torch.Tensor, value_BGSD: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions of layer ``layer_idx``; return all its keys and values so far."""
+        S = key_BGSD.shape[2]
+        if layer_idx == len(self._keys):  # first call for this layer: the prompt
+            capacity = max(16, 2 * S)
+            self._keys.append(key_BGSD.new_empty(*key_BGSD.shape[:2], capacity, key_BGSD.shape[-1]))
+            self._values.append(value_BGSD.new_empty(*value_BGSD.shape[:2], capacity, value_BGSD.shape[-1]))
+            self._lengths.append(0)
+        start = self._lengths[layer_idx]
+        end = start + S
+        if end > self._keys[layer_idx].shape[2]:  # grow by doubling (amortised O(1) per token)
+            for buffers in (self._keys, self._values):
+                old = buffers[layer_idx]
+                grown = old.new_empty(*old.shape[:2], 2 * end, old.shape[-1])
+                grown[:, :, :start] = old[:, :, :start]
+                buffers[layer_idx] = grown
+        self._keys[layer_idx][:, :, start:end] = key_BGSD
+        self._values[layer_idx][:, :, start:end] = value_BGSD
+        self._lengths[layer_idx] = end
+        return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through ``scaled_dot_product_attention``.
+
+    Qwen2: q/k/v bias. Qwen3 (``qk_norm``): RMSNorm over each head's Dh of q and k, before the
+    rotary embedding (transformers' ``Qwen3MoeAttention``), no bias.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = config.attention_head_dim
         D, Dh = config.hidden_size, self.head_dim
         self.q_proj = nn.Linear(D, self.num_heads * Dh, bias=config.qkv_bias)
         self.k_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=config.qkv_bias)
         self.v_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * Dh, D, bias=False)
+        self.q_norm = RMSNorm(Dh, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(Dh, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask_B1SK: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Attention over the S new positions (and the cached ones).
+
+        Args:
+            x_BSD: Normalised input of the new positions.
+            cos, sin: Rotary tables broadcastable to (B, H, S, Dh).
+            mask_B1SK: Boolean, True where query s may attend to key k (K = cached + S); None means
+                plain causal attention over these S positions (training, or a prompt without padding).
+            cache: Keys and values of earlier positions, appended to in place.
+        """
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
-        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, S, Dh)
-        v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
+        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, S, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, S, Dh)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, G, S, Dh)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, G, K, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask_B1SK, is_causal=mask_B1SK is None, enable_gqa=self.num_heads != self.num_kv_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -78,7 +168,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, shared_router: nn.Module | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: SparseMoeBlock | SwiGLU
         if config.is_moe_layer(layer_idx):
@@ -87,9 +177,15 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, router_state: Any
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        router_state: Any,
+        mask_B1SK: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, RoutingOutput | None, Any]:
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin)
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin, mask_B1SK, cache)
         h_BSD = self.post_attention_layernorm(x_BSD)
         if isinstance(self.mlp, SparseMoeBlock):
             out_BSD, routing, router_state = self.mlp(h_BSD, router_state)
@@ -98,12 +194,52 @@ class DecoderLayer(nn.Module):
         return x_BSD + out_BSD, routing, router_state
 
 
+def attention_mask_and_positions(
+    attention_mask_BK: torch.Tensor | None, num_new: int, num_cached: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The boolean attention mask (B, 1, S, K) and position ids of S new tokens after K - S cached ones.
+
+    Args:
+        attention_mask_BK: 1 for real tokens, 0 for (left) padding, over all K = cached + new
+            positions (transformers' 2-D ``attention_mask``); None: no padding.
+        num_new: S.
+        num_cached: Positions already in the cache.
+        device: Where the tensors go.
+
+    Returns:
+        ``(mask_B1SK, positions)``: mask None when plain causal attention is exact (no padding,
+        nothing cached); positions (S,) without padding, else (B, S) counted over real tokens only
+        (``cumsum(mask) - 1``, as transformers does), so a left-padded prompt gets the positions it
+        would have alone. Each query always sees itself, so a padding row is never all masked
+        (which would give NaN); padding outputs are never read.
+    """
+    K = num_cached + num_new
+    if attention_mask_BK is None:
+        positions = torch.arange(num_cached, K, device=device)
+        if num_cached == 0:
+            return None, positions
+        query_S1 = positions[:, None]
+        mask_SK = torch.arange(K, device=device)[None, :] <= query_S1
+        return mask_SK[None, None], positions
+    if attention_mask_BK.shape[1] != K:
+        raise ValueError(f"attention_mask has {attention_mask_BK.shape[1]} positions; expected cached + new = {K}")
+    real_BK = attention_mask_BK.to(device=device, dtype=torch.bool)
+    positions_BS = (real_BK.long().cumsum(-1) - 1).clamp(min=0)[:, num_cached:]
+    query_S = torch.arange(num_cached, K, device=device)
+    key_K = torch.arange(K, device=device)
+    causal_SK = key_K[None, :] <= query_S[:, None]
+    mask_BSK = (causal_SK[None] & real_BK[:, None, :]) | (key_K[None, :] == query_S[:, None])[None]
+    return mask_BSK[:, None], positions_BS
+
+
 @dataclass
 class MoeLMOutput:
-    """Logits (B, S, V) and, per MoE layer in depth order, the router's decisions."""
+    """Logits (B, S, V), per MoE layer in depth order the router's decisions, and the KV cache
+    (the one passed in, now holding these positions too; None without one)."""
 
     logits: torch.Tensor
     routing: list[RoutingOutput]
+    cache: KVCache | None = None
 
 
 class MoeLM(nn.Module):
@@ -147,18 +283,50 @@ class MoeLM(nn.Module):
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
 
-    def forward(self, input_ids_BS: torch.Tensor) -> MoeLMOutput:
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        attention_mask_BK: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        position_ids_BS: torch.Tensor | None = None,
+    ) -> MoeLMOutput:
+        """Logits of every position.
+
+        1. Embed the S tokens; rotary tables at their positions.
+        2. Each layer: attention (over the cached positions too, when ``cache`` is given), then its
+           MoE block, whose router takes the previous MoE layer's router state (per token, over depth).
+        3. Final RMSNorm and LM head.
+
+        Args:
+            input_ids_BS: Token ids of the new positions.
+            attention_mask_BK: Optional 1/0 mask over cached + new positions (0: left padding).
+            cache: Optional :class:`KVCache` (or a transformers ``Cache``): keys and values of the
+                earlier positions; the new ones are appended. Training passes none of these and
+                takes the plain causal path.
+            position_ids_BS: Optional explicit positions (default: from the mask, else consecutive).
+        """
         B, S = input_ids_BS.shape
         x_BSD = self.embed_tokens(input_ids_BS)
-        cos, sin = rotary_cos_sin(S, self.config.head_dim, self.config.rope_theta, x_BSD.device)
+        Dh, theta = self.config.attention_head_dim, self.config.rope_theta
+        if attention_mask_BK is None and cache is None and position_ids_BS is None:  # training: plain causal
+            mask_B1SK = None
+            cos, sin = rotary_cos_sin(S, Dh, theta, x_BSD.device)
+        else:
+            num_cached = cache.get_seq_length() if cache is not None else 0
+            mask_B1SK, positions = attention_mask_and_positions(attention_mask_BK, S, num_cached, x_BSD.device)
+            if position_ids_BS is not None:
+                positions = position_ids_BS
+            cos, sin = rotary_cos_sin_at(positions, Dh, theta)
+            if cos.dim() == 3:  # (B, S, Dh) -> (B, 1, S, Dh): broadcast over heads
+                cos, sin = cos[:, None], sin[:, None]
         router_state: Any = None
         routing: list[RoutingOutput] = []
         for layer in self.layers:
-            x_BSD, layer_routing, router_state = layer(x_BSD, cos, sin, router_state)
+            x_BSD, layer_routing, router_state = layer(x_BSD, cos, sin, router_state, mask_B1SK, cache)
             if layer_routing is not None:
                 routing.append(layer_routing)
         logits = self.lm_head(self.norm(x_BSD))
-        return MoeLMOutput(logits=logits, routing=routing)
+        return MoeLMOutput(logits=logits, routing=routing, cache=cache)
 
     def num_parameters(self, *, active: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count; ``active`` counts only K of the E routed experts per MoE layer."""

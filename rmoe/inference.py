@@ -1,0 +1,208 @@
+"""Loading a trained model for use: from an ``rmoe fit`` checkpoint or an ``rmoe export`` directory.
+
+:func:`load_model` returns the model (eval mode), its tokenizer and its trained context length,
+with one-paragraph :class:`~rmoe.errors.RmoeError` messages for everything a user can get wrong
+(no such file, not an rmoe checkpoint, a checkpoint of another architecture, an unknown tokenizer,
+a directory that is not an rmoe export). :func:`non_causal_reason` says when a router cannot
+decode token by token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmoe.data.tokenizer import META_FILE, Tokenizer, build_tokenizer
+from rmoe.errors import RmoeError
+from rmoe.model.config import ModelConfig
+from rmoe.model.decoder import MoeLM
+
+EXPORT_KEY = "rmoe"
+"""The key of ``config.json`` under which ``rmoe export`` writes our own metadata (see :func:`export_metadata`)."""
+EXPORT_FORMAT = 1
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate with.
+
+    Attributes:
+        model: The decoder, in eval mode.
+        tokenizer: Its tokenizer.
+        context_length: The sequence length it was trained on (``data.block_size``); None if unknown.
+        source: The checkpoint file or export directory it came from.
+        hparams: What the checkpoint says about its training (``model`` and ``data`` sections, the
+            global step), for the model card; {} for export directories.
+    """
+
+    model: MoeLM
+    tokenizer: Tokenizer
+    context_length: int | None
+    source: Path
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+def non_causal_reason(config: ModelConfig) -> str | None:
+    """Why ``config``'s router cannot decode token by token (None: it can).
+
+    Decoding runs in evaluation mode and routes each new token alone (with the KV cache) or with
+    the tokens before it (without), so it reproduces the evaluation forward exactly when the
+    router is causal in evaluation: every token's routing depends on its own hidden state (and,
+    for RMoE, the same token's router state from the previous layer) only. Each router declares
+    that (:meth:`rmoe.routers.Router.causality`, proven by the router tests); expert choice,
+    Soft MoE and capacity drops are not causal, Sinkhorn routing only in training.
+    """
+    from rmoe.routers import causality_of
+
+    reason = causality_of(config).evaluation
+    return f"router {config.router!r} is not causal in evaluation: {reason}" if reason else None
+
+
+def load_model(path: str | os.PathLike[str], tokenizer: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a checkpoint of ``rmoe fit`` (``*.ckpt``) or a directory written by ``rmoe export``.
+
+    Args:
+        path: The checkpoint file or export directory.
+        tokenizer: Override the tokenizer (``byte``, a tokenizer directory, a transformers name).
+            Default: the run's ``tokenizer/`` folder next to ``checkpoints/``, else the checkpoint's
+            ``data.tokenizer``; for an export directory, the tokenizer saved in it.
+        device: Where to put the model.
+
+    Raises:
+        RmoeError: See the module docstring.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        loaded = _load_export(path, tokenizer)
+    elif path.is_file():
+        loaded = _load_checkpoint(path, tokenizer)
+    else:
+        raise RmoeError(f"{path}: no such checkpoint file or export directory.")
+    if loaded.tokenizer.vocab_size > loaded.model.config.vocab_size:
+        raise RmoeError(
+            f"the tokenizer has {loaded.tokenizer.vocab_size} ids but the model in {path} only "
+            f"{loaded.model.config.vocab_size}: it is not the tokenizer the model was trained with."
+        )
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _load_checkpoint(path: Path, tokenizer: str | None) -> LoadedModel:
+    from rmoe.analysis_io import run_dir_of_checkpoint
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # not a torch file, a pickle with code in it, truncated...
+        raise RmoeError(
+            f"{path} is not a readable rmoe checkpoint (expected a Lightning .ckpt written by `rmoe fit` or "
+            f"`rmoe import`): {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("arch"), dict) or "state_dict" not in checkpoint:
+        raise RmoeError(
+            f"{path} is not an rmoe checkpoint: it has no model.arch hyperparameters and state_dict "
+            "(expected a Lightning checkpoint of rmoe's MoeLMModule, written by `rmoe fit` or `rmoe import`)."
+        )
+    config = _model_config(hparams["arch"], str(path))
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model = _build(config, state, str(path))
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    data.pop("_instantiator", None)
+    if tokenizer is None:
+        saved = run_dir_of_checkpoint(path) / "tokenizer"
+        tokenizer = str(saved) if (saved / META_FILE).is_file() else data.get("tokenizer", "byte")
+        if tokenizer == "bpe":  # trained per run and saved in <run>/tokenizer, which is not there
+            raise RmoeError(
+                f"{path} was trained with a BPE tokenizer, saved in its run's tokenizer/ folder, but {saved} "
+                "does not exist; pass the tokenizer directory with --tokenizer."
+            )
+    block_size = data.get("block_size")
+    card = {
+        "model": {k: v for k, v in hparams.items() if not k.startswith("_")},
+        "data": data,
+        "global_step": checkpoint.get("global_step"),
+    }
+    return LoadedModel(model, _tokenizer(tokenizer), int(block_size) if block_size else None, path, card)
+
+
+def export_metadata(config: ModelConfig, context_length: int | None, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What ``rmoe export`` stores under ``config.json["rmoe"]``: enough to rebuild the model here."""
+    return {
+        "format": EXPORT_FORMAT,
+        "arch": dataclasses.asdict(config),
+        "context_length": context_length,
+        "tokenizer_kind": tokenizer.kind,
+    }
+
+
+def _load_export(path: Path, tokenizer: str | None) -> LoadedModel:
+    config_file = path / "config.json"
+    meta, model_type = None, None
+    if config_file.is_file():
+        try:
+            hf_config = json.loads(config_file.read_text())
+            meta, model_type = hf_config.get(EXPORT_KEY), hf_config.get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            meta = None
+    if not isinstance(meta, dict) or "arch" not in meta:
+        hint = " (a transformers checkpoint: convert it with `rmoe import`)" if config_file.is_file() else ""
+        raise RmoeError(
+            f"{path} is not an rmoe export directory: no config.json with an {EXPORT_KEY!r} section{hint}. "
+            "Pass a checkpoint (<run>/checkpoints/*.ckpt) or a directory written by `rmoe export`."
+        )
+    weights_file = path / "model.safetensors"
+    if not weights_file.is_file():
+        raise RmoeError(f"{path} is an rmoe export without its weights file model.safetensors.")
+    from rmoe.interop.qwen2_moe import SUPPORTED_MODEL_TYPES, load_hf_weights, read_hf_checkpoint
+
+    config = _model_config(meta["arch"], str(config_file))
+    if model_type in SUPPORTED_MODEL_TYPES:  # a native transformers export: read by transformers itself
+        model = MoeLM(config)
+        load_hf_weights(model, read_hf_checkpoint(path).state_dict(), str(path))
+    else:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(weights_file))
+        # remote code: our names under the wrapper's `model.` prefix
+        model = _build(config, {k.removeprefix("model."): v for k, v in weights.items()}, str(weights_file))
+    context = meta.get("context_length")
+    return LoadedModel(model, _tokenizer(tokenizer or str(path)), int(context) if context else None, path)
+
+
+def _model_config(arch: dict[str, Any], source: str) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(arch) - fields)
+    if unknown:
+        raise RmoeError(
+            f"{source} holds a model of another architecture: its config has {', '.join(unknown)}, which "
+            f"rmoe's ModelConfig does not know (made by a newer or different version of rmoe?)."
+        )
+    return ModelConfig(**arch)
+
+
+def _build(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> MoeLM:
+    model = MoeLM(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise RmoeError(
+            f"the weights in {source} do not match its model config (router {config.router!r}): "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}."
+        )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _tokenizer(name: str) -> Tokenizer:
+    try:
+        return build_tokenizer(name)
+    except RmoeError as err:
+        raise RmoeError(f"unknown tokenizer {name!r}: {err}") from None
