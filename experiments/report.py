@@ -80,7 +80,10 @@ COST_COLUMNS = (
     Column("steps", "steps", "int"),
     Column("tokens", "tokens", "params"),
 )
-EXTRA_KEYS = ("final_val_loss", "test_loss")  # in the CSVs only
+NON_CAUSAL_KEY = "non_causal_eval"
+"""1.0 when the run's router is not causal in evaluation (``rmoe.routers.causality_of``): its val/test
+loss reads later tokens through the routing and is not comparable with causal models' (marked ``*``)."""
+EXTRA_KEYS = ("final_val_loss", "test_loss", NON_CAUSAL_KEY)  # in the CSVs only
 
 
 @dataclass
@@ -119,6 +122,11 @@ class Group:
 
     def values(self, key: str) -> list[float]:
         return [r.metrics[key] for r in self.runs if math.isfinite(r.metrics.get(key, math.nan))]
+
+    @property
+    def non_causal(self) -> bool:
+        """Some run's router is not causal in evaluation (see :data:`NON_CAUSAL_KEY`)."""
+        return any(r.metrics.get(NON_CAUSAL_KEY, 0.0) == 1.0 for r in self.runs)
 
     def mean_std(self, key: str) -> tuple[float, float]:
         """Mean and sample standard deviation (ddof 1; NaN with fewer than 2 values) of a metric."""
@@ -288,14 +296,17 @@ def parameter_counts(checkpoint_dir: Path) -> dict[str, float]:
     try:
         from rmoe.model.config import ModelConfig
         from rmoe.model.decoder import MoeLM
+        from rmoe.routers import causality_of
 
+        config = ModelConfig(**checkpoint["hyper_parameters"]["arch"])
         with torch.device("meta"):
-            model = MoeLM(ModelConfig(**checkpoint["hyper_parameters"]["arch"]))
+            model = MoeLM(config)
         router = sum(p.numel() for n, p in model.named_parameters() if "router" in n and p.requires_grad)
         return {
             "total_params": float(model.num_parameters()),
             "active_params": float(model.num_parameters(active=True)),
             "router_params": float(router),
+            NON_CAUSAL_KEY: float(causality_of(config).evaluation is not None),
         }
     except Exception:  # an old or foreign checkpoint: count what the state dict holds
         state = checkpoint.get("state_dict", {})
@@ -498,7 +509,10 @@ def markdown_table(groups: Sequence[Group], columns: Sequence[Column]) -> str:
         "|" + "|".join(["---"] * len(keys) + ["---:"] * (len(header) - len(keys))) + "|",
     ]
     for group in groups:
-        cells = [*group.labels.values(), str(len(group.runs))]
+        labels = list(group.labels.values())
+        if labels and group.non_causal:
+            labels[0] += " \\*"
+        cells = [*labels, str(len(group.runs))]
         cells += [format_mean_std(*group.mean_std(c.key), c.kind) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -536,6 +550,12 @@ def write_markdown(
         "parameters whose name contains `router`. Step time: median wall time between logged training steps.",
         "",
     ]
+    if any(g.non_causal for g in groups):
+        parts += [
+            "\\* Not causal in evaluation (`rmoe.routers.causality_of`): the router reads later tokens, so its "
+            "validation and test losses are not comparable with the causal rows'.",
+            "",
+        ]
     if paired:
         parts += [paired, ""]
     if incomplete:

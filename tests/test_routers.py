@@ -75,7 +75,9 @@ CAUSAL_CASES = [(r, o) for r, o in CASES if r not in ("expert_choice", "locmoe")
 
 
 def test_every_registered_router_is_covered():
-    assert {r for r, _ in CASES} == set(ROUTERS)
+    from test_router_study import STUDY_CASES  # the routers of the router study (arXiv 2401.15969) are tested there
+
+    assert {r for r, _ in CASES + STUDY_CASES} == set(ROUTERS)
 
 
 @pytest.mark.parametrize(("router", "options"), CASES, ids=CASE_IDS)

@@ -34,6 +34,7 @@ PAPER_SWEEPS = {
     "table6_gpu": 12,
     "table1_deep_cpu": 60,  # seeds x depths x routers; run in two --only parts (docs/results.md)
     "fig2_depth_gpu": 18,
+    "router_study_cpu": 21,  # Liu et al. (arXiv 2401.15969): 6 routers + gru, 3 seeds
 }
 
 
@@ -172,6 +173,17 @@ def test_report_only_and_paired_differences_match_the_event_files(swept, tmp_pat
     assert report.main([str(root), "--out", str(out), "--only", "router=nope"]) == 2
     assert report.main([str(root), "--out", str(out), "--paired", "router=nope"]) == 2
     assert report.main([str(root), "--out", str(out), "--paired", "router"]) == 2
+
+
+def test_report_marks_routers_that_are_not_causal_in_evaluation(swept, tmp_path):
+    sweep_dir, _, _ = swept
+    runs = [report.read_run(path, labels) for path, labels in report.find_runs(sweep_dir / "sweep")]
+    assert all(r.metrics[report.NON_CAUSAL_KEY] == 0.0 for r in runs)  # linear and gru are causal
+    runs[0].metrics[report.NON_CAUSAL_KEY] = 1.0  # as parameter_counts says for e.g. expert_choice
+    groups = report.group_runs(runs, ["router"])
+    table = report.markdown_table(groups, list(report.BASE_COLUMNS))
+    marked = [line for line in table.splitlines() if "\\*" in line]
+    assert len(marked) == 1 and marked[0].startswith(f"| {runs[0].labels['router']} \\* |")
 
 
 def test_paired_verdict_is_the_95_percent_t_interval():

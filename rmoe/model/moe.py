@@ -76,11 +76,23 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, routing: RoutingOutput) -> torch.Tensor:
         """Weighted sum over each token's chosen experts; dropped pairs (``keep_TK`` False) give 0."""
+        return self.run(x_TD, routing.expert_ids_TK, routing.weights_TK, routing.keep_TK)
+
+    def run(
+        self,
+        x_TD: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        keep_TK: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` over the kept pairs: (T, D).
+
+        Any rows can be routed this way (tokens, or the slots of a router that owns its dispatch).
+        """
         E = self.num_experts
-        expert_ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
-        if routing.keep_TK is not None:  # dropped pairs get the id E: sorted last, never computed
-            expert_ids_TK = expert_ids_TK.masked_fill(~routing.keep_TK, E)
-            weights_TK = weights_TK.masked_fill(~routing.keep_TK, 0.0)
+        if keep_TK is not None:  # dropped pairs get the id E: sorted last, never computed
+            expert_ids_TK = expert_ids_TK.masked_fill(~keep_TK, E)
+            weights_TK = weights_TK.masked_fill(~keep_TK, 0.0)
 
         ids_S = expert_ids_TK.reshape(-1)  # (S,)
         order_S = torch.argsort(ids_S, stable=True)  # (S,) pair index, grouped by expert
@@ -88,7 +100,7 @@ class GroupedExperts(nn.Module):
         dtype = self._compute_dtype(x_TD)
         if self._resolve_backend(x_TD) == "grouped_mm":
             out_TD = self._grouped_mm_forward(
-                x_TD.to(dtype), weights_TK, order_S, counts_E1[:E], has_drops=routing.keep_TK is not None
+                x_TD.to(dtype), weights_TK, order_S, counts_E1[:E], has_drops=keep_TK is not None
             )
         else:
             counts_E = counts_E1[:E].tolist()  # the one host sync of this layer
@@ -242,7 +254,12 @@ def _group_bounds(counts: list[int]) -> list[tuple[int, int]]:
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + routed experts (+ optional sigmoid-gated shared expert), Qwen2-MoE style."""
+    """Router + routed experts (+ optional sigmoid-gated shared expert), Qwen2-MoE style.
+
+    The router decides and then applies the experts (``Router.apply_experts``): token-choice and
+    capacity routers take the sorted grouped path of :class:`GroupedExperts`, a router that mixes
+    tokens into slots (Soft MoE) its own; the block never branches on the router.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int, shared_router: nn.Module | None) -> None:
         super().__init__()
@@ -260,7 +277,7 @@ class SparseMoeBlock(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing, router_state = self.router(x_TD, router_state)
-        out_TD = self.experts(x_TD, routing)
+        out_TD = self.router.apply_experts(x_TD, routing, self.experts, B)  # default: experts(x_TD, routing)
         if self.shared_expert is not None:
             out_TD = out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         return out_TD.view(B, S, D), routing, router_state

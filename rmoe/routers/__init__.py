@@ -9,8 +9,12 @@ from rmoe.routers import (  # noqa: F401  (registers)
     mlp,
     random_router,
     recurrent,
+    sinkhorn,
+    soft_moe,
 )
 from rmoe.routers.base import (
+    CAUSAL,
+    Causality,
     Router,
     RoutingOutput,
     TokenChoiceOptions,
@@ -18,14 +22,17 @@ from rmoe.routers.base import (
     fp32_linear,
     topk_softmax,
 )
-from rmoe.routers.registry import ROUTERS, get_router_class, register_router
+from rmoe.routers.registry import ROUTERS, causality_of, get_router_class, register_router
 
 __all__ = [
+    "CAUSAL",
     "ROUTERS",
+    "Causality",
     "Router",
     "RoutingOutput",
     "TokenChoiceOptions",
     "TokenChoiceRouter",
+    "causality_of",
     "fp32_linear",
     "get_router_class",
     "register_router",

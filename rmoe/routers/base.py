@@ -9,12 +9,24 @@ Token-choice routers (each token picks its top-k experts) derive from :class:`To
 which owns the choice itself (fp32 softmax, top-k, renormalisation) and the options every
 token-choice router shares (:class:`TokenChoiceOptions`: auxiliary-loss-free bias balancing).
 
+Two more things every router states, both with a default that fits token choice:
+
+* :meth:`Router.causality` declares whether a token's output can depend on later tokens of the
+  forward call, in training and in evaluation (:class:`Causality`; proven for every registered
+  router by ``tests/test_router_study.py``). The router of the first MoE layer warns once at
+  construction when either mode is not causal.
+* :meth:`Router.apply_experts` runs the experts on the layer's tokens as the routing says. The
+  default is the sorted grouped path of :class:`~rmoe.model.moe.GroupedExperts` (token choice,
+  capacities); a router that mixes tokens into slots (Soft MoE) overrides it. The MoE block calls
+  it without knowing which router it has.
+
 Shape legend: T tokens (batch x sequence, flattened), D model width, E experts, K top-k.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +38,7 @@ from rmoe.errors import RmoeError
 
 if TYPE_CHECKING:
     from rmoe.model.config import ModelConfig
+    from rmoe.model.moe import GroupedExperts
 
 
 @dataclass
@@ -40,6 +53,9 @@ class RoutingOutput:
         expert_ids_TK: Chosen expert ids (int64).
         keep_TK: For routers with a capacity: True where the (token, expert) pair is computed,
             False where the token was dropped and passes through the residual. None: all kept.
+        slot_logits_TN: For a router that mixes tokens into N slots and owns its dispatch
+            (:meth:`Router.apply_experts`; Soft MoE): the fp32 logits of every token against every
+            slot. None for every other router.
     """
 
     logits_TE: torch.Tensor
@@ -47,6 +63,57 @@ class RoutingOutput:
     weights_TK: torch.Tensor
     expert_ids_TK: torch.Tensor
     keep_TK: torch.Tensor | None = None
+    slot_logits_TN: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Causality:
+    """Whether a router's output for a token can depend on later tokens of the same forward call.
+
+    A router is causal in a mode when every token's routing (chosen experts, combine weights and
+    what its experts are fed) is a function of that token's own hidden state and router state:
+    then an autoregressive LM decodes token by token exactly as it was trained, and its validation
+    loss is comparable with any causal model's. Otherwise information flows from later tokens to
+    earlier ones through the routing (expert choice, Sinkhorn, Soft MoE, capacity drops).
+
+    Attributes:
+        training: None when causal in training mode (``module.training``), else why not.
+        evaluation: None when causal in evaluation mode, else why not.
+    """
+
+    training: str | None = None
+    evaluation: str | None = None
+
+    @property
+    def causal(self) -> bool:
+        """Causal in both modes."""
+        return self.training is None and self.evaluation is None
+
+    def reason(self, training: bool) -> str | None:
+        """Why the router is not causal in that mode (None: it is)."""
+        return self.training if training else self.evaluation
+
+    def warning(self, router: str) -> str | None:
+        """The start-up warning for a non-causal router (None when causal in both modes)."""
+        if self.causal:
+            return None
+        if self.training == self.evaluation:
+            return (
+                f"router {router!r} is not causal: {self.training}. An autoregressive LM trained with it leaks "
+                "future information, its validation loss is not comparable with causal models', and it cannot "
+                "decode token by token as trained. Use it for the router study only."
+            )
+        if self.evaluation is None:
+            return (
+                f"router {router!r} is not causal in training: {self.training}. Its evaluation routing is causal, "
+                "so validation and test losses are comparable with causal models' and it decodes token by token."
+            )
+        parts = [f"in training: {self.training}" if self.training else "", f"in evaluation: {self.evaluation}"]
+        return f"router {router!r} is not causal " + "; ".join(p for p in parts if p) + "."
+
+
+CAUSAL = Causality()
+"""The declaration of a router that is causal in training and evaluation."""
 
 
 @dataclass
@@ -75,10 +142,11 @@ class TokenChoiceOptions:
 class Router(nn.Module):
     """Base class of every router; subclasses register with :func:`rmoe.routers.register_router`.
 
-    Subclasses set ``Options`` to a dataclass of their YAML options (``model.arch.router_options``)
-    and implement :meth:`forward`. Routers whose parameters are shared across layers build them
-    once in :meth:`build_shared`; the decoder stores that module once and hands it to every
-    layer's router (which keeps a reference without registering it, so it is counted once).
+    Subclasses set ``Options`` to a dataclass of their YAML options (``model.arch.router_options``),
+    implement :meth:`forward` and declare :meth:`causality`. Routers whose parameters are shared
+    across layers build them once in :meth:`build_shared`; the decoder stores that module once and
+    hands it to every layer's router (which keeps a reference without registering it, so it is
+    counted once). A router that does not fit token choice's dispatch overrides :meth:`apply_experts`.
     """
 
     Options: ClassVar[type] = NoOptions
@@ -93,6 +161,20 @@ class Router(nn.Module):
         self.options = self.parse_options(config.router_options)
         # A plain attribute (not a submodule): the decoder owns and registers the shared module.
         self.__dict__["shared"] = shared
+        moe_layers = config.moe_layers
+        if not moe_layers or layer_idx == moe_layers[0]:  # once per model: the one start-up warning
+            message = type(self).causality(config).warning(self.name)
+            if message is not None:
+                warnings.warn(message, stacklevel=2)
+
+    @classmethod
+    def causality(cls, config: ModelConfig) -> Causality:
+        """Whether this router, with ``config``'s options, is causal in training and in evaluation.
+
+        Every router declares it (it may depend on the options: a capacity is causal only when it
+        cannot drop); ``tests/test_router_study.py`` proves each declaration.
+        """
+        raise NotImplementedError(f"router {cls.name!r} must declare its causality (Router.causality)")
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]) -> Any:
@@ -127,11 +209,24 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
         raise NotImplementedError
 
+    def apply_experts(
+        self, x_TD: torch.Tensor, routing: RoutingOutput, experts: GroupedExperts, num_sequences: int
+    ) -> torch.Tensor:
+        """The routed experts' combined output (T, D) for this layer's tokens, as ``routing`` says.
+
+        Default: each token's chosen (kept) experts through the sorted grouped path,
+        ``experts(x_TD, routing)``. ``num_sequences`` is B, with the T = B * S tokens of ``x_TD``
+        laid out sequence by sequence (for routers that mix tokens within a sequence).
+        """
+        return experts(x_TD, routing)
+
 
 class TokenChoiceRouter(Router):
     """A router where each token picks its top-k experts from scores computed by the subclass.
 
     Subclasses compute fp32 ``logits_TE`` in :meth:`forward` and return ``self.select(logits_TE)``.
+    Causal by default (:meth:`causality`): each token's scores are a function of its own hidden
+    state; a subclass whose selection compares tokens (a capacity, a transport plan) overrides it.
 
     Auxiliary-loss-free balancing (``bias_update_rate > 0``; Wang et al., "Auxiliary-Loss-Free
     Load Balancing Strategy for Mixture-of-Experts", arXiv 2408.15664): with ``s`` the
@@ -155,6 +250,14 @@ class TokenChoiceRouter(Router):
         self.balance_bias_E: torch.Tensor | None
         self.register_buffer("balance_bias_E", bias_E, persistent=True)
         self._load_counts_E: torch.Tensor | None = None  # choices per expert since the last step
+
+    @classmethod
+    def causality(cls, config: ModelConfig) -> Causality:
+        """Causal: a token's scores, top-k and weights read its own hidden (and router) state only.
+
+        The balancing bias changes between optimiser steps, never within a forward call.
+        """
+        return CAUSAL
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

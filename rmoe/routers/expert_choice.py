@@ -1,33 +1,64 @@
-"""Expert-choice routing (Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022,
-arXiv 2202.09368).
+"""Expert-choice routers: each expert takes its top-C tokens of the batch, by one of three plans.
 
-``S = softmax(X W^T)`` over experts (T, E); each expert picks its top-C tokens of the batch by
-its column of S, ``C = ceil(capacity_factor * T * K / E)`` (so on average a token gets K experts;
-some get none and pass through the residual, some get more). Gate values are the S entries.
+* ``expert_choice`` (Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022,
+  arXiv 2202.09368): ``S = softmax(X W^T)`` over experts (T, E); expert e takes the C tokens of
+  highest ``S[:, e]``. The "softmax expert choice" of Liu et al. (arXiv 2401.15969).
+* ``sinkhorn_expert_choice`` (Liu et al., arXiv 2401.15969, "Sinkhorn expert choice"): the
+  same, ranked by the entropic balanced plan ``P = Sinkhorn(exp(logits / epsilon))`` (rows sum to
+  1, columns to T/E; :func:`~rmoe.routers.transport.sinkhorn_potentials`, ``num_iters``
+  iterations) instead of ``S``.
+* ``sparse_expert_choice`` (Liu et al., "sparsity-constrained expert choice"; here with the
+  squared-L2-regularised plan of Blondel et al., "Smooth and Sparse Optimal Transport", arXiv
+  1710.06276): ranked by the sparse plan ``P = [logits / gamma + f 1^T + 1 g^T]_+``, whose dual
+  potentials come from ``num_iters`` iterations of exact block-coordinate ascent, each a
+  sort-based simplex projection of every row then of every column
+  (:func:`~rmoe.routers.transport.sparse_potentials`). Liu et al.'s own sparse router bounds the
+  number of non-zeros per column (Liu, Puigcerver, Blondel, arXiv 2209.15466); the squared-L2
+  plan is sparse through its threshold instead, with the sparsity set by ``gamma``.
 
-NOT CAUSAL for an autoregressive LM: whether token t is processed depends on every other token
-of the batch, later ones included (a warning says so at start-up). Kept for the router study.
+``C = ceil(capacity_factor * T * K / E)`` (at least 1, at most T), so on average a token gets K
+experts; some get none and pass through the residual, some get more. Ties: ``torch.topk``'s. For
+the two plans, the column order of expert e is that of ``f_t + logits_te / epsilon`` (Sinkhorn;
+monotone in P's column, the column potential being a constant) and of ``f_t + logits_te / gamma``
+(sparse: equal to P's order where P > 0, and it ranks the tokens P sets to exactly 0 by how far
+below the threshold they are, so a column with fewer than C non-zeros still takes C tokens).
+Gate values: ``combine: softmax`` (default; what Liu et al.'s code uses) the softmax
+probabilities ``S`` of the chosen pairs, ``combine: plan`` the plan's entries (the plan is
+differentiable in the logits with the potentials held fixed; no gradient through the iterations).
+Gates are not renormalised (as in the paper), so ``model.arch.norm_topk_prob`` does not apply.
+
+NOT CAUSAL for an autoregressive LM whenever the capacity can drop (``capacity_factor * K < E``):
+whether token t is processed depends on every other token of the batch, later ones included (the
+model warns at start-up). With ``capacity_factor * K >= E`` every expert takes every token and the
+softmax router is a causal dense MoE (so is a plan router with ``combine: softmax``; with
+``combine: plan`` the gates still mix the batch). ``eval_routing: topk`` gives the causal
+evaluation a token-choice model would get from the same router: in eval mode every token takes its
+top-K experts of ``S`` with gates ``S`` (not renormalised, like the training gates), which is what
+decoding token by token can do; training is unchanged. Validation losses of ``eval_routing: same``
+are not comparable with causal models'.
 
 Representation: ``expert_ids_TK`` lists all E experts for every token (K = E columns),
 ``keep_TK`` marks the chosen pairs and ``weights_TK`` holds the gate values (0 elsewhere). The
 dispatch therefore gathers T*E rows (E times a top-k router's) before dropping the unkept ones.
-``model.arch.norm_topk_prob`` does not apply (gates are not renormalised, as in the paper). With all
-E experts in ``expert_ids_TK``, the Switch auxiliary loss is the constant 1 (no gradient);
-per-expert token counts must read ``keep_TK``.
+With all E experts in ``expert_ids_TK``, the Switch auxiliary loss is the constant 1 (no gradient);
+per-expert token counts must read ``keep_TK``. In eval mode with ``eval_routing: topk`` the routing
+is a plain top-K one (K columns, no ``keep_TK``).
+
+Shape legend: T tokens, D model width, E experts, K top-k, C capacity (tokens per expert).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from rmoe.routers.base import Router, RoutingOutput, fp32_linear
+from rmoe.routers.base import CAUSAL, Causality, Router, RoutingOutput, fp32_linear
 from rmoe.routers.registry import register_router
+from rmoe.routers.transport import sinkhorn_potentials, sparse_potentials
 
 if TYPE_CHECKING:
     from rmoe.model.config import ModelConfig
@@ -39,43 +70,160 @@ class ExpertChoiceOptions:
     capacity_factor: C = ceil(capacity_factor * T * K / E) tokens per expert; 1 matches the compute
         of top-K token choice. The paper's capacity factor c (experts per token on average) is
         ``K * capacity_factor`` here: its "EC-CF2" is ``top_k: 2, capacity_factor: 1``.
+    eval_routing: ``same``: evaluate with expert choice, as trained (not causal); ``topk``: in eval
+        mode each token takes its top-K experts of the softmax (causal; see the module docstring).
     """
 
     capacity_factor: float = 1.0
+    eval_routing: Literal["same", "topk"] = "same"
 
     def __post_init__(self) -> None:
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+        if self.eval_routing not in ("same", "topk"):
+            raise ValueError(f"eval_routing={self.eval_routing!r}; expected one of: same, topk")
+
+
+@dataclass
+class PlanOptions:
+    """Options of a transport plan (shared by the Sinkhorn and sparse routers).
+
+    Args:
+        num_iters: Iterations of the plan's solver (one row and one column update each), >= 1.
+            Columns are exact after any number; the row error falls with the iterations and grows
+            with the logits' spread: Sinkhorn's default 10 gives row sums within 1e-4 of 1 on 4096 x 8
+            logits of std ~1.4 (tested), about 5e-3 at std 3 (then raise it).
+        combine: Gate values of the chosen pairs: ``softmax`` of the logits (Liu et al.'s code)
+            or the ``plan``'s entries.
+    """
+
+    num_iters: int = 10
+    combine: Literal["softmax", "plan"] = "softmax"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_iters, bool) or not isinstance(self.num_iters, int) or self.num_iters < 1:
+            raise ValueError(f"num_iters={self.num_iters!r} must be an integer >= 1")
+        if self.combine not in ("softmax", "plan"):
+            raise ValueError(f"combine={self.combine!r}; expected one of: softmax, plan")
+
+
+@dataclass
+class SinkhornExpertChoiceOptions(PlanOptions, ExpertChoiceOptions):
+    """Args:
+    epsilon: Entropic regularisation, > 0: the plan is Sinkhorn(exp(logits / epsilon)).
+    (and ``num_iters``, ``combine`` of the plan; ``capacity_factor``, ``eval_routing`` of expert choice)
+    """
+
+    epsilon: float = 1.0
+
+    def __post_init__(self) -> None:
+        ExpertChoiceOptions.__post_init__(self)
+        PlanOptions.__post_init__(self)
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon={self.epsilon} must be > 0")
+
+
+@dataclass
+class SparseExpertChoiceOptions(PlanOptions, ExpertChoiceOptions):
+    """Args:
+    gamma: Squared-L2 regularisation, > 0: the plan is ``[logits / gamma + f + g]_+``; smaller is sparser.
+    num_iters: Block-coordinate ascent iterations (default 25: row sums within 1e-3 of 1 for
+        logits up to std 3 on 4096 x 8, columns exact; ``tests/test_router_study.py``).
+    (and ``combine`` of the plan; ``capacity_factor``, ``eval_routing`` of expert choice)
+    """
+
+    gamma: float = 1.0
+    num_iters: int = 25
+
+    def __post_init__(self) -> None:
+        ExpertChoiceOptions.__post_init__(self)
+        PlanOptions.__post_init__(self)
+        if self.gamma <= 0:
+            raise ValueError(f"gamma={self.gamma} must be > 0")
+
+
+EXPERT_CHOICE_REASON = (
+    "each expert picks its top-C tokens among the whole batch, so a token's experts depend on later tokens"
+)
 
 
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
-    """Each expert takes its top-C tokens of the batch (see the module docstring; not causal)."""
+    """Each expert takes its top-C tokens of the batch by the softmax (see the module docstring).
+
+    Subclasses change the ranking and the gates through :meth:`rank_and_gate`.
+    """
 
     Options = ExpertChoiceOptions
 
     def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # (E, D)
-        moe_layers = config.moe_layers
-        if not moe_layers or layer_idx == moe_layers[0]:  # once per model
-            warnings.warn(
-                "router expert_choice is not causal: whether a token is processed depends on the later "
-                "tokens of the batch, so an autoregressive LM trained with it leaks future information "
-                "and cannot decode token by token as trained. Use it for the router study only.",
-                stacklevel=2,
-            )
+
+    @classmethod
+    def gates_are_per_token(cls, options: Any) -> bool:
+        """Whether a chosen pair's gate reads only its token (the softmax does; a plan does not)."""
+        return getattr(options, "combine", "softmax") == "softmax"
+
+    @classmethod
+    def causality(cls, config: ModelConfig) -> Causality:
+        """Not causal when the capacity can drop (``capacity_factor * K < E``) or the gates come
+        from a plan; in evaluation causal with ``eval_routing: topk``."""
+        options = cls.parse_options(config.router_options)
+        if options.capacity_factor * config.top_k < config.num_experts:
+            training = EXPERT_CHOICE_REASON
+        elif not cls.gates_are_per_token(options):
+            training = "the gates are the transport plan's entries, which are normalised over the whole batch"
+        else:
+            return CAUSAL  # every expert takes every token, gated by the token's own softmax: a dense MoE
+        return Causality(training, None if options.eval_routing == "topk" else training)
 
     def capacity(self, num_tokens: int) -> int:
         c = math.ceil(self.options.capacity_factor * num_tokens * self.top_k / self.num_experts)
         return max(1, min(num_tokens, c))
 
+    def rank_and_gate(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rank_TE, gates_TE)``: each expert takes the C tokens of highest ``rank_TE[:, e]``,
+        gated by ``gates_TE``. Softmax expert choice: both are the softmax probabilities."""
+        return probs_TE, probs_TE
+
     def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = fp32_linear(x_TD, self.weight)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        token_CE = torch.topk(probs_TE, self.capacity(T), dim=0).indices  # each expert's chosen tokens
+        if not self.training and self.options.eval_routing == "topk":  # causal evaluation: token choice
+            weights_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+            return RoutingOutput(logits_TE, probs_TE, weights_TK, expert_ids_TK), state
+        rank_TE, gates_TE = self.rank_and_gate(logits_TE, probs_TE)
+        token_CE = torch.topk(rank_TE.detach(), self.capacity(T), dim=0).indices  # each expert's chosen tokens
         keep_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device).scatter_(0, token_CE, True)
-        weights_TE = probs_TE.masked_fill(~keep_TE, 0.0)
+        weights_TE = gates_TE.masked_fill(~keep_TE, 0.0)
         expert_ids_TE = torch.arange(E, device=x_TD.device).expand(T, E)
         return RoutingOutput(logits_TE, probs_TE, weights_TE, expert_ids_TE, keep_TE), state
+
+
+@register_router("sinkhorn_expert_choice")
+class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
+    """Expert choice ranked by the entropic balanced plan (Liu et al., arXiv 2401.15969; module docstring)."""
+
+    Options = SinkhornExpertChoiceOptions
+
+    def rank_and_gate(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o = self.options
+        f_T, g_E = sinkhorn_potentials(logits_TE, o.num_iters, o.epsilon)
+        log_plan_TE = logits_TE / o.epsilon + f_T[:, None] + g_E
+        return log_plan_TE, (torch.exp(log_plan_TE) if o.combine == "plan" else probs_TE)
+
+
+@register_router("sparse_expert_choice")
+class SparseExpertChoiceRouter(ExpertChoiceRouter):
+    """Expert choice ranked by the squared-L2 (sparse) balanced plan (Blondel et al., arXiv 1710.06276;
+    module docstring)."""
+
+    Options = SparseExpertChoiceOptions
+
+    def rank_and_gate(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o = self.options
+        f_T, g_E = sparse_potentials(logits_TE, o.num_iters, o.gamma)
+        shifted_TE = logits_TE / o.gamma + f_T[:, None] + g_E  # the plan before its threshold at 0
+        return shifted_TE, (torch.relu(shifted_TE) if o.combine == "plan" else probs_TE)

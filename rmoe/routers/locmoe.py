@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter
+from rmoe.routers.base import CAUSAL, Causality, RoutingOutput, TokenChoiceOptions, TokenChoiceRouter
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
@@ -112,6 +112,19 @@ class LocMoeRouter(TokenChoiceRouter):
     def reset_parameters(self) -> None:
         super().reset_parameters()
         self.keys.copy_(gap_rows(self.num_experts, self.config.hidden_size))
+
+    @classmethod
+    def causality(cls, config: ModelConfig) -> Causality:
+        """Causal only when the capacity cannot drop: ``capacity_factor * K >= E`` (C = T)."""
+        options = cls.parse_options(config.router_options)
+        if options.capacity_factor * config.top_k >= config.num_experts:
+            return CAUSAL
+        reason = (
+            f"with capacity_factor={options.capacity_factor} (below num_experts / top_k = "
+            f"{config.num_experts / config.top_k:g}) it can drop tokens: an expert keeps at most C of the tokens "
+            "that chose it, and which ones depends on the later tokens"
+        )
+        return Causality(reason, reason)
 
     def capacity(self, num_tokens: int) -> int:
         c = math.ceil(self.options.capacity_factor * num_tokens * self.top_k / self.num_experts)

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from rmoe.errors import check_choice
 
 if TYPE_CHECKING:
-    from rmoe.routers.base import Router
+    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import Causality, Router
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -29,3 +30,12 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
 def get_router_class(name: str) -> type[Router]:
     check_choice("model.arch.router", name, ROUTERS)
     return ROUTERS[name]
+
+
+def causality_of(config: ModelConfig) -> Causality:
+    """The causality ``config``'s router declares with ``config``'s options (training and evaluation).
+
+    ``causality_of(config).evaluation`` is None when the model decodes token by token exactly as its
+    evaluation forward routes (export, generation); otherwise it says why not.
+    """
+    return get_router_class(config.router).causality(config)

@@ -1,0 +1,142 @@
+"""Soft MoE (Puigcerver, Riquelme, Mustafa, Houlsby, "From Sparse to Soft Mixtures of Experts",
+ICLR 2024, arXiv 2308.00951; the "Soft MoE" router of Liu et al., arXiv 2401.15969).
+
+Every expert has P slots (``slots_per_expert``), N = E * P slots in all, each with a learnable
+vector ``phi_n`` (the columns of the paper's Phi, stored as the rows of ``slot_embeddings``, (N, D)).
+Per sequence of S tokens (paper, Sec. 2.1 and Algorithm 1):
+
+1. ``logits[s, n] = x_s . phi_n``. With ``normalize: true`` (default; Sec. 2.3 "Normalization")
+   both are L2-normalised over D and a learnable scalar ``scale`` (initialised to 1) multiplies
+   the product: ``logits = scale * (x_s / ||x_s||) . (phi_n / ||phi_n||)``. In fp32.
+2. Dispatch ``D = softmax over the S tokens`` (each column sums to 1); slot inputs
+   ``x~_n = sum_s D[s, n] x_s``: every slot is a convex combination of the sequence's tokens.
+3. Each expert e runs on its P slots (all E experts' slots go through the same sorted grouped
+   path as token choice, one contiguous group of B * P rows per expert).
+4. Combine ``C = softmax over the N slots`` (each row sums to 1); ``y_s = sum_n C[s, n] f(x~_n)``.
+   Nothing is dropped: every token receives every slot's output.
+
+Over which tokens the dispatch runs: **each sequence of the batch separately** (the MoE block
+passes B, and the T = B * S tokens are laid out sequence by sequence). In the paper a group is
+one image's tokens; per sequence keeps the sequences of a batch independent of each other (a
+sequence's output does not depend on the batch it is in, nor on the batch size) and the compute
+per sequence fixed: N slots per sequence, so ``slots_per_expert = S * K / E`` matches the expert
+compute of top-K token choice at sequence length S (e.g. 64 at S = 256, K = 2, E = 8).
+
+NOT CAUSAL, in training and evaluation: every slot averages the whole sequence, so a token's
+output depends on the later tokens of its sequence. No causal evaluation is offered (a causal
+Soft MoE would need every position's own prefix-restricted slots: S times the expert compute);
+its validation loss is not comparable with causal models'.
+
+``RoutingOutput`` carries the token-slot logits in ``slot_logits_TN`` (for :meth:`apply_experts`) and,
+for the metrics and losses: ``probs_TE[t, e] = sum_{n in e} C[t, n]``, the
+share of token t's output that comes from expert e's slots (rows sum to 1);
+``logits_TE[t, e] = logsumexp_{n in e} logits[t, n]``, so ``softmax(logits_TE) = probs_TE`` and
+the z-loss is ``logsumexp`` over all N slots; ``expert_ids_TK`` lists all E experts for every
+token (K = E), ``weights_TK = probs_TE``, ``keep_TK`` None (nothing dropped), so the load is
+uniform and the drop ratio 0, and top-1 metrics read each token's argmax expert by combine mass.
+Soft MoE needs no balance loss: with every expert in ``expert_ids_TK`` the Switch loss is the
+constant 1 (its gradient is exactly 0), and the router study sweep
+(``configs/paper/router_study_cpu.yaml``) sets ``model.aux_loss_coef=0`` and ``model.z_loss_coef=0``
+for it (the paper uses neither); set them so on the command line for other Soft MoE runs.
+
+Shape legend: B sequences, S tokens per sequence, T = B * S, D model width, E experts,
+P slots per expert, N = E * P slots, R = B * N slot rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmoe.routers.base import Causality, Router, RoutingOutput, fp32_linear
+from rmoe.routers.registry import register_router
+
+if TYPE_CHECKING:
+    from rmoe.model.config import ModelConfig
+    from rmoe.model.moe import GroupedExperts
+
+
+@dataclass
+class SoftMoeOptions:
+    """Args:
+    slots_per_expert: P, slots per expert per sequence (>= 1); ``S * K / E`` matches top-K's compute.
+    normalize: The paper's L2 normalisation of tokens and slot vectors with a learnable scale
+        (Sec. 2.3); false: raw dot products ``x . phi``.
+    """
+
+    slots_per_expert: int = 1
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        p = self.slots_per_expert
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"slots_per_expert={p!r} must be an integer >= 1")
+
+
+@register_router("soft_moe")
+class SoftMoeRouter(Router):
+    """Soft MoE: slots per expert, dispatch softmax over each sequence's tokens, combine softmax over
+    slots (see the module docstring). Owns its dispatch (:meth:`apply_experts`). The state passes through."""
+
+    Options = SoftMoeOptions
+
+    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+        super().__init__(config, layer_idx, shared)
+        self.slots_per_expert = self.options.slots_per_expert
+        self.num_slots = config.num_experts * self.slots_per_expert
+        self.slot_embeddings = nn.Parameter(torch.empty(self.num_slots, config.hidden_size))  # (N, D), expert-major
+        self.scale = nn.Parameter(torch.ones(())) if self.options.normalize else None
+
+    @classmethod
+    def causality(cls, config: ModelConfig) -> Causality:
+        reason = "every slot is a softmax-weighted average of all tokens of the sequence, later ones included"
+        return Causality(reason, reason)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # slot vectors ~ N(0, initializer_range)
+        if self.scale is not None:
+            self.scale.fill_(1.0)
+
+    def slot_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """``logits_TN`` in fp32 (step 1 of the module docstring)."""
+        if self.scale is None:
+            return fp32_linear(x_TD, self.slot_embeddings)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x_TD = F.normalize(x_TD.float(), dim=-1, eps=1e-6)
+            slots_ND = F.normalize(self.slot_embeddings.float(), dim=-1, eps=1e-6)
+            return self.scale.float() * F.linear(x_TD, slots_ND)
+
+    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+        T, E = x_TD.shape[0], self.num_experts
+        slot_logits_TN = self.slot_logits(x_TD)
+        logits_TE = torch.logsumexp(slot_logits_TN.view(T, E, self.slots_per_expert), dim=-1)
+        probs_TE = torch.softmax(logits_TE, dim=-1)  # = combine weights summed over each expert's slots
+        expert_ids_TE = torch.arange(E, device=x_TD.device).expand(T, E)
+        routing = RoutingOutput(logits_TE, probs_TE, probs_TE, expert_ids_TE, slot_logits_TN=slot_logits_TN)
+        return routing, state
+
+    def dispatch_and_combine(self, routing: RoutingOutput, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dispatch_BSN, combine_BSN)`` in fp32: softmax over each sequence's tokens, over the slots."""
+        T, N = routing.slot_logits_TN.shape
+        logits_BSN = routing.slot_logits_TN.view(num_sequences, T // num_sequences, N)
+        return torch.softmax(logits_BSN, dim=1), torch.softmax(logits_BSN, dim=2)
+
+    def apply_experts(
+        self, x_TD: torch.Tensor, routing: RoutingOutput, experts: GroupedExperts, num_sequences: int
+    ) -> torch.Tensor:
+        """Steps 2-4 of the module docstring: mix tokens into slots, run the experts, mix back. (T, D)."""
+        T, D = x_TD.shape
+        B, E, P = num_sequences, self.num_experts, self.slots_per_expert
+        dispatch_BSN, combine_BSN = self.dispatch_and_combine(routing, B)
+        x_BSD = x_TD.view(B, T // B, D)
+        slots_BND = torch.bmm(dispatch_BSN.transpose(1, 2).to(x_TD.dtype), x_BSD)
+        slots_RD = slots_BND.view(B, E, P, D).transpose(0, 1).reshape(E * B * P, D)  # expert-major rows
+        expert_ids_R1 = torch.arange(E, device=x_TD.device).repeat_interleave(B * P)[:, None]
+        y_RD = experts.run(slots_RD, expert_ids_R1, slots_RD.new_ones(E * B * P, 1))
+        y_BND = y_RD.view(E, B, P, D).transpose(0, 1).reshape(B, E * P, D)
+        return torch.bmm(combine_BSN.to(y_BND.dtype), y_BND).reshape(T, D)
