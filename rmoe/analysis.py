@@ -7,7 +7,9 @@ and bits per byte of the split, expert similarity and per-layer histograms) and 
 cross-layer binned-probability MI heat map and the gate-entropy densities per layer of the RMoE
 paper's analysis (Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts", arXiv
 2408.06793, Sec. 5 and App. A.4), the layer x expert load heat map and the expert similarity per
-layer (App. A.4.3).
+layer (App. A.4.3); and what the experts do (:mod:`rmoe.expert_analysis`): OLMoE's vocabulary
+specialisation, co-activation and router saturation across the run's checkpoints (arXiv
+2409.02060), and the analyses of "A Closer Look into Mixture-of-Experts" (arXiv 2406.18219).
 
 The figure functions take the ``metrics.json`` dict (or its tensors) and return matplotlib
 ``Figure`` objects (no pyplot state, so they are safe in callbacks and scripts); ``compare_*``
@@ -19,6 +21,7 @@ Shape legend: T tokens, E experts, L MoE layers, B histogram bins.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import warnings
@@ -34,7 +37,17 @@ import yaml
 
 from rmoe.analysis_io import read_json, run_dir_of_checkpoint, to_jsonable, write_json
 from rmoe.errors import RmoeError
+from rmoe.expert_analysis import (
+    DEFAULT_MAX_EXPERT_TOKENS,
+    EXPERT_FIGURES,
+    ExpertOutputStats,
+    expert_figure,
+    routed_expert_ids,
+    router_saturation_between,
+    weight_analyses,
+)
 from rmoe.metrics import RoutingStats, expert_similarity_per_layer, gate_entropy
+from rmoe.metrics.specialization import TokenExpertStats
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -185,6 +198,9 @@ def evaluate_routing(
     max_batches: int | None = DEFAULT_MAX_BATCHES,
     device: str | torch.device = "cpu",
     max_samples: int | None = 65536,
+    expert_analyses: bool = True,
+    max_expert_tokens: int = DEFAULT_MAX_EXPERT_TOKENS,
+    reorder_neurons: bool = True,
 ) -> dict[str, Any]:
     """Run a model over token blocks and gather its loss and every routing metric.
 
@@ -194,30 +210,44 @@ def evaluate_routing(
         max_batches: Stop after this many batches (None: all).
         device: Where to run.
         max_samples: Reservoir size of the per-token medians (:class:`RoutingStats`).
+        expert_analyses: Also OLMoE's specialisation and co-activation
+            (:class:`~rmoe.metrics.specialization.TokenExpertStats`) and the "Closer Look" analyses
+            (:class:`~rmoe.expert_analysis.ExpertOutputStats` on the first ``max_expert_tokens``
+            tokens, :func:`~rmoe.expert_analysis.weight_analyses`).
+        max_expert_tokens: Tokens on which all E experts are run.
+        reorder_neurons: Include the Hungarian-reordered neuron similarity (E(E-1)/2 x 3
+            assignment problems of size F per layer).
 
     Returns:
         ``loss`` (token-weighted mean cross entropy, nats), ``num_batches``, ``num_eval_tokens``;
         for MoE models also every key of :meth:`RoutingStats.compute` except the token samples,
-        ``expert_similarity`` (L,) and ``histograms`` (see :meth:`RoutingHistograms.compute`).
+        ``expert_similarity`` (L,) and ``histograms`` (see :meth:`RoutingHistograms.compute`),
+        ``top_k``, and with ``expert_analyses`` the keys of :meth:`TokenExpertStats.compute`
+        (without the raw counts), :meth:`ExpertOutputStats.compute` and :func:`weight_analyses`.
         Tensors stay tensors (see :func:`rmoe.analysis_io.to_jsonable`).
     """
     model.eval().to(device)
     config = model.config
     stats = RoutingStats(config.num_experts, top_k=config.top_k, max_samples=max_samples)
     histograms = RoutingHistograms(config.num_experts)
+    token_stats = TokenExpertStats(config.vocab_size, config.num_experts)
+    expert_outputs = ExpertOutputStats(model, max_expert_tokens) if expert_analyses and config.moe_layers else None
     loss_sum, num_tokens, num_batches = 0.0, 0, 0
-    for batch in batches:
-        if max_batches is not None and num_batches >= max_batches:
-            break
-        batch = batch.to(device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        out = model(inputs)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        loss_sum += float(loss)
-        num_tokens += targets.numel()
-        num_batches += 1
-        stats.update(out.routing)
-        histograms.update(out.routing)
+    with expert_outputs or contextlib.nullcontext():
+        for batch in batches:
+            if max_batches is not None and num_batches >= max_batches:
+                break
+            batch = batch.to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            out = model(inputs)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            loss_sum += float(loss)
+            num_tokens += targets.numel()
+            num_batches += 1
+            stats.update(out.routing)
+            histograms.update(out.routing)
+            if expert_analyses:
+                token_stats.update(inputs, out.routing)
     if num_batches == 0:
         raise RmoeError("the split gave no batch to analyse (is it empty, or --max-batches 0?).")
     metrics: dict[str, Any] = {
@@ -230,6 +260,12 @@ def evaluate_routing(
         metrics.update({k: v for k, v in summary.items() if k not in _SAMPLE_KEYS})
         metrics["expert_similarity"] = expert_similarity_per_layer(model)
         metrics["histograms"] = histograms.compute()
+        metrics["top_k"] = config.top_k
+        if expert_analyses:
+            tokens = token_stats.compute()
+            metrics.update({k: v for k, v in tokens.items() if k not in ("token_expert_counts", "token_occurrences")})
+            metrics.update(expert_outputs.compute())
+            metrics.update(weight_analyses(model, reorder=reorder_neurons))
     return metrics
 
 
@@ -241,6 +277,8 @@ def analyze_checkpoint(
     max_batches: int | None = DEFAULT_MAX_BATCHES,
     device: str = "cpu",
     data_overrides: Mapping[str, Any] | None = None,
+    expert_analyses: bool = True,
+    saturation: bool | Sequence[str | os.PathLike[str]] = True,
 ) -> dict[str, Any]:
     """Load a checkpoint written by ``rmoe fit``, rebuild its data and analyse its routing on a split.
 
@@ -254,16 +292,21 @@ def analyze_checkpoint(
         max_batches: Batches of the split to use (None: all).
         device: Where to run the model (``cpu``, ``cuda``, ...).
         data_overrides: ``TextDataModule`` arguments replacing the config's (e.g. ``cache_dir``).
+        expert_analyses: See :func:`evaluate_routing`; also labels the most specialised token ids.
+        saturation: OLMoE's router saturation of other checkpoints against this one, on the first
+            :data:`SATURATION_BATCHES` batches: True = the run's other ``*.ckpt`` (one per global
+            step, this one's step excluded), or a list of checkpoint files; False: none.
 
     Returns:
         :func:`evaluate_routing`'s metrics plus ``ppl``, ``bpb`` (bits per UTF-8 byte of the
         split's text), ``split``, ``checkpoint``, ``global_step``, ``router`` and ``hparams``
-        (the flattened, scalar hyperparameters of the model and data).
+        (the flattened, scalar hyperparameters of the model and data); with ``saturation`` and
+        another checkpoint, ``router_saturation``: ``{"steps": [C], "final_step", "checkpoints",
+        "saturation": (C, L)}`` in step order.
 
     Raises:
         RmoeError: Missing or unreadable checkpoint or config, unknown split, bad data settings.
     """
-    from rmoe.data import TextDataModule
     from rmoe.training.analytics import flatten_hparams
     from rmoe.training.module import MoeLMModule
 
@@ -279,19 +322,24 @@ def analyze_checkpoint(
         module = MoeLMModule.load_from_checkpoint(ckpt, map_location="cpu")
     except Exception as err:  # corrupt file, not a Lightning checkpoint, not an MoeLMModule
         raise RmoeError(f"--ckpt {ckpt} is not a readable rmoe checkpoint: {type(err).__name__}: {err}") from None
-    data = _data_settings(ckpt, checkpoint, config, data_overrides or {})
-    try:
-        datamodule = TextDataModule(**data)
-    except TypeError as err:
-        raise RmoeError(f"the data settings do not fit TextDataModule: {err}") from None
-    if datamodule.vocab_size != module.arch.vocab_size:
-        raise RmoeError(
-            f"the data's vocabulary ({datamodule.vocab_size} ids) differs from the checkpoint's model "
-            f"({module.arch.vocab_size}); pass the run's own config with --config."
-        )
-    datamodule.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+    datamodule, data = split_datamodule(ckpt, checkpoint, split, module.arch.vocab_size, config, data_overrides)
     loader = getattr(datamodule, f"{split}_dataloader")()
-    metrics = evaluate_routing(module.model, loader, max_batches=max_batches, device=device)
+    metrics = evaluate_routing(
+        module.model, loader, max_batches=max_batches, device=device, expert_analyses=expert_analyses
+    )
+    if expert_analyses and "top_specialized" in metrics:
+        from rmoe.inspection import token_pieces
+
+        for pairs in metrics["top_specialized"]:
+            for pair in pairs:
+                pair["label"] = token_pieces(datamodule.tokenizer, [pair["token_id"]])[0].label
+    global_step = int(checkpoint.get("global_step", -1))
+    others = _saturation_checkpoints(ckpt, global_step, saturation)
+    if others and module.arch.moe_layers:
+        limit = SATURATION_BATCHES if max_batches is None else min(max_batches, SATURATION_BATCHES)
+        batches = [b for _, b in zip(range(limit), getattr(datamodule, f"{split}_dataloader")())]
+        metrics["router_saturation"] = _saturation(module, others, batches, device)
+        metrics["router_saturation"]["final_step"] = global_step
     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
     metrics["bpb"] = metrics["loss"] / LN2 / datamodule.bytes_per_token(split)
     hparams = flatten_hparams(module.hparams, prefix="model")
@@ -299,11 +347,97 @@ def analyze_checkpoint(
     return {
         "checkpoint": str(ckpt.resolve()),
         "split": split,
-        "global_step": int(checkpoint.get("global_step", -1)),
+        "global_step": global_step,
         "router": module.arch.router,
         "hparams": hparams,
         **metrics,
     }
+
+
+SATURATION_BATCHES = 4
+"""Batches of the split on which router saturation compares checkpoints (at most)."""
+
+
+def _saturation_checkpoints(
+    ckpt: Path, global_step: int, saturation: bool | Sequence[str | os.PathLike[str]]
+) -> list[tuple[int, Path]]:
+    """``[(global_step, path)]`` of the checkpoints to compare with ``ckpt``, in step order."""
+    if saturation is False:
+        return []
+    paths = sorted(ckpt.parent.glob("*.ckpt")) if saturation is True else [Path(p) for p in saturation]
+    by_step: dict[int, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise RmoeError(f"--saturation-ckpt {path}: no such checkpoint file.")
+        if path.resolve() == ckpt.resolve():
+            continue
+        try:
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+        except Exception as err:
+            raise RmoeError(f"{path} is not a readable rmoe checkpoint: {type(err).__name__}: {err}") from None
+        if step != global_step:
+            by_step.setdefault(step, path)
+    return sorted(by_step.items())
+
+
+def _saturation(
+    module: Any, others: list[tuple[int, Path]], batches: list[torch.Tensor], device: str
+) -> dict[str, Any]:
+    """Router saturation of each other checkpoint against ``module`` on the same batches."""
+    from rmoe.training.module import MoeLMModule
+
+    final_ids = routed_expert_ids(module.model, batches, device)
+    rows, steps, names = [], [], []
+    for step, path in others:
+        other = MoeLMModule.load_from_checkpoint(path, map_location="cpu")
+        if (other.arch.num_experts, other.arch.top_k, other.arch.moe_layers) != (
+            module.arch.num_experts,
+            module.arch.top_k,
+            module.arch.moe_layers,
+        ):
+            raise RmoeError(f"{path} has another MoE architecture than the analysed checkpoint: no saturation.")
+        rows.append(router_saturation_between(routed_expert_ids(other.model, batches, device), final_ids))
+        steps.append(step)
+        names.append(path.name)
+    return {"steps": steps, "checkpoints": names, "saturation": torch.stack(rows)}
+
+
+def split_datamodule(
+    ckpt: Path,
+    checkpoint: Mapping[str, Any],
+    split: str,
+    vocab_size: int,
+    config: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    data_overrides: Mapping[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint's :class:`~rmoe.data.TextDataModule`, set up for ``split``, and its arguments.
+
+    Args:
+        ckpt: The checkpoint file (its run's ``config.yaml`` is the default data config).
+        checkpoint: Its loaded content (for ``datamodule_hyper_parameters``).
+        split: ``train``, ``val`` or ``test``.
+        vocab_size: The model's vocabulary, which the data's must equal.
+        config, data_overrides: As :func:`analyze_checkpoint`'s.
+
+    Raises:
+        RmoeError: Unknown split, missing config, settings that do not fit, another vocabulary.
+    """
+    from rmoe.data import TextDataModule
+
+    if split not in SPLITS:
+        raise RmoeError(f"--split={split!r} is not a split; expected one of: {', '.join(SPLITS)}.")
+    data = _data_settings(ckpt, checkpoint, config, data_overrides or {})
+    try:
+        datamodule = TextDataModule(**data)
+    except TypeError as err:
+        raise RmoeError(f"the data settings do not fit TextDataModule: {err}") from None
+    if datamodule.vocab_size != vocab_size:
+        raise RmoeError(
+            f"the data's vocabulary ({datamodule.vocab_size} ids) differs from the checkpoint's model "
+            f"({vocab_size}); pass the run's own config with --config."
+        )
+    datamodule.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+    return datamodule, data
 
 
 def _data_settings(
@@ -607,8 +741,16 @@ SUMMARY_COLUMNS = (
     "binned_prob_mi_offdiag",
     "path_entropy",
     "expert_similarity",
+    "vocab_specialization",
+    "coactivation_max",
+    "score_norm_top1_agreement",
+    "expert_output_similarity_mean",
+    "neuron_similarity_reordered_mean",
+    "neuron_kendall_tau_mean",
+    "gate_embedding_r2",
 )
-"""Columns of :func:`summary_rows`: per-layer metrics are averaged over layers (pairs for MI)."""
+"""Columns of :func:`summary_rows`: per-layer metrics are averaged over layers (pairs for MI; the
+three expert matrices too for the neuron-level and gate-embedding columns)."""
 
 
 def summary_rows(metrics_by_run: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -635,7 +777,8 @@ def summary_rows(metrics_by_run: Mapping[str, Mapping[str, Any]]) -> list[dict[s
 
 
 def write_analysis(metrics: Mapping[str, Any], out: str | os.PathLike[str], *, dpi: int = 110) -> list[Path]:
-    """Write ``metrics.json`` and, for MoE models, one PNG per kind of :data:`FIGURES` into ``out``.
+    """Write ``metrics.json`` and, for MoE models, one PNG per kind of :data:`FIGURES` and of
+    :data:`~rmoe.expert_analysis.EXPERT_FIGURES` (those the metrics hold) into ``out``.
 
     Returns:
         The paths written (``metrics.json`` first).
@@ -651,6 +794,12 @@ def write_analysis(metrics: Mapping[str, Any], out: str | os.PathLike[str], *, d
         path = out / f"{kind}.png"
         fig.savefig(path, dpi=dpi)
         paths.append(path)
+    for kind in EXPERT_FIGURES:  # those the metrics have (e.g. no saturation without other checkpoints)
+        fig = expert_figure(kind, metrics, title=title)
+        if fig is not None:
+            path = out / f"{kind}.png"
+            fig.savefig(path, dpi=dpi)
+            paths.append(path)
     return paths
 
 
@@ -684,6 +833,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-batches", action="store_true", help="use the whole split (overrides --max-batches).")
     parser.add_argument("--out", help="output folder (default: <run>/analysis/<ckpt name>-<split>).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu).")
+    parser.add_argument(
+        "--no-expert-analyses",
+        action="store_true",
+        help="skip OLMoE's specialisation/co-activation and the Closer-Look analyses (faster).",
+    )
+    parser.add_argument(
+        "--saturation-ckpt",
+        action="append",
+        metavar="CKPT",
+        help="checkpoint(s) whose router saturation against --ckpt to measure (default: the run's other *.ckpt).",
+    )
+    parser.add_argument("--no-saturation", action="store_true", help="skip router saturation.")
     parser.add_argument(
         "--data",
         action="append",
@@ -719,6 +880,8 @@ def main(argv: list[str]) -> None:
             max_batches=None if args.all_batches else args.max_batches,
             device=args.device,
             data_overrides=overrides,
+            expert_analyses=not args.no_expert_analyses,
+            saturation=False if args.no_saturation else (args.saturation_ckpt or True),
         )
     paths = write_analysis(metrics, out)
     summary = f"loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} on {metrics['num_eval_tokens']} tokens"

@@ -171,7 +171,11 @@ def test_layout_images_histograms_and_hparams(runs):
             assert f"moe/{split}/gate_entropy_hist/layer_{l}" in tags
             assert f"moe/{split}/router_probs_hist/layer_{l}" in tags
     images = [(s, v) for s, v in values if v.HasField("image")]
-    assert {v.tag for _, v in images} == {"moe/val/load_heatmap", "moe/val/binned_prob_mi_heatmap"}
+    assert {v.tag for _, v in images} == {
+        "moe/val/load_heatmap",
+        "moe/val/binned_prob_mi_heatmap",
+        "moe/val/coactivation_heatmap",
+    }
     assert {s for s, _ in images} == {2, 5}
     assert all(v.image.encoded_image_string[:4] == b"\x89PNG" for _, v in images)
     probs_hist = [v.histo for _, v in values if v.tag == "moe/val/router_probs_hist/layer_0"]

@@ -6,6 +6,11 @@
   paper's binned-probability MI matrix, expert-path diversity.
 - :mod:`rmoe.metrics.experts`: the RMoE paper's expert similarity.
 - :mod:`rmoe.metrics.gradients`: router gradient norms per loss.
+- :mod:`rmoe.metrics.specialization`: OLMoE's vocabulary specialisation, expert co-activation and
+  router saturation, and :class:`~rmoe.metrics.specialization.TokenExpertStats` (many batches).
+- :mod:`rmoe.metrics.closer_look`: the analyses of "A Closer Look into Mixture-of-Experts in Large
+  Language Models" (score vs output-norm ranks, expert output similarity, neuron-level weight
+  similarity with Hungarian matching and Kendall's tau, gate-embedding similarity).
 - :mod:`rmoe.metrics.stats`: :func:`routing_summary` (one forward) and :class:`RoutingStats`
   (many batches, mergeable across processes).
 

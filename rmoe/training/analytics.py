@@ -19,10 +19,14 @@ Tags (``l`` = MoE layer index in depth order, ``{split}`` = ``train``, ``val`` o
   ``router_logit_std``, ``top1_entropy``); ``moe/{split}/{top1_mi,top1_nmi}/layer_{l}_{l+1}`` and ``/mean``;
   ``moe/{split}/binned_prob_mi/{diag_mean,offdiag_mean,adjacent_mean}``;
   ``moe/{split}/{num_paths,path_entropy,num_tokens}``;
+  ``moe/{split}/{vocab_specialization,coactivation_max}/layer_{l}`` and ``/mean`` (OLMoE,
+  arXiv 2409.02060, Sec. 5: :mod:`rmoe.metrics.specialization`; token ids seen fewer than
+  ``specialization_min_count`` times are left out);
 - training only: ``moe/train/expert_similarity/layer_{l}`` and ``/mean``;
   ``moe/train/router_grad_norm_{lm,balance}/{layer_{l},shared,total}``;
 - histograms ``moe/{split}/{gate_entropy_hist,router_probs_hist}/layer_{l}``;
-- images (validation and test) ``moe/{split}/load_heatmap`` and ``moe/{split}/binned_prob_mi_heatmap``;
+- images (validation and test) ``moe/{split}/load_heatmap``, ``moe/{split}/binned_prob_mi_heatmap`` and
+  ``moe/{split}/coactivation_heatmap`` (OLMoE's co-activation ``N(i, j) / N(i)``, one panel per layer);
 - HParams (fit): the run's scalar hyperparameters (``model.*``, ``data.*``, ``trainer.*``) with the
   metrics ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` and ``hp/<metric>`` for ``gate_entropy_mean``,
   ``load_cv``, ``load_max_vio``, ``num_dead_experts``, ``top1_mi``, ``top1_nmi`` (layer means of the
@@ -54,6 +58,7 @@ from rmoe.metrics import (
     router_parameters,
     summary_scalars,
 )
+from rmoe.metrics.specialization import DEFAULT_MIN_COUNT, TokenExpertStats
 from rmoe.metrics.stats import PER_LAYER_KEYS, PER_PAIR_KEYS
 from rmoe.routers.base import RoutingOutput
 
@@ -68,6 +73,9 @@ HPARAM_METRICS = (
     "top1_nmi",
 )
 """Routing metrics (layer means of the last validation) shown next to the losses in the HParams tab."""
+
+SPECIALIZATION_KEYS = ("vocab_specialization", "coactivation_max")
+"""Per-layer scalars of :class:`~rmoe.metrics.specialization.TokenExpertStats` logged live."""
 
 Scalar = bool | int | float | str
 
@@ -98,7 +106,10 @@ class RoutingAnalytics(L.Callback):
     and two small figures (~0.2 s). Measured on CPU (1 thread, 200 steps) at the default
     ``every_n_steps=100``: 1.4-1.6% of the fit time of ``configs/base.yaml`` (validation every
     100 steps), 3.5% of ``base.yaml + quick.yaml`` (validation every 60 steps, where the figures
-    dominate); at ``every_n_steps=25``: 3.7-3.9% and 5.3-5.9%.
+    dominate); at ``every_n_steps=25``: 3.7-3.9% and 5.3-5.9%. The specialisation and co-activation
+    (``specialization``) add about 0.3% of ``base.yaml``'s fit time (13 ms per logged step, 16 ms
+    per validation batch, one figure per validation, timed against the training step of the same
+    model, 1 thread).
 
     Only rank 0 writes. Without a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (or for a
     model without MoE layers) the callback warns once and does nothing.
@@ -109,6 +120,9 @@ class RoutingAnalytics(L.Callback):
         histograms: Log histograms of gate entropy and router probabilities per layer.
         images: Log the load and binned-MI heat maps after each validation / test pass.
         max_samples: Tokens kept (reservoir sample) for the per-token medians over a pass.
+        specialization: Log OLMoE's vocabulary specialisation and co-activation (scalars, and the
+            co-activation heat map with ``images``); needs batches of token blocks (B, S+1).
+        specialization_min_count: Token ids seen fewer times are left out of the specialisation.
     """
 
     def __init__(
@@ -118,6 +132,8 @@ class RoutingAnalytics(L.Callback):
         histograms: bool = True,
         images: bool = True,
         max_samples: int = 65536,
+        specialization: bool = True,
+        specialization_min_count: int = DEFAULT_MIN_COUNT,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise RmoeError(f"RoutingAnalytics every_n_steps={every_n_steps!r} must be a positive integer.")
@@ -128,11 +144,15 @@ class RoutingAnalytics(L.Callback):
         self.histograms = histograms
         self.images = images
         self.max_samples = max_samples
+        self.specialization = specialization
+        self.specialization_min_count = specialization_min_count
+        self._train_batch: torch.Tensor | None = None
+        self._sharded = False  # set at setup (FSDP); False when the hooks are called without a Trainer
         self._logger: TensorBoardLogger | None = None
         self._warned: set[str] = set()
         self._layouts_written: set[str] = set()
         self._last_train_step = -1
-        self._eval: tuple[RoutingStats, Any] | None = None
+        self._eval: tuple[RoutingStats, Any, TokenExpertStats | None] | None = None
         self._last_val_scalars: dict[str, float] = {}
         self._hparams_written = False
         self.seconds_spent = 0.0  # wall time spent in this callback (for overhead measurements)
@@ -143,7 +163,7 @@ class RoutingAnalytics(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # FSDP (ModelParallelStrategy): parameters are sharded, and reading them (expert similarity) or
         # back-propagating to them (grad norms) on rank 0 alone is a collective the others never join.
-        self._sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        self._sharded = isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
         if self._sharded:
             message = "router gradient norms and expert similarity are off with sharded parameters (FSDP)"
             self._warn_once("sharded", f"RoutingAnalytics: {message}: rank 0 alone cannot gather them.")
@@ -183,6 +203,14 @@ class RoutingAnalytics(L.Callback):
     # ------------------------------------------------------------------------------------------
     # Training steps
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep a reference to the batch of a logged step: its token ids, for the specialisation."""
+        step = trainer.global_step
+        logged = self.enabled and self.specialization and trainer.is_global_zero and step % self.every_n_steps == 0
+        self._train_batch = batch if logged and step != self._last_train_step else None
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         step = trainer.global_step
         if not self.enabled or not trainer.is_global_zero or step % self.every_n_steps or step == self._last_train_step:
@@ -205,6 +233,11 @@ class RoutingAnalytics(L.Callback):
             )
             if similarity_L.numel():
                 metrics[f"{PREFIX}/train/expert_similarity/mean"] = float(similarity_L.mean())
+            tokens = self._token_stats(pl_module, self._train_batch, routing)
+            if tokens is not None:
+                spec = tokens.compute(min_count=self.specialization_min_count, num_pairs=0)
+                metrics.update(self._specialization_scalars(spec, "train"))
+            self._train_batch = None
             self._logger.log_metrics(metrics, step=step)
             if self.histograms:
                 self._write_histograms("train", _histograms(pl_module).update(routing), step)
@@ -258,7 +291,7 @@ class RoutingAnalytics(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_update(pl_module)
+        self._eval_update(pl_module, batch)
 
     def on_test_batch_end(
         self,
@@ -269,7 +302,7 @@ class RoutingAnalytics(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_update(pl_module)
+        self._eval_update(pl_module, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_log(trainer, "val")
@@ -281,35 +314,74 @@ class RoutingAnalytics(L.Callback):
         self._eval = None
         if self.enabled and not trainer.sanity_checking:
             stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
-            self._eval = (stats, _histograms(pl_module) if self.histograms else None)
+            tokens = TokenExpertStats(pl_module.arch.vocab_size, pl_module.arch.num_experts)
+            self._eval = (stats, _histograms(pl_module) if self.histograms else None, tokens)
 
-    def _eval_update(self, pl_module: L.LightningModule) -> None:
+    def _eval_update(self, pl_module: L.LightningModule, batch: Any = None) -> None:
         record = getattr(pl_module, "last_step", None)
         if self._eval is None or record is None or not record.routing:
             return
         start = time.perf_counter()
-        stats, histograms = self._eval
+        stats, histograms, tokens = self._eval
         with torch.no_grad():
             routing = [detached(r) for r in record.routing]
             stats.update(routing)
             if histograms is not None:
                 histograms.update(routing)
+            if tokens is not None and self._token_stats(pl_module, batch, routing, tokens) is None:
+                self._eval = (stats, histograms, None)  # not token blocks: no specialisation this pass
         self.seconds_spent += time.perf_counter() - start
+
+    def _token_stats(
+        self,
+        pl_module: L.LightningModule,
+        batch: Any,
+        routing: list[RoutingOutput],
+        tokens: TokenExpertStats | None = None,
+    ) -> TokenExpertStats | None:
+        """Add a batch's (token id, expert) counts to ``tokens`` (a new one when None); None when the
+        specialisation is off or the batch is not the (B, S+1) token blocks the routing came from."""
+        if not self.specialization or not isinstance(batch, torch.Tensor) or batch.dim() != 2:
+            return None
+        inputs = batch[:, :-1]
+        if inputs.numel() != routing[0].expert_ids_TK.shape[0]:
+            self._warn_once("tokens", "RoutingAnalytics: the batch is not the routed token blocks; no specialisation.")
+            return None
+        tokens = tokens or TokenExpertStats(pl_module.arch.vocab_size, pl_module.arch.num_experts)
+        return tokens.update(inputs, routing)
+
+    @staticmethod
+    def _specialization_scalars(spec: Mapping[str, Any], split: str) -> dict[str, float]:
+        """``moe/{split}/{key}/layer_{l}`` and ``/mean`` (finite layers) for :data:`SPECIALIZATION_KEYS`."""
+        out: dict[str, float] = {}
+        for key in SPECIALIZATION_KEYS:
+            values = spec[key].double()
+            out.update({f"{PREFIX}/{split}/{key}/layer_{l}": float(v) for l, v in enumerate(values)})
+            finite = values[torch.isfinite(values)]
+            if finite.numel():
+                out[f"{PREFIX}/{split}/{key}/mean"] = float(finite.mean())
+        return out
 
     def _eval_log(self, trainer: L.Trainer, split: str) -> None:
         if self._eval is None:
             return
         start = time.perf_counter()
-        stats, histograms = self._eval
+        stats, histograms, tokens = self._eval
         self._eval = None
         stats = all_reduce_stats(stats)  # every process takes part
         if histograms is not None:
             histograms.all_reduce()
+        if tokens is not None:
+            tokens.all_reduce()
         if not trainer.is_global_zero or stats.num_layers is None:
             return
         step = eval_log_step(trainer)
         summary = stats.compute()
         scalars = summary_scalars(summary, prefix=f"{PREFIX}/{split}")
+        spec = None
+        if tokens is not None and tokens.num_layers is not None:
+            spec = tokens.compute(min_count=self.specialization_min_count, num_pairs=0)
+            scalars.update(self._specialization_scalars(spec, split))
         self._logger.log_metrics(scalars, step=step)
         if split == "val":
             self._last_val_scalars = scalars
@@ -322,6 +394,14 @@ class RoutingAnalytics(L.Callback):
                 fig = figure(kind, summary, title=f"{split} step {step}: " + _TITLES[kind], fast=True)
                 image = figure_to_rgb(fig)
                 self._logger.experiment.add_image(f"{PREFIX}/{split}/{tag}", image, step, dataformats="HWC")
+            if spec is not None:
+                from rmoe.expert_analysis import coactivation_figure
+
+                fig = coactivation_figure(spec["coactivation"], title=f"{split} step {step}: co-activation", fast=True)
+                image = figure_to_rgb(fig)
+                self._logger.experiment.add_image(
+                    f"{PREFIX}/{split}/coactivation_heatmap", image, step, dataformats="HWC"
+                )
         self.seconds_spent += time.perf_counter() - start
 
     def _write_histograms(self, split: str, histograms: Any, step: int) -> None:
@@ -421,6 +501,8 @@ def custom_scalars_layout(splits: tuple[str, ...] = ("train", "val")) -> dict[st
         charts["binned_prob_mi"] = ["Multiline", [rf"^{root}/binned_prob_mi/"]]
         charts["num_paths"] = ["Multiline", [rf"^{root}/num_paths$"]]
         charts["path_entropy"] = ["Multiline", [rf"^{root}/path_entropy$"]]
+        for key in SPECIALIZATION_KEYS:
+            charts[key] = ["Multiline", [rf"^{root}/{key}/"]]
         if split == "train":
             charts["expert_similarity"] = ["Multiline", [rf"^{root}/expert_similarity/"]]
             for loss in ("lm", "balance"):

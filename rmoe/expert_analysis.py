@@ -1,0 +1,378 @@
+"""What the experts do, on a model: OLMoE's specialisation, co-activation and router saturation
+(Muennighoff et al., arXiv 2409.02060, Sec. 5) and the analyses of "A Closer Look into
+Mixture-of-Experts in Large Language Models" (Lo et al., arXiv 2406.18219), with their figures.
+
+The metric definitions are pure functions in :mod:`rmoe.metrics.specialization` and
+:mod:`rmoe.metrics.closer_look`; this module runs them on a :class:`~rmoe.model.decoder.MoeLM`:
+
+- :class:`ExpertOutputStats` (dynamic): forward hooks on every MoE block record its input, run
+  all E experts on it and accumulate the score-rank vs output-norm-rank counts and the expert
+  output similarity (the hooks read, never change, the forward; no RNG);
+- :func:`weight_analyses` (static): neuron-level expert similarity (averaged and Hungarian-
+  reordered, with Kendall's tau) and the gate-embedding similarity with its R^2 against them;
+- :func:`router_saturation_between`: OLMoE's router saturation of one checkpoint against another.
+
+``rmoe analyze`` (:mod:`rmoe.analysis`) puts all of it in ``metrics.json`` and draws
+:data:`EXPERT_FIGURES`. Shape legend: T tokens, E experts, L MoE layers, M expert matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from rmoe.metrics.closer_look import (
+    MATRICES,
+    all_expert_outputs,
+    averaged_neuron_similarity,
+    expert_output_similarity,
+    gate_embedding_similarity,
+    reordered_neuron_similarity,
+    score_norm_rank_counts,
+    squared_pearson_offdiagonal,
+)
+from rmoe.metrics.specialization import router_saturation
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from rmoe.model.decoder import MoeLM
+
+DEFAULT_MAX_EXPERT_TOKENS = 8192
+"""Tokens on which every expert is run (the dynamic Closer-Look analyses), at most."""
+EXPERT_FIGURES = (
+    "vocab_specialization",
+    "coactivation",
+    "score_norm_rank",
+    "expert_output_similarity",
+    "neuron_similarity",
+    "router_saturation",
+)
+
+
+def moe_blocks(model: MoeLM) -> list[Any]:
+    """The model's :class:`~rmoe.model.moe.SparseMoeBlock` modules in depth order."""
+    from rmoe.model.moe import SparseMoeBlock
+
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+def _offdiag_mean(m_EE: torch.Tensor) -> float:
+    E = m_EE.shape[-1]
+    if E < 2:
+        return float("nan")
+    return float(m_EE[~torch.eye(E, dtype=torch.bool)].double().mean())
+
+
+class ExpertOutputStats:
+    """The dynamic Closer-Look analyses over a stream of forward passes, through forward hooks.
+
+    Use as a context manager around the forward passes: while active, each MoE block's input
+    ``x_TD`` and routing are read after the block ran, every expert is applied to the first
+    ``max_tokens`` tokens seen (:func:`~rmoe.metrics.closer_look.all_expert_outputs`), and the
+    rank counts (router probabilities vs output norms) and output similarity are accumulated.
+
+    Args:
+        model: The model (its MoE blocks get the hooks).
+        max_tokens: Stop recording after this many tokens per layer.
+    """
+
+    def __init__(self, model: MoeLM, max_tokens: int = DEFAULT_MAX_EXPERT_TOKENS) -> None:
+        self.blocks = moe_blocks(model)
+        self.max_tokens = max_tokens
+        E = model.config.num_experts
+        L = len(self.blocks)
+        self.rank_counts_LEE = torch.zeros(L, E, E, dtype=torch.int64)
+        self.output_similarity_sum_LEE = torch.zeros(L, E, E, dtype=torch.float64)
+        self.num_tokens_L = torch.zeros(L, dtype=torch.int64)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ExpertOutputStats:
+        for l, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_hook(self._hook(l)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, l: int) -> Any:
+        @torch.no_grad()
+        def hook(block: Any, args: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+            room = self.max_tokens - int(self.num_tokens_L[l])
+            if room <= 0:
+                return
+            x_TD = args[0].reshape(-1, args[0].shape[-1])[:room].detach()
+            routing = output[1]
+            y_ETD = all_expert_outputs(x_TD, block.experts.gate_up_proj, block.experts.down_proj)
+            norms_TE = y_ETD.norm(dim=-1).T
+            self.rank_counts_LEE[l] += score_norm_rank_counts(routing.probs_TE[: x_TD.shape[0]], norms_TE).cpu()
+            self.output_similarity_sum_LEE[l] += expert_output_similarity(y_ETD).cpu()
+            self.num_tokens_L[l] += x_TD.shape[0]
+
+        return hook
+
+    def compute(self) -> dict[str, Any]:
+        """``score_norm_rank_counts`` (L, E, E), ``score_norm_rank_diagonal`` (L,) (share of the
+        (token, expert) pairs whose score rank equals their norm rank), ``score_norm_top1_agreement``
+        (L,) (how often the top-scored expert has the largest output norm; 1/E by chance),
+        ``expert_output_similarity`` (L, E, E) (mean over tokens), ``expert_output_similarity_mean``
+        (L,) (its off-diagonal mean) and ``expert_output_tokens`` (L,)."""
+        T_L = self.num_tokens_L.clamp(min=1)
+        counts = self.rank_counts_LEE
+        similarity_LEE = self.output_similarity_sum_LEE / T_L.double()[:, None, None]
+        return {
+            "score_norm_rank_counts": counts,
+            "score_norm_rank_diagonal": counts.diagonal(dim1=1, dim2=2).sum(-1).double()
+            / counts.sum((1, 2)).clamp(min=1),
+            "score_norm_top1_agreement": counts[:, 0, 0].double() / T_L.double(),
+            "expert_output_similarity": similarity_LEE,
+            "expert_output_similarity_mean": torch.tensor([_offdiag_mean(m) for m in similarity_LEE]),
+            "expert_output_tokens": self.num_tokens_L.clone(),
+        }
+
+
+def gate_embeddings(router: torch.nn.Module, num_experts: int) -> torch.Tensor | None:
+    """The router's gate embeddings: its one 2-D parameter or buffer with E rows (linear, random and
+    expert choice: ``weight`` (E, D); MLP: ``out_proj`` (E, H); cosine / X-MoE: the expert
+    embeddings; LocMoE: its keys; RMoE: the head ``G_i`` (E, p)); None when there is no such
+    matrix (HyperRouter generates its weights) or more than one (RMoE with ``state_dim`` equal to
+    E, whose projector is then (E, D) too): the analysis is left out (NaN) rather than guessed."""
+    found = [
+        t
+        for _, t in (*router.named_parameters(), *router.named_buffers())
+        if t is not None and t.dim() == 2 and t.shape[0] == num_experts
+    ]
+    return found[0].detach() if len(found) == 1 else None
+
+
+@torch.no_grad()
+def weight_analyses(model: MoeLM, *, reorder: bool = True) -> dict[str, Any]:
+    """The static Closer-Look analyses of every MoE layer.
+
+    Returns:
+        ``neuron_similarity_avg`` (L, M, E, E) (averaged neurons, :data:`MATRICES` order: up, gate,
+        down) and its off-diagonal means ``neuron_similarity_avg_mean`` (L, M); with ``reorder``
+        ``neuron_similarity_reordered`` (L, M, E, E), ``neuron_kendall_tau`` (L, M, E, E) and their
+        off-diagonal means; ``gate_embedding_similarity`` (L, E, E) (NaN where the router has no
+        gate embedding) and ``gate_embedding_r2`` (L, M): the squared Pearson correlation of the
+        gate-embedding similarities with each averaged-neuron similarity (the paper's Table 3).
+    """
+    out: dict[str, list[Any]] = {
+        "neuron_similarity_avg": [],
+        "neuron_similarity_avg_mean": [],
+        "gate_embedding_similarity": [],
+        "gate_embedding_r2": [],
+    }
+    if reorder:
+        for key in ("neuron_similarity_reordered", "neuron_similarity_reordered_mean", "neuron_kendall_tau"):
+            out[key] = []
+        out["neuron_kendall_tau_mean"] = []
+    E = model.config.num_experts
+    for block in moe_blocks(model):
+        gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+        avg_MEE = averaged_neuron_similarity(gate_up, down).cpu()
+        out["neuron_similarity_avg"].append(avg_MEE)
+        out["neuron_similarity_avg_mean"].append(torch.tensor([_offdiag_mean(m) for m in avg_MEE]))
+        if reorder:
+            sims_MEE, taus_MEE = reordered_neuron_similarity(gate_up, down)
+            out["neuron_similarity_reordered"].append(sims_MEE)
+            out["neuron_similarity_reordered_mean"].append(torch.tensor([_offdiag_mean(m) for m in sims_MEE]))
+            out["neuron_kendall_tau"].append(taus_MEE)
+            out["neuron_kendall_tau_mean"].append(torch.tensor([_offdiag_mean(m) for m in taus_MEE]))
+        embeddings = gate_embeddings(block.router, E)
+        if embeddings is None:
+            out["gate_embedding_similarity"].append(torch.full((E, E), float("nan")))
+            out["gate_embedding_r2"].append(torch.full((len(MATRICES),), float("nan")))
+        else:
+            gate_EE = gate_embedding_similarity(embeddings).cpu()
+            out["gate_embedding_similarity"].append(gate_EE)
+            out["gate_embedding_r2"].append(torch.tensor([squared_pearson_offdiagonal(m, gate_EE) for m in avg_MEE]))
+    return {key: torch.stack(values) if values else torch.zeros(0) for key, values in out.items()}
+
+
+@torch.no_grad()
+def routed_expert_ids(model: MoeLM, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> list[Any]:
+    """Every MoE layer's ``expert_ids_TK`` over the batches (inputs ``[:, :-1]``), concatenated: L x (T, K)."""
+    model.eval().to(device)
+    per_layer: list[list[torch.Tensor]] = []
+    for batch in batches:
+        out = model(batch[:, :-1].to(device))
+        if not per_layer:
+            per_layer = [[] for _ in out.routing]
+        for l, r in enumerate(out.routing):
+            per_layer[l].append(r.expert_ids_TK.cpu())
+    return [torch.cat(parts) for parts in per_layer]
+
+
+def router_saturation_between(ids_a: list[torch.Tensor], ids_b: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`~rmoe.metrics.specialization.router_saturation` per layer: (L,) fp64."""
+    return torch.stack([router_saturation(a, b) for a, b in zip(ids_a, ids_b)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+
+def _panels(matrices: list[Any], titles: list[str], *, suptitle: str, fast: bool = False, **draw: Any) -> Figure:
+    from rmoe.analysis import _figure, draw_matrix
+
+    fig, axes = _figure(len(matrices), (3.6, 3.1), fast=fast)
+    for ax, m, title in zip(axes, matrices, titles):
+        draw_matrix(ax, m, title=title, **draw)
+    fig.suptitle(suptitle, fontsize=10)
+    return fig
+
+
+def coactivation_figure(coactivation_LEE: Any, title: str = "co-activation N(i,j)/N(i)", fast: bool = False) -> Figure:
+    """OLMoE's co-activation heat maps, one panel per layer (row i: given expert i, the share of its
+    tokens also routed to expert j). ``fast``: as :func:`rmoe.analysis.figure` (the training callback)."""
+    from rmoe.analysis import _array
+
+    m = [_array(x) for x in coactivation_LEE]
+    titles = [f"layer {l}" for l in range(len(m))]
+    return _panels(m, titles, suptitle=title, fast=fast, xlabel="expert j", ylabel="expert i", vmin=0.0)
+
+
+def _bars(ax: Any, values_by_run: Mapping[str, Any], title: str, ylabel: str) -> None:
+    from rmoe.analysis import _array
+
+    width = 0.8 / max(len(values_by_run), 1)
+    num_layers = 0
+    for i, (label, values) in enumerate(values_by_run.items()):
+        v = _array(values).reshape(-1)
+        num_layers = max(num_layers, len(v))
+        ax.bar(np.arange(len(v)) + (i - (len(values_by_run) - 1) / 2) * width, v, width, label=label)
+    ax.set_xticks(range(num_layers))
+    ax.set(title=title, xlabel="MoE layer", ylabel=ylabel)
+    ax.legend(fontsize=7)
+
+
+def expert_figure(kind: str, metrics: Mapping[str, Any], title: str = "") -> Figure | None:
+    """One run's figure of :data:`EXPERT_FIGURES` from a metrics dict (``rmoe analyze``); None when
+    the metrics lack what it needs (e.g. saturation without intermediate checkpoints)."""
+    from rmoe.analysis import _array, _figure
+
+    prefix = f"{title}: " if title else ""
+    if kind == "vocab_specialization" and "vocab_specialization" in metrics:
+        fig, (ax,) = _figure(1, (5.0, 3.4))
+        _bars(ax, {title or "model": metrics["vocab_specialization"]}, "vocabulary specialisation", "share")
+        top_k, E = metrics.get("top_k"), metrics.get("num_experts")
+        if top_k and E:
+            ax.axhline(top_k / E, color="grey", linestyle="--", linewidth=0.8, label="K/E (token-blind)")
+            ax.legend(fontsize=7)
+        return fig
+    if kind == "coactivation" and "coactivation" in metrics:
+        return coactivation_figure(metrics["coactivation"], title=f"{prefix}co-activation N(i,j)/N(i)")
+    if kind == "score_norm_rank" and "score_norm_rank_counts" in metrics:
+        m = [_array(x) for x in metrics["score_norm_rank_counts"]]
+        m = [x / max(x.sum(axis=1, keepdims=True).max(), 1) for x in m]
+        titles = [f"layer {l}" for l in range(len(m))]
+        return _panels(
+            m,
+            titles,
+            suptitle=f"{prefix}share of tokens: gate-score rank vs output-norm rank (0 = largest)",
+            xlabel="output-norm rank",
+            ylabel="score rank",
+            vmin=0.0,
+            cmap="magma",
+        )
+    if kind == "expert_output_similarity" and "expert_output_similarity" in metrics:
+        m = [_array(x) for x in metrics["expert_output_similarity"]]
+        titles = [f"layer {l}" for l in range(len(m))]
+        return _panels(
+            m, titles, suptitle=f"{prefix}expert output angular similarity", xlabel="expert", ylabel="expert"
+        )
+    if kind == "neuron_similarity" and "neuron_similarity_avg" in metrics:
+        fig, (ax,) = _figure(1, (6.5, 3.6))
+        series = {"avg " + name: _array(metrics["neuron_similarity_avg_mean"])[:, m] for m, name in enumerate(MATRICES)}
+        if "neuron_similarity_reordered_mean" in metrics:
+            reordered = _array(metrics["neuron_similarity_reordered_mean"])
+            series.update({"reordered " + name: reordered[:, m] for m, name in enumerate(MATRICES)})
+        _bars(ax, series, f"{prefix}expert weight similarity", "mean off-diagonal cosine")
+        return fig
+    if kind == "router_saturation" and metrics.get("router_saturation"):
+        sat = metrics["router_saturation"]
+        fig, (ax,) = _figure(1, (5.0, 3.4))
+        steps = [*sat["steps"], sat["final_step"]]
+        values = _array(sat["saturation"])
+        for l in range(values.shape[1]):
+            ax.plot(steps, [*values[:, l], 1.0], marker=".", label=f"layer {l}")
+        ax.set(
+            title=f"{prefix}router saturation vs final checkpoint",
+            xlabel="step",
+            ylabel="top-k overlap",
+            ylim=(0, 1.05),
+        )
+        ax.legend(fontsize=7)
+        return fig
+    return None
+
+
+def compare_expert_figure(kind: str, metrics_by_run: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Several runs on one of :data:`EXPERT_FIGURES`: per-layer summaries as grouped bars (one bar
+    per run), matrices as one row of layer panels per run."""
+    from matplotlib.figure import Figure
+
+    from rmoe.analysis import _array, draw_matrix
+
+    summary = {
+        "vocab_specialization": ("vocab_specialization", "vocabulary specialisation", "share"),
+        "score_norm_rank": ("score_norm_top1_agreement", "top-scored expert has the largest norm", "share"),
+        "expert_output_similarity": ("expert_output_similarity_mean", "expert output similarity", "angular sim."),
+        "neuron_similarity": ("neuron_similarity_reordered_mean", "reordered neuron similarity (mean of M)", "cosine"),
+        "coactivation": ("coactivation_max", "largest co-activation rate", "N(i,j)/N(i)"),
+        "router_saturation": (None, "router saturation", ""),
+    }
+    if kind not in summary:
+        raise ValueError(f"figure kind {kind!r}; expected one of {EXPERT_FIGURES}")
+    key, title, ylabel = summary[kind]
+    if kind == "coactivation":
+        runs = [(label, m) for label, m in metrics_by_run.items() if "coactivation" in m]
+        num_layers = max((len(m["coactivation"]) for _, m in runs), default=1)
+        fig = Figure(figsize=(3.2 * num_layers, 2.9 * max(len(runs), 1)), layout="constrained")
+        axes = fig.subplots(max(len(runs), 1), num_layers, squeeze=False)
+        for row, (label, m) in zip(axes, runs):
+            for l, ax in enumerate(row):
+                if l < len(m["coactivation"]):
+                    draw_matrix(ax, m["coactivation"][l], title=f"{label}: layer {l}", xlabel="j", ylabel="i", vmin=0.0)
+        return fig
+    from rmoe.analysis import _figure
+
+    fig, (ax,) = _figure(1, (max(4.5, 1.2 * len(metrics_by_run) + 3.0), 3.4))
+    if kind == "router_saturation":
+        for label, m in metrics_by_run.items():
+            sat = m.get("router_saturation")
+            if sat:
+                values = _array(sat["saturation"]).mean(axis=1)
+                ax.plot([*sat["steps"], sat["final_step"]], [*values, 1.0], marker=".", label=label)
+        ax.set(title="router saturation (layer mean)", xlabel="step", ylabel="top-k overlap with final")
+        ax.legend(fontsize=7)
+        return fig
+    values = {}
+    for label, m in metrics_by_run.items():
+        if key in m:
+            v = _array(m[key])
+            values[label] = v.mean(axis=1) if v.ndim == 2 else v
+    _bars(ax, values, title, ylabel)
+    return fig
+
+
+__all__ = [
+    "DEFAULT_MAX_EXPERT_TOKENS",
+    "EXPERT_FIGURES",
+    "ExpertOutputStats",
+    "coactivation_figure",
+    "compare_expert_figure",
+    "expert_figure",
+    "gate_embeddings",
+    "moe_blocks",
+    "routed_expert_ids",
+    "router_saturation_between",
+    "weight_analyses",
+]

@@ -1,0 +1,259 @@
+"""What the experts specialise in, following OLMoE's analysis (Muennighoff et al., "OLMoE: Open
+Mixture-of-Experts Language Models", arXiv 2409.02060, Sec. 5): vocabulary specialisation,
+expert co-activation and router saturation, as pure functions on tensors, plus
+:class:`TokenExpertStats`, which accumulates the counts they need over many batches.
+
+Shape legend: T tokens, K chosen experts per token, E experts, V vocabulary (token ids),
+L MoE layers. A (token, expert) pair counts when the expert is among the token's chosen experts
+and, for capacity routers, was kept (``keep_TK``); dropped pairs count nowhere.
+Every function runs under ``torch.no_grad()`` and leaves its inputs untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from rmoe.routers.base import RoutingOutput
+
+DEFAULT_MIN_COUNT = 10
+"""Token ids seen fewer times are left out of the specialisation summaries (a token seen once is
+trivially 'fully specialised' to its top-1 expert)."""
+
+
+def _kept_ids(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """``expert_ids_TK`` with dropped pairs replaced by the extra id E (a bin that is cut off)."""
+    return expert_ids_TK if keep_TK is None else expert_ids_TK.masked_fill(~keep_TK, num_experts)
+
+
+@torch.no_grad()
+def token_expert_counts(
+    token_ids_T: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    vocab_size: int,
+    num_experts: int,
+    keep_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``counts_VE[v, e]``: how many occurrences of token id v were routed to expert e (kept pairs).
+
+    Args:
+        token_ids_T: The input token id of each routed token (T,).
+        expert_ids_TK: Chosen experts (T, K).
+        vocab_size: V.
+        num_experts: E.
+        keep_TK: Optional capacity mask (False: dropped, not counted).
+
+    Returns:
+        (V, E) int64; row v sums to K times the occurrences of v (less the dropped pairs).
+    """
+    E = num_experts
+    ids_TK = _kept_ids(expert_ids_TK, keep_TK, E)
+    flat = token_ids_T.reshape(-1, 1).long() * (E + 1) + ids_TK
+    return torch.bincount(flat.reshape(-1), minlength=vocab_size * (E + 1)).view(vocab_size, E + 1)[:, :E]
+
+
+@torch.no_grad()
+def vocabulary_specialization(counts_VE: torch.Tensor, occurrences_V: torch.Tensor) -> torch.Tensor:
+    """OLMoE's vocabulary specialisation (arXiv 2409.02060, Sec. 5, "domain and vocabulary
+    specialization"): for token id x and expert e, ``N_k^(e)(x) / N(x)``, the share of x's
+    occurrences that have e among their top-k experts.
+
+    Args:
+        counts_VE: :func:`token_expert_counts` (summed over batches).
+        occurrences_V: N(x), occurrences of each token id (not multiplied by K).
+
+    Returns:
+        ``specialization_VE`` in [0, 1] (fp64), NaN for ids never seen. 1 means every occurrence of
+        x went to e; a row sums to K (less drops). A router that sends token id t to expert
+        ``t mod E`` (K = 1) gives exactly 1 at ``(t, t mod E)`` and 0 elsewhere.
+    """
+    n_V1 = occurrences_V.double().reshape(-1, 1)
+    return torch.where(n_V1 > 0, counts_VE.double() / n_V1.clamp(min=1), torch.full_like(n_V1, float("nan")))
+
+
+@torch.no_grad()
+def specialization_summary(
+    counts_VE: torch.Tensor, occurrences_V: torch.Tensor, *, min_count: int = DEFAULT_MIN_COUNT
+) -> torch.Tensor:
+    """One number per layer: the occurrence-weighted mean, over token ids seen at least
+    ``min_count`` times, of the token's largest :func:`vocabulary_specialization` share,
+    ``sum_x max_e N_k^(e)(x) / sum_x N(x)``.
+
+    1: every token id always goes to one same expert (full vocabulary specialisation); a router
+    that ignores the token (uniformly random top-k) gives about K/E. 0-d fp64 tensor (NaN if no
+    token id has ``min_count`` occurrences).
+    """
+    n_V = occurrences_V.double()
+    frequent_V = n_V >= max(min_count, 1)
+    if not bool(frequent_V.any()):
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    top_V = counts_VE.double().amax(dim=1)
+    return top_V[frequent_V].sum() / n_V[frequent_V].sum()
+
+
+@torch.no_grad()
+def top_specialized_pairs(
+    counts_VE: torch.Tensor, occurrences_V: torch.Tensor, *, num_pairs: int = 20, min_count: int = DEFAULT_MIN_COUNT
+) -> list[dict[str, float | int]]:
+    """The most specialised (expert, token id) pairs: highest share first, ties by count, among
+    token ids seen at least ``min_count`` times.
+
+    Returns:
+        Up to ``num_pairs`` dicts ``{"expert", "token_id", "share", "count", "occurrences"}``.
+    """
+    share_VE = vocabulary_specialization(counts_VE, occurrences_V)
+    frequent_V = occurrences_V >= max(min_count, 1)
+    share_VE = torch.where(frequent_V[:, None], share_VE, torch.full_like(share_VE, -1.0)).nan_to_num(-1.0)
+    E = share_VE.shape[1]
+    # sort by (share, count): the count is < 2^40, so share * 2^40 + count orders lexicographically
+    score = share_VE.reshape(-1) * 2.0**40 + counts_VE.double().reshape(-1)
+    order = torch.argsort(score, descending=True)
+    out: list[dict[str, float | int]] = []
+    for flat in order.tolist():
+        v, e = divmod(flat, E)
+        if share_VE[v, e] <= 0 or len(out) >= num_pairs:
+            break
+        out.append(
+            {
+                "expert": e,
+                "token_id": v,
+                "share": float(share_VE[v, e]),
+                "count": int(counts_VE[v, e]),
+                "occurrences": int(occurrences_V[v]),
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def coactivation_counts(
+    expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``joint_EE[i, j]``: tokens for which experts i and j were both chosen (and kept); the
+    diagonal holds each expert's load. (E, E) int64, symmetric."""
+    E = num_experts
+    ids_TK = _kept_ids(expert_ids_TK, keep_TK, E)
+    onehot_TE = torch.zeros(ids_TK.shape[0], E + 1, dtype=torch.int64, device=ids_TK.device)
+    onehot_TE.scatter_(1, ids_TK, 1)
+    onehot_TE = onehot_TE[:, :E]
+    return onehot_TE.T @ onehot_TE
+
+
+@torch.no_grad()
+def coactivation_rate(joint_EE: torch.Tensor) -> torch.Tensor:
+    """OLMoE's expert co-activation (arXiv 2409.02060, Sec. 5, Fig. "co-activation"): the share of
+    the tokens routed to expert i that were also routed to expert j, ``N(i, j) / N(i)``.
+
+    Args:
+        joint_EE: :func:`coactivation_counts` (summed over batches).
+
+    Returns:
+        (E, E) fp64, row i = expert i; the diagonal is set to NaN (an expert with itself), rows of
+        idle experts are NaN. With top-k each row sums to K - 1 (less drops); K = 1 gives 0 everywhere.
+    """
+    joint = joint_EE.double()
+    load_E1 = joint.diagonal().reshape(-1, 1)
+    rate = torch.where(load_E1 > 0, joint / load_E1.clamp(min=1), torch.full_like(joint, float("nan")))
+    return rate.fill_diagonal_(float("nan"))
+
+
+@torch.no_grad()
+def router_saturation(expert_ids_a_TK: torch.Tensor, expert_ids_b_TK: torch.Tensor) -> torch.Tensor:
+    """OLMoE's router saturation (arXiv 2409.02060, Sec. 5, "router saturation"):
+    ``1/N sum_i |E_i^(t) ∩ E_i^(T)| / k``, the overlap of the top-k sets that checkpoint t and the
+    final checkpoint T choose for the same N tokens.
+
+    Args:
+        expert_ids_a_TK: Experts chosen by one checkpoint (T, K).
+        expert_ids_b_TK: Those chosen by the other on the same tokens (T, K).
+
+    Returns:
+        0-d fp64 in [0, 1]: 1 for identical choices (in any order), 0 for disjoint ones.
+    """
+    K = expert_ids_a_TK.shape[1]
+    same_TKK = expert_ids_a_TK[:, :, None] == expert_ids_b_TK[:, None, :]
+    return same_TKK.any(dim=2).sum(dim=1).double().mean() / K
+
+
+class TokenExpertStats:
+    """Accumulates, per MoE layer, the (token id, expert) counts and the expert co-activation counts
+    over a stream of batches, in O(L V E + L E^2) memory; mergeable across processes.
+
+    Args:
+        vocab_size: V (the model's vocabulary).
+        num_experts: E.
+    """
+
+    def __init__(self, vocab_size: int, num_experts: int) -> None:
+        self.vocab_size = vocab_size
+        self.num_experts = num_experts
+        self.num_layers: int | None = None
+        self.counts_LVE: torch.Tensor | None = None
+        self.joint_LEE: torch.Tensor | None = None
+        self.occurrences_V: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, token_ids: torch.Tensor, routing: Sequence[RoutingOutput]) -> TokenExpertStats:
+        """Add one forward pass: ``token_ids`` (B, S) (the model's input) and its routing; returns self."""
+        if not routing:
+            return self
+        token_ids_T = token_ids.reshape(-1).to(routing[0].expert_ids_TK.device)
+        V, E = self.vocab_size, self.num_experts
+        if self.counts_LVE is None:
+            device = token_ids_T.device
+            self.num_layers = len(routing)
+            self.counts_LVE = torch.zeros(len(routing), V, E, dtype=torch.int64, device=device)
+            self.joint_LEE = torch.zeros(len(routing), E, E, dtype=torch.int64, device=device)
+            self.occurrences_V = torch.zeros(V, dtype=torch.int64, device=device)
+        for l, r in enumerate(routing):
+            self.counts_LVE[l] += token_expert_counts(token_ids_T, r.expert_ids_TK, V, E, r.keep_TK)
+            self.joint_LEE[l] += coactivation_counts(r.expert_ids_TK, E, r.keep_TK)
+        self.occurrences_V += torch.bincount(token_ids_T.long(), minlength=V)[:V]
+        return self
+
+    def all_reduce(self) -> None:
+        """Sum the counts across processes, in place (no-op without ``torch.distributed``)."""
+        if self.counts_LVE is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        for tensor in (self.counts_LVE, self.joint_LEE, self.occurrences_V):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def compute(self, *, min_count: int = DEFAULT_MIN_COUNT, num_pairs: int = 20) -> dict[str, Any]:
+        """``vocab_specialization`` (L,), ``coactivation`` (L, E, E) rates, ``coactivation_max`` (L,)
+        (the largest off-diagonal rate), ``top_specialized`` (per layer, :func:`top_specialized_pairs`),
+        ``token_expert_counts`` (L, V, E) and ``token_occurrences`` (V,), as CPU tensors; {} before
+        any update."""
+        if self.counts_LVE is None:
+            return {}
+        counts_LVE, occurrences_V = self.counts_LVE.cpu(), self.occurrences_V.cpu()
+        rates_LEE = torch.stack([coactivation_rate(j) for j in self.joint_LEE.cpu()])
+        finite = rates_LEE.nan_to_num(float("-inf")).flatten(1).amax(dim=1)
+        return {
+            "vocab_specialization": torch.stack(
+                [specialization_summary(c, occurrences_V, min_count=min_count) for c in counts_LVE]
+            ),
+            "coactivation": rates_LEE,
+            "coactivation_max": torch.where(torch.isfinite(finite), finite, torch.full_like(finite, float("nan"))),
+            "top_specialized": [
+                top_specialized_pairs(c, occurrences_V, num_pairs=num_pairs, min_count=min_count) for c in counts_LVE
+            ],
+            "token_expert_counts": counts_LVE,
+            "token_occurrences": occurrences_V,
+        }
+
+
+__all__ = [
+    "DEFAULT_MIN_COUNT",
+    "TokenExpertStats",
+    "coactivation_counts",
+    "coactivation_rate",
+    "router_saturation",
+    "specialization_summary",
+    "token_expert_counts",
+    "top_specialized_pairs",
+    "vocabulary_specialization",
+]
