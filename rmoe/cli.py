@@ -12,6 +12,7 @@ resume.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 import warnings
@@ -66,7 +67,9 @@ def _valid_keys_hint(parser: Any, key: str) -> str:
 
 DESCRIPTION = (
     "Train and evaluate Mixture-of-Experts LMs from YAML (fit, validate, test; see README.md). "
-    "Offline routing analysis of a checkpoint: rmoe analyze --help."
+    "Offline routing analysis of a checkpoint: rmoe analyze --help; a text's routing: rmoe inspect --help. "
+    "Text generation: rmoe generate --help; "
+    "to and from transformers: rmoe export --help, rmoe import --help."
 )
 
 
@@ -74,6 +77,16 @@ class RmoeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # the tokenizer decides the vocabulary: copy it into the model config at instantiation
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """A ``--ckpt_path`` that does not exist fails here, before anything is built or written."""
+        ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
+        special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+        if ckpt_path and not special and not os.path.exists(ckpt_path):
+            raise RmoeError(
+                f"--ckpt_path={ckpt_path!r} does not exist; expected a checkpoint written by rmoe fit, "
+                "e.g. runs/<name>/version_<n>/checkpoints/last.ckpt."
+            )
 
 
 def normalize_args(argv: list[str]) -> list[str]:
@@ -102,6 +115,22 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
     )
 
 
+_TOOLS = {
+    "generate": "rmoe.generate",
+    "export": "rmoe.interop.export",
+    "import": "rmoe.interop.importer",
+    "inspect": "rmoe.inspection",
+}
+"""Subcommands that are plain argparse programs: name -> module with ``main(argv)``."""
+
+
+def _user_error(err: BaseException | None) -> BaseException | None:
+    """The :class:`RmoeError` or Lightning misconfiguration in ``err``'s chain of ``raise ... from`` causes, if any."""
+    while err is not None and not isinstance(err, (RmoeError, MisconfigurationException)):
+        err = err.__cause__
+    return err
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rmoe`` command (and ``python -m rmoe``)."""
     try:
@@ -110,9 +139,16 @@ def main(argv: list[str] | None = None) -> None:
             from rmoe.analysis import main as analyze
 
             analyze(args[1:])
+        elif args[:1] and args[0] in _TOOLS:  # generate / export / import: argparse tools, not Lightning
+            import importlib
+
+            importlib.import_module(_TOOLS[args[0]]).main(args[1:])
         else:
             build_cli(args)
-    except (RmoeError, MisconfigurationException) as err:  # user errors: one paragraph, no traceback
+    except (ValueError, MisconfigurationException) as err:  # user errors: one paragraph, no traceback
+        err = _user_error(err)  # jsonargparse wraps what a nested dataclass (model.optim) raises
+        if err is None:
+            raise
         print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
