@@ -131,6 +131,52 @@ def test_import_gives_the_same_model_and_works_with_analyze_generate_and_fine_tu
     assert not torch.equal(before, module.model.embed_tokens.weight)
 
 
+def test_an_imported_model_fine_tunes_through_rmoe_fit_with_init_from(tmp_path, capsys):
+    """``rmoe fit --config OUT/config.yaml model.init_from=OUT/checkpoints/imported.ckpt``: the run starts
+    from the imported weights (its val loss after one step at lr ~0 is the imported model's)."""
+    from tiny import BASE_CONFIGS, scalars
+
+    save_tiny_hf_model(tmp_path / "hf", "qwen2_moe")
+    main(["import", str(tmp_path / "hf"), str(tmp_path / "run"), "--context-length", "32"])
+    ckpt = tmp_path / "run/checkpoints/imported.ckpt"
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT * 20)
+    common = [
+        *BASE_CONFIGS,
+        *("--config", str(tmp_path / "run/config.yaml")),
+        "data.source=files",
+        f"data.train_files=[{data}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_model_summary=false",
+        f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "trainer.logger.init_args.name=ft",
+    ]
+    main(["validate", *common, f"--ckpt_path={ckpt}"])  # the imported model as it is
+    imported = scalars(tmp_path / "runs/ft/version_0", "val/loss")
+    fit = [
+        *common,
+        f"model.init_from={ckpt}",
+        "trainer.max_steps=1",
+        "model.optim.lr=1e-12",
+        "model.optim.warmup_steps=0",
+    ]
+    main(["fit", *fit, "trainer.val_check_interval=1", "trainer.num_sanity_val_steps=0"])
+    tuned = scalars(tmp_path / "runs/ft/version_1", "val/loss")
+    assert next(iter(imported.values())) == pytest.approx(next(iter(tuned.values())), abs=1e-4)
+    main(["fit", *common, "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.num_sanity_val_steps=0"])
+    fresh = scalars(tmp_path / "runs/ft/version_2", "val/loss")  # without init_from: a random model
+    assert abs(next(iter(fresh.values())) - next(iter(imported.values()))) > 1e-2  # 100x the tolerance above
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *common, f"model.init_from={ckpt}", "model.arch.num_experts=8", "trainer.max_steps=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.init_from=" in err and "does not fit model.arch" in err and "other shape" in err
+
+
 def test_import_refuses_other_architectures_with_one_message(tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama/config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -6,6 +6,7 @@ Shape legend: L MoE layers, E experts.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -102,6 +103,11 @@ class MoeLMModule(L.LightningModule):
             step. ``P_e`` is always the local mean (its gradient is averaged by DDP/FSDP).
             Validation and test use each batch's own fractions.
         compile: ``torch.compile`` each decoder layer (in place, so checkpoint names don't change).
+        init_from: Start ``rmoe fit`` from the model weights of this rmoe checkpoint (e.g. the
+            ``checkpoints/imported.ckpt`` of ``rmoe import``, or another run's) and nothing else:
+            step, optimiser, schedule and data order start afresh (fine-tuning). The architecture
+            must match (``model.arch``; the error names the mismatched weights). To continue a run,
+            use ``--ckpt_path`` instead (it restores everything, and wins over this).
     """
 
     def __init__(
@@ -112,6 +118,7 @@ class MoeLMModule(L.LightningModule):
         z_loss_coef: float = 0.001,
         aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch",
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if aux_loss_scope not in ("micro_batch", "global_batch"):
@@ -125,12 +132,42 @@ class MoeLMModule(L.LightningModule):
         self.z_loss_coef = z_loss_coef
         self.aux_loss_scope = aux_loss_scope
         self.compile_layers = compile
+        self.init_from = init_from
         self.model = MoeLM(arch)
         self.tokens_seen = 0
         self.last_step: StepRecord | None = None
         self._step_counts_LE: torch.Tensor | None = None  # global_batch: expert counts of this step so far
         self._step_loss_sums: torch.Tensor | None = None  # TRAIN_LOSSES summed over this step's micro-batches
         self._step_micro_batches = 0
+
+    def setup(self, stage: str) -> None:
+        """``init_from``: load the weights before the model is compiled or sharded (``configure_model``)
+        and before Lightning restores a ``--ckpt_path``, which then overrides them."""
+        if stage == "fit" and self.init_from:
+            self._load_weights(self.init_from)
+
+    def _load_weights(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise RmoeError(f"model.init_from={path!r} is not a file; expected an rmoe checkpoint (.ckpt).")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        except Exception as err:  # not a torch file, or not a Lightning checkpoint
+            raise RmoeError(f"model.init_from={path!r} is not an rmoe checkpoint: {err}.") from None
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            parts = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                     for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong))
+                     if keys]  # fmt: skip
+            raise RmoeError(
+                f"model.init_from={path!r} does not fit model.arch ({'; '.join(parts)}); use the config the "
+                "checkpoint was trained or imported with (its config.yaml)."
+            )
+        with torch.no_grad():
+            self.model.load_state_dict(state, strict=True)
 
     def configure_model(self) -> None:
         """Compile the layers if asked, then shard with FSDP2 under a ``ModelParallelStrategy`` (it
