@@ -56,7 +56,8 @@ def non_causal_reason(config: ModelConfig) -> str | None:
     router is causal in evaluation: every token's routing depends on its own hidden state (and,
     for RMoE, the same token's router state from the previous layer) only. Each router declares
     that (:meth:`rmoe.routers.Router.causality`, proven by the router tests); expert choice,
-    Soft MoE and capacity drops are not causal, Sinkhorn routing only in training.
+    Sinkhorn routing, Soft MoE and capacity drops are not causal, except in evaluation for the
+    routers that offer ``eval_routing: topk`` (S-BASE style) when it is set.
     """
     from rmoe.routers import causality_of
 
