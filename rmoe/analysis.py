@@ -27,7 +27,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import yaml
 
 from rmoe.analysis_io import read_json, run_dir_of_checkpoint, to_jsonable, write_json
-from rmoe.errors import RmoeError
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.expert_analysis import (
     DEFAULT_MAX_EXPERT_TOKENS,
     EXPERT_FIGURES,
@@ -809,14 +809,9 @@ def load_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json(path / "metrics.json" if path.is_dir() else path)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise RmoeError(f"{message} (see `rmoe analyze --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``rmoe analyze`` argument parser (errors raise :class:`RmoeError`)."""
-    parser = _ArgumentParser(
+    parser = ToolArgumentParser(
         prog="rmoe analyze",
         description="Routing analysis of a checkpoint written by `rmoe fit`: metrics.json and PNG figures.",
     )

@@ -33,11 +33,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 import torch
 
-from rmoe.errors import RmoeError
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.model.decoder import KVCache, MoeLM
 
 
@@ -293,14 +293,9 @@ def format_routing(generation: Generation, decode: Callable[[list[int]], str], m
     return lines
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise RmoeError(f"{message} (see `rmoe generate --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``rmoe generate`` argument parser (errors raise :class:`RmoeError`)."""
-    p = _ArgumentParser(
+    p = ToolArgumentParser(
         prog="rmoe generate",
         description="Continue prompts with a trained model (a checkpoint of `rmoe fit` or a directory of "
         "`rmoe export`); text is streamed to stdout.",

@@ -33,11 +33,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rmoe.errors import RmoeError
+from rmoe.errors import RmoeError, ToolArgumentParser
 
 if TYPE_CHECKING:
     from rmoe.data.tokenizer import Tokenizer
@@ -600,14 +600,9 @@ def render_html(data: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise RmoeError(f"{message} (see `rmoe inspect --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``rmoe inspect`` argument parser (errors raise :class:`RmoeError`)."""
-    parser = _ArgumentParser(
+    parser = ToolArgumentParser(
         prog="rmoe inspect",
         description="Which experts each token of a text gets and which tokens each expert gets, "
         "in the terminal and as a self-contained HTML page.",

@@ -54,14 +54,7 @@ from rmoe.routers.base import RoutingOutput
 V, E = 40, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: its matrices are tiny, and on a busy 2-core machine two
-    threads make them up to 100x slower (measured); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fixed_routing(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None = None) -> RoutingOutput:

@@ -43,14 +43,7 @@ CHECKPOINTS = (
 ANALYTICS = "{class_path: rmoe.training.analytics.RoutingAnalytics, init_args: {every_n_steps: 2, histograms: false}}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: its matrices are tiny, and on a busy 2-core machine two
-    threads make them up to 100x slower (measured); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

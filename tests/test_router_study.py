@@ -50,13 +50,7 @@ OPTION_CASES = [
 CAUSALITY_CASES = [(r, o, {}) for r, o in CASES + STUDY_CASES] + OPTION_CASES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and on a loaded machine 2 threads stall each other (60x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_every_registered_router_has_a_causality_case():

@@ -30,10 +30,10 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from rmoe.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
-from rmoe.errors import RmoeError
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.inference import EXPORT_KEY, LoadedModel, export_metadata, load_model, non_causal_reason
 from rmoe.interop.qwen2_moe import native_model_type, to_hf_model
 
@@ -321,13 +321,8 @@ def push_to_hub(out: Path, repo_id: str, private: bool = False) -> str:
     return str(getattr(commit, "commit_url", repo_id))
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise RmoeError(f"{message} (see `rmoe export --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(prog="rmoe export", description="Export a checkpoint to a transformers directory.")
+    p = ToolArgumentParser(prog="rmoe export", description="Export a checkpoint to a transformers directory.")
     p.add_argument("model", help="checkpoint (<run>/checkpoints/*.ckpt) or an export directory.")
     p.add_argument("out", help="output directory (new or empty).")
     p.add_argument("--tokenizer", help="override the tokenizer (default: the run's).")

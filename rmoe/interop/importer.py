@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 import yaml
 
 from rmoe.data.tokenizer import HfTokenizer, build_tokenizer
-from rmoe.errors import RmoeError
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.interop.qwen2_moe import from_hf_config, load_hf_weights, read_hf_checkpoint
 from rmoe.model.decoder import MoeLM
 
@@ -114,13 +113,8 @@ def _check_same_logits(model: MoeLM, hf: torch.nn.Module, source: str) -> None:
         raise RmoeError(f"the converted model disagrees with transformers' on {source} (max |logit diff| {error:.3g}).")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise RmoeError(f"{message} (see `rmoe import --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(
+    p = ToolArgumentParser(
         prog="rmoe import",
         description="Convert a local transformers Qwen2-MoE / Qwen3-MoE directory into an rmoe checkpoint.",
     )
