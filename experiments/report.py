@@ -48,6 +48,7 @@ DEFAULT_METRICS = (r"moe/val/(gate_entropy_mean|router_logit_std|load_max_vio|to
 name) and their final values averaged (here: over layers, or consecutive layer pairs for the MI)."""
 
 RUN_FILE = "run.json"
+DONE_FILE = "done.json"  # the sweep's marker of a finished run (experiments/sweep.py)
 SWEEP_FILE = "sweep.yaml"
 TEST_DIR = "test"
 SEED_KEY = "seed"
@@ -106,6 +107,10 @@ class RunResult:
 
     @property
     def complete(self) -> bool:
+        """Logged a validation and, for a sweep's run (it has ``run.json``), finished (``done.json``):
+        a run still training, or interrupted, would enter the table with a shorter budget."""
+        if (self.path / RUN_FILE).is_file() and not (self.path / DONE_FILE).is_file():
+            return False
         return math.isfinite(self.metrics.get("best_val_loss", math.nan))
 
 
@@ -560,7 +565,7 @@ def write_markdown(
         parts += [paired, ""]
     if incomplete:
         parts += [
-            "Left out (no validation result yet: failed or unfinished): "
+            "Left out (failed, unfinished or still running: no sweep marker or no validation yet): "
             + ", ".join(f"`{r.name}`" for r in incomplete),
             "",
         ]

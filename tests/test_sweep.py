@@ -186,6 +186,20 @@ def test_report_marks_routers_that_are_not_causal_in_evaluation(swept, tmp_path)
     assert len(marked) == 1 and marked[0].startswith(f"| {runs[0].labels['router']} \\* |")
 
 
+def test_report_leaves_out_sweep_runs_without_their_done_marker(swept, tmp_path):
+    """A run still training (or interrupted) has events but no done.json: it must not enter the table."""
+    import shutil
+
+    sweep_dir, _, _ = swept
+    root = tmp_path / "root"
+    shutil.copytree(sweep_dir / "sweep", root)
+    (root / f"gru-{SEEDS[0]}" / "done.json").unlink()
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    rows = {row["router"]: row for row in csv.DictReader((tmp_path / "out/results.csv").open())}
+    assert int(rows["gru"]["n"]) == len(SEEDS) - 1 and int(rows["linear"]["n"]) == len(SEEDS)
+    assert f"`gru-{SEEDS[0]}`" in (tmp_path / "out/results.md").read_text().split("Left out")[1]
+
+
 def test_paired_verdict_is_the_95_percent_t_interval():
     paired = report.Paired({"router": "gru"}, [0.10, 0.12, 0.08])  # mean 0.10, std 0.02, t = 8.7 > 4.303
     assert paired.verdict == "worse"
