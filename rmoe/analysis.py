@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from rmoe.analysis_io import read_json, run_dir_of_checkpoint, to_jsonable, write_json
+from rmoe.runs import read_json, run_dir_of_checkpoint, to_jsonable, write_json
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.expert_analysis import (
     DEFAULT_MAX_EXPERT_TOKENS,
@@ -224,7 +224,7 @@ def evaluate_routing(
         ``expert_similarity`` (L,) and ``histograms`` (see :meth:`RoutingHistograms.compute`),
         ``top_k``, and with ``expert_analyses`` the keys of :meth:`TokenExpertStats.compute`
         (without the raw counts), :meth:`ExpertOutputStats.compute` and :func:`weight_analyses`.
-        Tensors stay tensors (see :func:`rmoe.analysis_io.to_jsonable`).
+        Tensors stay tensors (see :func:`rmoe.runs.to_jsonable`).
     """
     model.eval().to(device)
     config = model.config
@@ -618,7 +618,7 @@ def draw_gate_entropy(ax: Axes, metrics: Mapping[str, Any], title: str = "") -> 
 def draw_curves(
     ax: Axes, series: Mapping[str, tuple[Sequence[int], Sequence[float]]], title: str, ylabel: str = ""
 ) -> None:
-    """Lines over training steps, one per layer (``rmoe.analysis_io.layer_series``'s output)."""
+    """Lines over training steps, one per layer (``rmoe.runs.layer_series``'s output)."""
     colors = _layer_colors(len(series))
     for color, (layer, (steps, values)) in zip(colors, series.items()):
         ax.plot(steps, values, color=color, marker="." if len(steps) < 30 else None, label=f"layer {layer}")

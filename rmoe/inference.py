@@ -95,7 +95,7 @@ def load_model(path: str | os.PathLike[str], tokenizer: str | None = None, devic
 
 
 def _load_checkpoint(path: Path, tokenizer: str | None) -> LoadedModel:
-    from rmoe.analysis_io import run_dir_of_checkpoint
+    from rmoe.runs import run_dir_of_checkpoint
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

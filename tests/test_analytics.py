@@ -26,7 +26,7 @@ from tiny import BASE_CONFIGS, tiny_overrides
 
 from rmoe.analysis import RoutingHistograms, analyze_checkpoint, compare, summary_rows
 from rmoe.analysis import main as analyze_main
-from rmoe.analysis_io import find_runs, layer_series, read_scalars, to_jsonable
+from rmoe.runs import find_runs, layer_series, read_scalars, to_jsonable
 from rmoe.cli import main
 from rmoe.errors import RmoeError
 from rmoe.metrics import gate_entropy, router_parameters

@@ -20,7 +20,7 @@ import torch
 from tiny import BASE_CONFIGS, tiny_config, tiny_overrides
 
 from rmoe.analysis import _saturation_checkpoints
-from rmoe.analysis_io import read_scalars
+from rmoe.runs import read_scalars
 from rmoe.cli import main
 from rmoe.data.tokenizer import BpeTokenizer, ByteTokenizer, HfTokenizer
 from rmoe.inspection import (

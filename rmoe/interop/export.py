@@ -235,7 +235,7 @@ def _write_generation_config(out: Path, tok: Tokenizer, model_vocab_size: int) -
 
 def _training_results(source: Path) -> dict[str, float]:
     """Final ``val/*`` and ``test/*`` loss/bpb/ppl of the checkpoint's run (TensorBoard events), if any."""
-    from rmoe.analysis_io import read_scalars, run_dir_of_checkpoint
+    from rmoe.runs import read_scalars, run_dir_of_checkpoint
 
     run_dir = run_dir_of_checkpoint(source)
     if not source.is_file() or not any(run_dir.glob("events.out.tfevents.*")):

@@ -51,7 +51,7 @@ def fit_args(cpu: bool, steps: int, num_devices: int, overrides: list[str]) -> l
 
 def summarise(log_dir: Path, steps: int) -> dict[str, float]:
     """Median of ``train/tokens_per_sec`` and ``train/mfu`` over the second half of the steps."""
-    from rmoe.analysis_io import read_scalars
+    from rmoe.runs import read_scalars
 
     series = read_scalars(log_dir, pattern=r"^train/(tokens_per_sec|mfu)$")
     return {
