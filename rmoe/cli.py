@@ -69,7 +69,8 @@ DESCRIPTION = (
     "Train and evaluate Mixture-of-Experts LMs from YAML (fit, validate, test; see README.md). "
     "Offline routing analysis of a checkpoint: rmoe analyze --help; a text's routing: rmoe inspect --help. "
     "Text generation: rmoe generate --help; "
-    "to and from transformers: rmoe export --help, rmoe import --help."
+    "to and from transformers: rmoe export --help, rmoe import --help. "
+    "Experiments over a grid of configs: rmoe sweep --help; their results table and plots: rmoe report --help."
 )
 
 
@@ -116,12 +117,16 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
 
 
 _TOOLS = {
+    "analyze": "rmoe.analyze",
     "generate": "rmoe.generate",
     "export": "rmoe.interop.export",
     "import": "rmoe.interop.importer",
     "inspect": "rmoe.inspection",
+    "sweep": "rmoe.sweep",
+    "report": "rmoe.report",
 }
-"""Subcommands that are plain argparse programs: name -> module with ``main(argv)``."""
+"""Subcommands that are plain argparse programs: name -> module with ``main(argv)``, imported when
+used. A ``main`` that returns a non-zero exit code (``sweep``, ``report``) ends ``rmoe`` with it."""
 
 
 def _user_error(err: BaseException | None) -> BaseException | None:
@@ -135,14 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rmoe`` command (and ``python -m rmoe``)."""
     try:
         args = sys.argv[1:] if argv is None else list(argv)
-        if args[:1] == ["analyze"]:  # offline routing analysis of a checkpoint: rmoe/analysis.py
-            from rmoe.analysis import main as analyze
-
-            analyze(args[1:])
-        elif args[:1] and args[0] in _TOOLS:  # generate / export / import: argparse tools, not Lightning
+        if args[:1] and args[0] in _TOOLS:  # analyze / inspect / generate / ... : argparse tools, not Lightning
             import importlib
 
-            importlib.import_module(_TOOLS[args[0]]).main(args[1:])
+            returncode = importlib.import_module(_TOOLS[args[0]]).main(args[1:])
+            if returncode:
+                raise SystemExit(returncode)
         else:
             build_cli(args)
     except (ValueError, MisconfigurationException) as err:  # user errors: one paragraph, no traceback

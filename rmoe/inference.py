@@ -59,9 +59,7 @@ def non_causal_reason(config: ModelConfig) -> str | None:
     Sinkhorn routing, Soft MoE and capacity drops are not causal, except in evaluation for the
     routers that offer ``eval_routing: topk`` (S-BASE style) when it is set.
     """
-    from rmoe.routers import causality_of
-
-    reason = causality_of(config).evaluation
+    reason = config.causality().evaluation
     return f"router {config.router!r} is not causal in evaluation: {reason}" if reason else None
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rmoe.errors import RmoeError, ToolArgumentParser
+from rmoe.routers import tokens_per_expert
 
 if TYPE_CHECKING:
     from rmoe.data.tokenizer import Tokenizer
@@ -244,7 +245,7 @@ class TextRouting:
         """``(load_E, {expert: (V',2) [token id, count] most frequent first})`` for one layer, kept pairs."""
         ids_TK, keep_TK = self.expert_ids_LTK[layer], self.keep_LTK[layer]
         E = self.num_experts
-        load_E = torch.bincount(ids_TK[keep_TK], minlength=E)
+        load_E = tokens_per_expert(ids_TK, E, keep_TK)
         tokens_TK = self.token_ids[:, None].expand_as(ids_TK)
         out = {}
         for e in range(E):
@@ -628,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_ids(ckpt: Path, split: str, config: list[str] | None, vocab_size: int, max_tokens: int) -> list[int]:
-    from rmoe.analysis import split_datamodule
+    from rmoe.evaluation.splits import split_datamodule
 
     try:
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)

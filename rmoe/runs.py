@@ -2,8 +2,15 @@
 
 A *run directory* is what ``rmoe fit`` writes under the TensorBoard logger's ``log_dir``
 (``runs/<name>/version_<n>/``): ``events.out.tfevents.*``, ``config.yaml``, ``hparams.yaml``,
-``checkpoints/*.ckpt``. These helpers are what ``notebooks/routing_analysis.ipynb`` and
-:mod:`rmoe.analysis` use to find and load them; they only read (except :func:`write_json`).
+``checkpoints/*.ckpt``. A *sweep root* (``rmoe sweep``) holds one folder per run of its grid,
+``<root>/<run>/``, with the fit's run directory :data:`FIT_DIR`, the test's :data:`TEST_DIR`, the
+log :data:`LOG_FILE`, the plan :data:`PLAN_FILE` and, once finished, the marker
+:data:`MARKER_FILE`; the root keeps a copy of the grid, :data:`SWEEP_COPY`.
+
+This module is the one place that names those files and reads event files: ``rmoe sweep``,
+``rmoe report``, :mod:`rmoe.analysis`, ``notebooks/routing_analysis.ipynb`` and the benchmarks use
+it. It only reads (except :func:`write_json`) and imports nothing from ``rmoe`` but
+:mod:`rmoe.errors`.
 """
 
 from __future__ import annotations
@@ -22,6 +29,25 @@ import torch
 import yaml
 
 from rmoe.errors import RmoeError
+
+EVENTS_GLOB = "events.out.tfevents.*"
+"""The TensorBoard event files of a run directory."""
+
+# The folder of one sweep run, ``<root>/<run>/`` (written by ``rmoe sweep``, read by ``rmoe report``)
+FIT_DIR = "version_0"
+"""The ``rmoe fit`` run directory (the logger's ``version`` is set so the path is deterministic)."""
+TEST_DIR = "test"
+"""The ``rmoe test`` run directory (the logger's ``version``) of the run's best or last checkpoint."""
+LOG_FILE = "stdout.log"
+"""Everything the run printed, appended to on each attempt."""
+PLAN_FILE = "run.json"
+"""What the run is: its grid labels and command lines."""
+MARKER_FILE = "done.json"
+"""Written once fit (and test) succeeded: the run is finished."""
+SWEEP_COPY = "sweep.yaml"
+"""The sweep root's copy of the grid (keys and labels in order)."""
+RESUME_CHECKPOINT = "resume"
+"""``checkpoints/resume.ckpt``: the periodic checkpoint a sweep run resumes from."""
 
 _LAYER_TAG = re.compile(r"^(?P<prefix>.+)/layer_(?P<layer>\d+(?:_\d+)?)$")
 
@@ -83,7 +109,7 @@ def find_runs(patterns: str | Iterable[str]) -> list[Run]:
             if _is_run(path):
                 found.add(path.resolve())
             elif path.is_dir():
-                found.update(p.parent.resolve() for p in path.rglob("events.out.tfevents.*"))
+                found.update(p.parent.resolve() for p in path.rglob(EVENTS_GLOB))
     if not found:
         raise RmoeError(f"no run directory matches {list(patterns)!r} (a run holds events.out.tfevents.* files).")
     runs = [Run(path, "", _read_yaml(path / "config.yaml")) for path in sorted(found)]
@@ -95,7 +121,7 @@ def find_runs(patterns: str | Iterable[str]) -> list[Run]:
 
 
 def _is_run(path: Path) -> bool:
-    return path.is_dir() and (any(path.glob("events.out.tfevents.*")) or (path / "checkpoints").is_dir())
+    return path.is_dir() and (any(path.glob(EVENTS_GLOB)) or (path / "checkpoints").is_dir())
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -110,28 +136,85 @@ def run_dir_of_checkpoint(ckpt: str | os.PathLike[str]) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def read_scalars(run_dir: str | os.PathLike[str], pattern: str | None = None) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run's TensorBoard event files: ``{tag: [(step, value), ...]}``.
+def read_events(
+    directory: str | os.PathLike[str], pattern: str | None = None
+) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar series of a directory's event files: ``{tag: [(step, value, wall_time), ...]}``.
 
     Reads all ``events.out.tfevents.*`` files of the directory (not sub-directories) with
     TensorBoard's ``EventAccumulator`` (no sampling: every point is kept); later files win where
-    a (tag, step) repeats, and each series is sorted by step.
+    a (tag, step) repeats (a resumed run re-logs the steps after its checkpoint), and each series
+    is sorted by step. A directory without event files gives ``{}``.
 
     Args:
-        run_dir: The run directory.
+        directory: The run directory.
         pattern: Keep only tags matching this regular expression (``re.search``).
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     regex = re.compile(pattern) if pattern else None
-    series: dict[str, dict[int, float]] = {}
-    for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    series: dict[str, dict[int, tuple[float, float]]] = {}
+    for events in sorted(Path(directory).glob(EVENTS_GLOB)):
+        # scalars only: every point of them, as little as possible of the rest
+        guidance = {"scalars": 0, "images": 1, "histograms": 1, "tensors": 1}
+        accumulator = EventAccumulator(str(events), size_guidance=guidance)
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
             if regex is None or regex.search(tag):
-                series.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return {tag: sorted(points.items()) for tag, points in sorted(series.items())}
+                points = series.setdefault(tag, {})
+                for event in accumulator.Scalars(tag):
+                    points[event.step] = (event.value, event.wall_time)
+    return {tag: [(s, v, w) for s, (v, w) in sorted(points.items())] for tag, points in sorted(series.items())}
+
+
+def read_scalars(run_dir: str | os.PathLike[str], pattern: str | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run's TensorBoard event files: ``{tag: [(step, value), ...]}``.
+
+    :func:`read_events` without the wall times.
+
+    Args:
+        run_dir: The run directory.
+        pattern: Keep only tags matching this regular expression (``re.search``).
+    """
+    return {tag: [(s, v) for s, v, _ in points] for tag, points in read_events(run_dir, pattern).items()}
+
+
+def find_sweep_runs(root: str | os.PathLike[str]) -> list[tuple[Path, dict[str, str]]]:
+    """The run folders under a sweep root with their grid labels, in sweep order.
+
+    A run folder is a child of ``root`` with a :data:`PLAN_FILE` (written by ``rmoe sweep``) or with
+    ``version_*`` event directories; without the plan its labels are ``{"run": <folder name>}``.
+    Runs are ordered as the labels are in the root's :data:`SWEEP_COPY` when there is one, else by name.
+    """
+    root = Path(root)
+    found = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        plan = path / PLAN_FILE
+        if plan.is_file():
+            labels = {str(k): str(v) for k, v in json.loads(plan.read_text()).get("labels", {}).items()}
+            found.append((path, labels or {"run": path.name}))
+        elif any(path.glob(f"version_*/{EVENTS_GLOB}")):
+            found.append((path, {"run": path.name}))
+    order = _label_order(root)
+    if order:
+        found.sort(key=lambda item: [order.get(k, {}).get(v, len(order.get(k, {}))) for k, v in item[1].items()])
+    return found
+
+
+def _label_order(root: Path) -> dict[str, dict[str, int]]:
+    """``key -> label -> position`` from the sweep's copy of its grid (``<root>/sweep.yaml``)."""
+    grid = _read_yaml(root / SWEEP_COPY).get("grid") or {}
+    return {str(k): {str(label): i for i, label in enumerate(labels)} for k, labels in grid.items()}
+
+
+def fit_dir(run_folder: str | os.PathLike[str]) -> Path | None:
+    """The fit's run directory of a sweep run folder: ``<run>/version_0``, else the newest
+    ``version_*`` holding events, else None."""
+    run_folder = Path(run_folder)
+    candidates = [p for p in run_folder.glob("version_*") if any(p.glob(EVENTS_GLOB))]
+    if (run_folder / FIT_DIR) in candidates:
+        return run_folder / FIT_DIR
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 
 def layer_series(

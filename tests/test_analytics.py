@@ -24,14 +24,16 @@ import pytest
 import torch
 from tiny import BASE_CONFIGS, tiny_overrides
 
-from rmoe.analysis import RoutingHistograms, analyze_checkpoint, compare, summary_rows
-from rmoe.analysis import main as analyze_main
-from rmoe.runs import find_runs, layer_series, read_scalars, to_jsonable
+from rmoe.analyze import analyze_checkpoint, summary_rows
+from rmoe.analyze import main as analyze_main
 from rmoe.cli import main
 from rmoe.errors import RmoeError
+from rmoe.evaluation.routing import RoutingHistograms
+from rmoe.figures import compare
 from rmoe.metrics import gate_entropy, router_parameters
 from rmoe.metrics.stats import PER_LAYER_KEYS, PER_PAIR_KEYS
 from rmoe.model.config import ModelConfig
+from rmoe.runs import find_runs, layer_series, read_scalars, to_jsonable
 from rmoe.training.analytics import RoutingAnalytics, custom_scalars_layout, flatten_hparams
 from rmoe.training.module import MoeLMModule
 
@@ -381,7 +383,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from rmoe.analysis import RoutingHistograms, all_reduce_stats
+from rmoe.evaluation.routing import RoutingHistograms, all_reduce_stats
 from rmoe.metrics import RoutingStats
 from rmoe.routers import topk_softmax
 

@@ -14,7 +14,7 @@ from tiny import BASE_CONFIGS, scalars, tiny_overrides
 from rmoe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# experiment configs only; sweep files (a `grid:` of overrides, experiments/sweep.py) are tested in test_sweep.py
+# experiment configs only; sweep files (a `grid:` of overrides, `rmoe sweep`) are tested in test_sweep.py
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "grid" not in (yaml.safe_load(p.read_text()) or {}))
 
 
@@ -137,12 +137,12 @@ def test_bad_data_files_are_named(kind, tmp_path):
 
 
 def test_deep_cpu_config_trains_with_the_paper_gru_router_and_logs_the_logit_scale(tmp_path):
-    """configs/paper/deep_cpu.yaml (12 layers) with configs/router/gru.yaml, 3 steps through the CLI."""
+    """configs/experiment/deep_cpu.yaml (12 layers) with configs/router/gru.yaml, 3 steps through the CLI."""
     args = [
         *BASE_CONFIGS,
         *(
             "--config",
-            str(ROOT / "configs/paper/deep_cpu.yaml"),
+            str(ROOT / "configs/experiment/deep_cpu.yaml"),
             "--config",
             str(ROOT / "configs/router/gru.yaml"),
         ),

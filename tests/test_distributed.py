@@ -288,9 +288,9 @@ def test_bad_checkpoint_or_optimiser_values_are_one_clear_message(override, frag
 
 
 def test_gpu_check_script_runs_in_its_reduced_cpu_mode(tmp_path):
-    """`python -m rmoe.training.gpu_check --cpu`: its command (bf16-mixed, grouped_mm, DDP) on 2 CPU processes."""
+    """`python benchmarks/gpu_check.py --cpu`: its command (bf16-mixed, grouped_mm, DDP) on 2 CPU processes."""
     tiny = [*tiny_overrides(tmp_path), f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
-    command = [sys.executable, "-m", "rmoe.training.gpu_check", "--cpu", "--steps", "4", *tiny]
+    command = [sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--cpu", "--steps", "4", *tiny]
     process, log = start(command, tmp_path, "gpu_check")
     assert process.wait(timeout=400) == 0, log.read_text()[-4000:]
     line = next(line for line in log.read_text().splitlines() if line.startswith("gpu_check:"))

@@ -16,16 +16,15 @@ import pytest
 import torch
 from tiny import tiny_config
 
-from rmoe.analysis import evaluate_routing
-from rmoe.expert_analysis import (
+from rmoe.evaluation.experts import (
     ExpertOutputStats,
-    compare_expert_figure,
-    expert_figure,
     gate_embeddings,
     moe_blocks,
     router_saturation_between,
     weight_analyses,
 )
+from rmoe.evaluation.routing import evaluate_routing
+from rmoe.figures import compare_expert_figure, expert_figure
 from rmoe.metrics.closer_look import (
     _hungarian_max,
     all_expert_outputs,

@@ -14,7 +14,7 @@ from rmoe.cli import main
 from rmoe.generate import SamplingConfig, filter_logits, generate, left_pad
 from rmoe.inference import non_causal_reason
 from rmoe.model.decoder import KVCache
-from rmoe.routers import ROUTERS, causality_of
+from rmoe.routers import ROUTERS
 
 VARIANTS = {  # case -> (router, options): the option sets that change what a router computes
     "linear": ("linear", {}),
@@ -34,7 +34,7 @@ CAUSAL_ROUTERS = {
     **{
         name: (name, {})
         for name in sorted(ROUTERS)
-        if name not in VARIANTS and causality_of(tiny_config(router=name)).evaluation is None
+        if name not in VARIANTS and tiny_config(router=name).causality().evaluation is None
     },
 }
 

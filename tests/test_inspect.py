@@ -19,8 +19,7 @@ import pytest
 import torch
 from tiny import BASE_CONFIGS, tiny_config, tiny_overrides
 
-from rmoe.analysis import _saturation_checkpoints
-from rmoe.runs import read_scalars
+from rmoe.analyze import _saturation_checkpoints
 from rmoe.cli import main
 from rmoe.data.tokenizer import BpeTokenizer, ByteTokenizer, HfTokenizer
 from rmoe.inspection import (
@@ -34,6 +33,7 @@ from rmoe.inspection import (
 )
 from rmoe.model.decoder import MoeLM
 from rmoe.routers.registry import ROUTERS
+from rmoe.runs import read_scalars
 
 TEXT = "def café(x):\n    return x + 1  # naïve\n"
 CHECKPOINTS = (

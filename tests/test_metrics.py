@@ -535,3 +535,65 @@ def test_summary_on_real_routers(router, options):
         torch.testing.assert_close(summary["drop_ratio"][l], torch.as_tensor(expected_drop).float())
     assert summary["num_tokens"] == 32 and summary["binned_prob_mi"].shape == (3, 3)
     assert ((summary["outer_balance_median"] > 0) & (summary["outer_balance_median"] <= 1 + 1e-6)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The catalog: every metric declared once, everything else derived from it
+# ----------------------------------------------------------------------------------------------
+
+
+def _two_layer_routing(seed: int = 0):
+    from rmoe.routers import topk_softmax
+
+    g = torch.Generator().manual_seed(seed)
+    return [topk_softmax(torch.randn(40, 4, generator=g) * 2, 2, True) for _ in range(3)]
+
+
+def test_every_declared_routing_metric_is_computed_and_logged():
+    from rmoe.metrics.catalog import metrics
+
+    summary = routing_summary(_two_layer_routing(), 4)
+    scalars = summary_scalars(summary)
+    for m in metrics(source="routing"):
+        assert m.name in summary, m.name
+        tag = {
+            "layer": f"routing/{m.name}/layer_2",
+            "pair": f"routing/{m.name}/layer_1_2",
+            "matrix": f"routing/{m.name}/offdiag_mean",
+            "scalar": f"routing/{m.name}",
+        }[m.kind]
+        assert tag in scalars, tag
+
+
+def test_a_metric_is_one_declaration(monkeypatch):
+    """Appending one Metric to the catalog is all it takes: accumulated, logged, charted, in HParams."""
+    from rmoe.metrics import catalog
+    from rmoe.training.analytics import custom_scalars_layout, hparam_metrics
+
+    top1 = catalog.Metric(
+        "top1_prob_mean",
+        "layer",
+        "mean top-1 probability",
+        per_token=lambda b: b.probs_LTE.max(dim=-1).values,
+        hparam=True,
+    )
+    monkeypatch.setattr(catalog, "METRICS", (*catalog.METRICS, top1))
+    routing = _two_layer_routing()
+    stats = RoutingStats(4, max_samples=None)
+    stats.update(routing).update(routing)  # the same batch twice: the mean is unchanged
+    out = stats.compute()
+    expected = torch.stack([r.probs_TE.max(dim=-1).values.mean() for r in routing])
+    torch.testing.assert_close(out["top1_prob_mean"], expected)
+    scalars = summary_scalars(out, prefix="moe/val")
+    assert scalars["moe/val/top1_prob_mean/layer_1"] == pytest.approx(float(expected[1]))
+    assert "top1_prob_mean" in custom_scalars_layout(("val",))["moe (val)"]
+    assert hparam_metrics({}, scalars)["hp/top1_prob_mean"] == pytest.approx(float(expected.double().mean()))
+
+
+def test_a_routing_metric_declares_exactly_one_way_to_compute_it():
+    from rmoe.metrics.catalog import Metric
+
+    with pytest.raises(ValueError, match="exactly one of"):
+        Metric("x", "layer", "", per_token=lambda b: b.probs_LTE, from_state=lambda a: a.state["num_pairs_L"])
+    with pytest.raises(ValueError, match="exactly one of"):
+        Metric("y", "layer", "")

@@ -71,7 +71,7 @@ def naive_experts(experts: GroupedExperts, x_TD: torch.Tensor, routing: RoutingO
 def test_dispatch_equals_naive_loop_forward_and_backward(with_drops):
     torch.manual_seed(1)
     T, D, F_, E, K = 23, 16, 8, 5, 2
-    experts = GroupedExperts(E, D, F_, backend="loop")
+    experts = GroupedExperts(E, D, F_, backend="sliced")
     torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
     torch.nn.init.normal_(experts.down_proj, std=0.3)
     x = torch.randn(T, D, requires_grad=True)

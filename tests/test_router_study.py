@@ -22,7 +22,7 @@ from test_routers import CASES, VOCAB, build, tiny_config
 
 from rmoe import MoeLM, RmoeError
 from rmoe.model.moe import SparseMoeBlock
-from rmoe.routers import ROUTERS, causality_of
+from rmoe.routers import ROUTERS
 from rmoe.routers.soft_moe import SoftMoeRouter
 from rmoe.routers.transport import simplex_threshold, sinkhorn_plan, sparse_plan
 
@@ -79,7 +79,7 @@ def early_logit_changes(model: MoeLM, trials: int = 3) -> list[float]:
 )
 def test_causality_declaration_holds_and_warns_once(router, options, overrides):
     config = tiny_config(router, options, **{"initializer_range": 0.2, **overrides})  # decisive routing
-    causality = causality_of(config)
+    causality = config.causality()
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

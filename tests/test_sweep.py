@@ -1,19 +1,21 @@
-"""The sweep runner and the report (experiments/sweep.py, experiments/report.py), end to end.
+"""The sweep runner and the report (``rmoe sweep``, ``rmoe report``: rmoe/sweep/, rmoe/report/), end to end.
 
 One tiny sweep (2 routers x 2 seeds of a 4-step model, fit + test) is run once for the module
-through the real command line, with real child processes; the tests then re-run it (everything
-skipped), read its report back against the event files, and resume one run next to a failing one.
-The paper sweep files are checked by expanding them (``--dry-run``), without training.
+through the real command line (``python -m rmoe sweep``, a process of its own), with real child
+processes; the tests then re-run it (everything skipped), read its report back against the event
+files (``python -m rmoe report`` once, then in-process), and resume one run next to a failing one.
+The sweep files of configs/sweeps/ are checked by expanding them (``--dry-run``), without training.
 """
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import csv
-import io
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,8 @@ import yaml
 from tiny import ROOT, tiny_overrides
 from tiny import scalars as tiny_scalars
 
-from experiments import report, sweep
+from rmoe import report, runs, sweep
+from rmoe.cli import main as rmoe_main
 
 ROUTERS = ("linear", "gru")
 SEEDS = ("s0", "s1")
@@ -36,6 +39,12 @@ PAPER_SWEEPS = {
     "fig2_depth_gpu": 18,
     "router_study_cpu": 21,  # Liu et al. (arXiv 2401.15969): 6 routers + gru, 3 seeds
 }
+SWEEPS = ROOT / "configs/sweeps"
+
+
+def rmoe_command(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python -m rmoe ARGS``: the real command line, in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "rmoe", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 def sweep_overrides(tmp_path: Path) -> list[str]:
@@ -73,14 +82,12 @@ TINY_ROUTERS = {
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """The tiny sweep, run once: (its directory, the sweep file, what the sweep printed)."""
+    """The tiny sweep, run once by ``rmoe sweep``: (its directory, the sweep file, what the sweep printed)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
     path = write_sweep(tmp_path, "tiny.yaml", TINY_ROUTERS)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        returncode = sweep.main([str(path), "--jobs", "2"])
-    assert returncode == 0, out.getvalue()
-    return tmp_path, path, out.getvalue()
+    result = rmoe_command("sweep", str(path), "--jobs", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp_path, path, result.stdout
 
 
 def scalars(directory: Path, tag: str) -> list[float]:
@@ -109,6 +116,7 @@ def test_sweep_runs_every_combination_in_its_own_directory(swept):
             assert config["seed_everything"] == SEEDS.index(seed)
             assert config["model"]["arch"]["router"] == router
     assert (root / "sweep.yaml").is_file()
+    assert f"report: rmoe report {root} --out docs/results/tiny" in printed
 
 
 def test_second_invocation_skips_finished_runs(swept, capsys):
@@ -124,7 +132,9 @@ def test_second_invocation_skips_finished_runs(swept, capsys):
 def test_report_table_and_plots_match_the_event_files(swept, tmp_path):
     sweep_dir, _, _ = swept
     root = sweep_dir / "sweep"
-    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    result = rmoe_command("report", str(root), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"report: 2 group(s) from 4 run(s) (0 incomplete) -> {tmp_path / 'out'}/results.md")
     out = tmp_path / "out"
     for name in ("results.md", "results.csv", "runs.csv", "val_loss.png", "val_bpb.png", "final_val_bpb.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -177,13 +187,13 @@ def test_report_only_and_paired_differences_match_the_event_files(swept, tmp_pat
 
 def test_report_marks_routers_that_are_not_causal_in_evaluation(swept, tmp_path):
     sweep_dir, _, _ = swept
-    runs = [report.read_run(path, labels) for path, labels in report.find_runs(sweep_dir / "sweep")]
-    assert all(r.metrics[report.NON_CAUSAL_KEY] == 0.0 for r in runs)  # linear and gru are causal
-    runs[0].metrics[report.NON_CAUSAL_KEY] = 1.0  # as parameter_counts says for e.g. expert_choice
-    groups = report.group_runs(runs, ["router"])
+    results = [report.read_run(path, labels) for path, labels in runs.find_sweep_runs(sweep_dir / "sweep")]
+    assert all(r.metrics[report.NON_CAUSAL_KEY] == 0.0 for r in results)  # linear and gru are causal
+    results[0].metrics[report.NON_CAUSAL_KEY] = 1.0  # as parameter_counts says for e.g. expert_choice
+    groups = report.group_runs(results, ["router"])
     table = report.markdown_table(groups, list(report.BASE_COLUMNS))
     marked = [line for line in table.splitlines() if "\\*" in line]
-    assert len(marked) == 1 and marked[0].startswith(f"| {runs[0].labels['router']} \\* |")
+    assert len(marked) == 1 and marked[0].startswith(f"| {results[0].labels['router']} \\* |")
 
 
 def test_report_leaves_out_sweep_runs_without_their_done_marker(swept, tmp_path):
@@ -260,7 +270,7 @@ def test_bad_sweep_file_is_one_paragraph_naming_the_key(doc, fragment, tmp_path,
 
 def test_bad_options_are_reported(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    table1 = "configs/paper/table1_cpu.yaml"
+    table1 = "configs/sweeps/table1_cpu.yaml"
     assert sweep.main([table1, "--dry-run", "--only", "router=nope"]) == 2
     assert "unknown label(s) nope of 'router'" in capsys.readouterr().err
     assert sweep.main([table1, "--dry-run", "--only", "size=big"]) == 2
@@ -271,18 +281,24 @@ def test_bad_options_are_reported(tmp_path, capsys, monkeypatch):
     assert sweep.main([table1, "--dry-run", *narrowed]) == 0  # a fresh root: runs under ./runs may be finished
     printed = capsys.readouterr().out
     assert printed.count("\n# [") == 6 and printed.count("trainer.max_steps=7") == 6
+    with pytest.raises(SystemExit) as exit_info:  # through `rmoe`: the sweep's exit code is rmoe's
+        rmoe_main(["sweep", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2 and "sweep: error: sweep file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        rmoe_main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "report: error: sweep root" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_SWEEPS))
 def test_paper_sweeps_expand_to_the_expected_runs(name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # config paths are relative to the repository root
-    path = ROOT / "configs/paper" / f"{name}.yaml"
+    path = SWEEPS / f"{name}.yaml"
     parsed = sweep.load_sweep(path)  # checks that every config file exists
     runs = sweep.expand(parsed)
     assert parsed.name == name and len(runs) == PAPER_SWEEPS[name]
     assert len({run.name for run in runs}) == len(runs)
     size = {"table1_deep_cpu": "deep_cpu"}.get(name, "cpu_size" if name.endswith("_cpu") else "medium_gpu")
-    assert f"configs/paper/{size}.yaml" in parsed.configs
+    assert f"configs/experiment/{size}.yaml" in parsed.configs
     # same token budget in every run: no grid value touches the steps, the batch or the block
     for labels in parsed.grid.values():
         for value in labels.values():
@@ -296,10 +312,59 @@ def test_paper_sweeps_expand_to_the_expected_runs(name, capsys, monkeypatch):
         assert f"# [{i + 1}/{len(runs)}] {run.name} (" in printed
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs/sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+OTHER_SWEEPS = sorted(p for p in SWEEPS.glob("*.yaml") if p.stem not in PAPER_SWEEPS)
+
+
+@pytest.mark.parametrize("path", OTHER_SWEEPS, ids=lambda p: p.stem)
 def test_other_sweep_files_expand(path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     runs = sweep.expand(sweep.load_sweep(path))
     assert runs and len({run.name for run in runs}) == len(runs)
     assert sweep.main([str(path), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("\n# [") == len(runs)
+
+
+def test_config_folders_hold_one_kind_of_file():
+    """configs/sweeps/ holds sweep files (a ``grid:``), configs/experiment/ ``rmoe fit`` override files."""
+    for path in SWEEPS.glob("*.yaml"):
+        assert "grid" in (yaml.safe_load(path.read_text()) or {}), path
+    for path in (ROOT / "configs/experiment").glob("*.yaml"):
+        assert "grid" not in (yaml.safe_load(path.read_text()) or {}), path
+    assert not (ROOT / "configs/paper").exists()
+
+
+RUN_FOLDER_NAMES = {
+    runs.FIT_DIR,
+    runs.TEST_DIR,
+    runs.LOG_FILE,
+    runs.PLAN_FILE,
+    runs.MARKER_FILE,
+    runs.SWEEP_COPY,
+    runs.RESUME_CHECKPOINT,
+    runs.EVENTS_GLOB,
+}
+
+
+def test_run_folder_file_names_are_declared_only_in_rmoe_runs():
+    """rmoe/runs.py is the one module that spells the sweep run folder's file names (as string literals)."""
+    assert {"done.json", "run.json", "stdout.log", "sweep.yaml", "version_0"} <= RUN_FOLDER_NAMES
+    names = RUN_FOLDER_NAMES - {runs.TEST_DIR, runs.RESUME_CHECKPOINT}  # "test" and "resume" are common words
+    found = []
+    for path in sorted((ROOT / "rmoe").rglob("*.py")):
+        if path == ROOT / "rmoe/runs.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}  # docstrings
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if any(name in node.value for name in names):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not found, "run-folder file names outside rmoe/runs.py (import them from rmoe.runs):\n" + "\n".join(found)
+
+
+def test_rmoe_runs_is_a_leaf_module():
+    """rmoe/runs.py (read by sweep, report, analysis, export, the benchmarks) imports nothing of rmoe but its errors."""
+    tree = ast.parse((ROOT / "rmoe/runs.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name for name in imported if name == "rmoe" or name.startswith("rmoe.")} == {"rmoe.errors"}

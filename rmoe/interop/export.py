@@ -235,10 +235,10 @@ def _write_generation_config(out: Path, tok: Tokenizer, model_vocab_size: int) -
 
 def _training_results(source: Path) -> dict[str, float]:
     """Final ``val/*`` and ``test/*`` loss/bpb/ppl of the checkpoint's run (TensorBoard events), if any."""
-    from rmoe.runs import read_scalars, run_dir_of_checkpoint
+    from rmoe.runs import EVENTS_GLOB, read_scalars, run_dir_of_checkpoint
 
     run_dir = run_dir_of_checkpoint(source)
-    if not source.is_file() or not any(run_dir.glob("events.out.tfevents.*")):
+    if not source.is_file() or not any(run_dir.glob(EVENTS_GLOB)):
         return {}
     series = read_scalars(run_dir, pattern=r"^(val|test)/(loss|bpb|ppl)$")
     return {tag: points[-1][1] for tag, points in series.items() if points}

@@ -8,17 +8,25 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from rmoe.routers.base import Router
+
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters whose name contains ``router``, by name.
-
-    This covers every layer's router (``layers.{i}.mlp.router.*``) and the parameters shared by
-    all layers (``shared_router.*``, e.g. RMoE's GRU cell), each counted once. Frozen routers
-    (buffers, or ``requires_grad`` False) contribute nothing.
+    """Trainable parameters of the routers, by name: those of every :class:`~rmoe.routers.Router`
+    module (``layers.{i}.mlp.router.*``) and of the module its router class shares across layers
+    (``Router.shared``, held once by the decoder as ``shared_router.*``, e.g. RMoE's GRU cell),
+    each counted once. Found by type, not by name. Frozen routers (buffers, or ``requires_grad``
+    False) contribute nothing.
     """
-    return {name: p for name, p in model.named_parameters() if "router" in name and p.requires_grad}
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    shared = {id(r.shared) for r in routers if r.shared is not None}
+    out: dict[str, nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, Router) or id(module) in shared:
+            out.update({f"{prefix}.{name}": p for name, p in module.named_parameters() if p.requires_grad})
+    return out
 
 
 def router_group(name: str) -> str:

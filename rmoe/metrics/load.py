@@ -2,7 +2,8 @@
 
 Shape legend: T tokens, E experts, K chosen experts per token (the width of ``expert_ids_TK``).
 A "load" ``load_E`` is the number of routed (token, expert) assignments per expert, as returned
-by :func:`tokens_per_expert` (or accumulated over batches by :class:`rmoe.metrics.RoutingStats`).
+by :func:`rmoe.routers.tokens_per_expert` (re-exported here), or accumulated over batches by
+:class:`rmoe.metrics.RoutingStats`.
 Every function runs under ``torch.no_grad()`` and leaves its inputs untouched.
 """
 
@@ -12,30 +13,10 @@ import math
 
 import torch
 
+from rmoe.routers.base import tokens_per_expert  # noqa: F401  (re-exported: the one count)
+
 
 @torch.no_grad()
-def tokens_per_expert(
-    expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Number of routed (token, expert) assignments per expert.
-
-    With a capacity mask only the kept pairs count (dropped pairs are not computed by the expert).
-    No host synchronisation: dropped pairs are sent to an extra bin E that is cut off.
-
-    Args:
-        expert_ids_TK: Chosen expert ids (T, K), int64.
-        num_experts: E.
-        keep_TK: Optional (T, K) bool mask, False where the pair was dropped.
-
-    Returns:
-        ``load_E``: (E,) int64 counts; they sum to T*K (or to the number of kept pairs).
-    """
-    ids_S = expert_ids_TK.reshape(-1)
-    if keep_TK is not None:
-        ids_S = ids_S.masked_fill(~keep_TK.reshape(-1), num_experts)  # out of place
-    return torch.bincount(ids_S, minlength=num_experts + 1)[:num_experts]
-
-
 @torch.no_grad()
 def load_coefficient_of_variation(load_E: torch.Tensor) -> torch.Tensor:
     """Coefficient of variation ``std(load) / mean(load)`` with the population std (ddof 0).

@@ -5,61 +5,57 @@ Shape legend: T tokens, E experts, K chosen experts per token, L MoE layers (ind
 in ``MoeLMOutput.routing``, i.e. the l-th MoE layer in depth order), P = L - 1 consecutive pairs,
 N sampled tokens, V per-token values (gate entropy, inner balance, outer balance).
 
-Every definition lives in :mod:`rmoe.metrics.load`, :mod:`rmoe.metrics.gates` and
-:mod:`rmoe.metrics.information`; this module only batches and accumulates them.
+Every metric is declared once in :mod:`rmoe.metrics.catalog` (its definition lives in
+:mod:`rmoe.metrics.load`, :mod:`rmoe.metrics.gates` or :mod:`rmoe.metrics.information`); this
+module only batches and accumulates what the declarations ask for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from rmoe.metrics.gates import gate_entropy, router_logit_variance, router_z, sorted_top_scores, top1_expert_ids
-from rmoe.metrics.information import (
-    NUM_PROB_BINS,
-    binned_log_count_sums,
-    binned_mi_from_log_count_sums,
-    consecutive_joint_histograms,
-    entropy_from_counts,
-    mutual_information,
-    normalized_mutual_information,
-    path_keys,
-    unique_with_counts,
-)
-from rmoe.metrics.load import (
-    load_coefficient_of_variation,
-    load_entropy,
-    max_violation,
-    num_dead_experts,
-    tokens_per_expert,
-)
+from rmoe.metrics.catalog import STATISTICS, Accumulated, Metric, RoutingBatch, metrics
+from rmoe.metrics.information import NUM_PROB_BINS, entropy_from_counts, path_keys, unique_with_counts
 
 if TYPE_CHECKING:
     from rmoe.routers.base import RoutingOutput
 
 DEFAULT_MAX_SAMPLES = 65536
 DEFAULT_MAX_PATHS = 1 << 21
-_SAMPLED = ("gate_entropy", "inner_balance", "outer_balance")  # the V per-token values kept in the sample
 
-# Keys of the summary dict, for callers that log it (see summary_scalars).
-PER_LAYER_KEYS = (
-    "load_cv",
-    "load_max_vio",
-    "num_dead_experts",
-    "load_entropy",
-    "drop_ratio",
-    "token_drop_ratio",
-    "gate_entropy_mean",
-    "gate_entropy_median",
-    "inner_balance_median",
-    "outer_balance_median",
-    "router_z_mean",
-    "router_logit_std",
-    "top1_entropy",
-)
-PER_PAIR_KEYS = ("top1_mi", "top1_nmi")
+
+class _Groups(NamedTuple):
+    """The routing metrics of :data:`rmoe.metrics.catalog.METRICS`, by how they are accumulated."""
+
+    routing: tuple[Metric, ...]
+    means: tuple[Metric, ...]  # kept as float64 sums over tokens
+    sampled: tuple[Metric, ...]  # the V per-token values of the reservoir sample
+    from_state: tuple[Metric, ...]
+    sample_names: tuple[str, ...]  # gate_entropy, inner_balance, outer_balance
+
+    def keys(self, kind: str) -> tuple[str, ...]:
+        return tuple(m.name for m in self.routing if m.kind == kind)
+
+
+def _groups() -> _Groups:
+    """Read from the declarations at each use, so a metric added to the catalog needs nothing else."""
+    routing = metrics(source="routing")
+    sampled = tuple(m for m in routing if m.sample is not None)
+    return _Groups(
+        routing,
+        tuple(m for m in routing if m.per_token is not None),
+        sampled,
+        tuple(m for m in routing if m.from_state is not None),
+        tuple(m.name.removesuffix("_median") for m in sampled),
+    )
+
+
+# Keys of the summary dict, for callers that log it (see summary_scalars), from the declarations.
+PER_LAYER_KEYS = _groups().keys("layer")
+PER_PAIR_KEYS = _groups().keys("pair")
 
 
 class RoutingStats:
@@ -114,6 +110,7 @@ class RoutingStats:
         self.max_paths = max_paths
         self.num_bins = num_bins
         self.seed = seed
+        self._groups = _groups()
         self.reset()
 
     def reset(self) -> None:
@@ -129,22 +126,13 @@ class RoutingStats:
     # State
 
     def _init_state(self, num_layers: int, device: torch.device) -> None:
-        L, E = num_layers, self.num_experts
-        i64 = {"dtype": torch.int64, "device": device}
-        f64 = {"dtype": torch.float64, "device": device}
-        self.num_layers = L
-        self._state = {
-            "num_tokens": torch.zeros((), **i64),
-            "tokens_per_expert_LE": torch.zeros(L, E, **i64),
-            "num_pairs_L": torch.zeros(L, **i64),
-            "num_dropped_tokens_L": torch.zeros(L, **i64),
-            "top1_counts_LE": torch.zeros(L, E, **i64),
-            "top1_joint_PEE": torch.zeros(max(L - 1, 0), E, E, **i64),
-            "gate_entropy_sum_L": torch.zeros(L, **f64),
-            "router_z_sum_L": torch.zeros(L, **f64),
-            "logit_var_sum_L": torch.zeros(L, **f64),
-            "binned_log_count_sum_LL": torch.zeros(L, L, **f64),
-        }
+        sizes = {"L": num_layers, "E": self.num_experts, "P": max(num_layers - 1, 0)}
+        self.num_layers = num_layers
+        self._state = {"num_tokens": torch.zeros((), dtype=torch.int64, device=device)}
+        for stat in STATISTICS:
+            self._state[stat.name] = torch.zeros([sizes[c] for c in stat.shape], dtype=stat.dtype, device=device)
+        for m in self._groups.means:
+            self._state[m.sum_key] = torch.zeros(num_layers, dtype=torch.float64, device=device)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The live count and sum tensors (all add up across processes: ``all_reduce`` with SUM in
@@ -162,57 +150,24 @@ class RoutingStats:
         """
         if not routing:
             return self
-        L, E = len(routing), self.num_experts
-        probs_LTE = torch.stack([r.probs_TE.float() for r in routing])
-        device = probs_LTE.device
-        T = probs_LTE.shape[1]
+        batch = RoutingBatch(routing, self.num_experts, self.top_k, self.num_bins)
+        L, T = batch.num_layers, batch.num_tokens
         if self.num_layers is None:
-            self._init_state(L, device)
+            self._init_state(L, batch.probs_LTE.device)
         elif self.num_layers != L:
             raise ValueError(f"RoutingStats got {L} MoE layers after {self.num_layers}")
         s = self._state
-
-        load_LE = torch.stack([tokens_per_expert(r.expert_ids_TK, E, r.keep_TK) for r in routing])
-        s["tokens_per_expert_LE"] += load_LE.to(s["tokens_per_expert_LE"].device)
-        s["num_pairs_L"] += torch.tensor([r.expert_ids_TK.numel() for r in routing], device=s["num_pairs_L"].device)
-        dropped_L = torch.stack([_num_fully_dropped(r) for r in routing])
-        s["num_dropped_tokens_L"] += dropped_L.to(s["num_dropped_tokens_L"].device)
         s["num_tokens"] += T
-
-        top1_LT = torch.stack([top1_expert_ids(r.expert_ids_TK, r.weights_TK, r.probs_TE, r.keep_TK) for r in routing])
-        s["top1_counts_LE"] += _bincount_rows(top1_LT, E).to(s["top1_counts_LE"].device)
-        s["top1_joint_PEE"] += consecutive_joint_histograms(top1_LT, E).to(s["top1_joint_PEE"].device)
-
-        entropy_LT = gate_entropy(probs_LTE)
-        logits_LTE = torch.stack([r.logits_TE.float() for r in routing])
-        z_LT = router_z(logits_LTE)
-        var_LT = router_logit_variance(logits_LTE.flatten(0, 1)).view(L, T)
-        s["gate_entropy_sum_L"] += entropy_LT.sum(dim=1, dtype=torch.float64).to(s["gate_entropy_sum_L"].device)
-        s["router_z_sum_L"] += z_LT.sum(dim=1, dtype=torch.float64).to(s["router_z_sum_L"].device)
-        s["logit_var_sum_L"] += var_LT.sum(dim=1, dtype=torch.float64).to(s["logit_var_sum_L"].device)
-        sums_LL = binned_log_count_sums(probs_LTE, self.num_bins)
-        s["binned_log_count_sum_LL"] += sums_LL.to(s["binned_log_count_sum_LL"].device)
-
-        values_TVL = torch.stack([entropy_LT, *self._balances(probs_LTE, routing)], dim=0).permute(2, 0, 1)
-        self._offer_samples(values_TVL)
-        keys, counts_N = unique_with_counts(path_keys(top1_LT, E))
+        for stat in STATISTICS:
+            s[stat.name] += stat.update(batch).to(device=s[stat.name].device, dtype=stat.dtype)
+        g = self._groups
+        for m in g.means:
+            s[m.sum_key] += m.per_token(batch).sum(dim=1, dtype=torch.float64).to(s[m.sum_key].device)
+        if g.sampled:
+            self._offer_samples(torch.stack([m.sample(batch) for m in g.sampled], dim=0).permute(2, 0, 1))
+        keys, counts_N = unique_with_counts(path_keys(batch.top1_LT, self.num_experts))
         self._paths.add(keys, counts_N, T)
         return self
-
-    def _balances(self, probs_LTE: torch.Tensor, routing: Sequence[RoutingOutput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inner balance (L, T), outer balance (L, T)) from one top-k over all layers."""
-        L, T, E = probs_LTE.shape
-        ks = [self.top_k or r.expert_ids_TK.shape[1] for r in routing]
-        top_LTk = sorted_top_scores(probs_LTE, min(E, max(2, *ks)))
-        if E < 2:
-            inner_LT = torch.full((L, T), float("nan"), device=probs_LTE.device)
-        else:
-            inner_LT = top_LTk[..., 0] / top_LTk[..., 1]
-        if len(set(ks)) == 1:
-            outer_LT = top_LTk[..., : ks[0]].sum(dim=-1)
-        else:
-            outer_LT = torch.stack([top_LTk[l, :, :k].sum(dim=-1) for l, k in enumerate(ks)])
-        return inner_LT, outer_LT
 
     def _offer_samples(self, values_NVL: torch.Tensor) -> None:
         """Vectorised Algorithm R: fill the reservoir, then item g (0-based, over all tokens seen)
@@ -319,33 +274,25 @@ class RoutingStats:
             raise ValueError("RoutingStats.compute before any update with MoE layers")
         s = {name: t.cpu() for name, t in self._state.items()}
         num_tokens = int(s["num_tokens"])
-        load_LE = s["tokens_per_expert_LE"]
-        joint_PEE = s["top1_joint_PEE"]
-        sample_NVL = self._sample_NVL.cpu() if self._sample_NVL is not None else torch.zeros(0, 3, self.num_layers)
-        samples = {name: sample_NVL[:, v, :].contiguous() for v, name in enumerate(_SAMPLED)}
+        g = self._groups
+        V = len(g.sampled)
+        sample_NVL = self._sample_NVL.cpu() if self._sample_NVL is not None else torch.zeros(0, V, self.num_layers)
+        samples = {name: sample_NVL[:, v, :].contiguous() for v, name in enumerate(g.sample_names)}
+        accumulated = Accumulated(s, num_tokens, self.num_experts)
+        values: dict[str, Any] = {m.name: m.from_state(accumulated) for m in g.from_state}
+        for m in g.means:
+            mean_L = s[m.sum_key] / num_tokens
+            values[m.name] = (m.finish(mean_L) if m.finish is not None else mean_L).float()
+        for m, name in zip(g.sampled, g.sample_names):
+            values[m.name] = _lower_median(samples[name])
         out: dict[str, Any] = {
             "num_tokens": num_tokens,
             "num_layers": self.num_layers,
             "num_experts": self.num_experts,
-            "tokens_per_expert": load_LE,
-            "load_cv": load_coefficient_of_variation(load_LE),
-            "load_max_vio": max_violation(load_LE),
-            "num_dead_experts": num_dead_experts(load_LE),
-            "load_entropy": load_entropy(load_LE),
-            "drop_ratio": (1.0 - load_LE.sum(dim=-1).double() / s["num_pairs_L"].double()).float(),
-            "token_drop_ratio": (s["num_dropped_tokens_L"].double() / num_tokens).float(),
-            "gate_entropy_mean": (s["gate_entropy_sum_L"] / num_tokens).float(),
-            "router_z_mean": (s["router_z_sum_L"] / num_tokens).float(),
-            "router_logit_std": (s["logit_var_sum_L"] / num_tokens).sqrt().float(),
-            **{f"{name}_median": _lower_median(samples[name]) for name in _SAMPLED},
-            **{f"{name}_sample": samples[name] for name in _SAMPLED},
+            "tokens_per_expert": s["tokens_per_expert_LE"],
+            **{m.name: values[m.name] for m in g.routing if m.name in values},
+            **{f"{name}_sample": samples[name] for name in g.sample_names},
             "num_sampled_tokens": int(sample_NVL.shape[0]),
-            "top1_entropy": entropy_from_counts(s["top1_counts_LE"]).float(),
-            "top1_mi": mutual_information(joint_PEE).float(),
-            "top1_nmi": normalized_mutual_information(joint_PEE).float(),
-            "binned_prob_mi": binned_mi_from_log_count_sums(
-                s["binned_log_count_sum_LL"], num_tokens, self.num_experts
-            ).float(),
         }
         counts_N = self._paths.counts().cpu()
         out["num_paths"] = int(counts_N.numel())
@@ -354,15 +301,16 @@ class RoutingStats:
         out["paths_truncated"] = self._paths.truncated
         return out
 
-    def __getstate__(self) -> dict[str, Any]:  # torch.Generator does not pickle: keep its state
+    def __getstate__(self) -> dict[str, Any]:  # torch.Generator does not pickle (nor do the declarations)
         state = self.__dict__.copy()
         state["_generator"] = self._generator.get_state()
+        del state["_groups"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         generator = torch.Generator()
         generator.set_state(state["_generator"])
-        self.__dict__.update(state, _generator=generator)
+        self.__dict__.update(state, _generator=generator, _groups=_groups())
 
 
 class PathCounts:
@@ -469,39 +417,27 @@ def summary_scalars(summary: dict[str, Any], prefix: str = "routing") -> dict[st
     metrics stay scalars. Loads per expert and the token samples are left out (log them as
     histograms).
     """
+    g = _groups()
     out: dict[str, float] = {}
-    for key in PER_LAYER_KEYS:
+    for key in g.keys("layer"):
         values = summary[key].double()
         out.update({f"{prefix}/{key}/layer_{l}": float(v) for l, v in enumerate(values)})
         out[f"{prefix}/{key}/mean"] = float(values.mean())
-    for key in PER_PAIR_KEYS:
+    for key in g.keys("pair"):
         values = summary[key].double()
         out.update({f"{prefix}/{key}/layer_{l}_{l + 1}": float(v) for l, v in enumerate(values)})
         if values.numel():
             out[f"{prefix}/{key}/mean"] = float(values.mean())
-    mi_LL = summary["binned_prob_mi"].double()
-    L = mi_LL.shape[0]
-    out[f"{prefix}/binned_prob_mi/diag_mean"] = float(mi_LL.diagonal().mean())
-    if L > 1:
-        out[f"{prefix}/binned_prob_mi/offdiag_mean"] = float(mi_LL[~torch.eye(L, dtype=torch.bool)].mean())
-        out[f"{prefix}/binned_prob_mi/adjacent_mean"] = float(mi_LL.diagonal(1).mean())
-    for key in ("num_paths", "path_entropy", "num_tokens"):
+    for key in g.keys("matrix"):
+        m_LL = summary[key].double()
+        L = m_LL.shape[0]
+        out[f"{prefix}/{key}/diag_mean"] = float(m_LL.diagonal().mean())
+        if L > 1:
+            out[f"{prefix}/{key}/offdiag_mean"] = float(m_LL[~torch.eye(L, dtype=torch.bool)].mean())
+            out[f"{prefix}/{key}/adjacent_mean"] = float(m_LL.diagonal(1).mean())
+    for key in g.keys("scalar"):
         out[f"{prefix}/{key}"] = float(summary[key])
     return out
-
-
-def _num_fully_dropped(routing: RoutingOutput) -> torch.Tensor:
-    """Number of tokens with no kept pair (0-d int64)."""
-    if routing.keep_TK is None:
-        return torch.zeros((), dtype=torch.int64, device=routing.expert_ids_TK.device)
-    return (~routing.keep_TK.any(dim=-1)).sum()
-
-
-def _bincount_rows(ids_LT: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Per-row histograms of ids in [0, num_bins): (L, num_bins) int64."""
-    L = ids_LT.shape[0]
-    offset_L1 = torch.arange(L, device=ids_LT.device)[:, None] * num_bins
-    return torch.bincount((ids_LT + offset_L1).reshape(-1), minlength=L * num_bins).view(L, num_bins)
 
 
 def _lower_median(values_NL: torch.Tensor) -> torch.Tensor:

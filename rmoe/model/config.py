@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rmoe.errors import RmoeError
+from rmoe.routers import Causality, RouterContext, causality_of, get_router_class
+
+EXPERT_BACKENDS = ("auto", "grouped_mm", "sliced")
 
 
 @dataclass
@@ -46,7 +49,9 @@ class ModelConfig:
         router: Registered router name (see ``rmoe.routers.ROUTERS``).
         router_options: Options of that router (each router documents its own).
         expert_backend: How experts run: ``grouped_mm`` (one fused grouped matmul per projection,
-            CUDA), ``loop`` (contiguous per-expert slices after one sort, best on CPU) or ``auto``.
+            CUDA), ``sliced`` (one sort, then a matmul on each expert's contiguous slice of the
+            sorted tokens with a hand-written backward; best on CPU) or ``auto`` (``grouped_mm``
+            where its fused kernel exists, else ``sliced``). ``loop`` was ``sliced``'s old name.
         initializer_range: Std of the normal init; residual output projections are further scaled
             by ``1/sqrt(2 * num_layers)`` (GPT-2) unless ``scale_residual_init`` is false.
         scale_residual_init: See ``initializer_range``.
@@ -73,7 +78,7 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     router: str = "linear"
     router_options: dict[str, Any] = field(default_factory=dict)
-    expert_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
+    expert_backend: Literal["auto", "grouped_mm", "sliced"] = "auto"
     initializer_range: float = 0.02
     scale_residual_init: bool = True
 
@@ -141,13 +146,30 @@ class ModelConfig:
             raise RmoeError(
                 f"model.arch.mlp_only_layers has {bad_layers}, outside the layer range 0..{self.num_layers - 1}."
             )
-        if self.expert_backend not in ("auto", "grouped_mm", "loop"):
+        if self.expert_backend not in EXPERT_BACKENDS:
+            renamed = " (`loop` is now called `sliced`)" if self.expert_backend == "loop" else ""
             raise RmoeError(
-                f"model.arch.expert_backend={self.expert_backend!r}; expected one of: auto, grouped_mm, loop."
+                f"model.arch.expert_backend={self.expert_backend!r}; expected one of: "
+                f"{', '.join(EXPERT_BACKENDS)}{renamed}."
             )
-        from rmoe.routers import get_router_class
-
         get_router_class(self.router).parse_options(self.router_options)
+
+    def router_context(self) -> RouterContext:
+        """What the routers are told about this model (the router seam's only view of the config)."""
+        return RouterContext(
+            router=self.router,
+            router_options=dict(self.router_options),
+            hidden_size=self.hidden_size,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            norm_topk_prob=self.norm_topk_prob,
+            initializer_range=self.initializer_range,
+            moe_layers=tuple(self.moe_layers),
+        )
+
+    def causality(self) -> Causality:
+        """Whether this model's router is causal in training and in evaluation (:class:`~rmoe.routers.Causality`)."""
+        return causality_of(self.router_context())
 
 
 def _divisors(n: int) -> list[int]:

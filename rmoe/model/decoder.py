@@ -252,7 +252,9 @@ class MoeLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # Router parameters shared by all layers (e.g. RMoE's GRU cell); owned here, once.
-        self.shared_router = get_router_class(config.router).build_shared(config) if config.moe_layers else None
+        self.shared_router = (
+            get_router_class(config.router).build_shared(config.router_context()) if config.moe_layers else None
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i, self.shared_router) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

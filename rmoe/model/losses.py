@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from rmoe.routers import RoutingOutput
+from rmoe.routers import RoutingOutput, tokens_per_expert
 
 
 def expert_counts(routing: RoutingOutput, num_experts: int) -> torch.Tensor:
-    """Number of routed (token, expert) assignments per expert, shape ``(E,)``, fp32, no gradient.
-
-    A ``scatter_add_`` into a fixed-size tensor, not ``bincount`` (whose output size needs a host sync on CUDA).
-    """
-    ids = routing.expert_ids_TK.reshape(-1).to(routing.probs_TE.device)
-    counts_E = torch.zeros(num_experts, device=ids.device, dtype=torch.float32)
-    return counts_E.scatter_add_(0, ids, torch.ones(ids.numel(), device=ids.device))
+    """Number of routed (token, expert) assignments per expert before any capacity drop, shape
+    ``(E,)``, fp32, no gradient, on the probabilities' device (:func:`rmoe.routers.tokens_per_expert`)."""
+    return tokens_per_expert(routing.expert_ids_TK.to(routing.probs_TE.device), num_experts).float()
 
 
 def load_balancing_loss(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmoe.model.config import ModelConfig
-from rmoe.routers import RoutingOutput, get_router_class
+from rmoe.routers import RoutingOutput, get_router_class, tokens_per_expert
 
 
 class SwiGLU(nn.Module):
@@ -43,7 +43,7 @@ def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     In torch 2.13 that is bf16 operands on CUDA compute capability 9.x/10.x (Hopper, Blackwell);
     anything else (fp32 or fp16, A100, CPU) takes a fallback that copies the offsets to the host
     at every call (forward and backward: six syncs per layer) and loops over the groups, which
-    is what the ``loop`` backend does with one sync per layer.
+    is what the ``sliced`` backend does with one sync per layer.
     """
     if not hasattr(F, "grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
         return False
@@ -65,7 +65,7 @@ class GroupedExperts(nn.Module):
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
         if self.backend == "auto":
-            return "grouped_mm" if _grouped_mm_available(x.device, self._compute_dtype(x)) else "loop"
+            return "grouped_mm" if _grouped_mm_available(x.device, self._compute_dtype(x)) else "sliced"
         return self.backend
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -96,14 +96,13 @@ class GroupedExperts(nn.Module):
 
         ids_S = expert_ids_TK.reshape(-1)  # (S,)
         order_S = torch.argsort(ids_S, stable=True)  # (S,) pair index, grouped by expert
-        counts_E1 = torch.bincount(ids_S, minlength=E + 1)  # (E+1,) last slot: dropped pairs
+        counts_E = tokens_per_expert(ids_S, E)  # (E,) kept pairs per expert (dropped ones have id E)
         dtype = self._compute_dtype(x_TD)
         if self._resolve_backend(x_TD) == "grouped_mm":
             out_TD = self._grouped_mm_forward(
-                x_TD.to(dtype), weights_TK, order_S, counts_E1[:E], has_drops=keep_TK is not None
+                x_TD.to(dtype), weights_TK, order_S, counts_E, has_drops=keep_TK is not None
             )
         else:
-            counts_E = counts_E1[:E].tolist()  # the one host sync of this layer
             with torch.autocast(x_TD.device.type, enabled=False):  # cast by hand: mm(out=) is not autocast-aware
                 out_TD = _SlicedExperts.apply(
                     x_TD.to(dtype),
@@ -111,7 +110,7 @@ class GroupedExperts(nn.Module):
                     self.gate_up_proj.to(dtype),
                     self.down_proj.to(dtype),
                     order_S,
-                    counts_E,
+                    counts_E.tolist(),  # the one host sync of this layer
                 )
         return out_TD.to(x_TD.dtype)
 
@@ -263,7 +262,7 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int, shared_router: nn.Module | None) -> None:
         super().__init__()
-        self.router = get_router_class(config.router)(config, layer_idx, shared_router)
+        self.router = get_router_class(config.router)(config.router_context(), layer_idx, shared_router)
         self.experts = GroupedExperts(
             config.num_experts, config.hidden_size, config.moe_intermediate_size, config.expert_backend
         )

@@ -1,40 +1,39 @@
-"""The router registry. Importing this package registers every router (one module each)."""
+"""The router registry. Importing this package imports every module of it, and so registers
+every router: a new router is one file here (a class decorated with ``@register_router``), its
+config under ``configs/router/`` and its test; no list to edit."""
 
-from rmoe.routers import (  # noqa: F401  (registers)
-    cosine,
-    expert_choice,
-    hyper,
-    linear,
-    locmoe,
-    mlp,
-    random_router,
-    recurrent,
-    sinkhorn,
-    soft_moe,
-)
 from rmoe.routers.base import (
     CAUSAL,
     Causality,
     Router,
+    RouterContext,
     RoutingOutput,
     TokenChoiceOptions,
     TokenChoiceRouter,
+    expert_capacity,
     fp32_linear,
+    tokens_per_expert,
     topk_softmax,
 )
-from rmoe.routers.registry import ROUTERS, causality_of, get_router_class, register_router
+from rmoe.routers.registry import ROUTERS, causality_of, discover_routers, get_router_class, register_router
+
+discover_routers(__name__, __path__)
 
 __all__ = [
     "CAUSAL",
     "ROUTERS",
     "Causality",
     "Router",
+    "RouterContext",
     "RoutingOutput",
     "TokenChoiceOptions",
     "TokenChoiceRouter",
     "causality_of",
+    "discover_routers",
+    "expert_capacity",
     "fp32_linear",
     "get_router_class",
     "register_router",
+    "tokens_per_expert",
     "topk_softmax",
 ]

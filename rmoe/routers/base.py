@@ -26,7 +26,9 @@ Shape legend: T tokens (batch x sequence, flattened), D model width, E experts, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,8 +39,65 @@ from torch import nn
 from rmoe.errors import RmoeError
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
     from rmoe.model.moe import GroupedExperts
+
+
+@dataclass(frozen=True)
+class RouterContext:
+    """All a router is told about the model it routes for (besides each layer's tokens and state).
+
+    Built once per model by :meth:`rmoe.model.config.ModelConfig.router_context`; routers never
+    see the whole ``ModelConfig``, so they depend on nothing in :mod:`rmoe.model`. The names are
+    those of the ``model.arch`` keys they come from.
+
+    Attributes:
+        router: The registered router name (``model.arch.router``).
+        router_options: ``model.arch.router_options`` as given (parsed by :meth:`Router.parse_options`).
+        hidden_size: D.
+        num_experts: E.
+        top_k: K.
+        norm_topk_prob: Renormalise the K combine weights of token choice to sum to 1.
+        initializer_range: Std of the default Normal init of router matrices.
+        moe_layers: Indices (in the decoder) of the MoE layers, in depth order.
+    """
+
+    router: str
+    router_options: Mapping[str, Any]
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool = True
+    initializer_range: float = 0.02
+    moe_layers: tuple[int, ...] = ()
+
+
+def tokens_per_expert(
+    expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Number of routed (token, expert) pairs per expert: ``(E,)`` int64, on the ids' device.
+
+    The one implementation of the count (the balance loss, the metrics, the sorted expert path,
+    capacities and bias balancing all use it). With ``keep_TK`` only the kept pairs count (a
+    dropped pair is not computed by its expert). A ``scatter_add_`` into E + 1 bins (dropped pairs
+    go to the last, which is cut off): fixed output size, so no host synchronisation on CUDA,
+    unlike ``bincount``.
+    """
+    ids_S = expert_ids_TK.reshape(-1)
+    if keep_TK is not None:
+        ids_S = ids_S.masked_fill(~keep_TK.reshape(-1), num_experts)  # out of place
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids_S.device)
+    counts_E1.scatter_add_(0, ids_S, torch.ones_like(ids_S, dtype=torch.int64))
+    return counts_E1[:num_experts]
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Tokens an expert may take: ``C = ceil(capacity_factor * T * K / E)``, clamped to [1, T].
+
+    The one definition for every capacity router (LocMoE+, expert choice and its variants):
+    factor 1 gives the experts the compute of top-K token choice with perfect balance.
+    """
+    c = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    return max(1, min(num_tokens, c))
 
 
 @dataclass
@@ -152,7 +211,7 @@ class Router(nn.Module):
     Options: ClassVar[type] = NoOptions
     name: ClassVar[str] = ""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -168,8 +227,8 @@ class Router(nn.Module):
                 warnings.warn(message, stacklevel=2)
 
     @classmethod
-    def causality(cls, config: ModelConfig) -> Causality:
-        """Whether this router, with ``config``'s options, is causal in training and in evaluation.
+    def causality(cls, config: RouterContext) -> Causality:
+        """Whether this router, with the context's options, is causal in training and in evaluation.
 
         Every router declares it (it may depend on the options: a capacity is causal only when it
         cannot drop); ``tests/test_router_study.py`` proves each declaration.
@@ -192,7 +251,7 @@ class Router(nn.Module):
             raise RmoeError(f"model.arch.router_options for router {cls.name!r}: {err}") from None
 
     @classmethod
-    def build_shared(cls, config: ModelConfig) -> nn.Module | None:
+    def build_shared(cls, config: RouterContext) -> nn.Module | None:
         """Parameters shared by the routers of all layers (None for per-layer routers)."""
         return None
 
@@ -242,7 +301,7 @@ class TokenChoiceRouter(Router):
 
     Options: ClassVar[type] = TokenChoiceOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.bias_update_rate = float(self.options.bias_update_rate)
         # None (no state_dict entry) when off, so checkpoints of unbalanced routers are unchanged.
@@ -252,7 +311,7 @@ class TokenChoiceRouter(Router):
         self._load_counts_E: torch.Tensor | None = None  # choices per expert since the last step
 
     @classmethod
-    def causality(cls, config: ModelConfig) -> Causality:
+    def causality(cls, config: RouterContext) -> Causality:
         """Causal: a token's scores, top-k and weights read its own hidden (and router) state only.
 
         The balancing bias changes between optimiser steps, never within a forward call.
@@ -282,7 +341,7 @@ class TokenChoiceRouter(Router):
 
     @torch.no_grad()
     def _count_load(self, expert_ids_TK: torch.Tensor) -> None:
-        counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=self.num_experts).float()
+        counts_E = tokens_per_expert(expert_ids_TK, self.num_experts).float()
         if self._load_counts_E is None or self._load_counts_E.device != counts_E.device:
             self._load_counts_E = counts_E
         else:

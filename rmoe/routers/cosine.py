@@ -20,7 +20,7 @@ from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRout
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 class CosineScorer(nn.Module):
@@ -118,7 +118,7 @@ class CosineRouter(TokenChoiceRouter):
 
     Options = CosineOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         o = self.options
         self.scorer = CosineScorer(

@@ -49,19 +49,18 @@ Shape legend: T tokens, D model width, E experts, K top-k, C capacity (tokens pe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from rmoe.routers.base import CAUSAL, Causality, Router, RoutingOutput, fp32_linear
+from rmoe.routers.base import CAUSAL, Causality, Router, RoutingOutput, expert_capacity, fp32_linear
 from rmoe.routers.registry import register_router
 from rmoe.routers.transport import sinkhorn_potentials, sparse_potentials
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 @dataclass
@@ -156,7 +155,7 @@ class ExpertChoiceRouter(Router):
 
     Options = ExpertChoiceOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # (E, D)
 
@@ -166,7 +165,7 @@ class ExpertChoiceRouter(Router):
         return getattr(options, "combine", "softmax") == "softmax"
 
     @classmethod
-    def causality(cls, config: ModelConfig) -> Causality:
+    def causality(cls, config: RouterContext) -> Causality:
         """Not causal when the capacity can drop (``capacity_factor * K < E``) or the gates come
         from a plan; in evaluation causal with ``eval_routing: topk``."""
         options = cls.parse_options(config.router_options)
@@ -179,8 +178,7 @@ class ExpertChoiceRouter(Router):
         return Causality(training, None if options.eval_routing == "topk" else training)
 
     def capacity(self, num_tokens: int) -> int:
-        c = math.ceil(self.options.capacity_factor * num_tokens * self.top_k / self.num_experts)
-        return max(1, min(num_tokens, c))
+        return expert_capacity(num_tokens, self.num_experts, self.top_k, self.options.capacity_factor)
 
     def rank_and_gate(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rank_TE, gates_TE)``: each expert takes the C tokens of highest ``rank_TE[:, e]``,

@@ -26,7 +26,7 @@ from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRout
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 @dataclass
@@ -48,7 +48,7 @@ class HyperOptions(TokenChoiceOptions):
 class FrozenHypernetwork(nn.Module):
     """``W_ED = (w2 relu(w1 e)).view(E, D)``; both matrices are persistent buffers (frozen, saved)."""
 
-    def __init__(self, config: ModelConfig, embedding_dim: int, hidden_dim: int) -> None:
+    def __init__(self, config: RouterContext, embedding_dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.num_experts, self.hidden_size = config.num_experts, config.hidden_size
         self.initializer_range = config.initializer_range
@@ -74,14 +74,14 @@ class HyperRouter(TokenChoiceRouter):
 
     Options = HyperOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         if shared is None:
             raise ValueError("HyperRouter needs the shared hypernetwork from HyperRouter.build_shared")
         self.embedding = nn.Parameter(torch.empty(self.options.embedding_dim))  # (d_e,)
 
     @classmethod
-    def build_shared(cls, config: ModelConfig) -> nn.Module:
+    def build_shared(cls, config: RouterContext) -> nn.Module:
         o = cls.parse_options(config.router_options)
         return FrozenHypernetwork(config, o.embedding_dim, o.hypernet_hidden_dim)
 

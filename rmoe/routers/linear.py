@@ -11,7 +11,7 @@ from rmoe.routers.base import RoutingOutput, TokenChoiceRouter, fp32_linear
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 @register_router("linear")
@@ -22,7 +22,7 @@ class LinearRouter(TokenChoiceRouter):
     The state passes through untouched. Options: :class:`~rmoe.routers.base.TokenChoiceOptions`.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # (E, D)
 

@@ -30,7 +30,6 @@ every capacity-limited MoE, this router is causal only when nothing is dropped (
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmoe.routers.base import CAUSAL, Causality, RoutingOutput, TokenChoiceOptions, TokenChoiceRouter
+from rmoe.routers.base import (
+    CAUSAL,
+    Causality,
+    RoutingOutput,
+    TokenChoiceOptions,
+    TokenChoiceRouter,
+    expert_capacity,
+    tokens_per_expert,
+)
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 @dataclass
@@ -83,7 +90,7 @@ def capacity_keep_mask(
     ids_S = expert_ids_TK.reshape(-1)
     by_affinity_S = torch.argsort(affinity_TK.reshape(-1), descending=True, stable=True)
     order_S = by_affinity_S[torch.argsort(ids_S[by_affinity_S], stable=True)]  # grouped by expert
-    counts_E = torch.bincount(ids_S, minlength=num_experts)
+    counts_E = tokens_per_expert(ids_S, num_experts)
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
     rank_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts_E[ids_S[order_S]]
     keep_S = torch.empty_like(ids_S, dtype=torch.bool)
@@ -100,7 +107,7 @@ class LocMoeRouter(TokenChoiceRouter):
 
     Options = LocMoeOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         rows_ED = gap_rows(config.num_experts, config.hidden_size)
         if self.options.learnable_keys:
@@ -114,7 +121,7 @@ class LocMoeRouter(TokenChoiceRouter):
         self.keys.copy_(gap_rows(self.num_experts, self.config.hidden_size))
 
     @classmethod
-    def causality(cls, config: ModelConfig) -> Causality:
+    def causality(cls, config: RouterContext) -> Causality:
         """Causal only when the capacity cannot drop: ``capacity_factor * K >= E`` (C = T)."""
         options = cls.parse_options(config.router_options)
         if options.capacity_factor * config.top_k >= config.num_experts:
@@ -127,8 +134,7 @@ class LocMoeRouter(TokenChoiceRouter):
         return Causality(reason, reason)
 
     def capacity(self, num_tokens: int) -> int:
-        c = math.ceil(self.options.capacity_factor * num_tokens * self.top_k / self.num_experts)
-        return max(1, min(num_tokens, c))
+        return expert_capacity(num_tokens, self.num_experts, self.top_k, self.options.capacity_factor)
 
     def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):

@@ -13,7 +13,7 @@ from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRout
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 @dataclass
@@ -40,7 +40,7 @@ class MlpRouter(TokenChoiceRouter):
 
     Options = MlpOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.up_proj = nn.Parameter(torch.empty(self.options.hidden_dim, config.hidden_size))  # (H, D)
         self.out_proj = nn.Parameter(torch.empty(config.num_experts, self.options.hidden_dim))  # (E, H)

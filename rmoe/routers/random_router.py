@@ -12,7 +12,7 @@ from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRout
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RandomRouter(TokenChoiceRouter):
 
     Options = RandomOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.register_buffer("weight", torch.empty(config.num_experts, config.hidden_size), persistent=True)
 

@@ -40,7 +40,7 @@ from rmoe.routers.cosine import CosineScorer, check_cosine_options
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 _CELLS = {"gru": nn.GRUCell, "rnn": nn.RNNCell, "lstm": nn.LSTMCell}
 
@@ -138,7 +138,7 @@ class RecurrentCore(nn.Module):
     """The parameters all layers share: the cell (``torch.nn.*Cell`` conventions and default init)
     and, with ``projector: shared``, the projector. Built once by :meth:`RecurrentRouter.build_shared`."""
 
-    def __init__(self, config: ModelConfig, options: RecurrentOptions) -> None:
+    def __init__(self, config: RouterContext, options: RecurrentOptions) -> None:
         super().__init__()
         P = options.state_dim
         self.kind = options.cell
@@ -181,7 +181,7 @@ class RecurrentRouter(TokenChoiceRouter):
 
     Options = RecurrentOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         if not isinstance(shared, RecurrentCore):
             raise ValueError("RecurrentRouter needs the shared cell from RecurrentRouter.build_shared")
@@ -206,7 +206,7 @@ class RecurrentRouter(TokenChoiceRouter):
             )
 
     @classmethod
-    def build_shared(cls, config: ModelConfig) -> nn.Module:
+    def build_shared(cls, config: RouterContext) -> nn.Module:
         options = cls.parse_options(config.router_options)
         cross_layer = [k for k in ("detach_state", "residual_alpha", "residual_detach") if getattr(options, k)]
         if not options.pass_state:

@@ -1,15 +1,17 @@
-"""Routers by name: ``register_router`` adds one, ``get_router_class`` finds one."""
+"""Routers by name: ``register_router`` adds one, ``get_router_class`` finds one, and
+``discover_routers`` imports every module of a package so that their decorators run."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from rmoe.errors import check_choice
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
-    from rmoe.routers.base import Causality, Router
+    from rmoe.routers.base import Causality, Router, RouterContext
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -18,8 +20,8 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
     """Class decorator: make a router available as ``model.arch.router: <name>``."""
 
     def wrap(cls: type[Router]) -> type[Router]:
-        if name in ROUTERS:
-            raise ValueError(f"router {name!r} is registered twice")
+        if name in ROUTERS and ROUTERS[name] is not cls:
+            raise ValueError(f"router {name!r} is registered twice ({ROUTERS[name].__module__} and {cls.__module__})")
         cls.name = name
         ROUTERS[name] = cls
         return cls
@@ -27,15 +29,26 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
     return wrap
 
 
+def discover_routers(package: str, path: Iterable[str]) -> list[str]:
+    """Import every module of ``package`` (its ``__path__`` is ``path``), registering their routers.
+
+    Returns the names of the modules imported, in alphabetical order.
+    """
+    names = sorted(info.name for info in pkgutil.iter_modules(list(path)) if not info.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
+
+
 def get_router_class(name: str) -> type[Router]:
     check_choice("model.arch.router", name, ROUTERS)
     return ROUTERS[name]
 
 
-def causality_of(config: ModelConfig) -> Causality:
-    """The causality ``config``'s router declares with ``config``'s options (training and evaluation).
+def causality_of(context: RouterContext) -> Causality:
+    """The causality the context's router declares with its options (training and evaluation).
 
-    ``causality_of(config).evaluation`` is None when the model decodes token by token exactly as its
-    evaluation forward routes (export, generation); otherwise it says why not.
+    ``causality_of(config.router_context()).evaluation`` is None when the model decodes token by
+    token exactly as its evaluation forward routes (export, generation); otherwise it says why not.
     """
-    return get_router_class(config.router).causality(config)
+    return get_router_class(context.router).causality(context)

@@ -41,7 +41,7 @@ from rmoe.routers.registry import register_router
 from rmoe.routers.transport import sinkhorn_potentials
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
+    from rmoe.routers.base import RouterContext
 
 
 @dataclass
@@ -70,12 +70,12 @@ class SinkhornTokenChoiceRouter(Router):
 
     Options = SinkhornTokenChoiceOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # (E, D)
 
     @classmethod
-    def causality(cls, config: ModelConfig) -> Causality:
+    def causality(cls, config: RouterContext) -> Causality:
         """Training: not causal (the plan's expert potentials read the whole batch), unless every
         token takes every expert with softmax gates. Evaluation: causal with ``eval_routing: topk``."""
         options = cls.parse_options(config.router_options)

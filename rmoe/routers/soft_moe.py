@@ -36,7 +36,7 @@ token (K = E), ``weights_TK = probs_TE``, ``keep_TK`` None (nothing dropped), so
 uniform and the drop ratio 0, and top-1 metrics read each token's argmax expert by combine mass.
 Soft MoE needs no balance loss: with every expert in ``expert_ids_TK`` the Switch loss is the
 constant 1 (its gradient is exactly 0), and the router study sweep
-(``configs/paper/router_study_cpu.yaml``) sets ``model.aux_loss_coef=0`` and ``model.z_loss_coef=0``
+(``configs/sweeps/router_study_cpu.yaml``) sets ``model.aux_loss_coef=0`` and ``model.z_loss_coef=0``
 for it (the paper uses neither); set them so on the command line for other Soft MoE runs.
 
 Shape legend: B sequences, S tokens per sequence, T = B * S, D model width, E experts,
@@ -56,8 +56,8 @@ from rmoe.routers.base import Causality, Router, RoutingOutput, fp32_linear
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
-    from rmoe.model.config import ModelConfig
     from rmoe.model.moe import GroupedExperts
+    from rmoe.routers.base import RouterContext
 
 
 @dataclass
@@ -84,7 +84,7 @@ class SoftMoeRouter(Router):
 
     Options = SoftMoeOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, shared: nn.Module | None = None) -> None:
+    def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
         self.slots_per_expert = self.options.slots_per_expert
         self.num_slots = config.num_experts * self.slots_per_expert
@@ -92,7 +92,7 @@ class SoftMoeRouter(Router):
         self.scale = nn.Parameter(torch.ones(())) if self.options.normalize else None
 
     @classmethod
-    def causality(cls, config: ModelConfig) -> Causality:
+    def causality(cls, config: RouterContext) -> Causality:
         reason = "every slot is a softmax-weighted average of all tokens of the sequence, later ones included"
         return Causality(reason, reason)
 

@@ -12,25 +12,22 @@ compared side by side. Add it to ``trainer.callbacks``::
 
 Tags (``l`` = MoE layer index in depth order, ``{split}`` = ``train``, ``val`` or ``test``):
 
-- scalars ``moe/{split}/{metric}/layer_{l}`` and ``moe/{split}/{metric}/mean`` for every key of
-  ``rmoe.metrics.stats.PER_LAYER_KEYS`` (``load_cv``, ``load_max_vio``, ``num_dead_experts``,
-  ``load_entropy``, ``drop_ratio``, ``token_drop_ratio``, ``gate_entropy_mean``,
-  ``gate_entropy_median``, ``inner_balance_median``, ``outer_balance_median``, ``router_z_mean``,
-  ``router_logit_std``, ``top1_entropy``); ``moe/{split}/{top1_mi,top1_nmi}/layer_{l}_{l+1}`` and ``/mean``;
-  ``moe/{split}/binned_prob_mi/{diag_mean,offdiag_mean,adjacent_mean}``;
-  ``moe/{split}/{num_paths,path_entropy,num_tokens}``;
-  ``moe/{split}/{vocab_specialization,coactivation_max}/layer_{l}`` and ``/mean`` (OLMoE,
-  arXiv 2409.02060, Sec. 5: :mod:`rmoe.metrics.specialization`; token ids seen fewer than
-  ``specialization_min_count`` times are left out);
-- training only: ``moe/train/expert_similarity/layer_{l}`` and ``/mean``;
-  ``moe/train/router_grad_norm_{lm,balance}/{layer_{l},shared,total}``;
+- scalars for every live metric declared in :data:`rmoe.metrics.catalog.METRICS` (the one list:
+  see it for names and meanings): per-layer metrics as ``moe/{split}/{name}/layer_{l}`` and
+  ``/mean``; consecutive-pair metrics (``top1_mi``, ``top1_nmi``) as ``.../layer_{l}_{l+1}`` and
+  ``/mean``; the binned-MI matrix as ``moe/{split}/binned_prob_mi/{diag_mean,offdiag_mean,adjacent_mean}``;
+  scalars as ``moe/{split}/{num_paths,path_entropy,num_tokens}``. OLMoE's ``vocab_specialization``
+  and ``coactivation_max`` (arXiv 2409.02060, Sec. 5: :mod:`rmoe.metrics.specialization`; token
+  ids seen fewer than ``specialization_min_count`` times are left out) come from the token
+  counts, ``expert_similarity`` (training only) from the expert weights;
+- training only: ``moe/train/router_grad_norm_{lm,balance}/{layer_{l},shared,total}``;
 - histograms ``moe/{split}/{gate_entropy_hist,router_probs_hist}/layer_{l}``;
 - images (validation and test) ``moe/{split}/load_heatmap``, ``moe/{split}/binned_prob_mi_heatmap`` and
   ``moe/{split}/coactivation_heatmap`` (OLMoE's co-activation ``N(i, j) / N(i)``, one panel per layer);
 - HParams (fit): the run's scalar hyperparameters (``model.*``, ``data.*``, ``trainer.*``) with the
-  metrics ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` and ``hp/<metric>`` for ``gate_entropy_mean``,
-  ``load_cv``, ``load_max_vio``, ``num_dead_experts``, ``top1_mi``, ``top1_nmi`` (layer means of the
-  last validation); ``hp/train_loss`` instead of the validation losses when no validation ran.
+  metrics ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` and ``hp/<metric>`` for every metric
+  declared with ``hparam=True`` (:data:`HPARAM_METRICS`; layer means of the last validation);
+  ``hp/train_loss`` instead of the validation losses when no validation ran.
 """
 
 from __future__ import annotations
@@ -49,8 +46,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rmoe.analysis import all_reduce_stats
 from rmoe.errors import RmoeError
+from rmoe.evaluation.routing import RoutingHistograms, all_reduce_stats
+from rmoe.figures import coactivation_figure, figure, figure_to_rgb
 from rmoe.metrics import (
     RoutingStats,
     expert_similarity_per_layer,
@@ -58,23 +56,17 @@ from rmoe.metrics import (
     router_parameters,
     summary_scalars,
 )
+from rmoe.metrics.catalog import metrics
 from rmoe.metrics.specialization import DEFAULT_MIN_COUNT, TokenExpertStats
-from rmoe.metrics.stats import PER_LAYER_KEYS, PER_PAIR_KEYS
 from rmoe.routers.base import RoutingOutput
+from rmoe.training.module import MoeLMModule
 
 PREFIX = "moe"
-HPARAM_METRICS = (
-    "gate_entropy_mean",
-    "router_logit_std",
-    "load_cv",
-    "load_max_vio",
-    "num_dead_experts",
-    "top1_mi",
-    "top1_nmi",
-)
-"""Routing metrics (layer means of the last validation) shown next to the losses in the HParams tab."""
+HPARAM_METRICS = tuple(m.name for m in metrics(flag="hparam"))
+"""Routing metrics (layer means of the last validation) shown next to the losses in the HParams tab
+(``hparam=True`` in :data:`rmoe.metrics.catalog.METRICS`)."""
 
-SPECIALIZATION_KEYS = ("vocab_specialization", "coactivation_max")
+SPECIALIZATION_KEYS = tuple(m.name for m in metrics(source="specialization", flag="live"))
 """Per-layer scalars of :class:`~rmoe.metrics.specialization.TokenExpertStats` logged live."""
 
 Scalar = bool | int | float | str
@@ -172,8 +164,11 @@ class RoutingAnalytics(L.Callback):
         if self._logger is None:
             self._warn_once("logger", "RoutingAnalytics does nothing: the trainer has no TensorBoardLogger.")
             return
-        arch = getattr(pl_module, "arch", None)
-        if arch is None or not getattr(arch, "moe_layers", None) or not hasattr(pl_module, "last_step"):
+        if not isinstance(pl_module, MoeLMModule):
+            self._warn_once("model", f"RoutingAnalytics does nothing: it needs an MoeLMModule, not {type(pl_module)}.")
+            self._logger = None
+            return
+        if not pl_module.arch.moe_layers:
             self._warn_once("model", "RoutingAnalytics does nothing: the model has no MoE layers to analyse.")
             self._logger = None
             return
@@ -215,7 +210,7 @@ class RoutingAnalytics(L.Callback):
         step = trainer.global_step
         if not self.enabled or not trainer.is_global_zero or step % self.every_n_steps or step == self._last_train_step:
             return
-        record = getattr(pl_module, "last_step", None)
+        record = pl_module.last_step
         if record is None or not record.routing:
             return
         start = time.perf_counter()
@@ -252,7 +247,7 @@ class RoutingAnalytics(L.Callback):
             self._warn_once("params", "RoutingAnalytics: the router has no trainable parameters; no grad norms.")
             self.grad_norms = False
             return {}
-        coefs = (getattr(pl_module, "aux_loss_coef", 1.0), getattr(pl_module, "z_loss_coef", 1.0))
+        coefs = (pl_module.aux_loss_coef, pl_module.z_loss_coef)
         balance = record.balance_loss
         if not any(coefs) or not isinstance(balance, torch.Tensor) or not balance.requires_grad:
             message = "the balance loss has no gradient (coefficients 0): only the LM loss's router grad norms"
@@ -318,7 +313,7 @@ class RoutingAnalytics(L.Callback):
             self._eval = (stats, _histograms(pl_module) if self.histograms else None, tokens)
 
     def _eval_update(self, pl_module: L.LightningModule, batch: Any = None) -> None:
-        record = getattr(pl_module, "last_step", None)
+        record = pl_module.last_step
         if self._eval is None or record is None or not record.routing:
             return
         start = time.perf_counter()
@@ -388,15 +383,11 @@ class RoutingAnalytics(L.Callback):
         if histograms is not None:
             self._write_histograms(split, histograms, step)
         if self.images:
-            from rmoe.analysis import figure, figure_to_rgb
-
             for kind, tag in (("load", "load_heatmap"), ("binned_prob_mi", "binned_prob_mi_heatmap")):
                 fig = figure(kind, summary, title=f"{split} step {step}: " + _TITLES[kind], fast=True)
                 image = figure_to_rgb(fig)
                 self._logger.experiment.add_image(f"{PREFIX}/{split}/{tag}", image, step, dataformats="HWC")
             if spec is not None:
-                from rmoe.expert_analysis import coactivation_figure
-
                 fig = coactivation_figure(spec["coactivation"], title=f"{split} step {step}: co-activation", fast=True)
                 image = figure_to_rgb(fig)
                 self._logger.experiment.add_image(
@@ -459,7 +450,7 @@ _TITLES = {"load": "expert load / mean load", "binned_prob_mi": "binned router-p
 def is_compiled(pl_module: L.LightningModule) -> bool:
     """Whether the module or any submodule runs through ``torch.compile`` (``nn.Module.compile`` or
     an ``OptimizedModule`` wrapper), or will (``MoeLMModule(compile=True)`` compiles at fit start)."""
-    if getattr(pl_module, "compile_layers", False):
+    if isinstance(pl_module, MoeLMModule) and pl_module.compile_layers:
         return True
     return any(
         getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
@@ -486,25 +477,22 @@ def detached(routing: RoutingOutput) -> RoutingOutput:
 
 
 def _histograms(pl_module: L.LightningModule) -> Any:
-    from rmoe.analysis import RoutingHistograms
-
     return RoutingHistograms(pl_module.arch.num_experts)
 
 
 def custom_scalars_layout(splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalars layout: category ``moe ({split})``, one multiline chart per metric
-    holding every layer (tags are regular expressions)."""
+    """TensorBoard custom-scalars layout: category ``moe ({split})``, one multiline chart per live
+    metric of :data:`rmoe.metrics.catalog.METRICS` logged for that split, holding every layer (tags
+    are regular expressions), and the router gradient norms for training."""
     layout: dict[str, dict[str, list[Any]]] = {}
     for split in splits:
         root = f"{PREFIX}/{split}"
-        charts = {key: ["Multiline", [rf"^{root}/{key}/"]] for key in (*PER_LAYER_KEYS, *PER_PAIR_KEYS)}
-        charts["binned_prob_mi"] = ["Multiline", [rf"^{root}/binned_prob_mi/"]]
-        charts["num_paths"] = ["Multiline", [rf"^{root}/num_paths$"]]
-        charts["path_entropy"] = ["Multiline", [rf"^{root}/path_entropy$"]]
-        for key in SPECIALIZATION_KEYS:
-            charts[key] = ["Multiline", [rf"^{root}/{key}/"]]
+        charts = {
+            m.name: ["Multiline", [rf"^{root}/{m.name}$" if m.kind == "scalar" else rf"^{root}/{m.name}/"]]
+            for m in metrics(flag="live")
+            if split in m.splits and m.name != "num_tokens"
+        }
         if split == "train":
-            charts["expert_similarity"] = ["Multiline", [rf"^{root}/expert_similarity/"]]
             for loss in ("lm", "balance"):
                 charts[f"router_grad_norm_{loss}"] = ["Multiline", [rf"^{root}/router_grad_norm_{loss}/"]]
             charts["router_grad_norm (total)"] = ["Multiline", [rf"^{root}/router_grad_norm_(lm|balance)/total$"]]
@@ -520,7 +508,7 @@ def hparam_metrics(callback_metrics: Mapping[str, Any], val_scalars: Mapping[str
     for tag in ("val/loss", "val/bpb", "val/ppl") if "val/loss" in callback_metrics else ("train/loss",):
         if tag in callback_metrics:
             out[f"hp/{tag.replace('/', '_')}"] = float(callback_metrics[tag])
-    for key in HPARAM_METRICS:
+    for key in (m.name for m in metrics(flag="hparam")):  # read at each call: the catalog is the one list
         value = val_scalars.get(f"{PREFIX}/val/{key}/mean")
         if value is not None:
             out[f"hp/{key}"] = value

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rmoe.errors import RmoeError
+from rmoe.metrics.language import language_metrics
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
 from rmoe.model.losses import average_over_layers, expert_counts
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
     from torch.distributed.device_mesh import DeviceMesh
 
-LN2 = math.log(2.0)
 TRAIN_LOSSES = ("loss", "aux_loss", "z_loss", "total_loss")
 """``train/<name>`` scalars, each the mean over the optimiser step's micro-batches and processes."""
 
@@ -282,10 +282,12 @@ class MoeLMModule(L.LightningModule):
             return
         loss = float(loss)
         # the same value on every process (from the synced loss): sync_dist only says so to Lightning
-        self.log(f"{split}/ppl", math.exp(min(loss, 50.0)), sync_dist=True)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
-            self.log(f"{split}/bpb", loss / LN2 / datamodule.bytes_per_token(split), sync_dist=True)
+        bytes_per_token = datamodule.bytes_per_token(split) if hasattr(datamodule, "bytes_per_token") else None
+        derived = language_metrics(loss, bytes_per_token)
+        for name in ("ppl", "bpb"):
+            if name in derived:
+                self.log(f"{split}/{name}", derived[name], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_derived("val")

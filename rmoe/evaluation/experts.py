@@ -1,6 +1,6 @@
 """What the experts do, on a model: OLMoE's specialisation, co-activation and router saturation
 (Muennighoff et al., arXiv 2409.02060, Sec. 5) and the analyses of "A Closer Look into
-Mixture-of-Experts in Large Language Models" (Lo et al., arXiv 2406.18219), with their figures.
+Mixture-of-Experts in Large Language Models" (Lo et al., arXiv 2406.18219) (their figures: :mod:`rmoe.figures`).
 
 The metric definitions are pure functions in :mod:`rmoe.metrics.specialization` and
 :mod:`rmoe.metrics.closer_look`; this module runs them on a :class:`~rmoe.model.decoder.MoeLM`:
@@ -12,16 +12,15 @@ The metric definitions are pure functions in :mod:`rmoe.metrics.specialization` 
   reordered, with Kendall's tau) and the gate-embedding similarity with its R^2 against them;
 - :func:`router_saturation_between`: OLMoE's router saturation of one checkpoint against another.
 
-``rmoe analyze`` (:mod:`rmoe.analysis`) puts all of it in ``metrics.json`` and draws
-:data:`EXPERT_FIGURES`. Shape legend: T tokens, E experts, L MoE layers, M expert matrices.
+``rmoe analyze`` (:mod:`rmoe.analyze`) puts all of it in ``metrics.json`` and draws
+:data:`rmoe.figures.EXPERT_FIGURES`. Shape legend: T tokens, E experts, L MoE layers, M expert matrices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from rmoe.metrics.closer_look import (
@@ -37,20 +36,10 @@ from rmoe.metrics.closer_look import (
 from rmoe.metrics.specialization import router_saturation
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from rmoe.model.decoder import MoeLM
 
 DEFAULT_MAX_EXPERT_TOKENS = 8192
 """Tokens on which every expert is run (the dynamic Closer-Look analyses), at most."""
-EXPERT_FIGURES = (
-    "vocab_specialization",
-    "coactivation",
-    "score_norm_rank",
-    "expert_output_similarity",
-    "neuron_similarity",
-    "router_saturation",
-)
 
 
 def moe_blocks(model: MoeLM) -> list[Any]:
@@ -212,167 +201,3 @@ def routed_expert_ids(model: MoeLM, batches: Iterable[torch.Tensor], device: str
 def router_saturation_between(ids_a: list[torch.Tensor], ids_b: list[torch.Tensor]) -> torch.Tensor:
     """:func:`~rmoe.metrics.specialization.router_saturation` per layer: (L,) fp64."""
     return torch.stack([router_saturation(a, b) for a, b in zip(ids_a, ids_b)])
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------------
-
-
-def _panels(matrices: list[Any], titles: list[str], *, suptitle: str, fast: bool = False, **draw: Any) -> Figure:
-    from rmoe.analysis import _figure, draw_matrix
-
-    fig, axes = _figure(len(matrices), (3.6, 3.1), fast=fast)
-    for ax, m, title in zip(axes, matrices, titles):
-        draw_matrix(ax, m, title=title, **draw)
-    fig.suptitle(suptitle, fontsize=10)
-    return fig
-
-
-def coactivation_figure(coactivation_LEE: Any, title: str = "co-activation N(i,j)/N(i)", fast: bool = False) -> Figure:
-    """OLMoE's co-activation heat maps, one panel per layer (row i: given expert i, the share of its
-    tokens also routed to expert j). ``fast``: as :func:`rmoe.analysis.figure` (the training callback)."""
-    from rmoe.analysis import _array
-
-    m = [_array(x) for x in coactivation_LEE]
-    titles = [f"layer {l}" for l in range(len(m))]
-    return _panels(m, titles, suptitle=title, fast=fast, xlabel="expert j", ylabel="expert i", vmin=0.0)
-
-
-def _bars(ax: Any, values_by_run: Mapping[str, Any], title: str, ylabel: str) -> None:
-    from rmoe.analysis import _array
-
-    width = 0.8 / max(len(values_by_run), 1)
-    num_layers = 0
-    for i, (label, values) in enumerate(values_by_run.items()):
-        v = _array(values).reshape(-1)
-        num_layers = max(num_layers, len(v))
-        ax.bar(np.arange(len(v)) + (i - (len(values_by_run) - 1) / 2) * width, v, width, label=label)
-    ax.set_xticks(range(num_layers))
-    ax.set(title=title, xlabel="MoE layer", ylabel=ylabel)
-    ax.legend(fontsize=7)
-
-
-def expert_figure(kind: str, metrics: Mapping[str, Any], title: str = "") -> Figure | None:
-    """One run's figure of :data:`EXPERT_FIGURES` from a metrics dict (``rmoe analyze``); None when
-    the metrics lack what it needs (e.g. saturation without intermediate checkpoints)."""
-    from rmoe.analysis import _array, _figure
-
-    prefix = f"{title}: " if title else ""
-    if kind == "vocab_specialization" and "vocab_specialization" in metrics:
-        fig, (ax,) = _figure(1, (5.0, 3.4))
-        _bars(ax, {title or "model": metrics["vocab_specialization"]}, "vocabulary specialisation", "share")
-        top_k, E = metrics.get("top_k"), metrics.get("num_experts")
-        if top_k and E:
-            ax.axhline(top_k / E, color="grey", linestyle="--", linewidth=0.8, label="K/E (token-blind)")
-            ax.legend(fontsize=7)
-        return fig
-    if kind == "coactivation" and "coactivation" in metrics:
-        return coactivation_figure(metrics["coactivation"], title=f"{prefix}co-activation N(i,j)/N(i)")
-    if kind == "score_norm_rank" and "score_norm_rank_counts" in metrics:
-        m = [_array(x) for x in metrics["score_norm_rank_counts"]]
-        m = [x / max(x.sum(axis=1, keepdims=True).max(), 1) for x in m]
-        titles = [f"layer {l}" for l in range(len(m))]
-        return _panels(
-            m,
-            titles,
-            suptitle=f"{prefix}share of tokens: gate-score rank vs output-norm rank (0 = largest)",
-            xlabel="output-norm rank",
-            ylabel="score rank",
-            vmin=0.0,
-            cmap="magma",
-        )
-    if kind == "expert_output_similarity" and "expert_output_similarity" in metrics:
-        m = [_array(x) for x in metrics["expert_output_similarity"]]
-        titles = [f"layer {l}" for l in range(len(m))]
-        return _panels(
-            m, titles, suptitle=f"{prefix}expert output angular similarity", xlabel="expert", ylabel="expert"
-        )
-    if kind == "neuron_similarity" and "neuron_similarity_avg" in metrics:
-        fig, (ax,) = _figure(1, (6.5, 3.6))
-        series = {"avg " + name: _array(metrics["neuron_similarity_avg_mean"])[:, m] for m, name in enumerate(MATRICES)}
-        if "neuron_similarity_reordered_mean" in metrics:
-            reordered = _array(metrics["neuron_similarity_reordered_mean"])
-            series.update({"reordered " + name: reordered[:, m] for m, name in enumerate(MATRICES)})
-        _bars(ax, series, f"{prefix}expert weight similarity", "mean off-diagonal cosine")
-        return fig
-    if kind == "router_saturation" and metrics.get("router_saturation"):
-        sat = metrics["router_saturation"]
-        fig, (ax,) = _figure(1, (5.0, 3.4))
-        steps = [*sat["steps"], sat["final_step"]]
-        values = _array(sat["saturation"])
-        for l in range(values.shape[1]):
-            ax.plot(steps, [*values[:, l], 1.0], marker=".", label=f"layer {l}")
-        ax.set(
-            title=f"{prefix}router saturation vs final checkpoint",
-            xlabel="step",
-            ylabel="top-k overlap",
-            ylim=(0, 1.05),
-        )
-        ax.legend(fontsize=7)
-        return fig
-    return None
-
-
-def compare_expert_figure(kind: str, metrics_by_run: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """Several runs on one of :data:`EXPERT_FIGURES`: per-layer summaries as grouped bars (one bar
-    per run), matrices as one row of layer panels per run."""
-    from matplotlib.figure import Figure
-
-    from rmoe.analysis import _array, draw_matrix
-
-    summary = {
-        "vocab_specialization": ("vocab_specialization", "vocabulary specialisation", "share"),
-        "score_norm_rank": ("score_norm_top1_agreement", "top-scored expert has the largest norm", "share"),
-        "expert_output_similarity": ("expert_output_similarity_mean", "expert output similarity", "angular sim."),
-        "neuron_similarity": ("neuron_similarity_reordered_mean", "reordered neuron similarity (mean of M)", "cosine"),
-        "coactivation": ("coactivation_max", "largest co-activation rate", "N(i,j)/N(i)"),
-        "router_saturation": (None, "router saturation", ""),
-    }
-    if kind not in summary:
-        raise ValueError(f"figure kind {kind!r}; expected one of {EXPERT_FIGURES}")
-    key, title, ylabel = summary[kind]
-    if kind == "coactivation":
-        runs = [(label, m) for label, m in metrics_by_run.items() if "coactivation" in m]
-        num_layers = max((len(m["coactivation"]) for _, m in runs), default=1)
-        fig = Figure(figsize=(3.2 * num_layers, 2.9 * max(len(runs), 1)), layout="constrained")
-        axes = fig.subplots(max(len(runs), 1), num_layers, squeeze=False)
-        for row, (label, m) in zip(axes, runs):
-            for l, ax in enumerate(row):
-                if l < len(m["coactivation"]):
-                    draw_matrix(ax, m["coactivation"][l], title=f"{label}: layer {l}", xlabel="j", ylabel="i", vmin=0.0)
-        return fig
-    from rmoe.analysis import _figure
-
-    fig, (ax,) = _figure(1, (max(4.5, 1.2 * len(metrics_by_run) + 3.0), 3.4))
-    if kind == "router_saturation":
-        for label, m in metrics_by_run.items():
-            sat = m.get("router_saturation")
-            if sat:
-                values = _array(sat["saturation"]).mean(axis=1)
-                ax.plot([*sat["steps"], sat["final_step"]], [*values, 1.0], marker=".", label=label)
-        ax.set(title="router saturation (layer mean)", xlabel="step", ylabel="top-k overlap with final")
-        ax.legend(fontsize=7)
-        return fig
-    values = {}
-    for label, m in metrics_by_run.items():
-        if key in m:
-            v = _array(m[key])
-            values[label] = v.mean(axis=1) if v.ndim == 2 else v
-    _bars(ax, values, title, ylabel)
-    return fig
-
-
-__all__ = [
-    "DEFAULT_MAX_EXPERT_TOKENS",
-    "EXPERT_FIGURES",
-    "ExpertOutputStats",
-    "coactivation_figure",
-    "compare_expert_figure",
-    "expert_figure",
-    "gate_embeddings",
-    "moe_blocks",
-    "routed_expert_ids",
-    "router_saturation_between",
-    "weight_analyses",
-]

@@ -2,8 +2,9 @@
 
 On a GPU machine (every visible GPU; DDP when there are several)::
 
-    python -m rmoe.training.gpu_check                 # base.yaml + gpu.yaml model, 300 steps
-    python -m rmoe.training.gpu_check --steps 100 trainer.devices=1
+    python benchmarks/gpu_check.py                    # base.yaml + gpu.yaml model, 300 steps
+    python benchmarks/gpu_check.py --steps 100 trainer.devices=1
+    python benchmarks/gpu_check.py --cpu              # the reduced CPU mode (what the tests run)
 
 It trains ``configs/base.yaml`` + ``configs/gpu.yaml`` (~70M parameters, 16 experts, top-2) on the
 embedded byte-level corpus with ``bf16-mixed``, compiled layers (``model.compile=true``) and the
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/ are read from it
 
 
 def fit_args(cpu: bool, steps: int, num_devices: int, overrides: list[str]) -> list[str]:
@@ -63,7 +64,7 @@ def summarise(log_dir: Path, steps: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the check; returns (and on rank 0 prints) the measured tokens/s and MFU."""
-    parser = argparse.ArgumentParser(prog="python -m rmoe.training.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="reduced mode: the quick model on 2 CPU processes")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: 300 on GPU, 6 on CPU)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for rmoe fit")

@@ -26,8 +26,8 @@ noise hits all of them alike; the median is the headline, min and quartiles show
 
 Usage::
 
-    python experiments/bench_moe.py                      # 4096 tokens, d=256, 8 experts of 512, top-2
-    python experiments/bench_moe.py --tokens 8192 --dtype bf16 --json bench.json
+    python benchmarks/bench_moe.py                      # 4096 tokens, d=256, 8 experts of 512, top-2
+    python benchmarks/bench_moe.py --tokens 8192 --dtype bf16 --json bench.json
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def main() -> None:
     candidates["ours"] = (ours, ours_forward(ours))
     ours.to(device=device, dtype=dtype)
     backend = ours.experts._resolve_backend(torch.empty(0, device=device, dtype=dtype))
-    other_backend = "loop" if backend == "grouped_mm" else "grouped_mm"
+    other_backend = "sliced" if backend == "grouped_mm" else "grouped_mm"
     if hasattr(torch.nn.functional, "grouped_mm"):
         ours_other = copy.deepcopy(ours)
         ours_other.experts.backend = other_backend

@@ -1,6 +1,6 @@
 """Decoding speed with and without the KV cache (``rmoe.generate.generate``), tokens per second.
 
-``python experiments/bench_generate.py`` times greedy decoding of one sequence (batch 1, and a
+``python benchmarks/bench_generate.py`` times greedy decoding of one sequence (batch 1, and a
 batch of 8) from a 16-token prompt to a total length of 64, 256 and 512 tokens, with the
 architecture of ``configs/base.yaml`` (4 layers, d=192, 8 experts of 192, top-2, vocabulary
 320) and random weights, for the linear and the recurrent (GRU) router; min over the repeats.

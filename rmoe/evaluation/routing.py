@@ -1,0 +1,236 @@
+"""A model's loss and every routing metric over a stream of batches, with exact histograms.
+
+:func:`evaluate_routing` is what ``rmoe analyze`` computes on a checkpoint; :class:`RoutingHistograms`
+and :func:`all_reduce_stats` are shared with the live training callback
+(:mod:`rmoe.training.analytics`), which reduces the same accumulators across processes.
+
+Shape legend: T tokens, E experts, L MoE layers, B histogram bins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rmoe.errors import RmoeError
+from rmoe.evaluation.experts import DEFAULT_MAX_EXPERT_TOKENS, ExpertOutputStats, weight_analyses
+from rmoe.metrics import RoutingStats, expert_similarity_per_layer, gate_entropy
+from rmoe.metrics.specialization import TokenExpertStats
+
+if TYPE_CHECKING:
+    from rmoe.model.decoder import MoeLM
+    from rmoe.routers.base import RoutingOutput
+
+SPLITS = ("train", "val", "test")
+
+
+DEFAULT_MAX_BATCHES = 20
+
+
+NUM_HIST_BINS = 50
+
+
+HISTOGRAMS = ("router_probs", "gate_entropy")
+
+
+_SAMPLE_KEYS = ("gate_entropy_sample", "inner_balance_sample", "outer_balance_sample")
+
+
+class RoutingHistograms:
+    """Exact per-layer histograms of the router probabilities and of the gate entropy over a stream.
+
+    Router probabilities: all T x E entries of ``probs_TE`` of a layer, B equal bins over [0, 1].
+    Gate entropy: one value per token (:func:`rmoe.metrics.gate_entropy`, nats), B bins over
+    [0, ln E]. Besides the counts it keeps what TensorBoard's raw histogram needs (count, sum, sum
+    of squares, min, max per layer). Everything adds up across processes (:meth:`all_reduce`).
+
+    Args:
+        num_experts: E.
+        num_bins: B.
+    """
+
+    def __init__(self, num_experts: int, num_bins: int = NUM_HIST_BINS) -> None:
+        self.num_experts = num_experts
+        self.num_bins = num_bins
+        self.edges = {
+            "router_probs": torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64),
+            "gate_entropy": torch.linspace(0.0, max(math.log(max(num_experts, 1)), 1e-6), num_bins + 1).double(),
+        }
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.num_layers: int | None = None
+        self._state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _init_state(self, num_layers: int, device: torch.device) -> None:
+        L, B = num_layers, self.num_bins
+        self.num_layers = L
+        f64 = {"dtype": torch.float64, "device": device}
+        self._state = {
+            name: {
+                "counts_LB": torch.zeros(L, B, dtype=torch.int64, device=device),
+                "sum_L": torch.zeros(L, **f64),
+                "sum_squares_L": torch.zeros(L, **f64),
+                "min_L": torch.full((L,), math.inf, **f64),
+                "max_L": torch.full((L,), -math.inf, **f64),
+            }
+            for name in HISTOGRAMS
+        }
+
+    @torch.no_grad()
+    def update(self, routing: Sequence[RoutingOutput]) -> RoutingHistograms:
+        """Add one forward pass's routing (one :class:`RoutingOutput` per MoE layer); returns self."""
+        if not routing:
+            return self
+        probs_LTE = torch.stack([r.probs_TE.detach().float() for r in routing])
+        if self.num_layers is None:
+            self._init_state(len(routing), probs_LTE.device)
+        elif self.num_layers != len(routing):
+            raise ValueError(f"RoutingHistograms got {len(routing)} MoE layers after {self.num_layers}")
+        self._add("router_probs", probs_LTE.flatten(1))
+        self._add("gate_entropy", gate_entropy(probs_LTE))
+        return self
+
+    def _add(self, name: str, values_LN: torch.Tensor) -> None:
+        s, edges = self._state[name], self.edges[name]
+        L, B = values_LN.shape[0], self.num_bins
+        lo, hi = float(edges[0]), float(edges[-1])
+        bins_LN = ((values_LN - lo) * (B / (hi - lo))).floor().long().clamp_(0, B - 1)
+        bins_LN += torch.arange(L, device=bins_LN.device)[:, None] * B
+        s["counts_LB"] += torch.bincount(bins_LN.flatten(), minlength=L * B).view(L, B).to(s["counts_LB"].device)
+        values_LN = values_LN.double()
+        s["sum_L"] += values_LN.sum(dim=1).to(s["sum_L"].device)
+        s["sum_squares_L"] += values_LN.square().sum(dim=1).to(s["sum_L"].device)
+        torch.minimum(s["min_L"], values_LN.amin(dim=1).to(s["min_L"].device), out=s["min_L"])
+        torch.maximum(s["max_L"], values_LN.amax(dim=1).to(s["max_L"].device), out=s["max_L"])
+
+    def all_reduce(self) -> None:
+        """Sum (counts, sums) / min / max every tensor across processes, in place (no-op when
+        ``torch.distributed`` is not initialised). Every process must have seen at least one batch."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for state in self._state.values():
+            for key, tensor in state.items():
+                op = {"min_L": dist.ReduceOp.MIN, "max_L": dist.ReduceOp.MAX}.get(key, dist.ReduceOp.SUM)
+                dist.all_reduce(tensor, op=op)
+
+    def compute(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"edges": (B+1,), "counts": (L, B), "num", "sum", "sum_squares", "min", "max": (L,)}}``
+        as CPU tensors, for ``name`` in ``router_probs``, ``gate_entropy``; {} before any update."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, s in self._state.items():
+            counts_LB = s["counts_LB"].cpu()
+            out[name] = {
+                "edges": self.edges[name].clone(),
+                "counts": counts_LB,
+                "num": counts_LB.sum(dim=1),
+                "sum": s["sum_L"].cpu(),
+                "sum_squares": s["sum_squares_L"].cpu(),
+                "min": s["min_L"].cpu(),
+                "max": s["max_L"].cpu(),
+            }
+        return out
+
+
+def all_reduce_stats(stats: RoutingStats) -> RoutingStats:
+    """Combine every process's :class:`RoutingStats` (SUM all-reduce of its count tensors, gather of
+    path counts and samples); returns the combined stats on every process (rank 0's is complete).
+    A no-op without an initialised ``torch.distributed`` process group of more than one process.
+    Every process must have updated its stats at least once."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    for tensor in stats.state_tensors().values():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    gathered: list[RoutingStats | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, stats)
+    if dist.get_rank() == 0:
+        for rank, other in enumerate(gathered):
+            if rank != 0 and other is not None:
+                stats.merge(other, reducible=False)
+    return stats
+
+
+@torch.no_grad()
+def evaluate_routing(
+    model: MoeLM,
+    batches: Iterable[torch.Tensor],
+    *,
+    max_batches: int | None = DEFAULT_MAX_BATCHES,
+    device: str | torch.device = "cpu",
+    max_samples: int | None = 65536,
+    expert_analyses: bool = True,
+    max_expert_tokens: int = DEFAULT_MAX_EXPERT_TOKENS,
+    reorder_neurons: bool = True,
+) -> dict[str, Any]:
+    """Run a model over token blocks and gather its loss and every routing metric.
+
+    Args:
+        model: The model (``MoeLMModule.model``), put in eval mode here.
+        batches: Batches of token blocks (B, S+1) (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+        max_batches: Stop after this many batches (None: all).
+        device: Where to run.
+        max_samples: Reservoir size of the per-token medians (:class:`RoutingStats`).
+        expert_analyses: Also OLMoE's specialisation and co-activation
+            (:class:`~rmoe.metrics.specialization.TokenExpertStats`) and the "Closer Look" analyses
+            (:class:`~rmoe.evaluation.experts.ExpertOutputStats` on the first ``max_expert_tokens``
+            tokens, :func:`~rmoe.evaluation.experts.weight_analyses`).
+        max_expert_tokens: Tokens on which all E experts are run.
+        reorder_neurons: Include the Hungarian-reordered neuron similarity (E(E-1)/2 x 3
+            assignment problems of size F per layer).
+
+    Returns:
+        ``loss`` (token-weighted mean cross entropy, nats), ``num_batches``, ``num_eval_tokens``;
+        for MoE models also every key of :meth:`RoutingStats.compute` except the token samples,
+        ``expert_similarity`` (L,) and ``histograms`` (see :meth:`RoutingHistograms.compute`),
+        ``top_k``, and with ``expert_analyses`` the keys of :meth:`TokenExpertStats.compute`
+        (without the raw counts), :meth:`ExpertOutputStats.compute` and :func:`weight_analyses`.
+        Tensors stay tensors (see :func:`rmoe.runs.to_jsonable`).
+    """
+    model.eval().to(device)
+    config = model.config
+    stats = RoutingStats(config.num_experts, top_k=config.top_k, max_samples=max_samples)
+    histograms = RoutingHistograms(config.num_experts)
+    token_stats = TokenExpertStats(config.vocab_size, config.num_experts)
+    expert_outputs = ExpertOutputStats(model, max_expert_tokens) if expert_analyses and config.moe_layers else None
+    loss_sum, num_tokens, num_batches = 0.0, 0, 0
+    with expert_outputs or contextlib.nullcontext():
+        for batch in batches:
+            if max_batches is not None and num_batches >= max_batches:
+                break
+            batch = batch.to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            out = model(inputs)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            loss_sum += float(loss)
+            num_tokens += targets.numel()
+            num_batches += 1
+            stats.update(out.routing)
+            histograms.update(out.routing)
+            if expert_analyses:
+                token_stats.update(inputs, out.routing)
+    if num_batches == 0:
+        raise RmoeError("the split gave no batch to analyse (is it empty, or --max-batches 0?).")
+    metrics: dict[str, Any] = {
+        "loss": loss_sum / num_tokens,
+        "num_batches": num_batches,
+        "num_eval_tokens": num_tokens,
+    }
+    if stats.num_layers is not None:
+        summary = stats.compute()
+        metrics.update({k: v for k, v in summary.items() if k not in _SAMPLE_KEYS})
+        metrics["expert_similarity"] = expert_similarity_per_layer(model)
+        metrics["histograms"] = histograms.compute()
+        metrics["top_k"] = config.top_k
+        if expert_analyses:
+            tokens = token_stats.compute()
+            metrics.update({k: v for k, v in tokens.items() if k not in ("token_expert_counts", "token_occurrences")})
+            metrics.update(expert_outputs.compute())
+            metrics.update(weight_analyses(model, reorder=reorder_neurons))
+    return metrics

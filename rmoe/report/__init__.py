@@ -1,0 +1,99 @@
+"""``rmoe report``: results table and plots of a sweep: mean ± std over seeds of each router (or any grid group).
+
+Reads a sweep root written by ``rmoe sweep`` (``<root>/<run>/run.json`` names each run's
+grid labels; ``<run>/version_0/`` holds the fit's TensorBoard events and checkpoints, ``<run>/test/``
+the ``rmoe test`` events) and writes, into ``--out``:
+
+- ``results.md`` / ``results.csv``: one row per group (by default every grid key but ``seed``):
+  ``n`` (runs with validation results), best ``val/loss``, final ``val/bpb``, ``test/bpb``, final
+  routing metrics (``--metric`` patterns; by default layer means of the last validation's gate
+  entropy, MaxVio and cross-layer top-1 MI, when ``RoutingAnalytics`` logged them), the router's
+  trainable parameters, total and active parameters (rebuilt from the checkpoint's
+  hyper-parameters), the median step time (wall time between logged training steps) and tokens/s,
+  the training steps and tokens; mean ± sample standard deviation (ddof 1) over the group's runs;
+- ``runs.csv``: the same per run;
+- ``val_loss.png`` / ``val_bpb.png``: validation curves, one line per group (the mean over seeds)
+  with a band (min-max over seeds, or ± std);
+- ``final_val_bpb.png``: final validation bpb per group, mean with ± std error bars.
+
+A run without any ``val/loss`` (failed, or not started) is listed as incomplete and left out.
+
+The package: :mod:`rmoe.report.collect` (reading a sweep root's runs through :mod:`rmoe.runs`,
+their final metrics and parameter counts, grouping), :mod:`rmoe.report.stats` (same-seed paired
+comparisons, t-intervals), :mod:`rmoe.report.render` (markdown, CSV, plots) and
+:mod:`rmoe.report.command` (:func:`report` and the command line).
+
+Usage::
+
+    rmoe report runs/sweeps/table1_cpu --out docs/results/table1_cpu
+    rmoe report runs/sweeps/fig2_depth_cpu --out docs/results/fig2 --group-by router depth
+    rmoe report ROOT --out DIR --metric 'moe/val/(load_cv)/layer_\\d+$' --band std
+"""
+
+from rmoe.report.collect import (
+    BASE_COLUMNS,
+    COST_COLUMNS,
+    DEFAULT_METRICS,
+    EXTRA_KEYS,
+    NON_CAUSAL_KEY,
+    SEED_KEY,
+    Column,
+    Group,
+    ReportError,
+    RunResult,
+    default_group_keys,
+    group_runs,
+    metric_columns,
+    parameter_counts,
+    parse_only,
+    read_run,
+    routing_metrics,
+    step_time_ms,
+)
+from rmoe.report.command import build_parser, main, report
+from rmoe.report.render import (
+    format_mean_std,
+    format_value,
+    markdown_table,
+    paired_table,
+    plot_bars,
+    plot_curves,
+    write_csvs,
+    write_markdown,
+)
+from rmoe.report.stats import Paired, paired_comparisons, t_quantile_95
+
+__all__ = [
+    "BASE_COLUMNS",
+    "COST_COLUMNS",
+    "DEFAULT_METRICS",
+    "EXTRA_KEYS",
+    "NON_CAUSAL_KEY",
+    "SEED_KEY",
+    "Column",
+    "Group",
+    "Paired",
+    "ReportError",
+    "RunResult",
+    "build_parser",
+    "default_group_keys",
+    "format_mean_std",
+    "format_value",
+    "group_runs",
+    "main",
+    "markdown_table",
+    "metric_columns",
+    "paired_comparisons",
+    "paired_table",
+    "parameter_counts",
+    "parse_only",
+    "plot_bars",
+    "plot_curves",
+    "read_run",
+    "report",
+    "routing_metrics",
+    "step_time_ms",
+    "t_quantile_95",
+    "write_csvs",
+    "write_markdown",
+]

@@ -1,0 +1,88 @@
+"""Same-seed paired comparisons of a sweep's runs against a baseline, with 95% t-intervals."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rmoe.report.collect import SEED_KEY, ReportError, RunResult
+
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom; beyond 10 the approximation
+# 1.96 + 2.4 / df is within 1.5% (2.20 vs 2.228 at 10, 2.08 vs 2.086 at 20).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_quantile_95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
+    return _T95.get(df, 1.96 + 2.4 / df)
+
+
+@dataclass
+class Paired:
+    """Same-seed differences ``metric(run) - metric(baseline run)`` for one group of runs.
+
+    Two runs pair when all their labels but ``key`` are equal (so the same seed: same initialisation
+    and data order). The verdict is the paired t-interval's: ``better`` (lower) or ``worse`` when the
+    95% interval of the mean difference excludes 0, otherwise ``indistinguishable``.
+    """
+
+    labels: dict[str, str]
+    differences: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.differences)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.differences) if self.differences else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.differences) if self.n > 1 else math.nan
+
+    @property
+    def half_width(self) -> float:
+        """Half-width of the 95% t-interval of the mean difference (NaN with fewer than 2 pairs)."""
+        return t_quantile_95(self.n - 1) * self.std / math.sqrt(self.n) if self.n > 1 else math.nan
+
+    @property
+    def verdict(self) -> str:
+        if not math.isfinite(self.half_width):
+            return "too few pairs"
+        if self.mean + self.half_width < 0:
+            return "better"
+        if self.mean - self.half_width > 0:
+            return "worse"
+        return "indistinguishable"
+
+
+def paired_comparisons(
+    runs: Sequence[RunResult], key: str, baseline: str, metric: str = "final_val_bpb"
+) -> list[Paired]:
+    """For every non-baseline label of ``key``, the same-seed differences against the baseline's runs.
+
+    Groups are the runs' labels without ``seed`` (e.g. ``router=gru, depth=l12``), in first-run order.
+
+    Raises:
+        ReportError: If no run has ``key=baseline``.
+    """
+    others = [k for k in dict.fromkeys(k for r in runs for k in r.labels) if k != key]
+    base = {tuple(r.labels.get(k) for k in others): r for r in runs if r.labels.get(key) == baseline}
+    if not base:
+        raise ReportError(f"--paired {key}={baseline}: no complete run has {key}={baseline}.")
+    groups: dict[tuple[str | None, ...], Paired] = {}
+    for run in runs:
+        if run.labels.get(key) == baseline:
+            continue
+        partner = base.get(tuple(run.labels.get(k) for k in others))
+        value = run.metrics.get(metric, math.nan)
+        if partner is None or not math.isfinite(value) or not math.isfinite(partner.metrics.get(metric, math.nan)):
+            continue
+        labels = {k: v for k, v in run.labels.items() if k != SEED_KEY}
+        groups.setdefault(tuple(labels.values()), Paired(labels, [])).differences.append(
+            value - partner.metrics[metric]
+        )
+    return list(groups.values())

@@ -1,0 +1,7 @@
+"""``python -m rmoe.sweep ...``: the same as ``rmoe sweep ...`` (and how a sweep starts its child processes)."""
+
+import sys
+
+from rmoe.sweep.command import main
+
+sys.exit(main())

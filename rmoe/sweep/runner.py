@@ -1,0 +1,294 @@
+"""Running a sweep: one child process per run, threads for ``--jobs``, signals, resume and markers.
+
+Each run is one child process, ``python -m rmoe.sweep --exec-run <run>/run.json`` (so a crash
+cannot take down the sweep), that runs ``rmoe.cli.main`` for ``fit`` and then, in the same
+interpreter, for ``test`` (:func:`exec_run`). A finished run gets its marker (``done.json``) and
+is skipped from then on; see :mod:`rmoe.sweep` for resuming and stopping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+import yaml
+
+from rmoe.runs import RESUME_CHECKPOINT, SWEEP_COPY
+from rmoe.sweep.plan import checkpoint_to_test, commands, fit_args, resume_checkpoint, rmoe_test_args, shell_join
+from rmoe.sweep.spec import Run, Sweep
+
+_ATTEMPT_HEADER = "===== "  # starts each attempt's part of stdout.log
+CHILD_MODULE = "rmoe.sweep"
+"""The module a run's child process runs (``python -m rmoe.sweep --exec-run <run.json>``)."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one run in this invocation."""
+
+    run: Run
+    status: str  # "done", "skipped", "failed"
+    seconds: float = 0.0
+    returncode: int = 0
+    message: str = ""
+
+
+@dataclass
+class Summary:
+    """All outcomes of one invocation, in grid order."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None = None) -> Summary:
+    """Run (or skip, or resume) every run; never raises for a failed run.
+
+    Args:
+        sweep: The sweep.
+        runs: The runs to consider (from :func:`expand`).
+        jobs: Runs at a time. With more than one, each child gets ``OMP_NUM_THREADS`` = cores / jobs
+            unless the environment sets it.
+        out: Where progress lines go (default ``sys.stdout``).
+    """
+    out = out or sys.stdout
+    lock = threading.Lock()
+    width = len(str(len(runs)))
+
+    def say(i: int, run: Run, text: str) -> None:
+        with lock:
+            print(f"[{i + 1:>{width}}/{len(runs)}] {run.name}: {text}", file=out, flush=True)
+
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    _write_sweep_copy(sweep)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def one(i: int, run: Run) -> Outcome:
+        if run.marker.is_file():
+            note = _changed_note(sweep, run)
+            say(i, run, f"skipped (finished: {run.marker}){note}")
+            return Outcome(run, "skipped")
+        return _launch(sweep, run, env, lambda text: say(i, run, text))
+
+    outcomes: dict[int, Outcome] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs) if jobs > 1 else None
+    try:
+        if pool is None:
+            for i, run in enumerate(runs):
+                outcomes[i] = one(i, run)
+        else:
+            futures = {pool.submit(one, i, run): i for i, run in enumerate(runs)}
+            for future in as_completed(futures):
+                outcomes[futures[future]] = future.result()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: start nothing new, stop the running children
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        _stop_children()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return Summary([outcomes[i] for i in range(len(runs))])
+
+
+_children: set[subprocess.Popen[bytes]] = set()
+_children_lock = threading.Lock()
+
+
+def _stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
+    """Stop the running children: wait ``grace`` seconds for them to exit by themselves (a terminal's
+    Ctrl-C reached them too), then SIGTERM them (they stop at once, as failed: the run resumes from
+    its last checkpoint next time) and wait ``timeout`` seconds, then kill what is left."""
+    with _children_lock:
+        running = [p for p in _children if p.poll() is None]
+    for sig, wait in ((None, grace), (signal.SIGTERM, timeout), (signal.SIGKILL, None)):
+        for process in running:
+            if sig is not None and process.poll() is None:
+                process.send_signal(sig)
+        deadline = time.monotonic() + (wait or 0.0)
+        for process in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=None if wait is None else max(0.0, deadline - time.monotonic()))
+        running = [p for p in running if p.poll() is None]
+        if not running:
+            return
+
+
+def _launch(sweep: Sweep, run: Run, env: Mapping[str, str], say: Callable[[str], None]) -> Outcome:
+    ckpt = resume_checkpoint(run)
+    if ckpt is None and run.fit_dir.exists():  # a failed attempt without a checkpoint: start clean
+        shutil.rmtree(run.fit_dir)
+    if run.test_dir.exists():
+        shutil.rmtree(run.test_dir)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    plan = {
+        "sweep": sweep.name,
+        "name": run.name,
+        "labels": run.labels,
+        "fit_args": fit_args(sweep, run, ckpt),
+        "fit_dir": str(run.fit_dir),
+        "after_fit": sweep.after_fit,
+        "test_checkpoint": sweep.test_checkpoint,
+        "commands": [shell_join(c) for c in commands(sweep, run)],
+    }
+    run.plan.write_text(json.dumps(plan, indent=1) + "\n")
+    say(f"{'resuming from ' + str(ckpt) if ckpt else 'starting'} (log: {run.log})")
+    started = time.monotonic()
+    with run.log.open("a") as log:
+        log.write(f"\n{_ATTEMPT_HEADER}{_now()} sweep {sweep.name}: run {run.name} ({'resume' if ckpt else 'new'})\n")
+        log.flush()
+        child = [sys.executable, "-m", CHILD_MODULE, "--exec-run", str(run.plan)]
+        with subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT, env=dict(env)) as process:
+            with _children_lock:
+                _children.add(process)
+            try:
+                returncode = process.wait()
+            finally:
+                with _children_lock:
+                    _children.discard(process)
+    seconds = time.monotonic() - started
+    if returncode != 0:
+        message = _last_error(run.log, returncode)
+        say(f"FAILED (exit {returncode}) after {_duration(seconds)}: {message} (log: {run.log})")
+        return Outcome(run, "failed", seconds, returncode, message)
+    marker = {
+        "name": run.name,
+        "labels": run.labels,
+        "fingerprint": _fingerprint(sweep, run),
+        "finished": _now(),
+        "seconds": round(seconds, 1),
+        "resumed_from": str(ckpt) if ckpt else None,
+    }
+    run.marker.write_text(json.dumps(marker, indent=1) + "\n")
+    # only there to resume an interrupted fit; last.ckpt and best-*.ckpt stay
+    (run.fit_dir / "checkpoints" / f"{RESUME_CHECKPOINT}.ckpt").unlink(missing_ok=True)
+    say(f"done in {_duration(seconds)}")
+    return Outcome(run, "done", seconds)
+
+
+def _fingerprint(sweep: Sweep, run: Run) -> list[str]:
+    return [*fit_args(sweep, run), f"after_fit={sweep.after_fit}", f"test_checkpoint={sweep.test_checkpoint}"]
+
+
+def _changed_note(sweep: Sweep, run: Run) -> str:
+    try:
+        recorded = json.loads(run.marker.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return ""
+    if recorded is not None and recorded != _fingerprint(sweep, run):
+        return f"; NOTE: it finished with other settings than these: delete {run.marker} to re-run it"
+    return ""
+
+
+def _write_sweep_copy(sweep: Sweep) -> None:
+    """``<root>/sweep.yaml``: the grid (keys and labels in order) for the report and for the record."""
+    doc = {
+        "name": sweep.name,
+        "description": sweep.description,
+        "configs": list(sweep.configs),
+        "grid": {
+            key: {label: [*v.configs, *v.overrides] for label, v in labels.items()}
+            for key, labels in sweep.grid.items()
+        },
+        "overrides": list(sweep.overrides),
+        "after_fit": sweep.after_fit,
+    }
+    (sweep.root / SWEEP_COPY).write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _last_error(log: Path, returncode: int) -> str:
+    """The most telling line of this attempt's log: ``rmoe: error: ...``, else its last line."""
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 65536))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    attempt = text.rpartition(_ATTEMPT_HEADER)[2]  # earlier attempts' errors do not count
+    lines = [line.strip() for line in attempt.splitlines()[1:] if line.strip()]
+    errors = [line for line in lines if line.startswith(("rmoe: error:", "sweep: error:"))]
+    if errors:
+        return errors[-1][:400]
+    if returncode > 128:
+        return f"stopped by signal {returncode - 128}"
+    return (lines or ["(empty log)"])[-1][:400]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The child process: fit, then test, in one interpreter
+
+
+def exec_run(plan_path: str | os.PathLike[str]) -> int:
+    """Run one run's stages (what the child process does); returns the exit code.
+
+    ``rmoe.cli.main`` for ``fit`` with the plan's arguments, then, if ``after_fit`` is ``test``,
+    for ``test`` on the chosen checkpoint with the fit's saved config. Each stage's command line
+    is printed first. User errors exit 2 (``rmoe``'s own code); a crash raises (exit 1).
+    """
+    plan = json.loads(Path(plan_path).read_text())
+    # SIGTERM (the sweep stopping, a job scheduler) must end the run as failed, not let Lightning
+    # finish fit() early as if done: Lightning calls this handler after its own.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    from rmoe.cli import main as rmoe_main
+
+    returncode = _stage(rmoe_main, plan["fit_args"])
+    if returncode or plan.get("after_fit") != "test":
+        return returncode
+    fit_dir = Path(plan["fit_dir"])
+    run = Run(plan["name"], plan["labels"], (), (), fit_dir.parent)
+    try:
+        ckpt = checkpoint_to_test(fit_dir, plan.get("test_checkpoint", "best"))
+    except FileNotFoundError as err:
+        print(f"sweep: error: cannot test run {plan['name']}: {err}", flush=True)
+        return 1
+    return _stage(rmoe_main, rmoe_test_args(run, ckpt))
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stage(rmoe_main: Callable[[list[str]], None], args: list[str]) -> int:
+    print(f"$ {shlex.join(['python', '-m', 'rmoe', *args])}", flush=True)
+    try:
+        rmoe_main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+        if code not in (None, 0):
+            return code if isinstance(code, int) else 1
+    sys.stdout.flush()
+    return 0
