@@ -8,6 +8,7 @@ import math
 import pickle
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -597,3 +598,12 @@ def test_a_routing_metric_declares_exactly_one_way_to_compute_it():
         Metric("x", "layer", "", per_token=lambda b: b.probs_LTE, from_state=lambda a: a.state["num_pairs_L"])
     with pytest.raises(ValueError, match="exactly one of"):
         Metric("y", "layer", "")
+
+
+def test_the_readme_lists_every_metric_as_declared():
+    from rmoe.metrics.catalog import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- metrics-table:start -->\n", "<!-- metrics-table:end -->"
+    copy = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert copy == markdown_table(), "the README metrics table is stale: paste rmoe.metrics.catalog.markdown_table()"

@@ -296,7 +296,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "router_z_mean",
         "layer",
-        "mean squared logsumexp of the logits (the z-loss)",
+        "mean logsumexp of the logits (the ST-MoE z-loss squares it)",
         per_token=lambda b: router_z(b.logits_LTE),
     ),
     Metric(
@@ -355,14 +355,14 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "coactivation_max",
         "layer",
-        "OLMoE's largest co-activation N(i,j)/N(i), i != j",
+        "OLMoE's largest off-diagonal co-activation N(i,j)/N(i)",
         source="specialization",
         summary=True,
     ),
     Metric(
         "expert_similarity",
         "layer",
-        "mean cosine similarity of the experts' weights",
+        "mean pairwise cosine similarity of the experts' weights (RMoE App. A.4.3)",
         source="weights",
         summary=True,
         splits=("train",),
@@ -370,7 +370,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "score_norm_top1_agreement",
         "layer",
-        "Closer Look: top-1 router score = top-1 expert output norm",
+        "Closer Look: how often the top-scored expert has the largest output norm",
         source="experts",
         summary=True,
         live=False,
@@ -378,7 +378,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "expert_output_similarity_mean",
         "layer",
-        "Closer Look: mean similarity of the experts' outputs",
+        "Closer Look: mean off-diagonal similarity of the experts' outputs",
         source="experts",
         summary=True,
         live=False,
@@ -386,7 +386,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "neuron_similarity_reordered_mean",
         "layer",
-        "Closer Look: neuron-level expert similarity after reordering",
+        "Closer Look: neuron-level expert similarity after Hungarian reordering",
         source="experts",
         summary=True,
         live=False,
@@ -402,7 +402,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "gate_embedding_r2",
         "layer",
-        "Closer Look: R^2 of gate-embedding against expert similarity",
+        "Closer Look: R^2 of the gate-embedding similarity against the neuron similarity",
         source="experts",
         summary=True,
         live=False,
@@ -428,6 +428,16 @@ def metric(name: str) -> Metric:
         if m.name == name:
             return m
     raise KeyError(f"no routing metric {name!r}; declared: {', '.join(m.name for m in METRICS)}")
+
+
+def markdown_table() -> str:
+    """The catalog as a markdown table (the README's copy is checked against it by the tests)."""
+    flags = (("hparam", "HParams"), ("report", "`rmoe report`"), ("summary", "analyze table"))
+    rows = ["| metric | kind | computed by | shown in | what it is |", "|---|---|---|---|---|"]
+    for m in METRICS:
+        shown = ["TensorBoard" if m.live else "`rmoe analyze`", *(label for f, label in flags if getattr(m, f))]
+        rows.append(f"| `{m.name}` | {m.kind} | {m.source} | {', '.join(shown)} | {m.description} |")
+    return "\n".join(rows) + "\n"
 
 
 def _check_unique() -> None:
