@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -79,6 +80,27 @@ class RmoeCLI(LightningCLI):
         # the tokenizer decides the vocabulary: copy it into the model config at instantiation
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with :class:`~rmoe.training.callbacks.StepProgressBar` and
+        :class:`~rmoe.training.callbacks.MoeModelSummary` in place of Lightning's default bar and summary,
+        unless the config has its own (or turns them off)."""
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+
+        from rmoe.training.callbacks import MoeModelSummary, StepProgressBar
+
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            callbacks.append(StepProgressBar())
+        if trainer_config.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            callbacks.append(MoeModelSummary())
+        return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
+
     def before_instantiate_classes(self) -> None:
         """A ``--ckpt_path`` that does not exist fails here, before anything is built or written."""
         ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
@@ -88,6 +110,34 @@ class RmoeCLI(LightningCLI):
                 f"--ckpt_path={ckpt_path!r} does not exist; expected a checkpoint written by rmoe fit, "
                 "e.g. runs/<name>/version_<n>/checkpoints/last.ckpt."
             )
+        if self.subcommand == "fit" and ckpt_path and not special:
+            self._continue_in_run_dir(Path(ckpt_path))
+
+    def _continue_in_run_dir(self, ckpt_path: Path) -> None:
+        """Resuming a run's own checkpoint continues in the run's directory, not in a new ``version_<n+1>``.
+
+        When ``--ckpt_path`` is ``<save_dir>/<name>/version_<k>/checkpoints/*.ckpt`` and the config's
+        TensorBoard logger writes to ``<save_dir>/<name>`` with no fixed version (the run's own
+        ``config.yaml``), the logger's version becomes ``version_<k>``: the events and checkpoints of
+        the resumed part land next to the first part's, so TensorBoard shows one run. The first part's
+        ``config.yaml`` is kept; the resumed part's resolved config is ``config.resume-<n>.yaml``.
+        """
+        ckpt = ckpt_path.resolve()
+        run_dir = ckpt.parent.parent
+        if ckpt.parent.name != "checkpoints" or not re.fullmatch(r"version_\d+", run_dir.name):
+            return
+        logger = self.config[self.subcommand].get("trainer", {}).get("logger")
+        if not logger or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            return
+        init_args = logger.get("init_args")
+        if init_args is None or init_args.get("version") is not None:
+            return
+        save_dir = Path(init_args.get("save_dir") or "lightning_logs")
+        if (save_dir / (init_args.get("name") or "lightning_logs")).resolve() == run_dir.parent:
+            init_args["version"] = run_dir.name
+            # the first part's config.yaml stays as it was; each resumed part saves its own next to it
+            part = 1 + len(list(run_dir.glob("config.resume-*.yaml")))
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{part}.yaml"}
 
 
 def normalize_args(argv: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,12 +96,51 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
     ckpt = tmp_path / "runs/t/version_0/checkpoints/step3.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == 3
 
-    main(["fit", *tiny_args(tmp_path, *common), f"--ckpt_path={ckpt}"])
+    elsewhere = tmp_path / "elsewhere/step3.ckpt"  # not the run's own checkpoint: a new version_1
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(ckpt.read_bytes())
+    main(["fit", *tiny_args(tmp_path, *common), f"--ckpt_path={elsewhere}"])
     resumed = scalars(tmp_path / "runs/t/version_1", "train/loss")
     assert min(resumed) == 3  # the first step after the checkpoint, not 0
     assert sorted(resumed) == [s for s in sorted(straight) if s >= 3]
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight[step], abs=1e-6), step
+
+
+def test_resuming_a_run_continues_in_its_own_directory_with_its_data_position(tmp_path, capsys):
+    """The README's resume command: same version_<n> folder (one run in TensorBoard), the loader's
+    position saved in the checkpoint and checked, no "not resumable" warning, the first config kept."""
+    main(["fit", *tiny_args(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2")])
+    run = tmp_path / "runs/t/version_0"
+    first_config = (run / "config.yaml").read_text()
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    (position,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert position["epoch"] == 0 and position["batches_done"] == 4  # mid-epoch: Lightning used to warn here
+    resume = ["fit", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints/last.ckpt'}"]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([*resume, "trainer.max_steps=6"])
+    assert not any("not resumable" in str(w.message) for w in caught)
+    assert not (tmp_path / "runs/t/version_1").exists()
+    assert (run / "config.yaml").read_text() == first_config
+    assert "max_steps: 6" in (run / "config.resume-1.yaml").read_text()
+    assert sorted(scalars(run, "train/loss")) == list(range(6))  # one run: steps 0-3, then 4-5
+    bar = capsys.readouterr().out
+    assert "step: 100%|██████████| 6/6" in bar and "Epoch 0" not in bar  # optimiser steps out of max_steps
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*resume, "trainer.max_steps=8", "data.batch_size=2"])
+    assert exit_info.value.code == 2
+    assert "the checkpoint's data position" in capsys.readouterr().err
+
+
+def test_model_summary_shows_active_params_and_flops_per_token_not_lightnings_zero(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lightning.pytorch.callbacks.model_summary"):
+        main(["fit", *tiny_args(tmp_path, "trainer.max_steps=1", "trainer.enable_model_summary=true")])
+    summary = caplog.text
+    assert "Active params" in summary and "Training FLOPs per token" in summary
+    assert "Total Flops" not in summary
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

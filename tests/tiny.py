@@ -65,13 +65,7 @@ def tiny_overrides(tmp_path: Path, num_layers: int = 2) -> list[str]:
 
 
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    """``step -> value`` of a TensorBoard scalar tag, read directly from the run's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """``step -> value`` of a TensorBoard scalar tag, read from the run's event files (later files win)."""
+    from rmoe.runs import read_scalars
 
-    values: dict[int, float] = {}
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
+    return dict(read_scalars(log_dir).get(tag, []))

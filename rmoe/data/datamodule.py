@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from rmoe.data.blocks import BlockDataset, SplitStats, pack_tokens, token_stats, tokenize_documents
 from rmoe.data.corpus import SPLITS, Corpus, build_corpus, take_prefix
-from rmoe.data.sampler import ResumableShuffleSampler
+from rmoe.data.sampler import ResumableDataLoader, ResumableShuffleSampler
 from rmoe.data.tokenizer import META_FILE, MIN_BPE_VOCAB_SIZE, BpeTokenizer, Tokenizer, build_tokenizer
 from rmoe.errors import RmoeError
 
@@ -302,7 +302,7 @@ class TextDataModule(L.LightningDataModule):
             if shuffle
             else None
         )
-        return DataLoader(
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

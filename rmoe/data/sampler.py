@@ -1,18 +1,25 @@
-"""A shuffling sampler that makes resume exact, on one process or many.
+"""A shuffling sampler and a data loader that make resume exact, on one process or many.
 
 Each epoch's order is a permutation drawn from ``seed + epoch`` (nothing depends on how many
 epochs a generator went through before), each process takes every ``num_replicas``-th index
 (``DistributedSampler``'s sharding, so Lightning keeps it as is under DDP), and when training
 resumes from a checkpoint taken mid-epoch the batches the run already consumed are skipped, so
 the first batch after a resume is the one the uninterrupted run would have seen.
+
+:class:`ResumableDataLoader` says so to Lightning: it is ``Stateful`` (``state_dict`` /
+``load_state_dict``), so its position is saved in every checkpoint and checked on resume, and
+Lightning does not warn that the loader is not resumable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
+
+from rmoe.errors import RmoeError
 
 
 class ResumableShuffleSampler(DistributedSampler):
@@ -54,3 +61,46 @@ class ResumableShuffleSampler(DistributedSampler):
         mine = order[self.rank : self.total_size : self.num_replicas].tolist()
         skip = self.batches_done(self.epoch) if self.batches_done is not None else 0
         yield from mine[max(0, skip) * self.batch_size :]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableShuffleSampler` whose position is part of the checkpoint.
+
+    ``state_dict()`` is the sampler's position: the epoch, the batches of it this process has
+    trained on, and what that count depends on (seed, per-process batch size, processes).
+    Lightning saves it with every checkpoint and hands it back to ``load_state_dict`` on resume;
+    the skip itself is still derived from the restored optimiser step (``batches_done``), so a
+    checkpoint without this state (older runs) resumes the same way. A saved position that differs
+    from the derived one (another batch size, seed, number of processes or gradient accumulation
+    than the checkpoint's) is an error instead of a silently different run.
+    """
+
+    sampler: ResumableShuffleSampler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableShuffleSampler):
+            raise TypeError("ResumableDataLoader needs a ResumableShuffleSampler")
+
+    def state_dict(self) -> dict[str, int]:
+        return self._position(self.sampler.epoch)
+
+    def _position(self, epoch: int) -> dict[str, int]:
+        s = self.sampler
+        return {
+            "epoch": int(epoch),
+            "batches_done": int(s.batches_done(epoch) if s.batches_done is not None else 0),
+            "seed": int(s.seed),
+            "batch_size": int(s.batch_size),
+            "num_replicas": int(s.num_replicas),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Check the checkpoint's position against the one this run derives (called by Lightning on
+        resume, after the step count is restored and before the first batch)."""
+        now = self._position(int(state.get("epoch", 0)))
+        if any(state.get(key) != value for key, value in now.items()):
+            raise RmoeError(
+                f"resume: the checkpoint's data position {dict(state)} differs from this run's {now}; resume with "
+                "the batch size, seed, number of processes and gradient accumulation the checkpoint was trained with."
+            )

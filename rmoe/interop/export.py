@@ -28,6 +28,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import pkgutil
 import shutil
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,17 @@ def _rewrite(module: str, source: str) -> tuple[str, set[str]]:
     edits: list[tuple[int, int, str]] = []
     needed: set[str] = set()
     for node in ast.walk(tree):
+        if _is_discovery(node):  # the package imports all its modules at run time: list them in the flat copy
+            indent = " " * node.col_offset
+            submodules = [f"{module}.{info.name}" for info in pkgutil.iter_modules([str(_module_file(module).parent)])]
+            submodules = sorted(m for m in submodules if not m.rpartition(".")[2].startswith("_"))
+            needed.update(submodules)
+            text = "".join(
+                f"{indent}from .{bundle_module_name(m)} import __name__ as _{bundle_module_name(m)}  # registers\n"
+                for m in submodules
+            )
+            edits.append((node.lineno - 1, node.end_lineno, text))
+            continue
         if isinstance(node, ast.Import) and any(a.name == "rmoe" or a.name.startswith("rmoe.") for a in node.names):
             raise RuntimeError(f"{module}: `import rmoe...` cannot be bundled; use `from rmoe... import`")
         if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith("rmoe"):
@@ -94,6 +106,16 @@ def _rewrite(module: str, source: str) -> tuple[str, set[str]]:
     for start, end, text in sorted(edits, reverse=True):
         lines[start:end] = [text]
     return "".join(lines), needed
+
+
+def _is_discovery(node: ast.AST) -> bool:
+    """``discover_routers(__name__, __path__)``: a package importing every module of itself."""
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id == "discover_routers"
+    )
 
 
 def bundle_sources(roots: tuple[str, ...] = BUNDLE_ROOTS) -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""Small callbacks: token throughput (and MFU on GPUs) and saving the tokenizer with the run."""
+"""Small callbacks: token throughput (and MFU on GPUs), saving the tokenizer with the run, a progress
+bar that counts optimiser steps, and a model summary with the numbers that matter for an MoE."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -9,6 +11,22 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
+
+from rmoe.model.decoder import MoeLM
+
+_summary_log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+
+
+def training_flops_per_token(model: MoeLM, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active non-embedding parameters + 12 x L x D x S for attention
+    (PaLM, arXiv 2204.02311, appendix B). What TokenThroughput's MFU and the model summary use."""
+    cfg = model.config
+    return (
+        6.0 * model.num_parameters(active=True, exclude_embeddings=True)
+        + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+    )
 
 
 class TokenThroughput(L.Callback):
@@ -24,14 +42,9 @@ class TokenThroughput(L.Callback):
         self.window = window
         self._times: list[float] = []
         self._tokens: list[int] = []
-        self._flops_per_token = 0.0
         self._peak_flops: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.model
-        cfg = model.config
-        self._flops_per_token = 6.0 * model.num_parameters(active=True, exclude_embeddings=True)
-        self._attn_flops_per_token_per_position = 12.0 * cfg.num_layers * cfg.hidden_size
         if pl_module.device.type == "cuda":
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             self._peak_flops = get_available_flops(pl_module.device, dtype)
@@ -50,8 +63,7 @@ class TokenThroughput(L.Callback):
         tokens_per_sec = tokens / elapsed
         pl_module.log("train/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
         if self._peak_flops:
-            seq_len = batch.shape[1] - 1
-            flops = self._flops_per_token + self._attn_flops_per_token_per_position * seq_len
+            flops = training_flops_per_token(pl_module.model, batch.shape[1] - 1)
             pl_module.log("train/mfu", tokens_per_sec * flops / (self._peak_flops * trainer.world_size))
 
 
@@ -68,3 +80,90 @@ class SaveTokenizer(L.Callback):
         datamodule = trainer.datamodule
         if trainer.is_global_zero and log_dir is not None and hasattr(datamodule, "save_tokenizer"):
             datamodule.save_tokenizer(os.path.join(log_dir, "tokenizer"))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, but a step-bounded run (``trainer.max_steps > 0``) counts optimiser steps
+    out of ``max_steps`` across epochs (from the restored step on resume) and shows tokens/s.
+
+    Lightning's own bar counts the batches of the current epoch and titles it ``Epoch 0``, which
+    says nothing about progress when the run ends at a step count (and its rich variant prints
+    ``Epoch 0/-2`` for ``max_epochs: -1``). Epoch-bounded runs keep Lightning's bar unchanged.
+    """
+
+    @staticmethod
+    def _steps(trainer: L.Trainer) -> bool:
+        return trainer.max_steps is not None and trainer.max_steps > 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._steps(trainer):
+            bar = self.train_progress_bar
+            bar.reset(total=trainer.max_steps)
+            bar.initial = bar.n = trainer.global_step
+            bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self._steps(trainer):
+            super().on_train_epoch_start(trainer, *args)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._steps(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(step, bar.total):
+            bar.n = step
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        tokens_per_sec = trainer.callback_metrics.get("train/tokens_per_sec")
+        if tokens_per_sec is not None:
+            metrics["tok/s"] = f"{float(tokens_per_sec):,.0f}"
+        return metrics
+
+
+class MoeModelSummary(ModelSummary):
+    """Lightning's model summary with the active parameters and the training FLOPs per token instead
+    of its ``Total Flops`` line.
+
+    Lightning measures FLOPs only by running ``example_input_array`` through the model, which this
+    module does not set (a forward at start-up, whose routing would depend on a made-up batch), so
+    it printed ``0``. The FLOPs here are :func:`training_flops_per_token` at the data's block size.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pl_module = pl_module
+        self._block_size = getattr(trainer.datamodule, "block_size", None)
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(
+        self,
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data
+        )
+        lines = [line for line in table.splitlines() if not line.rstrip().endswith("Total Flops")]
+        model = getattr(self._pl_module, "model", None)
+        if isinstance(model, MoeLM):
+            active = model.num_parameters(active=True)
+            lines.append(f"{get_human_readable_count(active):<10}Active params (K of E experts per token)")
+            if self._block_size:
+                flops = training_flops_per_token(model, self._block_size)
+                lines.append(
+                    f"{get_human_readable_count(int(flops)):<10}Training FLOPs per token "
+                    f"(6 x active non-embedding params + attention at {self._block_size} tokens)"
+                )
+        _summary_log.info("\n" + "\n".join(lines))
