@@ -28,6 +28,7 @@ Usage::
 
     python benchmarks/bench_moe.py                      # 4096 tokens, d=256, 8 experts of 512, top-2
     python benchmarks/bench_moe.py --tokens 8192 --dtype bf16 --json bench.json
+    python benchmarks/bench_moe.py --sweep              # default, fine-grained (E=64, K=8), small batch (T=768)
 """
 
 from __future__ import annotations
@@ -62,9 +63,26 @@ class Result:
     p75_ms: float
     samples_ms: list[float]
     max_abs_diff_vs_ours: float | None  # of the output and of d(input)
+    peak_mib: float  # peak memory of one forward+backward: parameters, gradients, activations, temporaries
 
 
-def parse_args() -> argparse.Namespace:
+SWEEP_SHAPES = {
+    "default": {"tokens": 4096, "seq_len": 512, "hidden_size": 256, "num_experts": 8, "expert_size": 512, "top_k": 2},
+    "fine-grained": {
+        "tokens": 4096,
+        "seq_len": 512,
+        "hidden_size": 256,
+        "num_experts": 64,
+        "expert_size": 64,
+        "top_k": 8,
+    },
+    "small batch": {"tokens": 768, "seq_len": 64, "hidden_size": 128, "num_experts": 8, "expert_size": 176, "top_k": 2},
+}
+"""The shapes of ``--sweep``: the default block, fine-grained experts (E=64, K=8) and the small batch
+of CPU router studies (T=768, d=128)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=4096, help="tokens T per step (batch x sequence)")
     p.add_argument("--seq-len", type=int, default=512, help="sequence length; batch = tokens / seq-len")
@@ -82,11 +100,16 @@ def parse_args() -> argparse.Namespace:
         "--hf-full-block", action="store_true", help="time transformers' whole forward, with its width-0 shared expert"
     )
     p.add_argument("--json", metavar="PATH", help="also write the results here")
-    return p.parse_args()
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run every shape of SWEEP_SHAPES (the shape flags are ignored) and print one table of ratios",
+    )
+    return p.parse_args(argv)
 
 
-def build_ours(args: argparse.Namespace, backend: str) -> SparseMoeBlock:
-    config = ModelConfig(
+def model_config(args: argparse.Namespace, backend: str = "auto") -> ModelConfig:
+    return ModelConfig(
         vocab_size=1,
         hidden_size=args.hidden_size,
         num_layers=1,
@@ -101,18 +124,21 @@ def build_ours(args: argparse.Namespace, backend: str) -> SparseMoeBlock:
         initializer_range=args.init_std,
         expert_backend=backend,
     )
-    block = SparseMoeBlock(config, layer_idx=0, shared_router=None)
+
+
+def build_ours(args: argparse.Namespace, backend: str) -> SparseMoeBlock:
+    block = SparseMoeBlock(model_config(args, backend), layer_idx=0, shared_router=None)
     with torch.no_grad():
         for p in block.parameters():
             nn.init.normal_(p, std=args.init_std)
     return block
 
 
-def build_hf(ours: SparseMoeBlock, implementation: str) -> nn.Module:
+def build_hf(ours: SparseMoeBlock, config: ModelConfig, implementation: str) -> nn.Module:
     """transformers' block with ``ours``' weights (router ``weight`` = ``gate.weight``, same expert layout)."""
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-    hf_config = to_hf_config(ours.router.config)
+    hf_config = to_hf_config(config)
     hf_config._experts_implementation = implementation
     with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" (the width-0 shared expert)
         warnings.simplefilter("ignore", UserWarning)
@@ -157,8 +183,59 @@ def step(
     return out_BSD
 
 
-def main() -> None:
-    args = parse_args()
+def peak_memory_mib(
+    forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.Tensor
+) -> float:
+    """Peak memory of one forward+backward step, in MiB: parameters, gradients, activations and
+    temporaries. CUDA: ``torch.cuda.max_memory_allocated``; CPU: torch's ``MemTracker`` (a dispatch
+    mode that follows every tensor's storage), so both count what the step itself holds."""
+    if x_BSD.device.type == "cuda":
+        torch.cuda.synchronize(x_BSD.device)
+        torch.cuda.reset_peak_memory_stats(x_BSD.device)
+        base = torch.cuda.memory_allocated(x_BSD.device)
+        step(forward, module, x_BSD, grad_BSD)
+        torch.cuda.synchronize(x_BSD.device)
+        return (torch.cuda.max_memory_allocated(x_BSD.device) - base) / 2**20
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(module)
+    with tracker:
+        step(forward, module, x_BSD, grad_BSD)
+    return tracker.get_tracker_snapshot("peak")[x_BSD.device]["Total"] / 2**20
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.sweep:
+        run_shape(args)
+        return
+    rows = {}
+    for label, shape in SWEEP_SHAPES.items():
+        print(f"\n== {label} ==")
+        rows[label] = run_shape(argparse.Namespace(**{**vars(args), **shape, "json": None}))
+    names = [n for n in rows["default"]["results"] if n != "dense"]
+    print("\nforward+backward time / dense (median), and peak MiB (dense | ours | others)")
+    print(
+        f"{'shape':<14} {'T':>5} {'D':>4} {'E':>3} {'F':>4} {'K':>2} "
+        + " ".join(f"{n:>16}" for n in names)
+        + "  peak MiB"
+    )
+    for label, row in rows.items():
+        a, res = row["args"], row["results"]
+        ratios = " ".join(f"{res[n]['median_ms'] / res['dense']['median_ms']:>15.2f}x" for n in names)
+        peaks = " | ".join(f"{res[n]['peak_mib']:.1f}" for n in ["dense", *names])
+        print(
+            f"{label:<14} {a['tokens']:>5} {a['hidden_size']:>4} {a['num_experts']:>3} {a['expert_size']:>4} "
+            f"{a['top_k']:>2} {ratios}  {peaks}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def run_shape(args: argparse.Namespace) -> dict:
+    """Time every implementation at one shape, print its table and return the results."""
     if args.tokens % args.seq_len:
         raise SystemExit(f"--tokens={args.tokens} must be a multiple of --seq-len={args.seq_len}")
     device = torch.device(
@@ -187,7 +264,7 @@ def main() -> None:
         ours_other.experts.backend = other_backend
         candidates[f"ours-{other_backend}"] = (ours_other, ours_forward(ours_other))
     for implementation in ("eager", "grouped_mm"):
-        hf = build_hf(ours, implementation)
+        hf = build_hf(ours, model_config(args), implementation)
         candidates[f"hf-{implementation}"] = (hf, hf if args.hf_full_block else hf_routed_forward(hf))
     for module, _ in candidates.values():
         module.to(device=device, dtype=dtype)
@@ -229,7 +306,8 @@ def main() -> None:
     for name in names:
         samples = samples_ms[name]
         q25, q50, q75 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
-        results.append(Result(name, q50, min(samples_ms[name]), q25, q75, samples_ms[name], diffs.get(name)))
+        peak = peak_memory_mib(candidates[name][1], candidates[name][0], x_BSD, grad_BSD)
+        results.append(Result(name, q50, min(samples_ms[name]), q25, q75, samples_ms[name], diffs.get(name), peak))
     by_name = {r.name: r for r in results}
 
     print(
@@ -246,31 +324,29 @@ def main() -> None:
     )
     print(
         f"{'implementation':<16} {'median ms':>10} {'min ms':>8} {'p25-p75 ms':>16} {'vs dense':>9} {'vs ours':>8} "
-        f"{'max|diff| vs ours (out, dx)':>28}"
+        f"{'peak MiB':>9} {'max|diff| vs ours (out, dx)':>28}"
     )
     for r in results:
         diff = "-" if r.max_abs_diff_vs_ours is None else f"{r.max_abs_diff_vs_ours:.2e}"
         print(
             f"{r.name:<16} {r.median_ms:>10.2f} {r.min_ms:>8.2f} {f'{r.p25_ms:.2f}-{r.p75_ms:.2f}':>16} "
             f"{r.median_ms / by_name['dense'].median_ms:>8.3f}x {r.median_ms / by_name['ours'].median_ms:>7.3f}x "
-            f"{diff:>28}"
+            f"{r.peak_mib:>9.1f} {diff:>28}"
         )
 
+    summary = {
+        "args": vars(args),
+        "device": str(device),
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "ours_backend": backend,
+        "tokens_per_expert": tokens_per_expert,
+        "results": {r.name: asdict(r) for r in results},
+    }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "args": vars(args),
-                    "device": str(device),
-                    "torch": torch.__version__,
-                    "num_threads": torch.get_num_threads(),
-                    "ours_backend": backend,
-                    "tokens_per_expert": tokens_per_expert,
-                    "results": [asdict(r) for r in results],
-                },
-                f,
-                indent=2,
-            )
+            json.dump(summary, f, indent=2)
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""The benchmark scripts run and report what they claim (tiny shapes, one repetition: not timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_moe_times_every_implementation_with_its_peak_memory(tmp_path):
+    bench = load("bench_moe")
+    out = tmp_path / "moe.json"
+    shape = ["--tokens", "64", "--seq-len", "32", "--hidden-size", "16", "--num-experts", "4", "--expert-size", "8"]
+    bench.main([*shape, "--repeats", "2", "--warmup", "0", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert {"dense", "ours", "ours-grouped_mm", "hf-eager", "hf-grouped_mm"} <= set(results)
+    for name, r in results.items():
+        assert r["median_ms"] > 0 and r["peak_mib"] > 0, name
+        if name != "dense":
+            assert r["max_abs_diff_vs_ours"] < 1e-5, name  # the same function as ours
+    # the dense MLP holds fewer activations than any MoE block of the same active width
+    assert results["dense"]["peak_mib"] < results["ours"]["peak_mib"]
+
+
+def test_bench_moe_sweep_covers_the_three_shapes():
+    bench = load("bench_moe")
+    assert set(bench.SWEEP_SHAPES) == {"default", "fine-grained", "small batch"}
+    assert bench.SWEEP_SHAPES["fine-grained"]["num_experts"] == 64 and bench.SWEEP_SHAPES["fine-grained"]["top_k"] == 8
+
+
+def test_bench_step_times_dense_moe_and_gru_and_splits_the_step(tmp_path):
+    bench = load("bench_step")
+    out = tmp_path / "step.json"
+    bench.main(["--shapes", "small", "--repeats", "2", "--warmup", "0", "--json", str(out)])
+    report = json.loads(out.read_text())["small"]
+    assert set(report["timings"]) == {"dense", "moe-linear", "moe-gru"}
+    active = {n: t["active_params"] for n, t in report["timings"].items()}
+    assert abs(active["moe-linear"] - active["dense"]) / active["dense"] < 0.01  # same active parameters
+    assert sum(report["breakdown"].values()) == pytest.approx(1.0)
+    assert report["breakdown"]["expert matmuls"] > 0 and report["breakdown"]["optimizer"] > 0
+    assert report["router_flops_share"]["moe-gru"] > report["router_flops_share"]["moe-linear"]
