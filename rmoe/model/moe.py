@@ -155,11 +155,9 @@ class _SlicedExperts(torch.autograd.Function):
       backward reuses its own temporaries in place, and the weighted combine (and its transpose
       for dx) is one ``embedding_bag``: no (S, D) temporaries for the weights, the un-sort or
       the sum over K;
-    * gate and up share one (N, 2F) buffer, one matmul per expert in each direction, while it
-      stays under :data:`FUSE_GATE_UP_BYTES`; above, they are two (N, F) buffers: the same
-      FLOPs in twice the matmuls, but blocks half the size, which glibc serves from its heap
-      instead of mapping (and page-faulting) fresh memory every step once they reach 32 MiB
-      (N = 8192, F = 512 in fp32).
+    * gate and up are two (N, F) buffers, not one (N, 2F): same matmuls, but a block half the
+      size, which glibc serves from its heap instead of mapping (and page-faulting) fresh memory
+      every step once it reaches 32 MiB (N = 8192, F = 512 in fp32).
 
     Saved tensors are never modified, so a second backward (``retain_graph``) is exact.
     """
@@ -182,19 +180,11 @@ class _SlicedExperts(torch.autograd.Function):
         inverse_TK[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         inverse_TK = inverse_TK.view(T, K)  # sorted position of each (token, k) pair
         x_SD = x_TD.index_select(0, order_S // K)  # (S, D) rows grouped by expert
-        fused = _fuse_gate_up(N, F_, x_SD.element_size())
-        if fused:  # one (N, 2F) buffer: one matmul per expert for gate and up together
-            gate_up_N2F = x_SD.new_empty(N, 2 * F_)
-            for e, (start, end) in enumerate(bounds):
-                if end > start:
-                    torch.mm(x_SD[start:end], gate_up_E2FD[e].t(), out=gate_up_N2F[start:end])
-            gate_NF, up_NF = gate_up_N2F[:, :F_], gate_up_N2F[:, F_:]
-        else:
-            gate_NF, up_NF = x_SD.new_empty(N, F_), x_SD.new_empty(N, F_)
-            for e, (start, end) in enumerate(bounds):
-                if end > start:
-                    torch.mm(x_SD[start:end], gate_up_E2FD[e, :F_].t(), out=gate_NF[start:end])
-                    torch.mm(x_SD[start:end], gate_up_E2FD[e, F_:].t(), out=up_NF[start:end])
+        gate_NF, up_NF = x_SD.new_empty(N, F_), x_SD.new_empty(N, F_)
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                torch.mm(x_SD[start:end], gate_up_E2FD[e, :F_].t(), out=gate_NF[start:end])
+                torch.mm(x_SD[start:end], gate_up_E2FD[e, F_:].t(), out=up_NF[start:end])
         a_NF = F.silu(gate_NF).mul_(up_NF)
         y_SD = x_SD.new_empty(x_SD.shape)
         y_SD[N:].zero_()
@@ -204,7 +194,6 @@ class _SlicedExperts(torch.autograd.Function):
         out_TD = F.embedding_bag(inverse_TK, y_SD, per_sample_weights=weights_TK, mode="sum")
         ctx.save_for_backward(x_SD, weights_TK, gate_up_E2FD, down_EDF, order_S, inverse_TK, gate_NF, up_NF, a_NF, y_SD)
         ctx.bounds = bounds
-        ctx.fused = fused
         return out_TD
 
     @staticmethod
@@ -231,49 +220,27 @@ class _SlicedExperts(torch.autograd.Function):
                     torch.mm(dy_SD[start:end].t(), a_NF[start:end], out=d_down_EDF[e])
             elif d_down_EDF is not None:
                 d_down_EDF[e].zero_()
-        # a = silu(gate) * up: d_up = da * silu(gate), d_gate = silu'(gate) * da * up
+        # a = silu(gate) * up: d_up = da * silu(gate), d_gate = silu'(gate) * da * up (in place on temporaries)
+        d_up_NF = F.silu(gate_NF).mul_(da_NF)
+        d_gate_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(up_NF), gate_NF, grad_input=da_NF)
+
         d_gate_up_E2FD = torch.empty_like(gate_up_E2FD) if need_gate_up else None
         dx_SD = dy_SD  # its buffer is free now: each expert's rows are overwritten after their last read
-        if ctx.fused:  # d(gate, up) in one (N, 2F) buffer: one matmul per expert for each gradient
-            d_gate_up_N2F = a_NF.new_empty(N, 2 * F_)
-            torch.mul(F.silu(gate_NF), da_NF, out=d_gate_up_N2F[:, F_:])
-            torch.ops.aten.silu_backward.grad_input(da_NF.mul_(up_NF), gate_NF, grad_input=d_gate_up_N2F[:, :F_])
-            for e, (start, end) in enumerate(bounds):
-                if end > start:
-                    if d_gate_up_E2FD is not None:
-                        torch.mm(d_gate_up_N2F[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e])
-                    if need_x:
-                        torch.mm(d_gate_up_N2F[start:end], gate_up_E2FD[e], out=dx_SD[start:end])
-                elif d_gate_up_E2FD is not None:
-                    d_gate_up_E2FD[e].zero_()
-        else:  # in place on the temporaries
-            d_up_NF = F.silu(gate_NF).mul_(da_NF)
-            d_gate_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(up_NF), gate_NF, grad_input=da_NF)
-            for e, (start, end) in enumerate(bounds):
-                if end > start:
-                    if d_gate_up_E2FD is not None:
-                        torch.mm(d_gate_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, :F_])
-                        torch.mm(d_up_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, F_:])
-                    if need_x:
-                        torch.mm(d_gate_NF[start:end], gate_up_E2FD[e, :F_], out=dx_SD[start:end])
-                        dx_SD[start:end].addmm_(d_up_NF[start:end], gate_up_E2FD[e, F_:])
-                elif d_gate_up_E2FD is not None:
-                    d_gate_up_E2FD[e].zero_()
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                if d_gate_up_E2FD is not None:
+                    torch.mm(d_gate_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, :F_])
+                    torch.mm(d_up_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, F_:])
+                if need_x:
+                    torch.mm(d_gate_NF[start:end], gate_up_E2FD[e, :F_], out=dx_SD[start:end])
+                    dx_SD[start:end].addmm_(d_up_NF[start:end], gate_up_E2FD[e, F_:])
+            elif d_gate_up_E2FD is not None:
+                d_gate_up_E2FD[e].zero_()
         dx_TD = None
         if need_x:
             dx_SD[N:].zero_()
             dx_TD = F.embedding_bag(inverse_TK, dx_SD, mode="sum")
         return dx_TD, d_weights_TK, d_gate_up_E2FD, d_down_EDF, None, None
-
-
-FUSE_GATE_UP_BYTES = 16 << 20
-"""Below this size of an (N, 2F) buffer the sliced backend runs gate and up as one matmul per expert
-(fewer, larger matmuls: what small batches and fine-grained experts need); above it, two (N, F)
-buffers, which glibc keeps serving from its heap instead of mapping fresh pages every step."""
-
-
-def _fuse_gate_up(num_rows: int, intermediate_size: int, element_size: int) -> bool:
-    return num_rows * 2 * intermediate_size * element_size <= FUSE_GATE_UP_BYTES
 
 
 def _group_bounds(counts: list[int]) -> list[tuple[int, int]]:

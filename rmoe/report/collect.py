@@ -199,10 +199,11 @@ def parameter_counts(checkpoint_dir: Path) -> dict[str, float]:
 
     The model is rebuilt (on the meta device: no memory, no init) from the checkpoint's
     ``hyper_parameters["arch"]`` so tied weights count once and ``MoeLM.num_parameters(active=True)``
-    counts top-k of the experts; router parameters are the trainable parameters whose name contains
-    ``router`` (every layer's router and the shared part, e.g. RMoE's GRU cell; frozen ones, as
-    RandomSMoE's, are not counted). Without a usable config, the counts come from the state dict
-    (unique tensors; no active count).
+    counts top-k of the experts; router parameters are :func:`rmoe.metrics.router_parameters` (the
+    trainable parameters of every router module and of the module shared across layers, e.g. RMoE's
+    GRU cell; frozen ones, as RandomSMoE's, are not counted). Without a usable config, the counts
+    come from the state dict (unique tensors; no active count; router parameters by the name
+    ``router``, all a state dict has).
     """
     candidates = [checkpoint_dir / "last.ckpt", *sorted(checkpoint_dir.glob("*.ckpt"))]
     ckpt_path = next((p for p in candidates if p.is_file()), None)

@@ -133,8 +133,8 @@ def write_markdown(
         "Mean ± sample standard deviation (ddof 1) over the group's runs (`n`). Best val loss: the lowest "
         "`val/loss` of the run; final val bpb: `val/bpb` at its last validation; test bpb: `rmoe test` of the "
         "best checkpoint (when the sweep ran it). Routing metrics: the last validation's values averaged over "
-        "layers (or consecutive layer pairs for the MI), blank when not logged. Router params: trainable "
-        "parameters whose name contains `router`. Step time: median wall time between logged training steps.",
+        "layers (or consecutive layer pairs for the MI), blank when not logged. Router params: the trainable "
+        "parameters of the router modules. Step time: median wall time between logged training steps.",
         "",
     ]
     if any(g.non_causal for g in groups):
