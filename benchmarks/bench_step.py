@@ -8,6 +8,8 @@ For each shape the same step is timed, in a rotating order within each repetitio
 * ``moe-linear``: the MoE decoder with the linear router;
 * ``moe-gru``: the same with RMoE's GRU router (state ``p``), to measure the recurrent router's
   overhead next to its share of the FLOPs;
+* ``moe-linear+foreach-adamw``: the linear-router step with ``foreach`` AdamW instead of the fused
+  kernel the training module uses (on CPU too, since this benchmark);
 * with ``--compile``, the compiled-layers variant of each (``MoeLMModule(compile=True)``'s
   per-layer ``torch.compile``).
 
@@ -86,7 +88,9 @@ def model_config(shape: dict, *, moe: bool, router: str = "linear", state_dim: i
     )
 
 
-def make_step(config: ModelConfig, batch_BS1: torch.Tensor, compile_layers: bool) -> tuple[Callable[[], None], MoeLM]:
+def make_step(
+    config: ModelConfig, batch_BS1: torch.Tensor, compile_layers: bool, fused_adamw: bool = True
+) -> tuple[Callable[[], None], MoeLM]:
     """One training step as ``MoeLMModule.training_step`` computes it (LM loss + 0.01 x balance loss
     + 0.001 x z-loss, ``configs/base.yaml``'s coefficients)."""
     torch.manual_seed(0)
@@ -94,7 +98,7 @@ def make_step(config: ModelConfig, batch_BS1: torch.Tensor, compile_layers: bool
     if compile_layers:
         for layer in model.layers:
             layer.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=fused_adamw)
     inputs, targets = batch_BS1[:, :-1], batch_BS1[:, 1:]
 
     def step() -> None:
@@ -196,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         steps, models = {}, {}
         for name, config in configs.items():
             steps[name], models[name] = make_step(config, batch, compile_layers=False)
+            if name == "moe-linear":  # the optimiser as it was: foreach AdamW instead of the fused kernel
+                steps["moe-linear+foreach-adamw"], models["moe-linear+foreach-adamw"] = make_step(
+                    config, batch, compile_layers=False, fused_adamw=False
+                )
             if args.compile:
                 steps[f"{name}+compile"], models[f"{name}+compile"] = make_step(config, batch, compile_layers=True)
         samples = time_steps(steps, args.repeats, args.warmup)

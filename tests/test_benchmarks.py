@@ -47,7 +47,7 @@ def test_bench_step_times_dense_moe_and_gru_and_splits_the_step(tmp_path):
     out = tmp_path / "step.json"
     bench.main(["--shapes", "small", "--repeats", "2", "--warmup", "0", "--json", str(out)])
     report = json.loads(out.read_text())["small"]
-    assert set(report["timings"]) == {"dense", "moe-linear", "moe-gru"}
+    assert set(report["timings"]) == {"dense", "moe-linear", "moe-linear+foreach-adamw", "moe-gru"}
     active = {n: t["active_params"] for n, t in report["timings"].items()}
     assert abs(active["moe-linear"] - active["dense"]) / active["dense"] < 0.01  # same active parameters
     assert sum(report["breakdown"].values()) == pytest.approx(1.0)

@@ -315,12 +315,18 @@ class MoeLMModule(L.LightningModule):
             is_embedding = "embed_tokens" in name or "lm_head" in name
             (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
         o = self.optim
+        # The fused kernel (one pass over every parameter) exists for CPU and CUDA; on CPU it is ~6x
+        # faster than foreach (benchmarks/bench_step.py), most of it on the 3-D expert weights.
+        # Lightning refuses it with gradient clipping under mixed precision (it unscales internally).
+        clipping = bool(self.trainer.gradient_clip_val) if self._trainer is not None else False
+        mixed = "mixed" in str(self.trainer.precision) if self._trainer is not None else False
+        fused = self.device.type in ("cpu", "cuda") and not (clipping and mixed)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
-            fused=self.device.type == "cuda",
+            fused=fused,
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
