@@ -158,21 +158,31 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("data.train_files=[/no/such/file.txt]", "/no/such/file.txt"),
     ],
 )
-def test_bad_input_is_one_clear_message_and_nothing_is_written(override, fragment, tmp_path):
-    result = run_cli("fit", *tiny_args(tmp_path, "trainer.max_steps=1", override), cwd=tmp_path)
+def test_bad_input_is_one_clear_message_and_nothing_is_written(override, fragment, tmp_path, capsys):
+    """In process (``rmoe.cli.main``, what the console script calls); the exit status and the absence
+    of a traceback through a real process are checked once, below."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny_args(tmp_path, "trainer.max_steps=1", override)])
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_through_the_real_command_exits_2_without_a_traceback(tmp_path):
+    result = run_cli("fit", *tiny_args(tmp_path, "trainer.max_steps=1", "model.arch.top_k=9"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert fragment in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "model.arch.top_k=9 must be between 1" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("kind", ["empty", "latin1"])
-def test_bad_data_files_are_named(kind, tmp_path):
+def test_bad_data_files_are_named(kind, tmp_path, capsys):
     bad = tmp_path / f"{kind}.txt"
     bad.write_bytes(b"" if kind == "empty" else "caf\xe9 na\xefve".encode("latin-1"))
-    result = run_cli("fit", *tiny_args(tmp_path, "trainer.max_steps=1", f"data.train_files=[{bad}]"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert str(bad) in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny_args(tmp_path, "trainer.max_steps=1", f"data.train_files=[{bad}]")])
+    assert exit_info.value.code == 2
+    assert str(bad) in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
