@@ -11,7 +11,7 @@ the ``rmoe test`` events) and writes, into ``--out``:
   trainable parameters, total and active parameters (rebuilt from the checkpoint's
   hyper-parameters), the median step time (wall time between logged training steps) and tokens/s,
   the training steps and tokens; mean ± sample standard deviation (ddof 1) over the group's runs;
-- ``runs.csv``: the same per run;
+- ``runs.csv``: the same per run, every run found, with ``complete`` = 0 for those left out of the tables;
 - ``val_loss.png`` / ``val_bpb.png``: validation curves, one line per group (the mean over seeds)
   with a band (min-max over seeds, or ± std);
 - ``final_val_bpb.png``: final validation bpb per group, mean with ± std error bars.

@@ -73,12 +73,13 @@ def write_csvs(groups: Sequence[Group], runs: Sequence[RunResult], columns: Sequ
     label_keys = list(dict.fromkeys(k for r in runs for k in r.labels))
     with (out / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", *label_keys, *all_keys])
+        writer.writerow(["run", *label_keys, "complete", *all_keys])
         for run in runs:
             writer.writerow(
                 [
                     run.name,
                     *(run.labels.get(k, "") for k in label_keys),
+                    int(run.complete),  # 0: left out of the tables (unfinished or no validation)
                     *(_csv_number(run.metrics.get(k, math.nan)) for k in all_keys),
                 ]
             )
