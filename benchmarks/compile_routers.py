@@ -42,15 +42,18 @@ def step_fn(model: MoeLM, inputs: torch.Tensor, targets: torch.Tensor):
     return step
 
 
-def median_ms(fn, repeats: int, warmup: int) -> float:
+def median_ms(fns: dict[str, object], repeats: int, warmup: int) -> dict[str, float]:
+    """Median step time of each function, timed alternately (machine noise hits both alike)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,8 +102,12 @@ def main(argv: list[str] | None = None) -> None:
             row["compile_s"] = time.perf_counter() - start
             row["max_grad_diff"] = max(float((a - b).abs().max()) for a, b in zip(grads_e, grads_c))
             row["loss_diff"] = abs(loss_e - loss_c)
-            row["eager_ms"] = median_ms(step_fn(eager, inputs, targets), args.repeats, args.warmup)
-            row["compiled_ms"] = median_ms(step_fn(compiled, inputs, targets), args.repeats, args.warmup)
+            medians = median_ms(
+                {"eager": step_fn(eager, inputs, targets), "compiled": step_fn(compiled, inputs, targets)},
+                args.repeats,
+                args.warmup,
+            )
+            row["eager_ms"], row["compiled_ms"] = medians["eager"], medians["compiled"]
             row["status"] = "ok" if row["max_grad_diff"] < 1e-3 and row["loss_diff"] < 1e-4 else "DIFFERS"
             print(
                 f"{router:<26} {row['eager_ms']:>9.1f} {row['compiled_ms']:>12.1f} "
