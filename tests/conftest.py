@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the 2 cores: one thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
