@@ -26,7 +26,7 @@ Tags (``l`` = MoE layer index in depth order, ``{split}`` = ``train``, ``val`` o
   ``moe/{split}/coactivation_heatmap`` (OLMoE's co-activation ``N(i, j) / N(i)``, one panel per layer);
 - HParams (fit): the run's scalar hyperparameters (``model.*``, ``data.*``, ``trainer.*``) with the
   metrics ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` and ``hp/<metric>`` for every metric
-  declared with ``hparam=True`` (:data:`HPARAM_METRICS`; layer means of the last validation);
+  declared with ``hparam=True`` in :data:`rmoe.metrics.catalog.METRICS` (layer means of the last validation);
   ``hp/train_loss`` instead of the validation losses when no validation ran.
 """
 
@@ -62,10 +62,6 @@ from rmoe.routers.base import RoutingOutput
 from rmoe.training.module import MoeLMModule
 
 PREFIX = "moe"
-HPARAM_METRICS = tuple(m.name for m in metrics(flag="hparam"))
-"""Routing metrics (layer means of the last validation) shown next to the losses in the HParams tab
-(``hparam=True`` in :data:`rmoe.metrics.catalog.METRICS`)."""
-
 SPECIALIZATION_KEYS = tuple(m.name for m in metrics(source="specialization", flag="live"))
 """Per-layer scalars of :class:`~rmoe.metrics.specialization.TokenExpertStats` logged live."""
 
@@ -502,8 +498,8 @@ def custom_scalars_layout(splits: tuple[str, ...] = ("train", "val")) -> dict[st
 
 def hparam_metrics(callback_metrics: Mapping[str, Any], val_scalars: Mapping[str, float]) -> dict[str, float]:
     """The HParams tab's metrics: ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` (``hp/train_loss``
-    when there was no validation) and ``hp/<metric>`` = layer mean of :data:`HPARAM_METRICS` over the
-    last validation."""
+    when there was no validation) and ``hp/<metric>`` = layer mean over the last validation of every
+    metric declared with ``hparam=True`` in the catalog."""
     out: dict[str, float] = {}
     for tag in ("val/loss", "val/bpb", "val/ppl") if "val/loss" in callback_metrics else ("train/loss",):
         if tag in callback_metrics:
