@@ -5,8 +5,8 @@ Compared, on the same input and with the same weights:
 * ``dense``: a SwiGLU MLP of width ``top_k * expert_size`` (``rmoe.model.moe.SwiGLU``, three
   ``nn.Linear``), i.e. the same active parameters per token as the MoE block, router aside;
 * ``ours``: ``rmoe.model.moe.SparseMoeBlock`` (linear router + ``GroupedExperts``) with its ``auto``
-  expert backend, and ``ours-<backend>`` with the other backend (``grouped_mm`` on CPU, where
-  ``F.grouped_mm`` runs but is not chosen; ``loop`` where ``auto`` picks ``grouped_mm``);
+  expert backend, and ``ours-<backend>`` with each backend forced (``sliced``, ``tiled`` and
+  ``grouped_mm``; ``auto`` is one of them, printed; ``grouped_mm`` runs on CPU but is not chosen there);
 * ``hf-eager`` / ``hf-grouped_mm``: transformers' ``Qwen2MoeSparseMoeBlock`` with
   ``config._experts_implementation`` set to that name (read at call time by
   ``transformers.integrations.moe.use_experts_implementation``).
@@ -167,6 +167,49 @@ def ours_forward(block: SparseMoeBlock) -> Callable[[torch.Tensor], torch.Tensor
     return lambda x_BSD: block(x_BSD, None)[0]
 
 
+def matmul_floor(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Median ms of the nine matmuls of one SwiGLU forward+backward, dense vs per-expert.
+
+    Dense: (T, D) x (D, K F) and its gradients, as in ``dense``. Per expert: the same FLOPs as E
+    matmuls on equal slices of T K / E rows (perfect balance, no gather, no router), as the sliced
+    and tiled backends run them. Their ratio is what any design that runs one matmul per expert
+    pays on this machine before dispatch, routing or imbalance: the floor of ``ours / dense``.
+    """
+    T, D, E, F_, K = args.tokens, args.hidden_size, args.num_experts, args.expert_size, args.top_k
+    n = T * K // E
+    g = torch.Generator(device=device).manual_seed(args.seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    x, h, dy = rand(T, D), rand(T, K * F_), rand(T, D)
+    w_up, w_down = rand(K * F_, D), rand(D, K * F_)
+    xs, hs, dys = rand(E, n, D), rand(E, n, F_), rand(E, n, D)
+    ws_up, ws_down = rand(E, F_, D), rand(E, D, F_)
+
+    def dense() -> None:  # gate, up, down; d(gate, up): weight and input; d down: weight and input
+        for _ in range(2):
+            torch.mm(x, w_up.t()), torch.mm(h.t(), x), torch.mm(h, w_up)
+        torch.mm(h, w_down.t()), torch.mm(dy.t(), h), torch.mm(dy, w_down)
+
+    def experts() -> None:
+        for e in range(E):
+            for _ in range(2):
+                torch.mm(xs[e], ws_up[e].t()), torch.mm(hs[e].t(), xs[e]), torch.mm(hs[e], ws_up[e])
+            torch.mm(hs[e], ws_down[e].t()), torch.mm(dys[e].t(), hs[e]), torch.mm(dys[e], ws_down[e])
+
+    samples: dict[str, list[float]] = {"dense": [], "experts": []}
+    for rep in range(args.warmup + args.repeats):
+        for name, fn in ((("dense", dense), ("experts", experts)) if rep % 2 else (("experts", experts), ("dense", dense))):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if rep >= args.warmup:
+                samples[name].append(1e3 * (time.perf_counter() - start))
+    return statistics.median(samples["dense"]), statistics.median(samples["experts"])
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -217,17 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     names = [n for n in rows["default"]["results"] if n != "dense"]
     print("\nforward+backward time / dense (median), and peak MiB (dense | ours | others)")
     print(
-        f"{'shape':<14} {'T':>5} {'D':>4} {'E':>3} {'F':>4} {'K':>2} "
+        f"{'shape':<14} {'T':>5} {'D':>4} {'E':>3} {'F':>4} {'K':>2} {'auto':>7} {'mm floor':>9} "
         + " ".join(f"{n:>16}" for n in names)
         + "  peak MiB"
     )
     for label, row in rows.items():
-        a, res = row["args"], row["results"]
+        a, res, floor = row["args"], row["results"], row["matmul_floor"]
         ratios = " ".join(f"{res[n]['median_ms'] / res['dense']['median_ms']:>15.2f}x" for n in names)
         peaks = " | ".join(f"{res[n]['peak_mib']:.1f}" for n in ["dense", *names])
         print(
             f"{label:<14} {a['tokens']:>5} {a['hidden_size']:>4} {a['num_experts']:>3} {a['expert_size']:>4} "
-            f"{a['top_k']:>2} {ratios}  {peaks}"
+            f"{a['top_k']:>2} {row['ours_backend']:>7} {floor['experts_ms'] / floor['dense_ms']:>8.2f}x {ratios}  {peaks}"
         )
     if args.json:
         with open(args.json, "w") as f:
@@ -257,9 +300,11 @@ def run_shape(args: argparse.Namespace) -> dict:
     candidates["dense"] = (dense, dense)
     candidates["ours"] = (ours, ours_forward(ours))
     ours.to(device=device, dtype=dtype)
-    backend = ours.experts._resolve_backend(torch.empty(0, device=device, dtype=dtype))
-    other_backend = "sliced" if backend == "grouped_mm" else "grouped_mm"
-    if hasattr(torch.nn.functional, "grouped_mm"):
+    probe_TD = torch.empty(args.tokens, args.hidden_size, device=device, dtype=dtype)
+    backend = ours.experts._resolve_backend(probe_TD, args.tokens * args.top_k)
+    for other_backend in ("sliced", "tiled", "grouped_mm"):  # each forced, ``ours`` (auto) is one of them
+        if other_backend == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
+            continue
         ours_other = copy.deepcopy(ours)
         ours_other.experts.backend = other_backend
         candidates[f"ours-{other_backend}"] = (ours_other, ours_forward(ours_other))
@@ -302,6 +347,7 @@ def run_shape(args: argparse.Namespace) -> dict:
             synchronize(device)
             samples_ms[name].append(1e3 * (time.perf_counter() - start))
 
+    floor_dense_ms, floor_experts_ms = matmul_floor(args, device, dtype)
     results = []
     for name in names:
         samples = samples_ms[name]
@@ -326,6 +372,10 @@ def run_shape(args: argparse.Namespace) -> dict:
         f"{'implementation':<16} {'median ms':>10} {'min ms':>8} {'p25-p75 ms':>16} {'vs dense':>9} {'vs ours':>8} "
         f"{'peak MiB':>9} {'max|diff| vs ours (out, dx)':>28}"
     )
+    print(
+        f"matmul floor: the nine matmuls alone, per expert (equal groups) / dense = "
+        f"{floor_experts_ms:.2f} / {floor_dense_ms:.2f} ms = {floor_experts_ms / floor_dense_ms:.2f}x"
+    )
     for r in results:
         diff = "-" if r.max_abs_diff_vs_ours is None else f"{r.max_abs_diff_vs_ours:.2e}"
         print(
@@ -341,6 +391,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         "num_threads": torch.get_num_threads(),
         "ours_backend": backend,
         "tokens_per_expert": tokens_per_expert,
+        "matmul_floor": {"dense_ms": floor_dense_ms, "experts_ms": floor_experts_ms},
         "results": {r.name: asdict(r) for r in results},
     }
     if args.json:

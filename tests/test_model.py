@@ -67,11 +67,12 @@ def naive_experts(experts: GroupedExperts, x_TD: torch.Tensor, routing: RoutingO
     return out
 
 
+@pytest.mark.parametrize("backend", ["sliced", "tiled"])
 @pytest.mark.parametrize("with_drops", [False, True])
-def test_dispatch_equals_naive_loop_forward_and_backward(with_drops):
+def test_dispatch_equals_naive_loop_forward_and_backward(with_drops, backend):
     torch.manual_seed(1)
     T, D, F_, E, K = 23, 16, 8, 5, 2
-    experts = GroupedExperts(E, D, F_, backend="sliced")
+    experts = GroupedExperts(E, D, F_, backend=backend)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
     torch.nn.init.normal_(experts.down_proj, std=0.3)
     x = torch.randn(T, D, requires_grad=True)
@@ -91,10 +92,49 @@ def test_dispatch_equals_naive_loop_forward_and_backward(with_drops):
     fast_grads = torch.autograd.grad(
         fast, [x, logits, experts.gate_up_proj, experts.down_proj], grad_out, retain_graph=True
     )
-    slow_grads = torch.autograd.grad(slow, [x, logits, experts.gate_up_proj, experts.down_proj], grad_out)
+    slow_grads = torch.autograd.grad(
+        slow, [x, logits, experts.gate_up_proj, experts.down_proj], grad_out, retain_graph=True
+    )
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert fast_grads[2][4].abs().sum() == 0  # the idle expert: in the graph, zero gradient
+    again = torch.autograd.grad(fast, [x, logits, experts.gate_up_proj, experts.down_proj], grad_out)
+    for a, b in zip(again, fast_grads):  # a second backward (retain_graph) reads unmodified saved tensors
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_auto_backend_takes_tiled_on_cpu_once_the_pair_copies_are_large():
+    from rmoe.model.moe import TILED_MIN_BYTES
+
+    experts = GroupedExperts(8, 256, 64, backend="auto")
+    x = torch.zeros(4, 256)
+    pairs_at_threshold = TILED_MIN_BYTES // (256 * 4)  # fp32 rows of width 256
+    assert experts._resolve_backend(x, pairs_at_threshold - 1) == "sliced"
+    assert experts._resolve_backend(x, pairs_at_threshold) == "tiled"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the compute dtype: half the bytes
+        assert experts._resolve_backend(x, pairs_at_threshold) == "sliced"
+        assert experts._resolve_backend(x, 2 * pairs_at_threshold) == "tiled"
+    assert GroupedExperts(8, 256, 64, backend="sliced")._resolve_backend(x, 10**9) == "sliced"
+
+
+def test_tiled_equals_sliced_in_half_precision_and_without_input_gradient():
+    torch.manual_seed(0)
+    T, D, F_, E, K = 64, 32, 16, 8, 4
+    sliced, tiled = GroupedExperts(E, D, F_, backend="sliced"), GroupedExperts(E, D, F_, backend="tiled")
+    for p in sliced.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    tiled.load_state_dict(sliced.state_dict())
+    x = torch.randn(T, D)  # no gradient wanted for the input: the backward skips dx
+    weights, ids = torch.randn(T, E).softmax(-1).topk(K, dim=-1)
+    for module in (sliced, tiled):
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module.run(x, ids, weights)
+        assert out.dtype == torch.float32
+        out.square().sum().backward()
+    torch.testing.assert_close(tiled.run(x, ids, weights), sliced.run(x, ids, weights), atol=1e-5, rtol=1e-5)
+    for a, b in zip(tiled.parameters(), sliced.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=0.05, rtol=0.05)  # bf16 matmuls, other summation order
 
 
 def test_every_expert_gets_a_gradient_even_when_idle():

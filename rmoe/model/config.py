@@ -16,7 +16,7 @@ from typing import Any, Literal
 from rmoe.errors import RmoeError
 from rmoe.routers import Causality, RouterContext, causality_of, get_router_class
 
-EXPERT_BACKENDS = ("auto", "grouped_mm", "sliced")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "sliced", "tiled")
 
 
 @dataclass
@@ -50,8 +50,10 @@ class ModelConfig:
         router_options: Options of that router (each router documents its own).
         expert_backend: How experts run: ``grouped_mm`` (one fused grouped matmul per projection,
             CUDA), ``sliced`` (one sort, then a matmul on each expert's contiguous slice of the
-            sorted tokens with a hand-written backward; best on CPU) or ``auto`` (``grouped_mm``
-            where its fused kernel exists, else ``sliced``). ``loop`` was ``sliced``'s old name.
+            sorted tokens with a hand-written backward), ``tiled`` (the same matmuls, each expert's
+            rows gathered just before them: no (T*K, D) copies; for many experts per token on CPU)
+            or ``auto`` (``grouped_mm`` where its fused kernel exists; on CPU ``tiled`` when the
+            (T*K, D) copies would reach 16 MiB, else ``sliced``). ``loop`` was ``sliced``'s old name.
         initializer_range: Std of the normal init; residual output projections are further scaled
             by ``1/sqrt(2 * num_layers)`` (GPT-2) unless ``scale_residual_init`` is false.
         scale_residual_init: See ``initializer_range``.
@@ -78,7 +80,7 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     router: str = "linear"
     router_options: dict[str, Any] = field(default_factory=dict)
-    expert_backend: Literal["auto", "grouped_mm", "sliced"] = "auto"
+    expert_backend: Literal["auto", "grouped_mm", "sliced", "tiled"] = "auto"
     initializer_range: float = 0.02
     scale_residual_init: bool = True
 

@@ -7,7 +7,9 @@ Dispatch: the T*K pairs are sorted by expert id so every expert's tokens are one
 each projection is then ONE grouped matmul over the groups (``torch.nn.functional.grouped_mm``,
 no host sync at all, where its fused kernel exists: bf16 on Hopper/Blackwell) or, elsewhere (CPU,
 fp32), plain matmuls on contiguous slices after a single host read of the group sizes per layer
-(never one sync per expert), with a hand-written backward (:class:`_SlicedExperts`). Every expert
+(never one sync per expert), with a hand-written backward: :class:`_SlicedExperts` gathers the
+(S, D) expert inputs once, :class:`_TiledExperts` gathers each expert's rows just before its
+matmuls and never holds an (S, D) copy (faster once those copies outgrow the cache). Every expert
 takes part, with a zero gradient if it got no token, so every expert weight is in the autograd
 graph and DDP needs no ``find_unused_parameters``.
 """
@@ -37,6 +39,11 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# On CPU, ``auto`` takes ``tiled`` once the (S, D) copies that ``sliced`` makes reach this size (half
+# the 32 MiB L3 of the machine the rule was measured on; see the README's speed section).
+TILED_MIN_BYTES = 16 * 2**20
+
+
 def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``F.grouped_mm`` runs its fused kernel here (no host sync, no per-group loop).
 
@@ -63,10 +70,17 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def _resolve_backend(self, x: torch.Tensor) -> str:
-        if self.backend == "auto":
-            return "grouped_mm" if _grouped_mm_available(x.device, self._compute_dtype(x)) else "sliced"
-        return self.backend
+    def _resolve_backend(self, x_TD: torch.Tensor, num_pairs: int) -> str:
+        """``auto``: ``grouped_mm`` where its fused kernel runs; on CPU ``tiled`` when the (S, D)
+        copies of ``sliced`` would be at least :data:`TILED_MIN_BYTES`, else ``sliced``; ``sliced``
+        on other GPUs (deterministic there, unlike ``tiled``'s ``index_add_``)."""
+        if self.backend != "auto":
+            return self.backend
+        dtype = self._compute_dtype(x_TD)
+        if _grouped_mm_available(x_TD.device, dtype):
+            return "grouped_mm"
+        copy_bytes = num_pairs * x_TD.shape[-1] * dtype.itemsize
+        return "tiled" if x_TD.device.type == "cpu" and copy_bytes >= TILED_MIN_BYTES else "sliced"
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The autocast dtype when autocast is on (our kernels are not autocast-aware), else the weights'."""
@@ -98,13 +112,15 @@ class GroupedExperts(nn.Module):
         order_S = torch.argsort(ids_S, stable=True)  # (S,) pair index, grouped by expert
         counts_E = tokens_per_expert(ids_S, E)  # (E,) kept pairs per expert (dropped ones have id E)
         dtype = self._compute_dtype(x_TD)
-        if self._resolve_backend(x_TD) == "grouped_mm":
+        backend = self._resolve_backend(x_TD, ids_S.numel())
+        if backend == "grouped_mm":
             out_TD = self._grouped_mm_forward(
                 x_TD.to(dtype), weights_TK, order_S, counts_E, has_drops=keep_TK is not None
             )
         else:
+            function = _TiledExperts if backend == "tiled" else _SlicedExperts
             with torch.autocast(x_TD.device.type, enabled=False):  # cast by hand: mm(out=) is not autocast-aware
-                out_TD = _SlicedExperts.apply(
+                out_TD = function.apply(
                     x_TD.to(dtype),
                     weights_TK.to(dtype),
                     self.gate_up_proj.to(dtype),
@@ -240,6 +256,95 @@ class _SlicedExperts(torch.autograd.Function):
         if need_x:
             dx_SD[N:].zero_()
             dx_TD = F.embedding_bag(inverse_TK, dx_SD, mode="sum")
+        return dx_TD, d_weights_TK, d_gate_up_E2FD, d_down_EDF, None, None
+
+
+class _TiledExperts(torch.autograd.Function):
+    """Same function and arguments as :class:`_SlicedExperts`, without any (S, D) tensor.
+
+    Each expert's rows are gathered from ``x_TD`` just before its two matmuls (a block that is
+    still in cache when they read it) and its output is scaled by the routing weights and added
+    into ``out_TD`` at once (``index_add_``, sequential on CPU, so deterministic there). The
+    backward gathers ``dout`` and ``x`` the same way, and the gradient of the routing weights
+    is taken in the expert width F: ``dout . y = (dout @ W_down) . a``, so no output ``y`` is saved.
+    Saved: ``x_TD`` and the three (N, F) activations. Where the (S, D) copies of ``sliced`` do
+    not fit in the cache (many experts per token, K = 8) this is the faster of the two; with
+    small copies its per-expert gathers and scatters cost more than the one big gather.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        gate_up_E2FD: torch.Tensor,
+        down_EDF: torch.Tensor,
+        order_S: torch.Tensor,
+        counts_E: list[int],
+    ) -> torch.Tensor:
+        T, K = weights_TK.shape
+        F_ = down_EDF.shape[-1]
+        bounds = _group_bounds(counts_E)
+        N = bounds[-1][1]  # kept pairs, first in the sort; dropped pairs are never touched
+        token_N = order_S[:N] // K  # (N,) token of each kept pair, grouped by expert
+        weight_N = weights_TK.reshape(-1)[order_S[:N]]  # (N,)
+        gate_NF, up_NF = x_TD.new_empty(N, F_), x_TD.new_empty(N, F_)
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                x_nD = x_TD.index_select(0, token_N[start:end])
+                torch.mm(x_nD, gate_up_E2FD[e, :F_].t(), out=gate_NF[start:end])
+                torch.mm(x_nD, gate_up_E2FD[e, F_:].t(), out=up_NF[start:end])
+        a_NF = F.silu(gate_NF).mul_(up_NF)
+        out_TD = torch.zeros_like(x_TD)
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                y_nD = torch.mm(a_NF[start:end], down_EDF[e].t()).mul_(weight_N[start:end, None])
+                out_TD.index_add_(0, token_N[start:end], y_nD)
+        ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, order_S, token_N, weight_N, gate_NF, up_NF, a_NF)
+        ctx.bounds, ctx.shape_TK = bounds, (T, K)
+        return out_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_TD, gate_up_E2FD, down_EDF, order_S, token_N, weight_N, gate_NF, up_NF, a_NF = ctx.saved_tensors
+        need_x, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        bounds, (T, K) = ctx.bounds, ctx.shape_TK
+        N, F_ = gate_NF.shape
+        da_NF = a_NF.new_empty(N, F_)  # first d out / d a of each pair, unweighted
+        weighted_a_NF = a_NF * weight_N[:, None] if need_down else None
+        d_down_EDF = torch.empty_like(down_EDF) if need_down else None
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                dout_nD = dout_TD.index_select(0, token_N[start:end])
+                torch.mm(dout_nD, down_EDF[e], out=da_NF[start:end])
+                if d_down_EDF is not None:
+                    torch.mm(dout_nD.t(), weighted_a_NF[start:end], out=d_down_EDF[e])
+            elif d_down_EDF is not None:
+                d_down_EDF[e].zero_()
+        d_weights_TK = None
+        if need_weights:  # d out[t] / d weight[t, k] = dout[t] . y = (dout[t] @ W_down) . a
+            d_weights_S = a_NF.new_zeros(order_S.numel())  # dropped pairs: 0
+            d_weights_S[order_S[:N]] = torch.linalg.vecdot(da_NF, a_NF)
+            d_weights_TK = d_weights_S.view(T, K)
+        da_NF.mul_(weight_N[:, None])  # now d loss / d a
+        d_up_NF = F.silu(gate_NF).mul_(da_NF)
+        d_gate_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(up_NF), gate_NF, grad_input=da_NF)
+
+        d_gate_up_E2FD = torch.empty_like(gate_up_E2FD) if need_gate_up else None
+        dx_TD = torch.zeros_like(x_TD) if need_x else None
+        for e, (start, end) in enumerate(bounds):
+            if end > start:
+                if d_gate_up_E2FD is not None:
+                    x_nD = x_TD.index_select(0, token_N[start:end])
+                    torch.mm(d_gate_NF[start:end].t(), x_nD, out=d_gate_up_E2FD[e, :F_])
+                    torch.mm(d_up_NF[start:end].t(), x_nD, out=d_gate_up_E2FD[e, F_:])
+                if dx_TD is not None:
+                    dx_nD = torch.mm(d_gate_NF[start:end], gate_up_E2FD[e, :F_])
+                    dx_nD.addmm_(d_up_NF[start:end], gate_up_E2FD[e, F_:])
+                    dx_TD.index_add_(0, token_N[start:end], dx_nD)
+            elif d_gate_up_E2FD is not None:
+                d_gate_up_E2FD[e].zero_()
         return dx_TD, d_weights_TK, d_gate_up_E2FD, d_down_EDF, None, None
 
 
