@@ -200,7 +200,8 @@ def matmul_floor(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
     samples: dict[str, list[float]] = {"dense": [], "experts": []}
     for rep in range(args.warmup + args.repeats):
-        for name, fn in ((("dense", dense), ("experts", experts)) if rep % 2 else (("experts", experts), ("dense", dense))):
+        pair = (("dense", dense), ("experts", experts))
+        for name, fn in pair if rep % 2 else pair[::-1]:
             synchronize(device)
             start = time.perf_counter()
             fn()
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         peaks = " | ".join(f"{res[n]['peak_mib']:.1f}" for n in ["dense", *names])
         print(
             f"{label:<14} {a['tokens']:>5} {a['hidden_size']:>4} {a['num_experts']:>3} {a['expert_size']:>4} "
-            f"{a['top_k']:>2} {row['ours_backend']:>7} {floor['experts_ms'] / floor['dense_ms']:>8.2f}x {ratios}  {peaks}"
+            f"{a['top_k']:>2} {row['ours_backend']:>7} {floor['experts_ms'] / floor['dense_ms']:>8.2f}x "
+            f"{ratios}  {peaks}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -190,26 +190,27 @@ class _SlicedExperts(torch.autograd.Function):
     ) -> torch.Tensor:
         T, K = weights_TK.shape
         F_ = down_EDF.shape[-1]
-        bounds = _group_bounds(counts_E)
-        N = bounds[-1][1]  # kept pairs; the S - N after them are dropped pairs: output 0
+        N = sum(counts_E)  # kept pairs; the S - N after them are dropped pairs: output 0
+        busy = [e for e, n in enumerate(counts_E) if n]
         inverse_TK = torch.empty_like(order_S)
         inverse_TK[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         inverse_TK = inverse_TK.view(T, K)  # sorted position of each (token, k) pair
         x_SD = x_TD.index_select(0, order_S // K)  # (S, D) rows grouped by expert
+        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
         gate_NF, up_NF = x_SD.new_empty(N, F_), x_SD.new_empty(N, F_)
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                torch.mm(x_SD[start:end], gate_up_E2FD[e, :F_].t(), out=gate_NF[start:end])
-                torch.mm(x_SD[start:end], gate_up_E2FD[e, F_:].t(), out=up_NF[start:end])
+        xs, gates, ups = x_SD[:N].split(counts_E), gate_NF.split(counts_E), up_NF.split(counts_E)
+        for e in busy:  # per-expert views made once (split/unbind), not one slice per use
+            torch.mm(xs[e], gate_w[e].t(), out=gates[e])
+            torch.mm(xs[e], up_w[e].t(), out=ups[e])
         a_NF = F.silu(gate_NF).mul_(up_NF)
         y_SD = x_SD.new_empty(x_SD.shape)
         y_SD[N:].zero_()
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                torch.mm(a_NF[start:end], down_EDF[e].t(), out=y_SD[start:end])
+        activations, ys = a_NF.split(counts_E), y_SD[:N].split(counts_E)
+        for e in busy:
+            torch.mm(activations[e], down_w[e].t(), out=ys[e])
         out_TD = F.embedding_bag(inverse_TK, y_SD, per_sample_weights=weights_TK, mode="sum")
         ctx.save_for_backward(x_SD, weights_TK, gate_up_E2FD, down_EDF, order_S, inverse_TK, gate_NF, up_NF, a_NF, y_SD)
-        ctx.bounds = bounds
+        ctx.counts = counts_E
         return out_TD
 
     @staticmethod
@@ -217,41 +218,48 @@ class _SlicedExperts(torch.autograd.Function):
     def backward(ctx: Any, dout_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_SD, weights_TK, gate_up_E2FD, down_EDF, order_S, inverse_TK, gate_NF, up_NF, a_NF, y_SD = ctx.saved_tensors
         need_x, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
-        bounds = ctx.bounds
+        counts = ctx.counts
+        busy = [e for e, n in enumerate(counts) if n]
+        idle = len(busy) < len(counts)
         T, K = weights_TK.shape
         N, F_ = gate_NF.shape
+        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
         dy_SD = dout_TD.index_select(0, order_S // K)  # (S, D) d out / d y of each pair, unweighted
         d_weights_TK = None
         if need_weights:
             d_weights_S = torch.linalg.vecdot(dy_SD, y_SD)  # (S,)
             d_weights_TK = d_weights_S[inverse_TK]
         dy_SD.mul_(weights_TK.reshape(-1)[order_S, None])  # now d loss / d y
+        dys, activations = dy_SD[:N].split(counts), a_NF.split(counts)
 
         da_NF = a_NF.new_empty(N, F_)
-        d_down_EDF = torch.empty_like(down_EDF) if need_down else None
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                torch.mm(dy_SD[start:end], down_EDF[e], out=da_NF[start:end])
-                if d_down_EDF is not None:
-                    torch.mm(dy_SD[start:end].t(), a_NF[start:end], out=d_down_EDF[e])
-            elif d_down_EDF is not None:
-                d_down_EDF[e].zero_()
+        das = da_NF.split(counts)
+        d_down_EDF = None
+        if need_down:  # an idle expert's slice is zero: a zero gradient, not a missing one
+            d_down_EDF = down_EDF.new_zeros(down_EDF.shape) if idle else torch.empty_like(down_EDF)
+            d_downs = d_down_EDF.unbind(0)
+        for e in busy:
+            torch.mm(dys[e], down_w[e], out=das[e])
+            if d_down_EDF is not None:
+                torch.mm(dys[e].t(), activations[e], out=d_downs[e])
         # a = silu(gate) * up: d_up = da * silu(gate), d_gate = silu'(gate) * da * up (in place on temporaries)
         d_up_NF = F.silu(gate_NF).mul_(da_NF)
         d_gate_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(up_NF), gate_NF, grad_input=da_NF)
+        d_gates, d_ups, xs = d_gate_NF.split(counts), d_up_NF.split(counts), x_SD[:N].split(counts)
 
-        d_gate_up_E2FD = torch.empty_like(gate_up_E2FD) if need_gate_up else None
+        d_gate_up_E2FD = None
+        if need_gate_up:
+            d_gate_up_E2FD = gate_up_E2FD.new_zeros(gate_up_E2FD.shape) if idle else torch.empty_like(gate_up_E2FD)
+            d_gate_w, d_up_w = d_gate_up_E2FD[:, :F_].unbind(0), d_gate_up_E2FD[:, F_:].unbind(0)
         dx_SD = dy_SD  # its buffer is free now: each expert's rows are overwritten after their last read
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                if d_gate_up_E2FD is not None:
-                    torch.mm(d_gate_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, :F_])
-                    torch.mm(d_up_NF[start:end].t(), x_SD[start:end], out=d_gate_up_E2FD[e, F_:])
-                if need_x:
-                    torch.mm(d_gate_NF[start:end], gate_up_E2FD[e, :F_], out=dx_SD[start:end])
-                    dx_SD[start:end].addmm_(d_up_NF[start:end], gate_up_E2FD[e, F_:])
-            elif d_gate_up_E2FD is not None:
-                d_gate_up_E2FD[e].zero_()
+        dxs = dys
+        for e in busy:
+            if d_gate_up_E2FD is not None:
+                torch.mm(d_gates[e].t(), xs[e], out=d_gate_w[e])
+                torch.mm(d_ups[e].t(), xs[e], out=d_up_w[e])
+            if need_x:
+                torch.mm(d_gates[e], gate_w[e], out=dxs[e])
+                dxs[e].addmm_(d_ups[e], up_w[e])
         dx_TD = None
         if need_x:
             dx_SD[N:].zero_()
@@ -284,24 +292,26 @@ class _TiledExperts(torch.autograd.Function):
     ) -> torch.Tensor:
         T, K = weights_TK.shape
         F_ = down_EDF.shape[-1]
-        bounds = _group_bounds(counts_E)
-        N = bounds[-1][1]  # kept pairs, first in the sort; dropped pairs are never touched
+        N = sum(counts_E)  # kept pairs, first in the sort; dropped pairs are never touched
+        busy = [e for e, n in enumerate(counts_E) if n]
         token_N = order_S[:N] // K  # (N,) token of each kept pair, grouped by expert
         weight_N = weights_TK.reshape(-1)[order_S[:N]]  # (N,)
+        # per-expert views, made once (split/unbind: one call each, not one slice per expert and use)
+        tokens, weights = token_N.split(counts_E), weight_N.split(counts_E)
+        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
         gate_NF, up_NF = x_TD.new_empty(N, F_), x_TD.new_empty(N, F_)
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                x_nD = x_TD.index_select(0, token_N[start:end])
-                torch.mm(x_nD, gate_up_E2FD[e, :F_].t(), out=gate_NF[start:end])
-                torch.mm(x_nD, gate_up_E2FD[e, F_:].t(), out=up_NF[start:end])
+        gates, ups = gate_NF.split(counts_E), up_NF.split(counts_E)
+        for e in busy:
+            x_nD = x_TD.index_select(0, tokens[e])
+            torch.mm(x_nD, gate_w[e].t(), out=gates[e])
+            torch.mm(x_nD, up_w[e].t(), out=ups[e])
         a_NF = F.silu(gate_NF).mul_(up_NF)
+        activations = a_NF.split(counts_E)
         out_TD = torch.zeros_like(x_TD)
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                y_nD = torch.mm(a_NF[start:end], down_EDF[e].t()).mul_(weight_N[start:end, None])
-                out_TD.index_add_(0, token_N[start:end], y_nD)
+        for e in busy:
+            out_TD.index_add_(0, tokens[e], torch.mm(activations[e], down_w[e].t()).mul_(weights[e][:, None]))
         ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, order_S, token_N, weight_N, gate_NF, up_NF, a_NF)
-        ctx.bounds, ctx.shape_TK = bounds, (T, K)
+        ctx.counts, ctx.shape_TK = counts_E, (T, K)
         return out_TD
 
     @staticmethod
@@ -309,19 +319,23 @@ class _TiledExperts(torch.autograd.Function):
     def backward(ctx: Any, dout_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_TD, gate_up_E2FD, down_EDF, order_S, token_N, weight_N, gate_NF, up_NF, a_NF = ctx.saved_tensors
         need_x, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
-        bounds, (T, K) = ctx.bounds, ctx.shape_TK
+        counts, (T, K) = ctx.counts, ctx.shape_TK
         N, F_ = gate_NF.shape
+        busy = [e for e, n in enumerate(counts) if n]
+        idle = len(busy) < len(counts)
+        tokens = token_N.split(counts)
+        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
         da_NF = a_NF.new_empty(N, F_)  # first d out / d a of each pair, unweighted
-        weighted_a_NF = a_NF * weight_N[:, None] if need_down else None
-        d_down_EDF = torch.empty_like(down_EDF) if need_down else None
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                dout_nD = dout_TD.index_select(0, token_N[start:end])
-                torch.mm(dout_nD, down_EDF[e], out=da_NF[start:end])
-                if d_down_EDF is not None:
-                    torch.mm(dout_nD.t(), weighted_a_NF[start:end], out=d_down_EDF[e])
-            elif d_down_EDF is not None:
-                d_down_EDF[e].zero_()
+        das = da_NF.split(counts)
+        d_down_EDF = None
+        if need_down:
+            d_down_EDF = down_EDF.new_zeros(down_EDF.shape) if idle else torch.empty_like(down_EDF)
+            d_downs, weighted_as = d_down_EDF.unbind(0), (a_NF * weight_N[:, None]).split(counts)
+        for e in busy:
+            dout_nD = dout_TD.index_select(0, tokens[e])
+            torch.mm(dout_nD, down_w[e], out=das[e])
+            if d_down_EDF is not None:
+                torch.mm(dout_nD.t(), weighted_as[e], out=d_downs[e])
         d_weights_TK = None
         if need_weights:  # d out[t] / d weight[t, k] = dout[t] . y = (dout[t] @ W_down) . a
             d_weights_S = a_NF.new_zeros(order_S.numel())  # dropped pairs: 0
@@ -330,31 +344,21 @@ class _TiledExperts(torch.autograd.Function):
         da_NF.mul_(weight_N[:, None])  # now d loss / d a
         d_up_NF = F.silu(gate_NF).mul_(da_NF)
         d_gate_NF = torch.ops.aten.silu_backward.grad_input(da_NF.mul_(up_NF), gate_NF, grad_input=da_NF)
+        d_gates, d_ups = d_gate_NF.split(counts), d_up_NF.split(counts)
 
-        d_gate_up_E2FD = torch.empty_like(gate_up_E2FD) if need_gate_up else None
+        d_gate_up_E2FD = None
+        if need_gate_up:  # an idle expert's slice stays zero
+            d_gate_up_E2FD = gate_up_E2FD.new_zeros(gate_up_E2FD.shape) if idle else torch.empty_like(gate_up_E2FD)
+            d_gate_w, d_up_w = d_gate_up_E2FD[:, :F_].unbind(0), d_gate_up_E2FD[:, F_:].unbind(0)
         dx_TD = torch.zeros_like(x_TD) if need_x else None
-        for e, (start, end) in enumerate(bounds):
-            if end > start:
-                if d_gate_up_E2FD is not None:
-                    x_nD = x_TD.index_select(0, token_N[start:end])
-                    torch.mm(d_gate_NF[start:end].t(), x_nD, out=d_gate_up_E2FD[e, :F_])
-                    torch.mm(d_up_NF[start:end].t(), x_nD, out=d_gate_up_E2FD[e, F_:])
-                if dx_TD is not None:
-                    dx_nD = torch.mm(d_gate_NF[start:end], gate_up_E2FD[e, :F_])
-                    dx_nD.addmm_(d_up_NF[start:end], gate_up_E2FD[e, F_:])
-                    dx_TD.index_add_(0, token_N[start:end], dx_nD)
-            elif d_gate_up_E2FD is not None:
-                d_gate_up_E2FD[e].zero_()
+        for e in busy:
+            if d_gate_up_E2FD is not None:
+                x_nD = x_TD.index_select(0, tokens[e])
+                torch.mm(d_gates[e].t(), x_nD, out=d_gate_w[e])
+                torch.mm(d_ups[e].t(), x_nD, out=d_up_w[e])
+            if dx_TD is not None:
+                dx_TD.index_add_(0, tokens[e], torch.mm(d_gates[e], gate_w[e]).addmm_(d_ups[e], up_w[e]))
         return dx_TD, d_weights_TK, d_gate_up_E2FD, d_down_EDF, None, None
-
-
-def _group_bounds(counts: list[int]) -> list[tuple[int, int]]:
-    """``[(start, end)]`` row range of each group, from the group sizes."""
-    bounds, start = [], 0
-    for n in counts:
-        bounds.append((start, start + n))
-        start += n
-    return bounds
 
 
 class SparseMoeBlock(nn.Module):
