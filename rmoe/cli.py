@@ -75,7 +75,54 @@ DESCRIPTION = (
 )
 
 
+_MISSING = object()
+
+
+def _model_override_keys(args: Any) -> list[str]:
+    """The ``model.*`` keys set on the command line (``--model.a.b=v`` or ``--model.a.b v``)."""
+    if not isinstance(args, list):
+        return []
+    return [a[2:].partition("=")[0] for a in args if isinstance(a, str) and a.startswith("--model.")]
+
+
+def _lookup(config: Any, key: str) -> Any:
+    """``config[key]`` for a dotted key through namespaces and dicts (``_MISSING`` if absent)."""
+    node = config
+    for part in key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else getattr(node, part, _MISSING)
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+def _assign(config: Any, key: str, value: Any) -> None:
+    parent, _, last = key.rpartition(".")
+    node = _lookup(config, parent) if parent else config
+    if isinstance(node, dict):
+        node[last] = value
+    elif node is not _MISSING and node is not None:
+        setattr(node, last, value)
+
+
 class RmoeCLI(LightningCLI):
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._model_overrides = _model_override_keys(args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning fills the model's config from ``--ckpt_path``'s hyperparameters, over everything
+        else; a ``model.*`` key given on the command line wins over them here, so that
+        ``rmoe test --ckpt_path ... model.arch.router_options.eval_routing=topk`` evaluates with it
+        instead of silently restoring the trained value. The saved config records what ran."""
+        subcommand = self.config.get("subcommand")
+        given = {}
+        if subcommand:
+            given = {key: _lookup(self.config[subcommand], key) for key in self._model_overrides}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            if value is not _MISSING:
+                _assign(self.config[subcommand], key, value)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         # the tokenizer decides the vocabulary: copy it into the model config at instantiation
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")

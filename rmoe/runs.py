@@ -3,7 +3,8 @@
 A *run directory* is what ``rmoe fit`` writes under the TensorBoard logger's ``log_dir``
 (``runs/<name>/version_<n>/``): ``events.out.tfevents.*``, ``config.yaml``, ``hparams.yaml``,
 ``checkpoints/*.ckpt``. A *sweep root* (``rmoe sweep``) holds one folder per run of its grid,
-``<root>/<run>/``, with the fit's run directory :data:`FIT_DIR`, the test's :data:`TEST_DIR`, the
+``<root>/<run>/``, with the fit's run directory :data:`FIT_DIR`, the test's :data:`TEST_DIR` (and
+:data:`CAUSAL_TEST_DIR` for a router that is not causal in evaluation), the
 log :data:`LOG_FILE`, the plan :data:`PLAN_FILE` and, once finished, the marker
 :data:`MARKER_FILE`; the root keeps a copy of the grid, :data:`SWEEP_COPY`.
 
@@ -38,10 +39,15 @@ FIT_DIR = "version_0"
 """The ``rmoe fit`` run directory (the logger's ``version`` is set so the path is deterministic)."""
 TEST_DIR = "test"
 """The ``rmoe test`` run directory (the logger's ``version``) of the run's best or last checkpoint."""
+CAUSAL_TEST_DIR = "test_causal"
+"""The ``rmoe test`` of the same checkpoint with the router's causal evaluation
+(``ModelConfig.causal_evaluation_options``), for a run whose router is not causal in evaluation."""
 LOG_FILE = "stdout.log"
 """Everything the run printed, appended to on each attempt."""
 PLAN_FILE = "run.json"
 """What the run is: its grid labels and command lines."""
+FOLLOW_UP_PLAN = "run.follow-up.json"
+"""The plan of a stage added to a finished run (its :data:`PLAN_FILE` stays as it finished); removed once done."""
 MARKER_FILE = "done.json"
 """Written once fit (and test) succeeded: the run is finished."""
 SWEEP_COPY = "sweep.yaml"

@@ -95,6 +95,31 @@ def test_causality_declaration_holds_and_warns_once(router, options, overrides):
             assert max(changes) > 1e-4, (training, changes)
 
 
+@pytest.mark.parametrize(
+    ("router", "options", "overrides"), CAUSALITY_CASES, ids=lambda x: str(x) if not isinstance(x, dict) else None
+)
+def test_the_causal_evaluation_each_router_offers_is_causal(router, options, overrides):
+    """``ModelConfig.causal_evaluation_options``: {} when evaluation is causal already; the options that
+    make it causal (checked by changing later tokens in eval mode) where the router offers them; None
+    for the routers that offer none (Soft MoE; a capacity that drops)."""
+    config = tiny_config(router, options, **{"initializer_range": 0.2, **overrides})
+    offer = config.causal_evaluation_options()
+    if config.causality().evaluation is None:
+        assert offer == {}
+        return
+    if offer is None:
+        assert router in ("soft_moe", "locmoe"), router
+        return
+    assert offer == {"eval_routing": "topk"}
+    causal = tiny_config(router, {**options, **offer}, **{"initializer_range": 0.2, **overrides})
+    assert causal.causality().evaluation is None and causal.causality().training == config.causality().training
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MoeLM(causal).eval()
+    assert max(early_logit_changes(model)) <= 1e-5
+
+
 def test_start_up_warning_says_which_mode():
     with pytest.warns(UserWarning, match="not causal in training.*evaluation routing is causal"):
         MoeLM(tiny_config("sinkhorn_token_choice", {"eval_routing": "topk"}))

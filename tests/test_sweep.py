@@ -196,6 +196,51 @@ def test_report_marks_routers_that_are_not_causal_in_evaluation(swept, tmp_path)
     assert len(marked) == 1 and marked[0].startswith(f"| {results[0].labels['router']} \\* |")
 
 
+def test_a_router_not_causal_in_evaluation_is_also_tested_causally(tmp_path, capsys):
+    """Expert choice: the sweep tests its checkpoint as trained (test/) and with its causal evaluation
+    (test_causal/, eval_routing: topk); the report shows both; a run finished before that stage
+    existed gets it on the next invocation, and nothing else of it changes."""
+    doc = yaml.safe_load(write_sweep(tmp_path, "ec.yaml", {}).read_text())
+    doc["grid"] = {"router": {"ec": "model.arch.router=expert_choice"}, "seed": {"s0": "seed_everything=0"}}
+    path = tmp_path / "ec.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert sweep.main([str(path)]) == 0
+    run = tmp_path / "sweep" / "ec-s0"
+    log = (run / "stdout.log").read_text()
+    assert "model.arch.router_options.eval_routing=topk" in log and f"version={runs.CAUSAL_TEST_DIR}" in log
+    as_trained, causal = scalars(run / runs.TEST_DIR, "test/bpb"), scalars(run / runs.CAUSAL_TEST_DIR, "test/bpb")
+    assert as_trained and causal and causal[-1] != as_trained[-1]  # another routing, another loss
+    config = yaml.safe_load((run / runs.CAUSAL_TEST_DIR / "config.yaml").read_text())
+    assert config["model"]["arch"]["router_options"]["eval_routing"] == "topk"
+
+    result = report.read_run(run, {"router": "ec", "seed": "s0"})
+    assert result.metrics["causal_test_bpb"] == pytest.approx(causal[-1])
+    assert result.metrics[report.NON_CAUSAL_KEY] == 1.0
+    table = report.markdown_table(report.group_runs([result], ["router"]), report.base_columns([result]))
+    assert "causal test bpb" in table.splitlines()[0] and "| ec \\* |" in table
+
+    import shutil
+
+    shutil.rmtree(run / runs.CAUSAL_TEST_DIR)  # as a run finished by an older rmoe
+    before = {p: p.stat().st_mtime_ns for p in (run / runs.FIT_DIR).rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert sweep.main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "adding its test with causal evaluation" in printed and "causal test done" in printed
+    assert scalars(run / runs.CAUSAL_TEST_DIR, "test/bpb") == pytest.approx(causal)  # same checkpoint, same data
+    assert {p: p.stat().st_mtime_ns for p in (run / runs.FIT_DIR).rglob("*") if p.is_file()} == before
+    assert not (run / runs.FOLLOW_UP_PLAN).exists()
+    assert sweep.main([str(path)]) == 0  # now nothing is due
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_causal_rows_have_no_causal_test_column(swept):
+    sweep_dir, _, _ = swept
+    results = [report.read_run(path, labels) for path, labels in runs.find_sweep_runs(sweep_dir / "sweep")]
+    assert all(not (r.path / runs.CAUSAL_TEST_DIR).exists() for r in results)
+    assert "causal_test_bpb" not in [c.key for c in report.base_columns(results)]
+
+
 def test_report_leaves_out_sweep_runs_without_their_done_marker(swept, tmp_path):
     """A run still training (or interrupted) has events but no done.json: it must not enter the table."""
     import shutil
@@ -336,6 +381,8 @@ def test_config_folders_hold_one_kind_of_file():
 RUN_FOLDER_NAMES = {
     runs.FIT_DIR,
     runs.TEST_DIR,
+    runs.CAUSAL_TEST_DIR,
+    runs.FOLLOW_UP_PLAN,
     runs.LOG_FILE,
     runs.PLAN_FILE,
     runs.MARKER_FILE,

@@ -10,6 +10,7 @@ with ``head_dim`` when the head width is not ``hidden_size / num_attention_heads
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -172,6 +173,24 @@ class ModelConfig:
     def causality(self) -> Causality:
         """Whether this model's router is causal in training and in evaluation (:class:`~rmoe.routers.Causality`)."""
         return causality_of(self.router_context())
+
+    def causal_evaluation_options(self) -> dict[str, Any] | None:
+        """The ``router_options`` to set so that evaluation is causal, training unchanged.
+
+        ``{}`` when evaluation already is causal; None when it is not and the router offers no
+        causal evaluation (``Router.causal_evaluation``; Soft MoE). Raises if the router's
+        offer does not make its own declaration causal (a router bug, caught by the tests).
+        """
+        if self.causality().evaluation is None:
+            return {}
+        offer = get_router_class(self.router).causal_evaluation
+        if offer is None:
+            return None
+        options = {**self.router_options, **offer}
+        context = dataclasses.replace(self.router_context(), router_options=options)
+        if causality_of(context).evaluation is not None:
+            raise RmoeError(f"router {self.router!r}: its causal evaluation {dict(offer)} is not causal in evaluation.")
+        return dict(offer)
 
 
 def _divisors(n: int) -> list[int]:

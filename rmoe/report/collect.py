@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rmoe.metrics.catalog import metrics
-from rmoe.runs import MARKER_FILE, PLAN_FILE, TEST_DIR, fit_dir, read_events
+from rmoe.runs import CAUSAL_TEST_DIR, MARKER_FILE, PLAN_FILE, TEST_DIR, fit_dir, read_events
 
 DEFAULT_METRICS = (rf"moe/val/({'|'.join(m.name for m in metrics(flag='report'))})/layer_\d+(?:_\d+)?$",)
 """Routing metrics: the tags matching a pattern are grouped by its first capture group (the column
@@ -42,7 +42,18 @@ BASE_COLUMNS = (
     Column("best_val_loss", "best val loss"),
     Column("final_val_bpb", "final val bpb"),
     Column("test_bpb", "test bpb"),
+    Column("causal_test_bpb", "causal test bpb"),
 )
+OPTIONAL_KEYS = ("causal_test_bpb",)
+"""Base columns left out of the tables when no run has them (only routers not causal in evaluation do)."""
+
+
+def base_columns(runs: Iterable[RunResult]) -> list[Column]:
+    """:data:`BASE_COLUMNS`, less the optional ones that no run has."""
+    present = {k for r in runs for k in OPTIONAL_KEYS if math.isfinite(r.metrics.get(k, math.nan))}
+    return [c for c in BASE_COLUMNS if c.key not in OPTIONAL_KEYS or c.key in present]
+
+
 COST_COLUMNS = (
     Column("router_params", "router params", "int"),
     Column("active_params", "active params", "params"),
@@ -127,6 +138,9 @@ def read_run(run_dir: Path, labels: Mapping[str, str], metric_patterns: Sequence
     if test_dir.is_dir():
         scalars = {**scalars, **{t: s for t, s in read_events(test_dir).items() if t.startswith(("test/", "moe/test"))}}
 
+    causal_test_dir = run_dir / CAUSAL_TEST_DIR
+    causal_scalars = read_events(causal_test_dir) if causal_test_dir.is_dir() else {}
+
     def values(tag: str) -> list[float]:
         return [v for _, v, _ in scalars.get(tag, [])]
 
@@ -137,6 +151,8 @@ def read_run(run_dir: Path, labels: Mapping[str, str], metric_patterns: Sequence
     for tag, key in (("val/bpb", "final_val_bpb"), ("test/bpb", "test_bpb"), ("test/loss", "test_loss")):
         if values(tag):
             m[key] = values(tag)[-1]
+    if causal_scalars.get("test/bpb"):
+        m["causal_test_bpb"] = causal_scalars["test/bpb"][-1][1]
     if values("train/tokens_per_sec"):
         m["tokens_per_sec"] = statistics.median(values("train/tokens_per_sec"))
     m["step_time_ms"] = step_time_ms(scalars.get("train/loss", []))

@@ -9,12 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rmoe.report.collect import (
-    BASE_COLUMNS,
     COST_COLUMNS,
     DEFAULT_METRICS,
     Group,
     ReportError,
     RunResult,
+    base_columns,
     default_group_keys,
     group_runs,
     metric_columns,
@@ -76,7 +76,7 @@ def report(
             f"--group-by {', '.join(unknown)}: not a grid key of these runs; available: {', '.join(available)}."
         )
     groups = group_runs(complete, keys)
-    columns = [*BASE_COLUMNS, *metric_columns(metric_patterns, complete), *COST_COLUMNS]
+    columns = [*base_columns(complete), *metric_columns(metric_patterns, complete), *COST_COLUMNS]
 
     out.mkdir(parents=True, exist_ok=True)
     write_csvs(groups, runs, columns, out)
@@ -158,5 +158,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"report: {len(groups)} group(s) from {complete} run(s) ({len(runs) - complete} incomplete) "
         f"-> {args.out}/results.md"
     )
-    print(markdown_table(groups, [*BASE_COLUMNS]))
+    print(markdown_table(groups, base_columns(r for g in groups for r in g.runs)))
     return 0

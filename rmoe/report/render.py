@@ -141,7 +141,9 @@ def write_markdown(
     if any(g.non_causal for g in groups):
         parts += [
             "\\* Not causal in evaluation (`ModelConfig.causality`): the router reads later tokens, so its "
-            "validation and test losses are not comparable with the causal rows'.",
+            "validation and test losses are not comparable with the causal rows'. Causal test bpb: the same "
+            "checkpoint tested with the router's causal evaluation (`eval_routing: topk`: each token's own "
+            "top-K, training unchanged), which is comparable; blank where the router has none (Soft MoE).",
             "",
         ]
     if paired:

@@ -210,6 +210,11 @@ class Router(nn.Module):
 
     Options: ClassVar[type] = NoOptions
     name: ClassVar[str] = ""
+    causal_evaluation: ClassVar[Mapping[str, Any] | None] = None
+    """Router options that make its evaluation causal without changing its training (e.g.
+    ``{"eval_routing": "topk"}``), for a router that is not causal in evaluation as configured;
+    None: it offers no causal evaluation. ``ModelConfig.causal_evaluation_options`` applies and
+    checks it; ``rmoe sweep`` tests such runs both ways."""
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__()

@@ -50,6 +50,7 @@ Shape legend: T tokens, D model width, E experts, K top-k, C capacity (tokens pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -154,6 +155,7 @@ class ExpertChoiceRouter(Router):
     """
 
     Options = ExpertChoiceOptions
+    causal_evaluation = MappingProxyType({"eval_routing": "topk"})  # each token's softmax top-K in evaluation
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)

@@ -30,6 +30,7 @@ Shape legend: T tokens, D model width, E experts, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -69,6 +70,7 @@ class SinkhornTokenChoiceRouter(Router):
     """Top-K of the Sinkhorn plan per token (see the module docstring). The state passes through."""
 
     Options = SinkhornTokenChoiceOptions
+    causal_evaluation = MappingProxyType({"eval_routing": "topk"})  # S-BASE: Sinkhorn in training only
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)

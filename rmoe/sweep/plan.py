@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from rmoe.runs import FIT_DIR, RESUME_CHECKPOINT, TEST_DIR
+import yaml
+
+from rmoe.runs import CAUSAL_TEST_DIR, FIT_DIR, RESUME_CHECKPOINT, TEST_DIR
 from rmoe.sweep.spec import Run, Sweep
 
 
@@ -46,15 +49,31 @@ def fit_args(sweep: Sweep, run: Run, ckpt_path: Path | str | None = None) -> lis
     return args
 
 
-def rmoe_test_args(run: Run, ckpt_path: Path | str) -> list[str]:
-    """The ``rmoe`` arguments that test a checkpoint of the run with its saved config, into ``<run>/test/``."""
-    return [
+def rmoe_test_args(run: Run, ckpt_path: Path | str, router_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The ``rmoe`` arguments that test a checkpoint of the run with its saved config, into ``<run>/test/``;
+    with ``router_options`` (a causal evaluation, :func:`causal_evaluation`), into ``<run>/test_causal/``."""
+    version = TEST_DIR if router_options is None else CAUSAL_TEST_DIR
+    args = [
         "test",
         "--config",
         str(run.fit_dir / "config.yaml"),
         f"--ckpt_path={ckpt_path}",
-        f"trainer.logger.init_args.version={TEST_DIR}",
+        f"trainer.logger.init_args.version={version}",
     ]
+    return args + [f"model.arch.router_options.{key}={value}" for key, value in (router_options or {}).items()]
+
+
+def causal_evaluation(fit_dir: Path) -> dict[str, Any] | None:
+    """The router options that make a finished fit's evaluation causal, when it is not causal in
+    evaluation as trained and its router offers one (``ModelConfig.causal_evaluation_options``);
+    None otherwise (already causal, no offer, or no saved config)."""
+    from rmoe.model.config import ModelConfig
+
+    try:
+        arch = yaml.safe_load((fit_dir / "config.yaml").read_text())["model"]["arch"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return ModelConfig(**arch).causal_evaluation_options() or None
 
 
 def checkpoint_to_test(fit_dir: Path, which: str) -> Path:

@@ -28,8 +28,16 @@ from typing import TextIO
 
 import yaml
 
-from rmoe.runs import RESUME_CHECKPOINT, SWEEP_COPY
-from rmoe.sweep.plan import checkpoint_to_test, commands, fit_args, resume_checkpoint, rmoe_test_args, shell_join
+from rmoe.runs import FOLLOW_UP_PLAN, RESUME_CHECKPOINT, SWEEP_COPY
+from rmoe.sweep.plan import (
+    causal_evaluation,
+    checkpoint_to_test,
+    commands,
+    fit_args,
+    resume_checkpoint,
+    rmoe_test_args,
+    shell_join,
+)
 from rmoe.sweep.spec import Run, Sweep
 
 _ATTEMPT_HEADER = "===== "  # starts each attempt's part of stdout.log
@@ -88,6 +96,8 @@ def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None
 
     def one(i: int, run: Run) -> Outcome:
         if run.marker.is_file():
+            if _causal_test_due(sweep, run):  # finished before the sweep tested both ways
+                return _launch(sweep, run, env, lambda text: say(i, run, text), stages=("causal-test",))
             note = _changed_note(sweep, run)
             say(i, run, f"skipped (finished: {run.marker}){note}")
             return Outcome(run, "skipped")
@@ -137,30 +147,53 @@ def _stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
             return
 
 
-def _launch(sweep: Sweep, run: Run, env: Mapping[str, str], say: Callable[[str], None]) -> Outcome:
-    ckpt = resume_checkpoint(run)
-    if ckpt is None and run.fit_dir.exists():  # a failed attempt without a checkpoint: start clean
-        shutil.rmtree(run.fit_dir)
-    if run.test_dir.exists():
-        shutil.rmtree(run.test_dir)
+def _causal_test_due(sweep: Sweep, run: Run) -> bool:
+    """A finished, tested run whose router is not causal in evaluation, offers a causal evaluation,
+    and has no ``test_causal/`` yet."""
+    return sweep.after_fit == "test" and not run.causal_test_dir.exists() and causal_evaluation(run.fit_dir) is not None
+
+
+def _launch(
+    sweep: Sweep,
+    run: Run,
+    env: Mapping[str, str],
+    say: Callable[[str], None],
+    stages: Sequence[str] = ("fit", "test", "causal-test"),
+) -> Outcome:
+    """Run the stages in one child; ``("causal-test",)`` only adds the causal test to a finished run."""
+    follow_up = "fit" not in stages
+    ckpt = None if follow_up else resume_checkpoint(run)
+    if not follow_up:
+        if ckpt is None and run.fit_dir.exists():  # a failed attempt without a checkpoint: start clean
+            shutil.rmtree(run.fit_dir)
+        for directory in (run.test_dir, run.causal_test_dir):
+            if directory.exists():
+                shutil.rmtree(directory)
     run.dir.mkdir(parents=True, exist_ok=True)
     plan = {
         "sweep": sweep.name,
         "name": run.name,
         "labels": run.labels,
+        "stages": list(stages),
         "fit_args": fit_args(sweep, run, ckpt),
         "fit_dir": str(run.fit_dir),
         "after_fit": sweep.after_fit,
         "test_checkpoint": sweep.test_checkpoint,
         "commands": [shell_join(c) for c in commands(sweep, run)],
     }
-    run.plan.write_text(json.dumps(plan, indent=1) + "\n")
-    say(f"{'resuming from ' + str(ckpt) if ckpt else 'starting'} (log: {run.log})")
+    # a follow-up keeps the finished run's run.json (its record) and gets its own plan file
+    plan_path = run.dir / FOLLOW_UP_PLAN if follow_up else run.plan
+    plan_path.write_text(json.dumps(plan, indent=1) + "\n")
+    if follow_up:
+        say(f"finished; adding its test with causal evaluation (log: {run.log})")
+    else:
+        say(f"{'resuming from ' + str(ckpt) if ckpt else 'starting'} (log: {run.log})")
     started = time.monotonic()
     with run.log.open("a") as log:
-        log.write(f"\n{_ATTEMPT_HEADER}{_now()} sweep {sweep.name}: run {run.name} ({'resume' if ckpt else 'new'})\n")
+        attempt = "causal test" if follow_up else ("resume" if ckpt else "new")
+        log.write(f"\n{_ATTEMPT_HEADER}{_now()} sweep {sweep.name}: run {run.name} ({attempt})\n")
         log.flush()
-        child = [sys.executable, "-m", CHILD_MODULE, "--exec-run", str(run.plan)]
+        child = [sys.executable, "-m", CHILD_MODULE, "--exec-run", str(plan_path)]
         with subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT, env=dict(env)) as process:
             with _children_lock:
                 _children.add(process)
@@ -174,6 +207,10 @@ def _launch(sweep: Sweep, run: Run, env: Mapping[str, str], say: Callable[[str],
         message = _last_error(run.log, returncode)
         say(f"FAILED (exit {returncode}) after {_duration(seconds)}: {message} (log: {run.log})")
         return Outcome(run, "failed", seconds, returncode, message)
+    if follow_up:
+        plan_path.unlink(missing_ok=True)
+        say(f"causal test done in {_duration(seconds)}")
+        return Outcome(run, "done", seconds)
     marker = {
         "name": run.name,
         "labels": run.labels,
@@ -256,8 +293,11 @@ def exec_run(plan_path: str | os.PathLike[str]) -> int:
     """Run one run's stages (what the child process does); returns the exit code.
 
     ``rmoe.cli.main`` for ``fit`` with the plan's arguments, then, if ``after_fit`` is ``test``,
-    for ``test`` on the chosen checkpoint with the fit's saved config. Each stage's command line
-    is printed first. User errors exit 2 (``rmoe``'s own code); a crash raises (exit 1).
+    for ``test`` on the chosen checkpoint with the fit's saved config, and, when the router is not
+    causal in evaluation but offers a causal evaluation (``eval_routing: topk``), ``test`` again with
+    it into ``test_causal/``: the number comparable with causal models'. The plan's ``stages``
+    says which of ``fit``, ``test``, ``causal-test`` run (all three by default). Each stage's command
+    line is printed first. User errors exit 2 (``rmoe``'s own code); a crash raises (exit 1).
     """
     plan = json.loads(Path(plan_path).read_text())
     # SIGTERM (the sweep stopping, a job scheduler) must end the run as failed, not let Lightning
@@ -265,9 +305,13 @@ def exec_run(plan_path: str | os.PathLike[str]) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     from rmoe.cli import main as rmoe_main
 
-    returncode = _stage(rmoe_main, plan["fit_args"])
-    if returncode or plan.get("after_fit") != "test":
-        return returncode
+    stages = plan.get("stages", ["fit", "test", "causal-test"])
+    if "fit" in stages:
+        returncode = _stage(rmoe_main, plan["fit_args"])
+        if returncode:
+            return returncode
+    if plan.get("after_fit") != "test":
+        return 0
     fit_dir = Path(plan["fit_dir"])
     run = Run(plan["name"], plan["labels"], (), (), fit_dir.parent)
     try:
@@ -275,7 +319,12 @@ def exec_run(plan_path: str | os.PathLike[str]) -> int:
     except FileNotFoundError as err:
         print(f"sweep: error: cannot test run {plan['name']}: {err}", flush=True)
         return 1
-    return _stage(rmoe_main, rmoe_test_args(run, ckpt))
+    if "test" in stages:
+        returncode = _stage(rmoe_main, rmoe_test_args(run, ckpt))
+        if returncode:
+            return returncode
+    options = causal_evaluation(fit_dir) if "causal-test" in stages else None
+    return _stage(rmoe_main, rmoe_test_args(run, ckpt, options)) if options else 0
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:

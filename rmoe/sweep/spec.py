@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from rmoe.runs import FIT_DIR, LOG_FILE, MARKER_FILE, PLAN_FILE, TEST_DIR
+from rmoe.runs import CAUSAL_TEST_DIR, FIT_DIR, LOG_FILE, MARKER_FILE, PLAN_FILE, TEST_DIR
 
 _KEYS = (
     "name",
@@ -105,6 +105,10 @@ class Run:
     @property
     def test_dir(self) -> Path:
         return self.dir / TEST_DIR
+
+    @property
+    def causal_test_dir(self) -> Path:
+        return self.dir / CAUSAL_TEST_DIR
 
     @property
     def log(self) -> Path:
