@@ -157,6 +157,14 @@ class GroupedExperts(nn.Module):
         return y_SD[inverse_S].view(T, K, -1).sum(dim=1)
 
 
+def _per_expert_weights(
+    gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Each expert's (F, D) gate, (F, D) up and (D, F) down matrices: views, made in three calls."""
+    F_ = down_EDF.shape[-1]
+    return gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
+
+
 class _SlicedExperts(torch.autograd.Function):
     """Gather, SwiGLU experts on contiguous expert-sorted slices, weighted combine; hand-written backward.
 
@@ -196,7 +204,7 @@ class _SlicedExperts(torch.autograd.Function):
         inverse_TK[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         inverse_TK = inverse_TK.view(T, K)  # sorted position of each (token, k) pair
         x_SD = x_TD.index_select(0, order_S // K)  # (S, D) rows grouped by expert
-        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
+        gate_w, up_w, down_w = _per_expert_weights(gate_up_E2FD, down_EDF)
         gate_NF, up_NF = x_SD.new_empty(N, F_), x_SD.new_empty(N, F_)
         xs, gates, ups = x_SD[:N].split(counts_E), gate_NF.split(counts_E), up_NF.split(counts_E)
         for e in busy:  # per-expert views made once (split/unbind), not one slice per use
@@ -223,7 +231,7 @@ class _SlicedExperts(torch.autograd.Function):
         idle = len(busy) < len(counts)
         T, K = weights_TK.shape
         N, F_ = gate_NF.shape
-        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
+        gate_w, up_w, down_w = _per_expert_weights(gate_up_E2FD, down_EDF)
         dy_SD = dout_TD.index_select(0, order_S // K)  # (S, D) d out / d y of each pair, unweighted
         d_weights_TK = None
         if need_weights:
@@ -298,7 +306,7 @@ class _TiledExperts(torch.autograd.Function):
         weight_N = weights_TK.reshape(-1)[order_S[:N]]  # (N,)
         # per-expert views, made once (split/unbind: one call each, not one slice per expert and use)
         tokens, weights = token_N.split(counts_E), weight_N.split(counts_E)
-        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
+        gate_w, up_w, down_w = _per_expert_weights(gate_up_E2FD, down_EDF)
         gate_NF, up_NF = x_TD.new_empty(N, F_), x_TD.new_empty(N, F_)
         gates, ups = gate_NF.split(counts_E), up_NF.split(counts_E)
         for e in busy:
@@ -324,7 +332,7 @@ class _TiledExperts(torch.autograd.Function):
         busy = [e for e, n in enumerate(counts) if n]
         idle = len(busy) < len(counts)
         tokens = token_N.split(counts)
-        gate_w, up_w, down_w = gate_up_E2FD[:, :F_].unbind(0), gate_up_E2FD[:, F_:].unbind(0), down_EDF.unbind(0)
+        gate_w, up_w, down_w = _per_expert_weights(gate_up_E2FD, down_EDF)
         da_NF = a_NF.new_empty(N, F_)  # first d out / d a of each pair, unweighted
         das = da_NF.split(counts)
         d_down_EDF = None
