@@ -10,6 +10,7 @@ import itertools
 import math
 import re
 import statistics
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +235,8 @@ def parameter_counts(checkpoint_dir: Path) -> dict[str, float]:
         from rmoe.model.decoder import MoeLM
 
         config = ModelConfig(**checkpoint["hyper_parameters"]["arch"])
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a non-causal router's start-up warning: the table marks it
             model = MoeLM(config)
         router = sum(p.numel() for p in router_parameters(model).values())
         return {
