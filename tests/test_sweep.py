@@ -216,6 +216,7 @@ def test_a_router_not_causal_in_evaluation_is_also_tested_causally(tmp_path, cap
     result = report.read_run(run, {"router": "ec", "seed": "s0"})
     assert result.metrics["causal_test_bpb"] == pytest.approx(causal[-1])
     assert result.metrics[report.NON_CAUSAL_KEY] == 1.0
+    assert result.metrics[report.COMPARABLE_TEST_KEY] == result.metrics["causal_test_bpb"]  # what --paired uses
     table = report.markdown_table(report.group_runs([result], ["router"]), report.base_columns([result]))
     assert "causal test bpb" in table.splitlines()[0] and "| ec \\* |" in table
 
@@ -239,6 +240,7 @@ def test_causal_rows_have_no_causal_test_column(swept):
     results = [report.read_run(path, labels) for path, labels in runs.find_sweep_runs(sweep_dir / "sweep")]
     assert all(not (r.path / runs.CAUSAL_TEST_DIR).exists() for r in results)
     assert "causal_test_bpb" not in [c.key for c in report.base_columns(results)]
+    assert all(r.metrics[report.COMPARABLE_TEST_KEY] == r.metrics["test_bpb"] for r in results)  # causal: as tested
 
 
 def test_report_leaves_out_sweep_runs_without_their_done_marker(swept, tmp_path):

@@ -32,6 +32,7 @@ Usage::
 
 from rmoe.report.collect import (
     BASE_COLUMNS,
+    COMPARABLE_TEST_KEY,
     COST_COLUMNS,
     DEFAULT_METRICS,
     EXTRA_KEYS,
@@ -66,6 +67,7 @@ from rmoe.report.stats import Paired, paired_comparisons, t_quantile_95
 
 __all__ = [
     "BASE_COLUMNS",
+    "COMPARABLE_TEST_KEY",
     "COST_COLUMNS",
     "DEFAULT_METRICS",
     "EXTRA_KEYS",

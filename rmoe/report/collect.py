@@ -67,7 +67,10 @@ COST_COLUMNS = (
 NON_CAUSAL_KEY = "non_causal_eval"
 """1.0 when the run's router is not causal in evaluation (``ModelConfig.causality``): its val/test
 loss reads later tokens through the routing and is not comparable with causal models' (marked ``*``)."""
-EXTRA_KEYS = ("final_val_loss", "test_loss", NON_CAUSAL_KEY)  # in the CSVs only
+COMPARABLE_TEST_KEY = "comparable_test_bpb"
+"""The test bpb with causal evaluation, comparable across every run: ``test_bpb`` when the router is
+causal in evaluation, else ``causal_test_bpb`` (NaN when its router offers no causal evaluation)."""
+EXTRA_KEYS = ("final_val_loss", "test_loss", NON_CAUSAL_KEY, COMPARABLE_TEST_KEY)  # in the CSVs only
 
 
 @dataclass
@@ -167,6 +170,9 @@ def read_run(run_dir: Path, labels: Mapping[str, str], metric_patterns: Sequence
             result.curves[tag] = ([s for s, _, _ in scalars[tag]], [v for _, v, _ in scalars[tag]])
     if fit is not None:
         m.update(parameter_counts(fit / "checkpoints"))
+    non_causal = m.get(NON_CAUSAL_KEY, nan)
+    if math.isfinite(non_causal):
+        m[COMPARABLE_TEST_KEY] = m["causal_test_bpb"] if non_causal == 1.0 else m["test_bpb"]
     return result
 
 

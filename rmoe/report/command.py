@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rmoe.report.collect import (
+    COMPARABLE_TEST_KEY,
     COST_COLUMNS,
     DEFAULT_METRICS,
     Group,
@@ -97,6 +98,16 @@ def report(
                 f"baseline, negative is better; the verdict is the 95% t-interval's (better / worse when it "
                 f"excludes 0).\n\n{paired_text}"
             )
+        if any(g.non_causal for g in groups):  # the same, on the one number every row can be compared by
+            causal = paired_table(
+                paired_comparisons(complete, key, baseline, COMPARABLE_TEST_KEY), key, baseline, "causal test bpb"
+            )
+            if causal:
+                paired_text += (
+                    "\n\nPaired on the test bpb with causal evaluation (`test bpb` of a causal router, `causal test "
+                    "bpb` of the others; a router with no causal evaluation has no row): the comparison valid for "
+                    f"every router.\n\n{causal}"
+                )
     write_markdown(root, groups, columns, incomplete, out, plots, band, paired_text)
     return groups, runs
 
