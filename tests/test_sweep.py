@@ -235,6 +235,41 @@ def test_a_router_not_causal_in_evaluation_is_also_tested_causally(tmp_path, cap
     assert "skipped" in capsys.readouterr().out
 
 
+def test_a_run_another_sweep_process_is_running_is_left_alone(swept, capsys):
+    """Two sweeps on one root (a second terminal, a follow-up): the run whose lock another process
+    holds is skipped, untouched, and the summary says so; the lock goes when its holder does."""
+    import fcntl
+
+    tmp_path, path, _ = swept
+    run = tmp_path / "sweep" / "linear-s0"
+    (run / "done.json").rename(run / "done.json.held")  # as if still running: it would be resumed
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(run / runs.RUN_LOCK),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert sweep.main([str(path), "--only", "router=linear", "--only", "seed=s0"]) == 0
+        printed = capsys.readouterr().out
+        assert "linear-s0: skipped: another sweep process is running it" in printed
+        assert "0 done, 0 skipped (already finished), 0 failed, 1 left to the other sweep process" in printed
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+        (run / "done.json.held").rename(run / "done.json")
+    with (run / runs.RUN_LOCK).open("a") as handle:  # released with its holder
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_causal_rows_have_no_causal_test_column(swept):
     sweep_dir, _, _ = swept
     results = [report.read_run(path, labels) for path, labels in runs.find_sweep_runs(sweep_dir / "sweep")]
@@ -385,6 +420,7 @@ RUN_FOLDER_NAMES = {
     runs.TEST_DIR,
     runs.CAUSAL_TEST_DIR,
     runs.FOLLOW_UP_PLAN,
+    runs.RUN_LOCK,
     runs.LOG_FILE,
     runs.PLAN_FILE,
     runs.MARKER_FILE,

@@ -44,7 +44,10 @@ Lightning, not two), for ``test``; ``--dry-run`` prints the equivalent ``python 
 command lines. A failed run is reported (exit code, log, last error line) and the others go on;
 the sweep ends with a summary and exits 1 if any run failed (2 for a bad sweep file or option).
 A finished run whose command line has changed since (other settings, ``--set``) is still
-skipped, with a note: delete its ``done.json`` to re-run it.
+skipped, with a note: delete its ``done.json`` to re-run it. A run whose router is not causal in
+evaluation but offers a causal evaluation is tested a second time with it (``test_causal/``); a
+finished run without that test gets only it on the next invocation. While a sweep process handles
+a run it holds ``<run>/running.lock`` (``flock``): another invocation on the same root skips it.
 
 Ctrl-C (or SIGTERM to the sweep) starts nothing new and stops the running children (SIGTERM, which
 ends a child's run as failed at once rather than letting Lightning return from ``fit`` early);

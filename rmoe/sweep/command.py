@@ -80,9 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nsweep: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    busy = f", {summary.count('busy')} left to the other sweep process running them" if summary.count("busy") else ""
     print(
         f"\nsweep {sweep.name}: {summary.count('done')} done, {summary.count('skipped')} skipped "
-        f"(already finished), {len(summary.failed)} failed."
+        f"(already finished), {len(summary.failed)} failed{busy}."
     )
     for outcome in summary.failed:
         print(f"  FAILED {outcome.run.name}: exit {outcome.returncode}: {outcome.message}\n    log: {outcome.run.log}")

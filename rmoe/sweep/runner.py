@@ -9,6 +9,7 @@ is skipped from then on; see :mod:`rmoe.sweep` for resuming and stopping.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ from typing import TextIO
 
 import yaml
 
-from rmoe.runs import FOLLOW_UP_PLAN, RESUME_CHECKPOINT, SWEEP_COPY
+from rmoe.runs import FOLLOW_UP_PLAN, RESUME_CHECKPOINT, RUN_LOCK, SWEEP_COPY
 from rmoe.sweep.plan import (
     causal_evaluation,
     checkpoint_to_test,
@@ -50,7 +51,7 @@ class Outcome:
     """What happened to one run in this invocation."""
 
     run: Run
-    status: str  # "done", "skipped", "failed"
+    status: str  # "done", "skipped", "busy" (another sweep process is running it), "failed"
     seconds: float = 0.0
     returncode: int = 0
     message: str = ""
@@ -95,6 +96,13 @@ def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
     def one(i: int, run: Run) -> Outcome:
+        with _run_lock(run) as locked:
+            if not locked:
+                say(i, run, f"skipped: another sweep process is running it (it holds {run.dir / RUN_LOCK})")
+                return Outcome(run, "busy")
+            return unlocked(i, run)
+
+    def unlocked(i: int, run: Run) -> Outcome:
         if run.marker.is_file():
             if _causal_test_due(sweep, run):  # finished before the sweep tested both ways
                 return _launch(sweep, run, env, lambda text: say(i, run, text), stages=("causal-test",))
@@ -122,6 +130,23 @@ def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return Summary([outcomes[i] for i in range(len(runs))])
+
+
+@contextlib.contextmanager
+def _run_lock(run: Run) -> Iterator[bool]:
+    """Hold ``<run>/running.lock`` (``flock``, exclusive, non-blocking) while this process handles the
+    run; yields False when another process holds it. The OS drops the lock when its holder dies."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    with (run.dir / RUN_LOCK).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _children: set[subprocess.Popen[bytes]] = set()
