@@ -36,9 +36,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
@@ -72,7 +74,15 @@ class Timing:
     active_params: int
 
 
-def model_config(shape: dict, *, moe: bool, router: str = "linear", state_dim: int = 32) -> ModelConfig:
+def router_file(path: str) -> tuple[str, dict]:
+    """``(router, router_options)`` of a ``configs/router/*.yaml`` file."""
+    arch = yaml.safe_load(Path(path).read_text())["model"]["arch"]
+    return arch["router"], dict(arch.get("router_options") or {})
+
+
+def model_config(
+    shape: dict, *, moe: bool, router: str = "linear", state_dim: int = 32, options: dict | None = None
+) -> ModelConfig:
     return ModelConfig(
         vocab_size=320,
         hidden_size=shape["hidden_size"],
@@ -84,7 +94,7 @@ def model_config(shape: dict, *, moe: bool, router: str = "linear", state_dim: i
         top_k=shape["top_k"],
         moe_intermediate_size=shape["expert_size"],
         router=router,
-        router_options={"state_dim": state_dim} if router == "gru" else {},
+        router_options=options if options is not None else ({"state_dim": state_dim} if router == "gru" else {}),
     )
 
 
@@ -133,7 +143,8 @@ def _category(event: object, parents: list[str]) -> str:
     name = event.name
     if any(p.startswith("Optimizer.step") for p in parents):
         return "optimizer"
-    if any(p.startswith("_SlicedExperts") for p in parents) and name in ("aten::mm", "aten::addmm_", "aten::addmm"):
+    experts = ("_SlicedExperts", "_TiledExperts")
+    if any(p.startswith(experts) for p in parents) and name in ("aten::mm", "aten::addmm_", "aten::addmm"):
         return "expert matmuls"
     if "scaled_dot_product" in name or any("scaled_dot_product" in p for p in parents):
         return "attention"
@@ -181,6 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time compiled layers (torch.compile per layer)")
+    p.add_argument(
+        "--routers",
+        nargs="+",
+        default=[],
+        metavar="YAML",
+        help="also time these router configs (configs/router/*.yaml; a gru file gets the shape's state_dim, 32) "
+        "and print each one's step time against moe-linear",
+    )
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.threads:
@@ -197,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
             "moe-linear": model_config(shape, moe=True),
             "moe-gru": model_config(shape, moe=True, router="gru", state_dim=shape.get("state_dim", 32)),
         }
+        for path in args.routers:
+            router, options = router_file(path)
+            if router == "gru":  # the width the other gru rows (and the CPU sweeps) use
+                options["state_dim"] = shape.get("state_dim", 32)
+            configs[f"router:{Path(path).stem}"] = model_config(shape, moe=True, router=router, options=options)
         steps, models = {}, {}
         for name, config in configs.items():
             steps[name], models[name] = make_step(config, batch, compile_layers=False)
@@ -225,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
             f"GRU router step overhead over linear: {gru / lin - 1:+.1%}; router share of the forward FLOPs: "
             f"linear {router_flops['moe-linear']:.1%}, gru {router_flops['moe-gru']:.1%}"
         )
+        if args.routers:
+            ratios = [f"{n[7:]} {t.median_ms / lin:.2f}x" for n, t in timings.items() if n.startswith("router:")]
+            print("router configs, step time vs moe-linear: " + ", ".join(ratios))
         shares, top_other = breakdown(steps["moe-linear"])
         print("moe-linear step, share of CPU time: " + ", ".join(f"{c} {v:.0%}" for c, v in shares.items()))
         print("  largest of other: " + ", ".join(f"{n} {v:.1%}" for n, v in top_other.items()))

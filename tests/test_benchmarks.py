@@ -47,9 +47,16 @@ def test_bench_moe_sweep_covers_the_three_shapes():
 def test_bench_step_times_dense_moe_and_gru_and_splits_the_step(tmp_path):
     bench = load("bench_step")
     out = tmp_path / "step.json"
-    bench.main(["--shapes", "small", "--repeats", "2", "--warmup", "0", "--json", str(out)])
+    router = str(ROOT / "configs/router/expert_choice.yaml")
+    bench.main(["--shapes", "small", "--repeats", "2", "--warmup", "0", "--routers", router, "--json", str(out)])
     report = json.loads(out.read_text())["small"]
-    assert set(report["timings"]) == {"dense", "moe-linear", "moe-linear+foreach-adamw", "moe-gru"}
+    assert set(report["timings"]) == {
+        "dense",
+        "moe-linear",
+        "moe-linear+foreach-adamw",
+        "moe-gru",
+        "router:expert_choice",
+    }
     active = {n: t["active_params"] for n, t in report["timings"].items()}
     assert abs(active["moe-linear"] - active["dense"]) / active["dense"] < 0.01  # same active parameters
     assert sum(report["breakdown"].values()) == pytest.approx(1.0)
