@@ -41,6 +41,8 @@ from rmoe.sweep.plan import (
 )
 from rmoe.sweep.spec import Run, Sweep
 
+STAGES = ("fit", "test", "causal-test")
+"""A run's stages, in order; a finished run's follow-up runs only the last."""
 _ATTEMPT_HEADER = "===== "  # starts each attempt's part of stdout.log
 CHILD_MODULE = "rmoe.sweep"
 """The module a run's child process runs (``python -m rmoe.sweep --exec-run <run.json>``)."""
@@ -183,17 +185,17 @@ def _launch(
     run: Run,
     env: Mapping[str, str],
     say: Callable[[str], None],
-    stages: Sequence[str] = ("fit", "test", "causal-test"),
+    stages: Sequence[str] = STAGES,
 ) -> Outcome:
     """Run the stages in one child; ``("causal-test",)`` only adds the causal test to a finished run."""
     follow_up = "fit" not in stages
     ckpt = None if follow_up else resume_checkpoint(run)
-    if not follow_up:
-        if ckpt is None and run.fit_dir.exists():  # a failed attempt without a checkpoint: start clean
-            shutil.rmtree(run.fit_dir)
-        for directory in (run.test_dir, run.causal_test_dir):
-            if directory.exists():
-                shutil.rmtree(directory)
+    if not follow_up and ckpt is None and run.fit_dir.exists():  # a failed attempt without a checkpoint
+        shutil.rmtree(run.fit_dir)
+    # the tests this launch writes start clean (a failed follow-up must not leave a test_causal/ that looks done)
+    for directory in [run.causal_test_dir] if follow_up else [run.test_dir, run.causal_test_dir]:
+        if directory.exists():
+            shutil.rmtree(directory)
     run.dir.mkdir(parents=True, exist_ok=True)
     plan = {
         "sweep": sweep.name,
@@ -330,7 +332,7 @@ def exec_run(plan_path: str | os.PathLike[str]) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     from rmoe.cli import main as rmoe_main
 
-    stages = plan.get("stages", ["fit", "test", "causal-test"])
+    stages = plan.get("stages", STAGES)
     if "fit" in stages:
         returncode = _stage(rmoe_main, plan["fit_args"])
         if returncode:
