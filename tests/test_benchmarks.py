@@ -62,3 +62,14 @@ def test_bench_step_times_dense_moe_and_gru_and_splits_the_step(tmp_path):
     assert sum(report["breakdown"].values()) == pytest.approx(1.0)
     assert report["breakdown"]["expert matmuls"] > 0 and report["breakdown"]["optimizer"] > 0
     assert report["router_flops_share"]["moe-gru"] > report["router_flops_share"]["moe-linear"]
+
+
+def test_device_check_script_parses_and_rejects_an_unknown_mode():
+    """benchmarks/device_check.sh (the one-command GPU check): valid bash; a wrong mode exits 2 with usage."""
+    import subprocess
+
+    script = ROOT / "benchmarks" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    wrong = subprocess.run(["bash", str(script), "--gpus"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "usage: bash benchmarks/device_check.sh" in wrong.stderr
+    assert "--gpus" in wrong.stderr
