@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, shape in SWEEP_SHAPES.items():
         print(f"\n== {label} ==")
         rows[label] = run_shape(argparse.Namespace(**{**vars(args), **shape, "json": None}))
-    names = [n for n in rows["default"]["results"] if n != "dense"]
+    names = list(dict.fromkeys(n for row in rows.values() for n in row["results"] if n != "dense"))
     print("\nforward+backward time / dense (median), and peak MiB (dense | ours | others)")
     print(
         f"{'shape':<14} {'T':>5} {'D':>4} {'E':>3} {'F':>4} {'K':>2} {'auto':>7} {'mm floor':>9} "
@@ -267,8 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     for label, row in rows.items():
         a, res, floor = row["args"], row["results"], row["matmul_floor"]
-        ratios = " ".join(f"{res[n]['median_ms'] / res['dense']['median_ms']:>15.2f}x" for n in names)
-        peaks = " | ".join(f"{res[n]['peak_mib']:.1f}" for n in ["dense", *names])
+        ratios = " ".join(
+            f"{res[n]['median_ms'] / res['dense']['median_ms']:>15.2f}x" if n in res else f"{'failed':>16}"
+            for n in names
+        )
+        peaks = " | ".join(f"{res[n]['peak_mib']:.1f}" if n in res else "-" for n in ["dense", *names])
         print(
             f"{label:<14} {a['tokens']:>5} {a['hidden_size']:>4} {a['num_experts']:>3} {a['expert_size']:>4} "
             f"{a['top_k']:>2} {row['ours_backend']:>7} {floor['experts_ms'] / floor['dense_ms']:>8.2f}x "
@@ -325,8 +328,16 @@ def run_shape(args: argparse.Namespace) -> dict:
         _, routing, _ = ours(x_BSD, None)
         tokens_per_expert = torch.bincount(routing.expert_ids_TK.flatten(), minlength=args.num_experts).tolist()
     outputs = {}
-    for name, (module, forward) in candidates.items():
-        out_BSD = step(forward, module, x_BSD, grad_BSD)
+    left_out: dict[str, str] = {}
+    for name, (module, forward) in list(candidates.items()):
+        try:
+            out_BSD = step(forward, module, x_BSD, grad_BSD)
+        except Exception as error:  # another torch/transformers (a GPU image): that row goes, loudly
+            if name in ("dense", "ours"):
+                raise
+            left_out[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            del candidates[name]
+            continue
         outputs[name] = (out_BSD.detach().float(), x_BSD.grad.float())
     diffs = {
         name: max(float((a - b).abs().max()) for a, b in zip(outputs[name], outputs["ours"]))
@@ -385,6 +396,8 @@ def run_shape(args: argparse.Namespace) -> dict:
             f"{r.median_ms / by_name['dense'].median_ms:>8.3f}x {r.median_ms / by_name['ours'].median_ms:>7.3f}x "
             f"{r.peak_mib:>9.1f} {diff:>28}"
         )
+    for name, why in left_out.items():
+        print(f"{name:<16} left out: it failed here ({why})")
 
     summary = {
         "args": vars(args),
@@ -395,6 +408,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         "tokens_per_expert": tokens_per_expert,
         "matmul_floor": {"dense_ms": floor_dense_ms, "experts_ms": floor_experts_ms},
         "results": {r.name: asdict(r) for r in results},
+        "left_out": left_out,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,3 +216,13 @@ def test_active_parameter_count():
 def test_bad_config_is_a_clear_error(overrides, fragment):
     with pytest.raises(RmoeError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         tiny_config(**overrides)
+
+
+def test_forcing_grouped_mm_on_a_torch_without_it_is_a_clear_error(monkeypatch):
+    """An older torch (no F.grouped_mm): the forced backend is refused up front, naming the key;
+    ``auto`` still builds (it picks another backend)."""
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    message = "model.arch.expert_backend='grouped_mm' needs torch.nn.functional.grouped_mm"
+    with pytest.raises(RmoeError, match=re.escape(message)):
+        tiny_config(expert_backend="grouped_mm")
+    assert tiny_config(expert_backend="auto").expert_backend == "auto"

@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from rmoe.errors import RmoeError
 from rmoe.routers import Causality, RouterContext, causality_of, get_router_class
 
@@ -154,6 +156,12 @@ class ModelConfig:
             raise RmoeError(
                 f"model.arch.expert_backend={self.expert_backend!r}; expected one of: "
                 f"{', '.join(EXPERT_BACKENDS)}{renamed}."
+            )
+        if self.expert_backend == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
+            raise RmoeError(
+                f"model.arch.expert_backend='grouped_mm' needs torch.nn.functional.grouped_mm, which torch "
+                f"{torch.__version__} does not have; use 'auto' (it picks grouped_mm where it exists and is "
+                "fast), 'sliced' or 'tiled'."
             )
         get_router_class(self.router).parse_options(self.router_options)
 
