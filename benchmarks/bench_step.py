@@ -13,10 +13,12 @@ For each shape the same step is timed, in a rotating order within each repetitio
 * with ``--compile``, the compiled-layers variant of each (``MoeLMModule(compile=True)``'s
   per-layer ``torch.compile``).
 
-Then one profile (``torch.profiler``, a few steps of ``moe-linear``) splits the step's CPU time by
-where each aten op runs: the expert matmuls (inside the sliced experts' forward and backward),
-attention, the other matmuls (projections, router, LM head), the dispatch (sort, gathers,
-scatters, ``embedding_bag``), the router's softmax and top-k, the optimiser step, and the rest.
+Each step's peak memory (parameters, gradients, AdamW's moments, activations; torch's
+``MemTracker``) is printed next to its time. Then one profile (``torch.profiler``, a few steps of
+``moe-linear``) splits the step's CPU time by where each aten op runs: the expert matmuls (inside
+the sliced experts' forward and backward), attention, the other matmuls (projections, router, LM
+head), the dispatch (sort, gathers, scatters, ``embedding_bag``), the router's softmax and top-k,
+the optimiser step, and the rest.
 The loop is plain PyTorch (no Lightning), so Lightning's per-step overhead is what
 ``configs/base.yaml``'s ``train/tokens_per_sec`` loses against this (compare the two).
 
@@ -72,6 +74,7 @@ class Timing:
     p25_ms: float
     p75_ms: float
     active_params: int
+    peak_mib: float
 
 
 def router_file(path: str) -> tuple[str, dict]:
@@ -100,7 +103,7 @@ def model_config(
 
 def make_step(
     config: ModelConfig, batch_BS1: torch.Tensor, compile_layers: bool, fused_adamw: bool = True
-) -> tuple[Callable[[], None], MoeLM]:
+) -> tuple[Callable[[], None], MoeLM, torch.optim.Optimizer]:
     """One training step as ``MoeLMModule.training_step`` computes it (LM loss + 0.01 x balance loss
     + 0.001 x z-loss, ``configs/base.yaml``'s coefficients)."""
     torch.manual_seed(0)
@@ -121,7 +124,19 @@ def make_step(
         loss.backward()
         optimizer.step()
 
-    return step, model
+    return step, model, optimizer
+
+
+def peak_memory_mib(step: Callable[[], None], model: MoeLM, optimizer: torch.optim.Optimizer) -> float:
+    """Peak memory of one whole training step after warmup, in MiB: parameters, gradients, AdamW's
+    two moments, activations and temporaries (torch's ``MemTracker``, as ``bench_moe.py`` uses)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**20
 
 
 def time_steps(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -221,27 +236,34 @@ def main(argv: list[str] | None = None) -> None:
             if router == "gru":  # the width the other gru rows (and the CPU sweeps) use
                 options["state_dim"] = shape.get("state_dim", 32)
             configs[f"router:{Path(path).stem}"] = model_config(shape, moe=True, router=router, options=options)
-        steps, models = {}, {}
+        steps, models = {}, {}  # models: name -> (model, optimizer)
         for name, config in configs.items():
-            steps[name], models[name] = make_step(config, batch, compile_layers=False)
+            steps[name], *models[name] = make_step(config, batch, compile_layers=False)
             if name == "moe-linear":  # the optimiser as it was: foreach AdamW instead of the fused kernel
-                steps["moe-linear+foreach-adamw"], models["moe-linear+foreach-adamw"] = make_step(
+                steps["moe-linear+foreach-adamw"], *models["moe-linear+foreach-adamw"] = make_step(
                     config, batch, compile_layers=False, fused_adamw=False
                 )
             if args.compile:
-                steps[f"{name}+compile"], models[f"{name}+compile"] = make_step(config, batch, compile_layers=True)
+                steps[f"{name}+compile"], *models[f"{name}+compile"] = make_step(config, batch, compile_layers=True)
         samples = time_steps(steps, args.repeats, args.warmup)
         timings = {}
         for name, values in samples.items():
             q25, q50, q75 = statistics.quantiles(values, n=4, method="inclusive")
-            timings[name] = Timing(name, q50, q25, q75, models[name].num_parameters(active=True))
+            model, optimizer = models[name]
+            peak = peak_memory_mib(steps[name], model, optimizer)
+            timings[name] = Timing(name, q50, q25, q75, model.num_parameters(active=True), peak)
         dense = timings["dense"].median_ms
         print(f"\n== {label}: {shape} ==")
-        print(f"{'model':<22} {'median ms':>10} {'p25-p75 ms':>16} {'vs dense':>9} {'active params':>14}")
+        print(
+            f"{'model':<22} {'median ms':>10} {'p25-p75 ms':>16} {'vs dense':>9} {'active params':>14} "
+            f"{'peak MiB':>9} {'vs dense':>9}"
+        )
+        dense_peak = timings["dense"].peak_mib
         for t in timings.values():
             print(
                 f"{t.name:<22} {t.median_ms:>10.1f} {f'{t.p25_ms:.1f}-{t.p75_ms:.1f}':>16} "
-                f"{t.median_ms / dense:>8.2f}x {t.active_params:>14,}"
+                f"{t.median_ms / dense:>8.2f}x {t.active_params:>14,} "
+                f"{t.peak_mib:>9.1f} {t.peak_mib / dense_peak:>8.2f}x"
             )
         gru, lin = timings["moe-gru"].median_ms, timings["moe-linear"].median_ms
         router_flops = {n: _router_flops_share(configs[n], shape) for n in ("moe-linear", "moe-gru")}

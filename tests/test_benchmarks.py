@@ -62,6 +62,9 @@ def test_bench_step_times_dense_moe_and_gru_and_splits_the_step(tmp_path):
     assert sum(report["breakdown"].values()) == pytest.approx(1.0)
     assert report["breakdown"]["expert matmuls"] > 0 and report["breakdown"]["optimizer"] > 0
     assert report["router_flops_share"]["moe-gru"] > report["router_flops_share"]["moe-linear"]
+    peaks = {n: t["peak_mib"] for n, t in report["timings"].items()}
+    # the MoE holds 4x the dense model's MLP weights (and their gradients and AdamW moments)
+    assert peaks["moe-linear"] > peaks["dense"] > 0
 
 
 def test_device_check_script_parses_and_rejects_an_unknown_mode():
