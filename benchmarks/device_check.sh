@@ -76,13 +76,12 @@ if [ "$MODE" = gpu ]; then
   BLOCK=(--device cuda --dtype bf16)
   SHAPES=(--sweep)  # the three shapes of issue 15, one table
   TRAIN=(benchmarks/gpu_check.py --steps 300)
-  DENSE=(model.arch.num_experts=0)  # gpu.yaml's intermediate_size 512 = top_k 2 x 256: same active params
 else
   BLOCK=(--device cpu --dtype bf16 --repeats 2 --warmup 1)  # bf16 matmuls are ~25x slower than fp32 on this CPU
   SHAPES=(--tokens 768 --seq-len 64 --hidden-size 128 --expert-size 176)  # the sweep's small shape only
   TRAIN=(benchmarks/gpu_check.py --cpu --steps 12)
-  DENSE=(model.arch.num_experts=0)
 fi
+DENSE=(model.arch.num_experts=0)  # the dense MLP's intermediate_size = top_k x expert width: same active params
 step block_bf16 240 "$PYTHON" benchmarks/bench_moe.py "${SHAPES[@]}" "${BLOCK[@]}" --json "$OUT/block_bf16.json"
 # A GPU-sized fine-grained shape (Qwen3-MoE-like: 64 experts of 512, top-8, d=1024, 16k tokens).
 if [ "$MODE" = gpu ]; then
