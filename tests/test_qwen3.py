@@ -68,3 +68,10 @@ def test_qk_norm_changes_the_model_and_is_in_the_state_dict():
     # Qwen3 constraints: with a shared expert or a q/k/v bias there is no native Qwen3 model
     assert native_model_type(tiny_config(qk_norm=True)) is None
     assert native_model_type(tiny_config(**{**QWEN3, "shared_expert_intermediate_size": 8})) is None
+
+
+def test_only_the_plain_linear_router_is_native():
+    """transformers' gate has no logit bias and no bias balancing; the init does not matter once trained."""
+    assert native_model_type(tiny_config(router_options={"init": "torch"})) == "qwen2_moe"
+    assert native_model_type(tiny_config(router_options={"bias": True})) is None
+    assert native_model_type(tiny_config(router_options={"bias_update_rate": 0.01})) is None

@@ -45,6 +45,7 @@ def routers_of(model: MoeLM) -> list[Router]:
 CASES = [
     ("linear", {}),
     ("linear", {"bias_update_rate": 0.01}),
+    ("linear", {"bias": True, "init": "torch"}),
     ("mlp", {"hidden_dim": 8}),
     ("random", {}),
     ("cosine", {}),
@@ -249,6 +250,44 @@ def test_gru_biases_are_added_to_the_projector_and_head_and_counted():
     without = sum(p.numel() for r in routers_of(build("gru", {"state_dim": 16, "bias": False})) for p in r.parameters())
     with_bias = sum(p.numel() for r in routers_of(model) for p in r.parameters())
     assert with_bias - without == len(routers_of(model)) * (16 + 4)  # P + E per layer
+
+
+def test_linear_router_bias_and_init_match_nn_linear():
+    """``bias: true, init: torch`` is exactly ``nn.Linear(D, E)`` (the authors' enwik8 baseline): same
+    draws from the same seed, same logits; the bias is trained. Without options: no bias, N(0, 0.02)."""
+    model = build("linear", {"bias": True, "init": "torch"}, seed=3)
+    router = routers_of(model)[0]
+    assert router.bias is not None and router.bias.shape == (4,)
+    reference = torch.nn.Linear(32, 4)
+    bound = 1 / math.sqrt(32)
+    for ours, theirs in ((router.weight, reference.weight), (router.bias, reference.bias)):
+        assert ours.abs().max() <= bound and ours.std().item() == pytest.approx(theirs.std().item(), rel=0.5)
+    with torch.no_grad():
+        reference.weight.copy_(router.weight)
+        reference.bias.copy_(router.bias)
+    x = torch.randn(10, 32)
+    routing, _ = router(x, None)
+    torch.testing.assert_close(routing.logits_TE, reference(x), atol=1e-6, rtol=1e-5)
+    routing.logits_TE.sum().backward()
+    assert router.bias.grad is not None and router.bias.grad.abs().sum() > 0
+    plain = routers_of(build("linear"))[0]
+    assert plain.bias is None and "bias" not in dict(plain.named_parameters())
+    assert plain.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    zero_bias = routers_of(build("linear", {"bias": True}))[0]  # init: normal -> zero bias
+    assert torch.count_nonzero(zero_bias.bias) == 0
+    count = sum(p.numel() for r in routers_of(model) for p in r.parameters())
+    assert count - sum(p.numel() for r in routers_of(build("linear")) for p in r.parameters()) == 4 * len(
+        routers_of(model)
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [({"init": "xavier"}, "init='xavier'; expected one of: normal, torch"), ({"gain": 1}, "valid options: bias")],
+)
+def test_bad_linear_options_are_clear_errors(options, fragment):
+    with pytest.raises(RmoeError, match=fragment):
+        build("linear", options)
 
 
 def first_gru_router(**options) -> Router:
@@ -534,6 +573,7 @@ def test_router_configs_exist_for_every_router_and_variant():
         "locmoe",
         "expert_choice",
         "linear_bias_balance",
+        "linear_torch",
         "gru_init_normal",
         "gru_state_norm",
     }

@@ -4,7 +4,7 @@
 Our parameter names mirror transformers' under a ``model.`` prefix, with one difference: our
 router is ``mlp.router`` (a pluggable component) where transformers has ``mlp.gate``. The whole
 mapping is :func:`to_hf_name` / :func:`from_hf_name`; the same names hold for Qwen3-MoE, whose
-``self_attn.q_norm`` / ``k_norm`` are ours too. Only the ``linear`` router (without bias
+``self_attn.q_norm`` / ``k_norm`` are ours too. Only the ``linear`` router (without a logit bias or bias
 balancing) has a transformers counterpart. A model with ``qk_norm`` maps to Qwen3-MoE (which has
 no q/k/v bias and no shared expert), one without to Qwen2-MoE.
 
@@ -25,6 +25,7 @@ import torch
 from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
+from rmoe.routers.linear import LinearRouter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -47,11 +48,15 @@ def from_hf_name(name: str) -> str:
 def native_model_type(config: ModelConfig) -> str | None:
     """``"qwen2_moe"`` or ``"qwen3_moe"`` if transformers has this exact architecture natively, else None.
 
-    Native means: the ``linear`` router without options (bias balancing changes the top-k, which
-    transformers' router does not do) and, for ``qk_norm`` models, Qwen3's constraints (no q/k/v
+    Native means: the ``linear`` router without a logit bias or bias balancing (transformers' gate has
+    no bias, and balancing changes the top-k, which its router does not do; ``init`` does not matter
+    once trained) and, for ``qk_norm`` models, Qwen3's constraints (no q/k/v
     bias, no shared expert).
     """
-    if config.router != "linear" or config.router_options:
+    if config.router != "linear":
+        return None
+    options = LinearRouter.parse_options(dict(config.router_options))
+    if options.bias or options.bias_update_rate:
         return None
     if not config.qk_norm:
         return "qwen2_moe"

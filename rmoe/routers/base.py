@@ -385,3 +385,18 @@ def fp32_linear(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tenso
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         bias_E = bias_E.float() if bias_E is not None else None
         return nn.functional.linear(x_TD.float(), weight_ED.float(), bias_E)
+
+
+@torch.no_grad()
+def init_linear(weight_OI: torch.Tensor, bias_O: torch.Tensor | None, init: str, std: float) -> None:
+    """``torch``: nn.Linear's default (U(+-1/sqrt(fan_in)) for weight and bias, i.e.
+    kaiming_uniform(a=sqrt(5))); ``normal``: N(0, std) weight, zero bias."""
+    if init == "torch":
+        bound = 1.0 / math.sqrt(weight_OI.shape[1])
+        nn.init.uniform_(weight_OI, -bound, bound)
+        if bias_O is not None:
+            nn.init.uniform_(bias_O, -bound, bound)
+    else:
+        nn.init.normal_(weight_OI, std=std)
+        if bias_O is not None:
+            nn.init.zeros_(bias_O)

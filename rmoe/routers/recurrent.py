@@ -27,7 +27,6 @@ from MoE layer to MoE layer as the opaque router state (:class:`RecurrentState`)
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear
+from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear, init_linear
 from rmoe.routers.cosine import CosineScorer, check_cosine_options
 from rmoe.routers.registry import register_router
 
@@ -270,18 +269,3 @@ def rms_normalize(x_TP: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps)`` over the last dimension, no gain (fp32)."""
     x_TP = x_TP.float()
     return x_TP * torch.rsqrt(x_TP.pow(2).mean(dim=-1, keepdim=True) + eps)
-
-
-@torch.no_grad()
-def init_linear(weight_OI: torch.Tensor, bias_O: torch.Tensor | None, init: str, std: float) -> None:
-    """``torch``: nn.Linear's default (U(+-1/sqrt(fan_in)) for weight and bias, i.e.
-    kaiming_uniform(a=sqrt(5))); ``normal``: N(0, std) weight, zero bias."""
-    if init == "torch":
-        bound = 1.0 / math.sqrt(weight_OI.shape[1])
-        nn.init.uniform_(weight_OI, -bound, bound)
-        if bias_O is not None:
-            nn.init.uniform_(bias_O, -bound, bound)
-    else:
-        nn.init.normal_(weight_OI, std=std)
-        if bias_O is not None:
-            nn.init.zeros_(bias_O)
