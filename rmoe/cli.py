@@ -12,6 +12,7 @@ resume.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
@@ -149,35 +150,72 @@ class RmoeCLI(LightningCLI):
         return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
 
     def before_instantiate_classes(self) -> None:
-        """A ``--ckpt_path`` that does not exist fails here, before anything is built or written."""
+        """A ``--ckpt`` that does not exist fails here, before anything is built or written."""
         ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
         special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
         if ckpt_path and not special and not os.path.exists(ckpt_path):
             raise RmoeError(
-                f"--ckpt_path={ckpt_path!r} does not exist; expected a checkpoint written by rmoe fit, "
+                f"--ckpt={ckpt_path!r} does not exist; expected a checkpoint written by rmoe fit, "
                 "e.g. runs/<name>/version_<n>/checkpoints/last.ckpt."
             )
         if self.subcommand == "fit" and ckpt_path and not special:
             self._continue_in_run_dir(Path(ckpt_path))
+        if self.subcommand in ("validate", "test") and ckpt_path and not special:
+            self._evaluate_in_run_dir(Path(ckpt_path))
+
+    def _tensorboard_init_args(self) -> dict[str, Any] | None:
+        """The init_args of the config's TensorBoard logger with no fixed version, else None."""
+        logger = self.config[self.subcommand].get("trainer", {}).get("logger")
+        if (
+            not logger
+            or not hasattr(logger, "get")
+            or not str(logger.get("class_path", "")).endswith("TensorBoardLogger")
+        ):
+            return None
+        init_args = logger.get("init_args")
+        if init_args is None or init_args.get("version") is not None:
+            return None
+        return init_args
+
+    @staticmethod
+    def _run_dir_of(ckpt_path: Path) -> Path | None:
+        """``<save_dir>/<name>/version_<k>`` for a checkpoint in its ``checkpoints/`` folder, else None."""
+        ckpt = ckpt_path.resolve()
+        run_dir = ckpt.parent.parent
+        if ckpt.parent.name != "checkpoints" or not re.fullmatch(r"version_\d+", run_dir.name):
+            return None
+        return run_dir
+
+    def _evaluate_in_run_dir(self, ckpt_path: Path) -> None:
+        """``rmoe validate`` / ``rmoe test`` of a run's own checkpoint write inside that run:
+        ``<run>/validate/version_<n>/`` (``<run>/test/...``), not a new ``version_<n>`` next to the run.
+
+        Applies when the checkpoint is ``<save_dir>/<name>/version_<k>/checkpoints/*.ckpt`` and the
+        config's TensorBoard logger has no fixed version (a config that sets one, as ``rmoe sweep``
+        does, writes where it says). Each evaluation gets its own ``version_<n>`` there.
+        """
+        run_dir = self._run_dir_of(ckpt_path)
+        init_args = self._tensorboard_init_args()
+        if run_dir is None or init_args is None:
+            return
+        init_args["save_dir"] = str(run_dir)
+        init_args["name"] = self.subcommand
+        # restoring the checkpoint's ModelCheckpoint state into an evaluation run: nothing is saved here
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        print(f"rmoe {self.subcommand}: writing to {run_dir / self.subcommand}/", file=sys.stderr)
 
     def _continue_in_run_dir(self, ckpt_path: Path) -> None:
         """Resuming a run's own checkpoint continues in the run's directory, not in a new ``version_<n+1>``.
 
-        When ``--ckpt_path`` is ``<save_dir>/<name>/version_<k>/checkpoints/*.ckpt`` and the config's
+        When ``--ckpt`` is ``<save_dir>/<name>/version_<k>/checkpoints/*.ckpt`` and the config's
         TensorBoard logger writes to ``<save_dir>/<name>`` with no fixed version (the run's own
         ``config.yaml``), the logger's version becomes ``version_<k>``: the events and checkpoints of
         the resumed part land next to the first part's, so TensorBoard shows one run. The first part's
         ``config.yaml`` is kept; the resumed part's resolved config is ``config.resume-<n>.yaml``.
         """
-        ckpt = ckpt_path.resolve()
-        run_dir = ckpt.parent.parent
-        if ckpt.parent.name != "checkpoints" or not re.fullmatch(r"version_\d+", run_dir.name):
-            return
-        logger = self.config[self.subcommand].get("trainer", {}).get("logger")
-        if not logger or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-            return
-        init_args = logger.get("init_args")
-        if init_args is None or init_args.get("version") is not None:
+        run_dir = self._run_dir_of(ckpt_path)
+        init_args = self._tensorboard_init_args()
+        if run_dir is None or init_args is None:
             return
         save_dir = Path(init_args.get("save_dir") or "lightning_logs")
         if (save_dir / (init_args.get("name") or "lightning_logs")).resolve() == run_dir.parent:
@@ -187,9 +225,59 @@ class RmoeCLI(LightningCLI):
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{part}.yaml"}
 
 
+_LIGHTNING_OPTIONS = {"--ckpt": "--ckpt_path", "--ckpt-path": "--ckpt_path", "--print-config": "--print_config"}
+"""fit/validate/test: the project's spellings (``--ckpt``, as every command that reads a model; hyphens,
+as the other subcommands) -> Lightning's."""
+
+
 def normalize_args(argv: list[str]) -> list[str]:
-    """Accept omegaconf-style ``model.arch.router=gru`` overrides as well as ``--model.arch.router=gru``."""
-    return [f"--{a}" if _DOTLIST.match(a) and not a.startswith("-") else a for a in argv]
+    """Accept omegaconf-style ``model.arch.router=gru`` overrides as well as ``--model.arch.router=gru``,
+    and the project's ``--ckpt`` / ``--print-config`` for Lightning's ``--ckpt_path`` / ``--print_config``
+    (``--ckpt_path`` still works, with a deprecation note)."""
+    out = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if name in _LIGHTNING_OPTIONS:
+            arg = _LIGHTNING_OPTIONS[name] + sep + value
+        elif name == "--ckpt_path":
+            print(
+                "rmoe: note: --ckpt_path is deprecated and will be removed in the next release; use --ckpt.",
+                file=sys.stderr,
+            )
+        elif _DOTLIST.match(arg) and not arg.startswith("-"):
+            arg = f"--{arg}"
+        out.append(arg)
+    return out
+
+
+class _DropLightningChatter(logging.Filter):
+    """Lightning's info lines a user of ``rmoe`` can do nothing about (see :func:`quiet_lightning`)."""
+
+    PREFIXES = (
+        # MoeModelSummary replaces Lightning's summary on purpose (instantiate_trainer)
+        "Trainer already configured with model summary callbacks",
+        # advertising for Lightning's cloud products (litlogger / litmodels)
+        "💡 Tip:",
+        # the seed is in the run's config.yaml; printed before a config error it only adds noise
+        "Seed set to",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = re.sub(r"^\[rank: \d+\] ", "", str(record.getMessage()))  # rank_prefixed_message
+        return not message.startswith(self.PREFIXES)
+
+
+def quiet_lightning() -> None:
+    """Drop :class:`_DropLightningChatter`'s lines from the loggers Lightning emits them on (idempotent);
+    every other message, warning and error still shows."""
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",  # rank_zero_info of Lightning's trainer and connectors
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",  # seed_everything
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
+            logger.addFilter(_DropLightningChatter())
 
 
 def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
@@ -197,6 +285,7 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
     from rmoe.data import TextDataModule
     from rmoe.training.module import MoeLMModule
 
+    quiet_lightning()
     # `args` is how dot-list overrides reach the parser, not a mistake; the pytree note is Lightning's own.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")

@@ -8,8 +8,9 @@ turns it into a message and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
-from typing import NoReturn
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn
 
 
 class RmoeError(ValueError):
@@ -24,8 +25,71 @@ def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
 
 
 class ToolArgumentParser(argparse.ArgumentParser):
-    """The argument parser of the ``rmoe`` tools (analyze, inspect, generate, export, import): a bad
-    argument raises :class:`RmoeError` (one paragraph, exit 2 from ``rmoe``) instead of exiting."""
+    """The argument parser of every ``rmoe`` subcommand that is not Lightning's (analyze, inspect,
+    generate, export, import, sweep, report).
+
+    - A bad argument raises :class:`RmoeError` (one paragraph, exit 2 from ``rmoe``) instead of
+      printing the usage and exiting.
+    - No abbreviations (``allow_abbrev=False``): ``--prompt`` is not silently read as ``--prompt-file``.
+    - Long options are spelled with hyphens (``--max-tokens``); the underscore spelling of the same
+      option (``--max_tokens``, the spelling of fit/validate/test) is accepted too.
+    - :meth:`deprecate` keeps an old spelling working for one release, with a note naming the new one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._renamed: dict[str, str] = {}
+
+    def deprecate(self, old: str, new: str) -> None:
+        """Accept the option ``old`` as ``new`` (same value), printing a one-line deprecation note."""
+        self._renamed[old] = new
+
+    def note_deprecated(self, what: str, instead: str) -> None:
+        """Print the deprecation note of ``what`` (an old spelling) on stderr."""
+        print(
+            f"{self.prog}: note: {what} is deprecated and will be removed in the next release; use {instead}.",
+            file=sys.stderr,
+        )
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        known = {s for action in self._actions for s in action.option_strings}
+        normalised = []
+        for arg in args:
+            if arg == "--":  # everything after it is positional
+                normalised += args[len(normalised) :]
+                break
+            if arg.startswith("--"):
+                name, sep, value = arg.partition("=")
+                if name in self._renamed:
+                    self.note_deprecated(name, self._renamed[name])
+                    name = self._renamed[name]
+                elif name not in known and name.replace("_", "-") in known:
+                    name = name.replace("_", "-")
+                arg = name + sep + value
+            normalised.append(arg)
+        return super().parse_known_args(normalised, namespace)
 
     def error(self, message: str) -> NoReturn:
         raise RmoeError(f"{message} (see `{self.prog} --help`)")
+
+
+def resolve_positional(parser: ToolArgumentParser, args: Any, names: Sequence[str], usage: str) -> None:
+    """Fill options ``names`` (``--ckpt``, ``--out``) from the deprecated positional spelling.
+
+    ``args.positional`` holds the positional arguments in the order of ``names``; each option
+    not given takes the next one (with a deprecation note). A missing option, or a positional
+    argument left over, is an error naming the spelling to use.
+    """
+    given = list(args.positional)
+    if given:
+        parser.note_deprecated("positional " + " ".join(n.upper() for n in names[: len(given)]), usage)
+    for name in names:
+        if getattr(args, name) is None and given:
+            setattr(args, name, given.pop(0))
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        parser.error(f"{' and '.join(missing)} missing: the command is `{usage}`")
+    if given:
+        parser.error(f"unexpected argument(s) {' '.join(given)}: the command is `{usage}`")

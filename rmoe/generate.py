@@ -1,6 +1,6 @@
 """Text generation: batched, left-padded, with a KV cache; and the ``rmoe generate`` command.
 
-``rmoe generate runs/base/version_0/checkpoints/last.ckpt "def main(" --max-new-tokens 200``
+``rmoe generate --ckpt runs/base/version_0/checkpoints/last.ckpt "def main(" --max-new-tokens 200``
 
 Decoding (:func:`generate`):
 
@@ -300,8 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue prompts with a trained model (a checkpoint of `rmoe fit` or a directory of "
         "`rmoe export`); text is streamed to stdout.",
     )
-    p.add_argument("model", help="checkpoint (<run>/checkpoints/*.ckpt) or export directory.")
-    p.add_argument("prompts", nargs="*", help="prompt(s); several are decoded as one left-padded batch.")
+    p.add_argument("--ckpt", help="the model: a checkpoint (<run>/checkpoints/*.ckpt) or an `rmoe export` folder.")
+    p.add_argument(
+        "prompts",
+        nargs="*",
+        help="prompt(s); several are decoded as one left-padded batch (without --ckpt, the first is read as the "
+        "model: deprecated).",
+    )
     p.add_argument("--prompt-file", action="append", default=[], help="a file whose whole text is one prompt.")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64).")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling.")
@@ -322,8 +327,14 @@ def main(argv: list[str], out: TextIO | None = None) -> None:
     from rmoe.inference import load_model, non_causal_reason
 
     out = out or sys.stdout
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)  # prompts may come after options
     texts = list(args.prompts)
+    if args.ckpt is None:  # the old spelling: `rmoe generate MODEL PROMPT...`
+        if not texts:
+            parser.error("the model is missing: give --ckpt CKPT (a checkpoint or an `rmoe export` folder)")
+        parser.note_deprecated("the positional MODEL", "--ckpt MODEL")
+        args.ckpt = texts.pop(0)
     for name in args.prompt_file:
         try:
             texts.append(Path(name).read_text(encoding="utf-8"))
@@ -340,10 +351,10 @@ def main(argv: list[str], out: TextIO | None = None) -> None:
         stop_at_eos=not args.no_stop,
         use_cache=not args.no_cache,
     )
-    loaded = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
+    loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
     reason = non_causal_reason(loaded.model.config)
     if reason:
-        raise RmoeError(f"cannot generate with {args.model}: {reason}.")
+        raise RmoeError(f"cannot generate with {args.ckpt}: {reason}.")
     tok = loaded.tokenizer
     prompts = [tok.encode(text) or [tok.eos_id] for text in texts]
     prompts, sampling.max_new_tokens = check_context(

@@ -62,8 +62,9 @@ _LAYER_TAG = re.compile(r"^(?P<prefix>.+)/layer_(?P<layer>\d+(?:_\d+)?)$")
 
 
 @dataclass
-class Run:
-    """One training run's directory and what identifies it.
+class RunDir:
+    """One training run's directory and what identifies it (read back from disk; a run a sweep plans
+    is :class:`rmoe.sweep.spec.GridRun`).
 
     Attributes:
         path: The run directory (``<save_dir>/<name>/version_<n>``).
@@ -94,7 +95,7 @@ class Run:
         raise RmoeError(f"run {self.path} has no checkpoint under {directory}.")
 
 
-def find_runs(patterns: str | Iterable[str]) -> list[Run]:
+def find_runs(patterns: str | Iterable[str]) -> list[RunDir]:
     """Run directories matching glob patterns (``os.pathsep`` or comma separated in one string).
 
     A match counts as a run if it holds a TensorBoard event file or a ``checkpoints/`` folder; a
@@ -104,7 +105,7 @@ def find_runs(patterns: str | Iterable[str]) -> list[Run]:
         patterns: E.g. ``"runs/quick/version_*"`` or ``"runs/a,runs/b"``; ``~`` is expanded.
 
     Returns:
-        The runs, sorted by path, labelled by router (see :class:`Run`).
+        The runs, sorted by path, labelled by router (see :class:`RunDir`).
 
     Raises:
         RmoeError: If nothing matches.
@@ -121,7 +122,7 @@ def find_runs(patterns: str | Iterable[str]) -> list[Run]:
                 found.update(p.parent.resolve() for p in path.rglob(EVENTS_GLOB))
     if not found:
         raise RmoeError(f"no run directory matches {list(patterns)!r} (a run holds events.out.tfevents.* files).")
-    runs = [Run(path, "", _read_yaml(path / "config.yaml")) for path in sorted(found)]
+    runs = [RunDir(path, "", _read_yaml(path / "config.yaml")) for path in sorted(found)]
     routers = [run.router for run in runs]
     for run in runs:
         shared = routers.count(run.router) > 1

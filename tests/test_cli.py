@@ -13,6 +13,7 @@ import yaml
 from tiny import BASE_CONFIGS, scalars, tiny_overrides
 
 from rmoe.cli import main
+from rmoe.errors import RmoeError
 
 ROOT = Path(__file__).resolve().parents[1]
 # experiment configs only; sweep files (a `grid:` of overrides, `rmoe sweep`) are tested in test_sweep.py
@@ -49,7 +50,7 @@ def test_every_config_parses_and_instantiates(path, tmp_path):
     assert cli.model.model.num_parameters() > 0
 
 
-def test_fit_writes_events_config_and_checkpoints_then_validate_and_test(tmp_path):
+def test_fit_writes_events_config_and_checkpoints_then_validate_and_test(tmp_path, capsys):
     main(["fit", *tiny_args(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=3")])
     run = tmp_path / "runs/t/version_0"
     assert (run / "config.yaml").exists()
@@ -74,9 +75,13 @@ def test_fit_writes_events_config_and_checkpoints_then_validate_and_test(tmp_pat
 
     # the saved config re-runs as is (here: validate and test the last checkpoint with it)
     ckpt = str(run / "checkpoints/last.ckpt")
-    main(["validate", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
+    main(["validate", "--config", str(run / "config.yaml"), f"--ckpt={ckpt}"])
+    main(["test", "--config", str(run / "config.yaml"), f"--ckpt={ckpt}"])
+    # ... inside the run (not new version_<n> folders next to it), with --ckpt_path still working
+    assert scalars(run / "validate/version_0", "val/bpb") and scalars(run / "test/version_0", "test/bpb")
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
     main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
-    assert scalars(tmp_path / "runs/t/version_2", "test/bpb")
+    assert "--ckpt_path is deprecated" in capsys.readouterr().err and (run / "test/version_1").is_dir()
 
 
 def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
@@ -99,7 +104,7 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
     elsewhere = tmp_path / "elsewhere/step3.ckpt"  # not the run's own checkpoint: a new version_1
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(ckpt.read_bytes())
-    main(["fit", *tiny_args(tmp_path, *common), f"--ckpt_path={elsewhere}"])
+    main(["fit", *tiny_args(tmp_path, *common), f"--ckpt={elsewhere}"])
     resumed = scalars(tmp_path / "runs/t/version_1", "train/loss")
     assert min(resumed) == 3  # the first step after the checkpoint, not 0
     assert sorted(resumed) == [s for s in sorted(straight) if s >= 3]
@@ -116,7 +121,7 @@ def test_resuming_a_run_continues_in_its_own_directory_with_its_data_position(tm
     checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
     (position,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert position["epoch"] == 0 and position["batches_done"] == 4  # mid-epoch: Lightning used to warn here
-    resume = ["fit", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints/last.ckpt'}"]
+    resume = ["fit", "--config", str(run / "config.yaml"), f"--ckpt={run / 'checkpoints/last.ckpt'}"]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -213,3 +218,90 @@ def test_deep_cpu_config_trains_with_the_paper_gru_router_and_logs_the_logit_sca
     for layer in (0, 11):
         assert scalars(run, f"moe/train/router_logit_std/layer_{layer}")[0] > 0
         assert scalars(run, f"moe/val/router_logit_std/layer_{layer}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One convention for every subcommand
+
+
+def tool_parsers() -> dict:
+    """``name -> argparse parser`` of every subcommand that is not Lightning's (cli._TOOLS)."""
+    import importlib
+
+    from rmoe.cli import _TOOLS
+
+    return {name: importlib.import_module(module).build_parser() for name, module in _TOOLS.items()}
+
+
+def long_options(parser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and a.help != "==SUPPRESS=="}
+
+
+READS_A_MODEL = ("analyze", "inspect", "generate", "export")
+
+
+def test_every_subcommand_spells_the_shared_options_the_same():
+    parsers = tool_parsers()
+    assert set(parsers) == {"analyze", "inspect", "generate", "export", "import", "sweep", "report"}
+    for name, parser in parsers.items():
+        assert parser.allow_abbrev is False, name
+        options = long_options(parser)
+        assert not [o for o in options if "_" in o], f"rmoe {name}: options are spelled with hyphens"
+        if name in READS_A_MODEL:
+            assert "--ckpt" in options, f"rmoe {name} reads the model from --ckpt"
+            assert not [a for a in parser._actions if a.dest in ("model",) and not a.option_strings], name
+    for name in ("analyze", "inspect", "export", "import", "report"):
+        assert "--out" in long_options(parsers[name]), f"rmoe {name} writes to --out"
+    for name in ("analyze", "inspect", "generate"):
+        assert "--device" in long_options(parsers[name]), name
+    for name in ("inspect", "generate", "export", "import"):
+        assert "--tokenizer" in long_options(parsers[name]), name
+    # no option is spelled two ways across subcommands (e.g. --max-tokens here, --max_tokens there)
+    every = {o for p in parsers.values() for o in long_options(p)}
+    assert not {o for o in every if o.replace("-", "_") != o and o.replace("-", "_") in every}
+
+
+def test_abbreviations_are_refused_and_underscore_spellings_accepted(capsys):
+    parsers = tool_parsers()
+    with pytest.raises(RmoeError, match="unrecognized arguments: --prompt"):  # not read as --prompt-file
+        parsers["generate"].parse_intermixed_args(["--ckpt", "m.ckpt", "--prompt", "def "])
+    args = parsers["inspect"].parse_args(["--ckpt", "m.ckpt", "--text", "x", "--max_tokens", "7"])
+    assert args.max_tokens == 7
+    args = parsers["inspect"].parse_args(["--ckpt", "m.ckpt", "--text", "x", "--html", "p.html"])
+    assert args.out == "p.html" and "--html is deprecated" in capsys.readouterr().err
+
+
+def test_lightning_subcommands_take_ckpt_and_hyphenated_options(capsys):
+    from rmoe.cli import normalize_args
+
+    assert normalize_args(["--ckpt", "a.ckpt", "--print-config", "model.arch.router=gru"]) == [
+        "--ckpt_path",
+        "a.ckpt",
+        "--print_config",
+        "--model.arch.router=gru",
+    ]
+    assert normalize_args(["--ckpt=a.ckpt"]) == ["--ckpt_path=a.ckpt"]
+    assert normalize_args(["--ckpt_path=a.ckpt"]) == ["--ckpt_path=a.ckpt"]
+    assert "--ckpt_path is deprecated" in capsys.readouterr().err
+
+
+def test_old_positional_model_and_out_spellings_still_work_with_a_note(tmp_path, capsys):
+    from rmoe.errors import resolve_positional
+    from rmoe.interop.export import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["run.ckpt", str(tmp_path / "out")])
+    resolve_positional(parser, args, ("ckpt", "out"), "rmoe export --ckpt MODEL --out DIR")
+    assert (args.ckpt, args.out) == ("run.ckpt", str(tmp_path / "out"))
+    assert "deprecated" in capsys.readouterr().err
+    args = parser.parse_args(["--ckpt", "run.ckpt"])
+    with pytest.raises(RmoeError, match="--out missing: the command is `rmoe export --ckpt MODEL --out DIR`"):
+        resolve_positional(parser, args, ("ckpt", "out"), "rmoe export --ckpt MODEL --out DIR")
+
+
+def test_no_lightning_chatter_before_a_config_error(tmp_path, capfd):
+    with pytest.raises(SystemExit):
+        main(["fit", *BASE_CONFIGS, "model.optim.lr=-1", f"trainer.logger.init_args.save_dir={tmp_path}"])
+    err = capfd.readouterr().err
+    assert "rmoe: error: model.optim.lr" in err
+    assert "Seed set to" not in err and "litlogger" not in err and "Tip:" not in err

@@ -109,7 +109,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     main(["fit", *run_args(root, "ref", GLOBAL_BATCH, f"trainer.max_steps={NUM_STEPS}")])
     wait_ok(ddp_run)
     last = root / "runs/ddp/version_0/checkpoints/last.ckpt"
-    resumed = run_args(root, "resumed", 4, *ddp, f"trainer.max_steps={NUM_STEPS}", f"--ckpt_path={last}")
+    resumed = run_args(root, "resumed", 4, *ddp, f"trainer.max_steps={NUM_STEPS}", f"--ckpt={last}")
     wait_ok(start(torchrun_command("fit", *resumed), root, "resumed"))
     wait_ok(fsdp_run)
     return root
@@ -173,8 +173,8 @@ def test_fsdp_fit_equals_one_process_and_its_checkpoint_loads_on_one_process(run
     config, ckpt = fsdp / "config.yaml", fsdp / "checkpoints/last.ckpt"
     assert ckpt.is_file()  # one file (save_distributed_checkpoint: false), not a folder of shards
     single = ["trainer.strategy=auto", "trainer.devices=1", f"data.eval_batch_size={GLOBAL_BATCH}"]
-    main(["validate", "--config", str(config), f"--ckpt_path={ckpt}", *single])
-    reloaded = runs / "runs/fsdp/version_1"
+    main(["validate", "--config", str(config), f"--ckpt={ckpt}", *single])
+    reloaded = fsdp / "validate/version_0"  # inside the run
     [reloaded_loss] = scalars(reloaded, "val/loss").values()
     assert reloaded_loss == pytest.approx(scalars(fsdp, "val/loss")[3], abs=ATOL)
 
@@ -271,7 +271,7 @@ def test_global_batch_fractions_accumulate_over_the_micro_batches_of_a_step():
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("--ckpt_path=/no/such/last.ckpt", "--ckpt_path='/no/such/last.ckpt' does not exist"),
+        ("--ckpt=/no/such/last.ckpt", "--ckpt='/no/such/last.ckpt' does not exist"),
         ("model.optim.lr=0", "model.optim.lr=0.0 is invalid; expected a finite number > 0"),
         ("model.optim.lr=-1e-3", "model.optim.lr=-0.001 is invalid"),
         ("model.optim.beta1=1.0", "model.optim.beta1=1.0 is invalid; expected a number in [0, 1)"),

@@ -108,7 +108,7 @@ def test_exports_load_in_transformers_and_equal_rmoe(template_ckpt, tmp_path, ca
     for i, (name, (router, arch, hf_class)) in enumerate(EXPORTS.items()):
         ckpt = checkpoint_with(template_ckpt, tmp_path / "ckpts" / f"{name}.ckpt", router=router, seed=i, **arch)
         out = tmp_path / "exports" / name
-        main(["export", str(ckpt), str(out)])
+        main(["export", "--ckpt", str(ckpt), "--out", str(out)])
         assert f"wrote {out}" in capsys.readouterr().out
         remote = hf_class == "RmoeForCausalLM"
         assert (out / "modeling_rmoe.py").exists() == remote  # native exports carry no code
@@ -143,9 +143,9 @@ def test_exports_load_in_transformers_and_equal_rmoe(template_ckpt, tmp_path, ca
 
 def test_rmoe_generate_output_equals_transformers_generate_text(template_ckpt, tmp_path, capsys):
     ckpt = checkpoint_with(template_ckpt, tmp_path / "gru.ckpt", router="gru", router_options={"state_dim": 8})
-    main(["export", str(ckpt), str(tmp_path / "gru")])
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "gru")])
     capsys.readouterr()
-    main(["generate", str(tmp_path / "gru"), PROMPTS[0], "--max-new-tokens", str(NEW_TOKENS)])
+    main(["generate", "--ckpt", str(tmp_path / "gru"), PROMPTS[0], "--max-new-tokens", str(NEW_TOKENS)])
     text = capsys.readouterr().out.rstrip("\n")
     loaded = load_model(ckpt)
     new = ours(ckpt)[1][0]
@@ -159,7 +159,7 @@ def test_rmoe_generate_output_equals_transformers_generate_text(template_ckpt, t
 def test_non_causal_routers_are_refused(router, options, fragment, template_ckpt, tmp_path, capsys):
     ckpt = checkpoint_with(template_ckpt, tmp_path / "nc.ckpt", router=router, router_options=options)
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(ckpt), str(tmp_path / "out")])
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("rmoe: error: cannot export") and fragment in err
     assert not (tmp_path / "out").exists()
@@ -169,6 +169,6 @@ def test_export_refuses_a_non_empty_output_directory(template_ckpt, tmp_path, ca
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep me")
     with pytest.raises(SystemExit):
-        main(["export", str(template_ckpt), str(tmp_path / "out")])
+        main(["export", "--ckpt", str(template_ckpt), "--out", str(tmp_path / "out")])
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "x").read_text() == "keep me"

@@ -182,13 +182,13 @@ def checkpoint_with(template: Path, out: Path, router: str = "linear", seed: int
 def test_non_causal_routers_are_refused_by_generate(gru_ckpt, tmp_path, capsys):
     ckpt = checkpoint_with(gru_ckpt, tmp_path / "ec.ckpt", router="expert_choice", router_options={})
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", str(ckpt), "The"])
+        main(["generate", "--ckpt", str(ckpt), "The"])
     assert exit_info.value.code == 2
     assert "is not causal in evaluation" in capsys.readouterr().err
 
 
 def test_rmoe_generate_streams_text_and_shows_routing(gru_ckpt, capsys):
-    main(["generate", str(gru_ckpt), "The quick", "--max-new-tokens", "6", "--no-stop", "--show-routing"])
+    main(["generate", "--ckpt", str(gru_ckpt), "The quick", "--max-new-tokens", "6", "--no-stop", "--show-routing"])
     out = capsys.readouterr()
     lines = out.out.splitlines()
     assert lines[0].startswith("The quick") and len(lines[0].encode()) >= len("The quick")
@@ -196,28 +196,28 @@ def test_rmoe_generate_streams_text_and_shows_routing(gru_ckpt, capsys):
     assert len(routing) == 6 and all(" L1[" in line for line in routing)  # 6 tokens x 2 MoE layers
     assert "tokens/s" in out.err
 
-    main(["generate", str(gru_ckpt), "The quick", "--max-new-tokens", "6", "--no-stop", "--no-cache"])
+    main(["generate", "--ckpt", str(gru_ckpt), "The quick", "--max-new-tokens", "6", "--no-stop", "--no-cache"])
     assert capsys.readouterr().out.splitlines()[0] == lines[0]  # the cache changes nothing
-    main(["generate", str(gru_ckpt), "The quick", "Pack my", "--max-new-tokens", "6", "--no-stop"])
+    main(["generate", "--ckpt", str(gru_ckpt), "The quick", "Pack my", "--max-new-tokens", "6", "--no-stop"])
     batched = capsys.readouterr().out
     assert "=== prompt 0 ===\n" + lines[0] + "\n" in batched and "=== prompt 1 ===\nPack my" in batched
 
 
 def test_rmoe_generate_caps_new_tokens_at_the_trained_context(gru_ckpt, capsys):
     with pytest.warns(UserWarning, match="lowered to 2"):  # block_size 32, prompt of 30 bytes
-        main(["generate", str(gru_ckpt), "x" * 30, "--max-new-tokens", "9", "--no-stop", "--show-routing"])
+        main(["generate", "--ckpt", str(gru_ckpt), "x" * 30, "--max-new-tokens", "9", "--no-stop", "--show-routing"])
     assert len([line for line in capsys.readouterr().out.splitlines() if " L0[" in line]) == 2
 
 
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
-        (lambda d, ck: [str(ck), "y" * 40], "longer than the model's trained context of 32 tokens"),
-        (lambda d, ck: [str(ck), "hi", "--tokenizer", str(d / "no-such-tokenizer")], "unknown tokenizer"),
-        (lambda d, ck: [str(d), "hi"], "is not an rmoe export directory"),
-        (lambda d, ck: [str(_other_arch(d, ck)), "hi"], "another architecture"),
-        (lambda d, ck: [str(_not_a_checkpoint(d)), "hi"], "is not a readable rmoe checkpoint"),
-        (lambda d, ck: [str(ck), "hi", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
+        (lambda d, ck: ["--ckpt", str(ck), "y" * 40], "longer than the model's trained context of 32 tokens"),
+        (lambda d, ck: ["--ckpt", str(ck), "hi", "--tokenizer", str(d / "no-such-tokenizer")], "unknown tokenizer"),
+        (lambda d, ck: ["--ckpt", str(d), "hi"], "is not an rmoe export directory"),
+        (lambda d, ck: ["--ckpt", str(_other_arch(d, ck)), "hi"], "another architecture"),
+        (lambda d, ck: ["--ckpt", str(_not_a_checkpoint(d)), "hi"], "is not a readable rmoe checkpoint"),
+        (lambda d, ck: ["--ckpt", str(ck), "hi", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
     ],
     ids=["prompt-too-long", "unknown-tokenizer", "not-an-export", "other-architecture", "not-a-checkpoint", "top-p"],
 )

@@ -54,7 +54,7 @@ def test_import_gives_the_same_model_and_works_with_analyze_generate_and_fine_tu
     from rmoe.training.module import MoeLMModule
 
     hf = save_tiny_hf_model(tmp_path / "hf", model_type)
-    main(["import", str(tmp_path / "hf"), str(tmp_path / "run")])
+    main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
     ckpt = tmp_path / "run/checkpoints/imported.ckpt"
     assert f"wrote {ckpt}" in capsys.readouterr().out
 
@@ -68,7 +68,7 @@ def test_import_gives_the_same_model_and_works_with_analyze_generate_and_fine_tu
         torch.testing.assert_close(mine.logits_TE, hf_logits.float(), atol=1e-5, rtol=0)
 
     # rmoe generate, greedy, equals transformers' greedy generate
-    main(["generate", str(ckpt), "The quick", "--max-new-tokens", "5", "--no-stop"])
+    main(["generate", "--ckpt", str(ckpt), "The quick", "--max-new-tokens", "5", "--no-stop"])
     text = capsys.readouterr().out.rstrip("\n")
     prompt = torch.tensor([list(b"The quick")])
     hf_new = hf.generate(
@@ -137,7 +137,7 @@ def test_an_imported_model_fine_tunes_through_rmoe_fit_with_init_from(tmp_path, 
     from tiny import BASE_CONFIGS, scalars
 
     save_tiny_hf_model(tmp_path / "hf", "qwen2_moe")
-    main(["import", str(tmp_path / "hf"), str(tmp_path / "run"), "--context-length", "32"])
+    main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), "--context-length", "32"])
     ckpt = tmp_path / "run/checkpoints/imported.ckpt"
     data = tmp_path / "data.txt"
     data.write_text(TEXT * 20)
@@ -154,7 +154,7 @@ def test_an_imported_model_fine_tunes_through_rmoe_fit_with_init_from(tmp_path, 
         f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         "trainer.logger.init_args.name=ft",
     ]
-    main(["validate", *common, f"--ckpt_path={ckpt}"])  # the imported model as it is
+    main(["validate", *common, f"--ckpt={ckpt}"])  # the imported model as it is
     imported = scalars(tmp_path / "runs/ft/version_0", "val/loss")
     fit = [
         *common,
@@ -182,7 +182,7 @@ def test_import_refuses_other_architectures_with_one_message(tmp_path, capsys):
     (tmp_path / "llama/config.json").write_text(json.dumps({"model_type": "llama"}))
     for source, fragment in ((tmp_path / "llama", "model_type='llama'"), (tmp_path / "none", "has no config.json")):
         with pytest.raises(SystemExit) as exit_info:
-            main(["import", str(source), str(tmp_path / "out")])
+            main(["import", str(source), "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and fragment in err and err.startswith("rmoe: error: "), err
     assert not (tmp_path / "out").exists()

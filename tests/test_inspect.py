@@ -167,7 +167,7 @@ def test_route_text_and_report_for_every_router_kind(router, options):
 def test_inspect_prints_experts_tokens_and_the_per_token_table(run, capsys, tmp_path):
     ckpt = run / "checkpoints/last.ckpt"
     page = tmp_path / "page.html"
-    code, out, err = rmoe(capsys, "inspect", "--ckpt", str(ckpt), "--text", TEXT, "--html", str(page), "--top", "3")
+    code, out, err = rmoe(capsys, "inspect", "--ckpt", str(ckpt), "--text", TEXT, "--out", str(page), "--top", "3")
     assert code == 0, err
     T = len(TEXT.encode())
     assert f"{T} tokens of --text" in out and "router linear, 2 MoE layers, 4 experts, top-2" in out
@@ -185,6 +185,30 @@ def test_inspect_prints_experts_tokens_and_the_per_token_table(run, capsys, tmp_
     code, out, err = rmoe(capsys, "inspect", "--ckpt", str(ckpt), "--split", "val", "--max-tokens", "50")
     assert code == 0, err
     assert "50 tokens of the first tokens of the val split" in out
+
+
+def test_inspect_html_is_the_deprecated_spelling_of_out(run, capsys, tmp_path):
+    page = tmp_path / "old.html"
+    args = ["--ckpt", str(run / "checkpoints/last.ckpt"), "--text", "x = 1", "--table-tokens", "1"]
+    code, out, err = rmoe(capsys, "inspect", *args, "--html", str(page))
+    assert code == 0, err
+    assert "--html is deprecated" in err and "use --out" in err and len(err.strip().splitlines()) == 1
+    assert f"wrote {page}" in out and 'id="rmoe-data"' in page.read_text(encoding="utf-8")
+
+
+def test_written_page_inlines_its_css_and_js(run, capsys, tmp_path):
+    from importlib import resources
+
+    page = tmp_path / "sub" / "page.html"  # the folder is created
+    args = ["--ckpt", str(run / "checkpoints/last.ckpt"), "--text", "x = 1", "--table-tokens", "1"]
+    code, _, err = rmoe(capsys, "inspect", *args, "--out", str(page))
+    assert code == 0, err
+    html = page.read_text(encoding="utf-8")
+    assets = resources.files("rmoe.inspection")
+    css, js = (assets.joinpath(name).read_text(encoding="utf-8") for name in ("page.css", "page.js"))
+    assert f"<style>\n{css}</style>" in html and f"<script>\n{js}</script>" in html
+    assert "{{" not in html.replace(js, "")  # every placeholder of page.html filled
+    assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\srel=", html, flags=re.I)  # nothing to fetch
 
 
 @pytest.mark.parametrize(

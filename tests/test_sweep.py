@@ -116,7 +116,7 @@ def test_sweep_runs_every_combination_in_its_own_directory(swept):
             assert config["seed_everything"] == SEEDS.index(seed)
             assert config["model"]["arch"]["router"] == router
     assert (root / "sweep.yaml").is_file()
-    assert f"report: rmoe report {root} --out docs/results/tiny" in printed
+    assert f"rmoe sweep: report with: rmoe report {root} --out {root / 'report'}" in printed
 
 
 def test_second_invocation_skips_finished_runs(swept, capsys):
@@ -134,7 +134,8 @@ def test_report_table_and_plots_match_the_event_files(swept, tmp_path):
     root = sweep_dir / "sweep"
     result = rmoe_command("report", str(root), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith(f"report: 2 group(s) from 4 run(s) (0 incomplete) -> {tmp_path / 'out'}/results.md")
+    expected = f"rmoe report: 2 group(s) from 4 run(s) (0 incomplete) -> {tmp_path / 'out'}/results.md"
+    assert result.stdout.startswith(expected)
     out = tmp_path / "out"
     for name in ("results.md", "results.csv", "runs.csv", "val_loss.png", "val_bpb.png", "final_val_bpb.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -311,7 +312,7 @@ def test_interrupted_run_resumes_and_a_failed_run_is_reported(swept, capsys):
     assert sweep.main([str(path), "--only", "seed=s1", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "gru-s1 (resume)" in printed and "linear-s1 (done)" in printed and "bad-s1 (new)" in printed
-    assert f"--ckpt_path={gru_s1 / 'version_0/checkpoints/last.ckpt'}" in printed
+    assert f"--ckpt={gru_s1 / 'version_0/checkpoints/last.ckpt'}" in printed
 
     assert sweep.main([str(path), "--only", "seed=s1", "--jobs", "2"]) == 1
     printed = capsys.readouterr().out
@@ -347,7 +348,7 @@ def test_bad_sweep_file_is_one_paragraph_naming_the_key(doc, fragment, tmp_path,
     path.write_text(yaml.safe_dump(doc))
     assert sweep.main([str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sweep: error:") and fragment in err and "\n" not in err.strip()
+    assert err.startswith("rmoe: error:") and fragment in err and "\n" not in err.strip()
 
 
 def test_bad_options_are_reported(tmp_path, capsys, monkeypatch):
@@ -365,10 +366,10 @@ def test_bad_options_are_reported(tmp_path, capsys, monkeypatch):
     assert printed.count("\n# [") == 6 and printed.count("trainer.max_steps=7") == 6
     with pytest.raises(SystemExit) as exit_info:  # through `rmoe`: the sweep's exit code is rmoe's
         rmoe_main(["sweep", str(tmp_path / "missing.yaml")])
-    assert exit_info.value.code == 2 and "sweep: error: sweep file" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "rmoe: error: sweep file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         rmoe_main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "report: error: sweep root" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "rmoe: error: sweep root" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_SWEEPS))

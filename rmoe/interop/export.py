@@ -1,6 +1,6 @@
 """``rmoe export``: a checkpoint to a directory that transformers loads with ``from_pretrained``.
 
-``rmoe export runs/base/version_0/checkpoints/last.ckpt exported/base [--push-to-hub user/name]``
+``rmoe export --ckpt runs/base/version_0/checkpoints/last.ckpt --out exported/base [--push-to-hub user/name]``
 
 What is written (always: ``config.json``, ``model.safetensors``, ``generation_config.json``, the
 tokenizer's files, ``README.md``, a model card with the training config and results):
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rmoe.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
-from rmoe.errors import RmoeError, ToolArgumentParser
+from rmoe.errors import RmoeError, ToolArgumentParser, resolve_positional
 from rmoe.inference import EXPORT_KEY, LoadedModel, export_metadata, load_model, non_causal_reason
 from rmoe.interop.qwen2_moe import native_model_type, to_hf_model
 
@@ -307,8 +307,9 @@ def model_card(loaded: LoadedModel, kind: str) -> str:
         "print(tokenizer.batch_decode(model.generate(**ids, max_new_tokens=50), skip_special_tokens=True))",
         "```",
         "",
-        'or `rmoe generate PATH "The "`. `generation_config.json` is greedy, stops at `<eos>` and suppresses the '
-        "ids the tokenizer does not have (the vocabulary is padded to a multiple of 64), as `rmoe generate` does.",
+        'or `rmoe generate --ckpt PATH "The "`. `generation_config.json` is greedy, stops at `<eos>` and '
+        "suppresses the ids the tokenizer does not have (the vocabulary is padded to a multiple of 64), as "
+        "`rmoe generate` does.",
         "",
     ]
     results = _training_results(loaded.source)
@@ -345,8 +346,9 @@ def push_to_hub(out: Path, repo_id: str, private: bool = False) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ToolArgumentParser(prog="rmoe export", description="Export a checkpoint to a transformers directory.")
-    p.add_argument("model", help="checkpoint (<run>/checkpoints/*.ckpt) or an export directory.")
-    p.add_argument("out", help="output directory (new or empty).")
+    p.add_argument("--ckpt", help="the model: a checkpoint (<run>/checkpoints/*.ckpt) or an export directory.")
+    p.add_argument("--out", help="output directory (new or empty).")
+    p.add_argument("positional", nargs="*", metavar="MODEL OUT", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--tokenizer", help="override the tokenizer (default: the run's).")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory.")
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory to this Hub repository.")
@@ -355,9 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    """``rmoe export MODEL OUT [--push-to-hub REPO]``; RmoeError for bad input (exit 2 in ``rmoe``)."""
-    args = build_parser().parse_args(argv)
-    out, kind = export_model(args.model, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    """``rmoe export --ckpt MODEL --out DIR [--push-to-hub REPO]``; RmoeError for bad input (exit 2 in ``rmoe``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_positional(parser, args, ("ckpt", "out"), "rmoe export --ckpt MODEL --out DIR")
+    out, kind = export_model(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
     how = "native transformers model" if kind != "remote_code" else "custom code, load with trust_remote_code=True"
     print(f"rmoe export: wrote {out} ({kind}: {how})")
     if args.push_to_hub:

@@ -1,13 +1,13 @@
 """``rmoe import``: a local transformers Qwen2-MoE / Qwen3-MoE directory to an rmoe run directory.
 
-``rmoe import path/to/Qwen1.5-MoE-A2.7B imported/qwen [--tokenizer DIR] [--context-length N]``
+``rmoe import path/to/Qwen1.5-MoE-A2.7B --out imported/qwen [--tokenizer DIR] [--context-length N]``
 
 writes ``OUT/checkpoints/imported.ckpt`` (a Lightning checkpoint of
 :class:`~rmoe.training.module.MoeLMModule`, as ``rmoe fit`` writes, at step 0), ``OUT/tokenizer/``
 and ``OUT/config.yaml`` (the model and data sections), so that
 
 * ``rmoe analyze --ckpt OUT/checkpoints/imported.ckpt --split val`` analyses its routing,
-* ``rmoe generate OUT/checkpoints/imported.ckpt "..."`` generates, and
+* ``rmoe generate --ckpt OUT/checkpoints/imported.ckpt "..."`` generates, and
 * ``MoeLMModule.load_from_checkpoint(...)`` then ``Trainer.fit`` fine-tunes it.
 
 The weights are read by transformers (:func:`~rmoe.interop.qwen2_moe.read_hf_checkpoint`) and
@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from rmoe.data.tokenizer import HfTokenizer, build_tokenizer
-from rmoe.errors import RmoeError, ToolArgumentParser
+from rmoe.errors import RmoeError, ToolArgumentParser, resolve_positional
 from rmoe.interop.qwen2_moe import from_hf_config, load_hf_weights, read_hf_checkpoint
 from rmoe.model.decoder import MoeLM
 
@@ -119,14 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a local transformers Qwen2-MoE / Qwen3-MoE directory into an rmoe checkpoint.",
     )
     p.add_argument("hf_dir", help="directory written by save_pretrained (config.json + safetensors).")
-    p.add_argument("out", help="output run directory (new or empty).")
+    p.add_argument("--out", help="output run directory (new or empty).")
+    p.add_argument("positional", nargs="?", metavar="OUT", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--tokenizer", help="tokenizer directory or name (default: the one in hf_dir).")
     p.add_argument("--context-length", type=int, help="context to record (default: max_position_embeddings).")
     return p
 
 
 def main(argv: list[str]) -> None:
-    """``rmoe import HF_DIR OUT``; RmoeError for bad input (exit 2 in ``rmoe``)."""
-    args = build_parser().parse_args(argv)
+    """``rmoe import HF_DIR --out DIR``; RmoeError for bad input (exit 2 in ``rmoe``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.positional = [args.positional] if args.positional else []
+    resolve_positional(parser, args, ("out",), "rmoe import HF_DIR --out DIR")
     path = import_model(args.hf_dir, args.out, tokenizer=args.tokenizer, context_length=args.context_length)
-    print(f"rmoe import: wrote {path} (analyse: rmoe analyze --ckpt {path}; generate: rmoe generate {path} ...)")
+    print(f"rmoe import: wrote {path} (analyse: rmoe analyze --ckpt {path}; generate: rmoe generate --ckpt {path} ...)")

@@ -16,7 +16,10 @@ which we do not have); the rest keep their names.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,11 +197,26 @@ def load_hf_weights(model: MoeLM, state_dict: dict[str, torch.Tensor], source: s
         )
 
 
+@contextlib.contextmanager
+def empty_shared_expert_is_quiet() -> Iterator[None]:
+    """Silence torch's "Initializing zero-element tensors is a no-op" while transformers builds a Qwen2-MoE.
+
+    transformers' ``Qwen2MoeSparseMoeBlock`` always builds a shared expert; a model without one
+    (``shared_expert_intermediate_size: 0``) gets ``nn.Linear``s of width 0, whose init torch warns
+    about (with a stray source line, ``init.kaiming_uniform_(...)``). Nothing is wrong and the user
+    can do nothing about it; every other warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        yield
+
+
 def to_hf_model(model: MoeLM, **config_overrides: Any) -> PreTrainedModel:
     """A ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` holding a copy of ``model``'s weights."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_config(to_hf_config(model.config, **config_overrides))
+    with empty_shared_expert_is_quiet():
+        hf = AutoModelForCausalLM.from_config(to_hf_config(model.config, **config_overrides))
     state = to_hf_state_dict(model)
     if native_model_type(model.config) == "qwen2_moe" and model.config.shared_expert_intermediate_size == 0:
         # transformers always builds a shared expert; an empty one (width 0) adds exactly zero.
@@ -239,7 +257,8 @@ def read_hf_checkpoint(path: str | os.PathLike[str]) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+        with empty_shared_expert_is_quiet():
+            return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
     except Exception as err:  # missing or corrupt weights, a config transformers rejects
         raise RmoeError(
             f"transformers could not load {path}: {type(err).__name__}: {' '.join(str(err).split())[:400]}"

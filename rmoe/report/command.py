@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.report.collect import (
     COMPARABLE_TEST_KEY,
     COST_COLUMNS,
@@ -114,7 +115,7 @@ def report(
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``rmoe report``."""
-    parser = argparse.ArgumentParser(
+    parser = ToolArgumentParser(
         prog="rmoe report", description="Results table (markdown, CSV) and plots of a sweep root."
     )
     parser.add_argument("root", help="the sweep root, e.g. runs/sweeps/table1_cpu")
@@ -143,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 nothing to report or a bad option)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except RmoeError as err:
+        print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     group_by = [k for item in args.group_by or [] for k in item.split(",") if k]
     try:
         paired = None
@@ -162,11 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             paired,
         )
     except ReportError as err:
-        print(f"report: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     complete = sum(len(g.runs) for g in groups)
     print(
-        f"report: {len(groups)} group(s) from {complete} run(s) ({len(runs) - complete} incomplete) "
+        f"rmoe report: {len(groups)} group(s) from {complete} run(s) ({len(runs) - complete} incomplete) "
         f"-> {args.out}/results.md"
     )
     print(markdown_table(groups, base_columns(r for g in groups for r in g.runs)))

@@ -32,7 +32,7 @@ Each run is named by its labels joined with ``-`` (``gru-s0``) and lives in ``<r
 A run without the marker but with a checkpoint (``checkpoints/last.ckpt``, written at each
 validation, or ``checkpoints/resume.ckpt``, written every ``checkpoint_every_n_steps`` training
 steps by a ModelCheckpoint the sweep appends to ``trainer.callbacks``) resumes from the newer of
-them (``--ckpt_path``; Lightning restores the optimiser, scheduler, RNG and step, so the resumed run
+them (``--ckpt``; Lightning restores the optimiser, scheduler, RNG and step, so the resumed run
 continues the same curve). A run with neither starts afresh (what a failed attempt left of
 ``version_0/`` is removed first). Config files come first in each command line, in the order
 ``configs``, then the grid's files in grid order; all ``key=value`` overrides follow them (grid,
@@ -80,11 +80,21 @@ from rmoe.sweep.plan import (
     shell_join,
 )
 from rmoe.sweep.runner import Outcome, Summary, exec_run, execute
-from rmoe.sweep.spec import Run, Sweep, SweepError, Value, check_overrides, expand, load_sweep, parse_only, parse_sweep
+from rmoe.sweep.spec import (
+    GridRun,
+    Sweep,
+    SweepError,
+    Value,
+    check_overrides,
+    expand,
+    load_sweep,
+    parse_only,
+    parse_sweep,
+)
 
 __all__ = [
+    "GridRun",
     "Outcome",
-    "Run",
     "Summary",
     "Sweep",
     "SweepError",

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.sweep.plan import commands, run_state, shell_join
 from rmoe.sweep.runner import exec_run, execute
 from rmoe.sweep.spec import SweepError, check_overrides, expand, load_sweep, parse_only
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ToolArgumentParser(
         prog="rmoe sweep",
         description="Run every combination of a sweep file's grid as an `rmoe fit` (+ `rmoe test`) run; "
         "finished runs are skipped, interrupted ones resumed.",
@@ -45,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 a run failed, 2 bad sweep file or option)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except RmoeError as err:
+        print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     if args.exec_run:
         return exec_run(args.exec_run)
     try:
@@ -58,10 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep = dataclasses.replace(sweep, root=Path(args.root))
         runs = expand(sweep, parse_only(args.only, sweep), check_overrides(args.extra))
     except SweepError as err:
-        print(f"sweep: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if not runs:
-        print("sweep: nothing to run (--only matched no run).")
+        print("rmoe sweep: nothing to run (--only matched no run).")
         return 0
 
     print(f"sweep {sweep.name}: {len(runs)} run(s) under {sweep.root}  (tensorboard --logdir {sweep.root})")
@@ -78,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = execute(sweep, runs, jobs=args.jobs)
     except KeyboardInterrupt:
-        print("\nsweep: interrupted; run the same command again to resume.", file=sys.stderr)
+        print("\nrmoe sweep: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
     busy = f", {summary.count('busy')} left to the other sweep process running them" if summary.count("busy") else ""
     print(
@@ -87,5 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for outcome in summary.failed:
         print(f"  FAILED {outcome.run.name}: exit {outcome.returncode}: {outcome.message}\n    log: {outcome.run.log}")
-    print(f"report: rmoe report {sweep.root} --out docs/results/{sweep.name}")
+    # the report of the runs that ran here, written next to them (never over a committed results folder)
+    only = "".join(f" --only {shlex.quote(o)}" for o in args.only)
+    print(f"rmoe sweep: report with: rmoe report {shlex.quote(str(sweep.root))} --out {sweep.root / 'report'}{only}")
     return 1 if summary.failed else 0

@@ -10,24 +10,24 @@ from typing import Any
 import yaml
 
 from rmoe.runs import CAUSAL_TEST_DIR, FIT_DIR, RESUME_CHECKPOINT, TEST_DIR
-from rmoe.sweep.spec import Run, Sweep
+from rmoe.sweep.spec import GridRun, Sweep
 
 
-def resume_checkpoint(run: Run) -> Path | None:
+def resume_checkpoint(run: GridRun) -> Path | None:
     """The newer of ``checkpoints/last.ckpt`` and ``checkpoints/resume.ckpt`` of the run's fit, if any."""
     directory = run.fit_dir / "checkpoints"
     candidates = [p for p in (directory / "last.ckpt", directory / f"{RESUME_CHECKPOINT}.ckpt") if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 
-def run_state(run: Run) -> str:
+def run_state(run: GridRun) -> str:
     """``done`` (marker present), ``resume`` (a checkpoint, no marker) or ``new``."""
     if run.marker.is_file():
         return "done"
     return "resume" if resume_checkpoint(run) is not None else "new"
 
 
-def fit_args(sweep: Sweep, run: Run, ckpt_path: Path | str | None = None) -> list[str]:
+def fit_args(sweep: Sweep, run: GridRun, ckpt_path: Path | str | None = None) -> list[str]:
     """The ``rmoe`` arguments of the run's fit (``fit --config ... key=value ...``)."""
     args = ["fit"]
     for config in run.configs:
@@ -45,11 +45,11 @@ def fit_args(sweep: Sweep, run: Run, ckpt_path: Path | str | None = None) -> lis
             f"filename: {RESUME_CHECKPOINT}, enable_version_counter: false}}}}"
         )
     if ckpt_path is not None:
-        args.append(f"--ckpt_path={ckpt_path}")
+        args.append(f"--ckpt={ckpt_path}")
     return args
 
 
-def rmoe_test_args(run: Run, ckpt_path: Path | str, router_options: Mapping[str, Any] | None = None) -> list[str]:
+def rmoe_test_args(run: GridRun, ckpt_path: Path | str, router_options: Mapping[str, Any] | None = None) -> list[str]:
     """The ``rmoe`` arguments that test a checkpoint of the run with its saved config, into ``<run>/test/``;
     with ``router_options`` (a causal evaluation, :func:`causal_evaluation`), into ``<run>/test_causal/``."""
     version = TEST_DIR if router_options is None else CAUSAL_TEST_DIR
@@ -57,7 +57,7 @@ def rmoe_test_args(run: Run, ckpt_path: Path | str, router_options: Mapping[str,
         "test",
         "--config",
         str(run.fit_dir / "config.yaml"),
-        f"--ckpt_path={ckpt_path}",
+        f"--ckpt={ckpt_path}",
         f"trainer.logger.init_args.version={version}",
     ]
     return args + [f"model.arch.router_options.{key}={value}" for key, value in (router_options or {}).items()]
@@ -90,7 +90,7 @@ def checkpoint_to_test(fit_dir: Path, which: str) -> Path:
     raise FileNotFoundError(f"no {which} checkpoint under {directory}")
 
 
-def commands(sweep: Sweep, run: Run) -> list[list[str]]:
+def commands(sweep: Sweep, run: GridRun) -> list[list[str]]:
     """The run's command lines as a user would type them (for ``--dry-run`` and ``run.json``)."""
     ckpt = resume_checkpoint(run) if run_state(run) == "resume" else None
     cmds = [["python", "-m", "rmoe", *fit_args(sweep, run, ckpt)]]

@@ -39,7 +39,7 @@ from rmoe.sweep.plan import (
     rmoe_test_args,
     shell_join,
 )
-from rmoe.sweep.spec import Run, Sweep
+from rmoe.sweep.spec import GridRun, Sweep
 
 STAGES = ("fit", "test", "causal-test")
 """A run's stages, in order; a finished run's follow-up runs only the last."""
@@ -52,7 +52,7 @@ CHILD_MODULE = "rmoe.sweep"
 class Outcome:
     """What happened to one run in this invocation."""
 
-    run: Run
+    run: GridRun
     status: str  # "done", "skipped", "busy" (another sweep process is running it), "failed"
     seconds: float = 0.0
     returncode: int = 0
@@ -73,7 +73,7 @@ class Summary:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None = None) -> Summary:
+def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | None = None) -> Summary:
     """Run (or skip, or resume) every run; never raises for a failed run.
 
     Args:
@@ -87,7 +87,7 @@ def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None
     lock = threading.Lock()
     width = len(str(len(runs)))
 
-    def say(i: int, run: Run, text: str) -> None:
+    def say(i: int, run: GridRun, text: str) -> None:
         with lock:
             print(f"[{i + 1:>{width}}/{len(runs)}] {run.name}: {text}", file=out, flush=True)
 
@@ -97,14 +97,14 @@ def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
-    def one(i: int, run: Run) -> Outcome:
+    def one(i: int, run: GridRun) -> Outcome:
         with _run_lock(run) as locked:
             if not locked:
                 say(i, run, f"skipped: another sweep process is running it (it holds {run.dir / RUN_LOCK})")
                 return Outcome(run, "busy")
             return unlocked(i, run)
 
-    def unlocked(i: int, run: Run) -> Outcome:
+    def unlocked(i: int, run: GridRun) -> Outcome:
         if run.marker.is_file():
             if _causal_test_due(sweep, run):  # finished before the sweep tested both ways
                 return _launch(sweep, run, env, lambda text: say(i, run, text), stages=("causal-test",))
@@ -135,7 +135,7 @@ def execute(sweep: Sweep, runs: Sequence[Run], jobs: int = 1, out: TextIO | None
 
 
 @contextlib.contextmanager
-def _run_lock(run: Run) -> Iterator[bool]:
+def _run_lock(run: GridRun) -> Iterator[bool]:
     """Hold ``<run>/running.lock`` (``flock``, exclusive, non-blocking) while this process handles the
     run; yields False when another process holds it. The OS drops the lock when its holder dies."""
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def _stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
             return
 
 
-def _causal_test_due(sweep: Sweep, run: Run) -> bool:
+def _causal_test_due(sweep: Sweep, run: GridRun) -> bool:
     """A finished, tested run whose router is not causal in evaluation, offers a causal evaluation,
     and has no ``test_causal/`` yet."""
     return sweep.after_fit == "test" and not run.causal_test_dir.exists() and causal_evaluation(run.fit_dir) is not None
@@ -182,7 +182,7 @@ def _causal_test_due(sweep: Sweep, run: Run) -> bool:
 
 def _launch(
     sweep: Sweep,
-    run: Run,
+    run: GridRun,
     env: Mapping[str, str],
     say: Callable[[str], None],
     stages: Sequence[str] = STAGES,
@@ -253,11 +253,11 @@ def _launch(
     return Outcome(run, "done", seconds)
 
 
-def _fingerprint(sweep: Sweep, run: Run) -> list[str]:
+def _fingerprint(sweep: Sweep, run: GridRun) -> list[str]:
     return [*fit_args(sweep, run), f"after_fit={sweep.after_fit}", f"test_checkpoint={sweep.test_checkpoint}"]
 
 
-def _changed_note(sweep: Sweep, run: Run) -> str:
+def _changed_note(sweep: Sweep, run: GridRun) -> str:
     try:
         recorded = json.loads(run.marker.read_text()).get("fingerprint")
     except (OSError, ValueError):
@@ -340,11 +340,11 @@ def exec_run(plan_path: str | os.PathLike[str]) -> int:
     if plan.get("after_fit") != "test":
         return 0
     fit_dir = Path(plan["fit_dir"])
-    run = Run(plan["name"], plan["labels"], (), (), fit_dir.parent)
+    run = GridRun(plan["name"], plan["labels"], (), (), fit_dir.parent)
     try:
         ckpt = checkpoint_to_test(fit_dir, plan.get("test_checkpoint", "best"))
     except FileNotFoundError as err:
-        print(f"sweep: error: cannot test run {plan['name']}: {err}", flush=True)
+        print(f"rmoe: error: cannot test run {plan['name']}: {err}", flush=True)
         return 1
     if "test" in stages:
         returncode = _stage(rmoe_main, rmoe_test_args(run, ckpt))

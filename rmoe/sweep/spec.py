@@ -81,8 +81,9 @@ class Sweep:
 
 
 @dataclass(frozen=True)
-class Run:
-    """One point of the grid.
+class GridRun:
+    """One point of a sweep's grid: a run to be (or already) made (not its directory on disk:
+    :class:`rmoe.runs.RunDir` is a training run's directory, read back).
 
     Attributes:
         name: Labels joined with ``-``, e.g. ``gru-s0``; the run's directory name under the root.
@@ -295,7 +296,7 @@ def check_overrides(items: Iterable[str], option: str = "--set") -> tuple[str, .
     return items
 
 
-def expand(sweep: Sweep, only: Mapping[str, set[str]] | None = None, extra: Sequence[str] = ()) -> list[Run]:
+def expand(sweep: Sweep, only: Mapping[str, set[str]] | None = None, extra: Sequence[str] = ()) -> list[GridRun]:
     """The sweep's runs, in grid order (the last grid key varies fastest).
 
     Args:
@@ -313,7 +314,7 @@ def expand(sweep: Sweep, only: Mapping[str, set[str]] | None = None, extra: Sequ
         values = [sweep.grid[k][chosen[k]] for k in keys]
         name = "-".join(labels)
         runs.append(
-            Run(
+            GridRun(
                 name=name,
                 labels=chosen,
                 configs=(*sweep.configs, *(c for v in values for c in v.configs)),

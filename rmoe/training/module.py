@@ -107,7 +107,7 @@ class MoeLMModule(L.LightningModule):
             ``checkpoints/imported.ckpt`` of ``rmoe import``, or another run's) and nothing else:
             step, optimiser, schedule and data order start afresh (fine-tuning). The architecture
             must match (``model.arch``; the error names the mismatched weights). To continue a run,
-            use ``--ckpt_path`` instead (it restores everything, and wins over this).
+            use ``--ckpt`` instead (it restores everything, and wins over this).
     """
 
     def __init__(
@@ -142,7 +142,7 @@ class MoeLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """``init_from``: load the weights before the model is compiled or sharded (``configure_model``)
-        and before Lightning restores a ``--ckpt_path``, which then overrides them."""
+        and before Lightning restores a ``--ckpt``, which then overrides them."""
         if stage == "fit" and self.init_from:
             self._load_weights(self.init_from)
 

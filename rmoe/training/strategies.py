@@ -19,7 +19,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         save_distributed_checkpoint: False (default): each checkpoint is one ordinary ``.ckpt`` file
             with the full weights and optimiser state, gathered on rank 0; it loads on one process
-            (``rmoe validate --ckpt_path ...``). True: a folder with one shard per process (faster to
+            (``rmoe validate --ckpt ...``). True: a folder with one shard per process (faster to
             write for large models; ``python -m lightning.pytorch.utilities.consolidate_checkpoint``
             turns it into a single file).
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs by default.
