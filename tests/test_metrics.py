@@ -600,10 +600,12 @@ def test_a_routing_metric_declares_exactly_one_way_to_compute_it():
         Metric("y", "layer", "")
 
 
-def test_the_readme_lists_every_metric_as_declared():
+def test_the_analytics_guide_lists_every_metric_as_declared():
     from rmoe.metrics.catalog import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    guide = (Path(__file__).resolve().parents[1] / "docs/analytics.md").read_text()
     start, end = "<!-- metrics-table:start -->\n", "<!-- metrics-table:end -->"
-    copy = readme[readme.index(start) + len(start) : readme.index(end)]
-    assert copy == markdown_table(), "the README metrics table is stale: paste rmoe.metrics.catalog.markdown_table()"
+    copy = guide[guide.index(start) + len(start) : guide.index(end)]
+    assert copy == markdown_table(), (
+        "the metrics table of docs/analytics.md is stale: paste rmoe.metrics.catalog.markdown_table()"
+    )
