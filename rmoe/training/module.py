@@ -138,6 +138,7 @@ class MoeLMModule(L.LightningModule):
         self.last_step: StepRecord | None = None
         self._step_counts_LE: torch.Tensor | None = None  # global_batch: expert counts of this step so far
         self._step_loss_sums: torch.Tensor | None = None  # TRAIN_LOSSES summed over this step's micro-batches
+        self._finite_losses: list[tuple[int, float]] = []  # (step, train/loss) of the last finite steps
         self._step_micro_batches = 0
 
     def setup(self, stage: str) -> None:
@@ -255,12 +256,58 @@ class MoeLMModule(L.LightningModule):
         whatever the split into devices and accumulation steps (Lightning's own ``self.log`` in
         ``training_step`` would log rank 0's last micro-batch)."""
         if self._step_loss_sums is not None:
-            means = self.trainer.strategy.reduce(self._step_loss_sums / self._step_micro_batches, reduce_op="mean")
+            # the local squared gradient norm rides along in the same all-reduce: a non-finite value on any
+            # process makes the mean non-finite, so every process stops at the same step
+            local = torch.cat([self._step_loss_sums / self._step_micro_batches, self._grad_square_norm()])
+            reduced = self.trainer.strategy.reduce(local, reduce_op="mean")
+            means = reduced[: len(TRAIN_LOSSES)]
+            self._check_finite(reduced)
             for name, value in zip(TRAIN_LOSSES, means, strict=True):
                 self.log(f"train/{name}", value, prog_bar=name == "loss")
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self._step_loss_sums, self._step_micro_batches = None, 0
+
+    def _grad_square_norm(self) -> torch.Tensor:
+        """``(1,)``: the sum of squared gradients this process holds (its shards under FSDP), fp32.
+
+        0 under a GradScaler (fp16): infinite gradients are its normal signal to skip a step and
+        lower the scale, not a divergence.
+        """
+        device = self._step_loss_sums.device
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return torch.zeros(1, device=device)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2's DTensor shards
+        if not grads:
+            return torch.zeros(1, device=device)
+        norms = torch._foreach_norm([g.float() for g in grads])
+        return torch.stack(norms).pow(2).sum().reshape(1).to(device)
+
+    def _check_finite(self, reduced: torch.Tensor) -> None:
+        """Stop ``fit`` at the first optimiser step whose loss or gradient norm is not finite.
+
+        Raised before the optimiser step, so no parameter (and no checkpoint written after this
+        point) ever holds a NaN; the checkpoints of earlier steps are untouched. One host
+        synchronisation per optimiser step (five floats).
+        """
+        values = reduced.tolist()
+        step = int(self.trainer.global_step)
+        lm_loss, grad_square = values[0], values[-1]
+        if all(math.isfinite(v) for v in values):
+            self._finite_losses.append((step, lm_loss))
+            del self._finite_losses[:-5]
+            return
+        bad = [f"train/{n}={v}" for n, v in zip(TRAIN_LOSSES, values, strict=False) if not math.isfinite(v)]
+        if not math.isfinite(grad_square):
+            bad.append("the gradient norm is not finite")
+        last = ", ".join(f"step {s}: {v:.4f}" for s, v in self._finite_losses) or "none (the first step diverged)"
+        raise RmoeError(
+            f"training diverged at optimiser step {step}: {'; '.join(bad)}. The last finite losses were {last}. "
+            f"The run stopped before this step changed any parameter: no checkpoint holds a non-finite value. "
+            f"Lower model.optim.lr (now {self.optim.lr:g}), keep trainer.gradient_clip_val on, or resume from "
+            "the run's last finite checkpoint (checkpoints/last.ckpt) with other settings."
+        )
 
     def _eval_step(self, batch: torch.Tensor, split: str) -> None:
         losses = self._losses(batch)
