@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -138,7 +139,7 @@ class MoeLMModule(L.LightningModule):
         self.last_step: StepRecord | None = None
         self._step_counts_LE: torch.Tensor | None = None  # global_batch: expert counts of this step so far
         self._step_loss_sums: torch.Tensor | None = None  # TRAIN_LOSSES summed over this step's micro-batches
-        self._finite_losses: list[tuple[int, float]] = []  # (step, train/loss) of the last finite steps
+        self._finite_losses: deque[tuple[int, float]] = deque(maxlen=5)  # (step, train/loss), last finite steps
         self._step_micro_batches = 0
 
     def setup(self, stage: str) -> None:
@@ -281,8 +282,7 @@ class MoeLMModule(L.LightningModule):
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2's DTensor shards
         if not grads:
             return torch.zeros(1, device=device)
-        norms = torch._foreach_norm([g.float() for g in grads])
-        return torch.stack(norms).pow(2).sum().reshape(1).to(device)
+        return torch.nn.utils.get_total_norm(grads).float().pow(2).reshape(1).to(device)
 
     def _check_finite(self, reduced: torch.Tensor) -> None:
         """Stop ``fit`` at the first optimiser step whose loss or gradient norm is not finite.
@@ -296,7 +296,6 @@ class MoeLMModule(L.LightningModule):
         lm_loss, grad_square = values[0], values[-1]
         if all(math.isfinite(v) for v in values):
             self._finite_losses.append((step, lm_loss))
-            del self._finite_losses[:-5]
             return
         bad = [f"train/{n}={v}" for n, v in zip(TRAIN_LOSSES, values, strict=False) if not math.isfinite(v)]
         if not math.isfinite(grad_square):
