@@ -68,7 +68,9 @@ def layer(name: str) -> int:
         prefix = ".".join(parts[:i])
         if prefix in LAYERS:
             return LAYERS[prefix]
-    raise AssertionError(f"{name} is in no layer: add it to LAYERS in tests/test_layout.py (and the layout in docs/tests-and-layout.md)")
+    raise AssertionError(
+        f"{name} is in no layer: add it to LAYERS in tests/test_layout.py (and the layout in docs/tests-and-layout.md)"
+    )
 
 
 def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
