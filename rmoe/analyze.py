@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from rmoe.checkpoints import check_can_create, describe_os_error, read_checkpoint
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.evaluation.experts import routed_expert_ids, router_saturation_between
 from rmoe.evaluation.routing import DEFAULT_MAX_BATCHES, SPLITS, evaluate_routing
@@ -86,12 +87,10 @@ def analyze_checkpoint(
     if max_batches is not None and max_batches < 1:
         raise RmoeError(f"--max-batches={max_batches} must be a positive integer.")
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise RmoeError(f"--ckpt {ckpt}: no such checkpoint file.")
+    checkpoint = read_checkpoint(ckpt, "--ckpt")
     try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
         module = MoeLMModule.load_from_checkpoint(ckpt, map_location="cpu")
-    except Exception as err:  # corrupt file, not a Lightning checkpoint, not an MoeLMModule
+    except Exception as err:  # a checkpoint of another version of the module
         raise RmoeError(f"--ckpt {ckpt} is not a readable rmoe checkpoint: {type(err).__name__}: {err}") from None
     datamodule, data = split_datamodule(ckpt, checkpoint, split, module.arch.vocab_size, config, data_overrides)
     loader = getattr(datamodule, f"{split}_dataloader")()
@@ -135,14 +134,9 @@ def _saturation_checkpoints(
     paths = sorted(ckpt.parent.glob("*.ckpt")) if saturation is True else [Path(p) for p in saturation]
     by_step: dict[int, Path] = {}
     for path in paths:
-        if not path.is_file():
-            raise RmoeError(f"--saturation-ckpt {path}: no such checkpoint file.")
-        if path.resolve() == ckpt.resolve():
+        if path.is_file() and path.resolve() == ckpt.resolve():
             continue
-        try:
-            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-        except Exception as err:
-            raise RmoeError(f"{path} is not a readable rmoe checkpoint: {type(err).__name__}: {err}") from None
+        step = int(read_checkpoint(path, "--saturation-ckpt").get("global_step", -1))
         if step != global_step:
             by_step.setdefault(step, path)
     return sorted(by_step.items())
@@ -290,6 +284,7 @@ def main(argv: list[str]) -> None:
     out = Path(args.out) if args.out else None
     if out is None:
         out = run_dir_of_checkpoint(args.ckpt) / "analysis" / f"{Path(args.ckpt).stem}-{args.split}"
+    check_can_create(out, "--out")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         metrics = analyze_checkpoint(
@@ -302,6 +297,9 @@ def main(argv: list[str]) -> None:
             expert_analyses=not args.no_expert_analyses,
             saturation=False if args.no_saturation else (args.saturation_ckpt or True),
         )
-    paths = write_analysis(metrics, out)
+    try:
+        paths = write_analysis(metrics, out)
+    except OSError as err:
+        raise RmoeError(f"--out: {describe_os_error(err, out, 'write the analysis to')}") from None
     summary = f"loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} on {metrics['num_eval_tokens']} tokens"
     print(f"rmoe analyze: {args.split} {summary}; wrote {', '.join(p.name for p in paths)} to {out}")

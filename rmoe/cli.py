@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import re
 import sys
 import warnings
@@ -115,10 +114,16 @@ class RmoeCLI(LightningCLI):
         else; a ``model.*`` key given on the command line wins over them here, so that
         ``rmoe test --ckpt_path ... model.arch.router_options.eval_routing=topk`` evaluates with it
         instead of silently restoring the trained value. The saved config records what ran."""
+        from rmoe.checkpoints import read_checkpoint
+
         subcommand = self.config.get("subcommand")
         given = {}
         if subcommand:
             given = {key: _lookup(self.config[subcommand], key) for key in self._model_overrides}
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+            if ckpt_path and not special:  # before Lightning's own torch.load of it: one message per fault
+                read_checkpoint(ckpt_path, "--ckpt")
         super()._parse_ckpt_path()
         for key, value in given.items():
             if value is not _MISSING:
@@ -134,7 +139,9 @@ class RmoeCLI(LightningCLI):
         unless the config has its own (or turns them off)."""
         from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-        from rmoe.training.callbacks import MoeModelSummary, StepProgressBar
+        from rmoe.checkpoints import AtomicCheckpointIO
+        from rmoe.training.callbacks import MoeModelSummary, RunStatus, StepProgressBar
+        from rmoe.training.versions import claim_log_versions
 
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = trainer_config.get("callbacks") or []
@@ -147,17 +154,48 @@ class RmoeCLI(LightningCLI):
             isinstance(c, ModelSummary) for c in callbacks
         ):
             callbacks.append(MoeModelSummary())
-        return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
+        callbacks.append(RunStatus())
+        extra: dict[str, Any] = {}
+        plugins = trainer_config.get("plugins")
+        if _atomic_io_applies(trainer_config.get("strategy", "auto"), plugins):
+            extra["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
+        trainer = super().instantiate_trainer(**{**kwargs, **extra, "callbacks": callbacks})
+        if self.subcommand == "fit":  # before the run folder exists: a step that cannot fit writes nothing
+            self._check_step_memory(trainer)
+        if self.subcommand is not None:  # a CLI built with run=False (tests, notebooks) writes no run folder
+            claim_log_versions(trainer.loggers)
+        return trainer
+
+    def _check_step_memory(self, trainer: Any) -> None:
+        """Refuse a training step the machine cannot hold (:func:`rmoe.training.memory.check_step_memory`):
+        on CPU every process of this machine (``trainer.num_devices``) needs its own step."""
+        from rmoe.training.memory import check_step_memory
+
+        device = trainer.strategy.root_device
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if device.type == "cuda" and getattr(launcher, "_start_method", None) == "fork":
+            return  # asking CUDA for its free memory here would break the fork that follows
+        check_step_memory(
+            self.model.arch,
+            self.datamodule.batch_size,
+            self.datamodule.block_size,
+            device,
+            trainer.precision,
+            trainer.accumulate_grad_batches,
+            processes=trainer.num_devices if device.type == "cpu" else 1,
+        )
 
     def before_instantiate_classes(self) -> None:
-        """A ``--ckpt`` that does not exist fails here, before anything is built or written."""
+        """A ``model.init_from`` that does not exist, is damaged or is not an rmoe checkpoint fails here,
+        before anything is built or written (:func:`rmoe.checkpoints.read_checkpoint`; ``--ckpt`` is
+        checked earlier, in :meth:`_parse_ckpt_path`)."""
+        from rmoe.checkpoints import read_checkpoint
+
         ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
         special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
-        if ckpt_path and not special and not os.path.exists(ckpt_path):
-            raise RmoeError(
-                f"--ckpt={ckpt_path!r} does not exist; expected a checkpoint written by rmoe fit, "
-                "e.g. runs/<name>/version_<n>/checkpoints/last.ckpt."
-            )
+        init_from = self.config.get(self.subcommand, {}).get("model", {}).get("init_from") if self.subcommand else None
+        if self.subcommand == "fit" and init_from:  # checked again when loaded; here before any run folder exists
+            read_checkpoint(init_from, "model.init_from")
         if self.subcommand == "fit" and ckpt_path and not special:
             self._continue_in_run_dir(Path(ckpt_path))
         if self.subcommand in ("validate", "test") and ckpt_path and not special:
@@ -225,6 +263,25 @@ class RmoeCLI(LightningCLI):
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{part}.yaml"}
 
 
+_PLAIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
+                     "single_device")  # fmt: skip
+"""Strategies that write checkpoints with a ``CheckpointIO`` plugin (FSDP and model parallel write sharded
+checkpoints with torch.distributed.checkpoint instead)."""
+
+
+def _atomic_io_applies(strategy: Any, plugins: Any) -> bool:
+    """Whether the trainer gets :class:`~rmoe.checkpoints.AtomicCheckpointIO`: a plain strategy given by name
+    and no checkpoint writer of the config's own."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    plugin_list = plugins if isinstance(plugins, list) else [plugins] if plugins else []
+    return (
+        isinstance(strategy, str)
+        and strategy in _PLAIN_STRATEGIES
+        and not any(isinstance(p, CheckpointIO) for p in plugin_list)
+    )
+
+
 _LIGHTNING_OPTIONS = {"--ckpt": "--ckpt_path", "--ckpt-path": "--ckpt_path", "--print-config": "--print_config"}
 """fit/validate/test: the project's spellings (``--ckpt``, as every command that reads a model; hyphens,
 as the other subcommands) -> Lightning's."""
@@ -280,12 +337,93 @@ def quiet_lightning() -> None:
             logger.addFilter(_DropLightningChatter())
 
 
+def _option_value(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last ``--name=value`` / ``--name value`` of ``argv`` for any of ``names``."""
+    value = None
+    for i, arg in enumerate(argv):
+        name, sep, rest = arg.partition("=")
+        if name in names:
+            value = rest if sep else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+def with_checkpoint_config(argv: list[str]) -> list[str]:
+    """``rmoe validate|test --ckpt C`` without ``--config``: evaluate with the checkpoint's own settings.
+
+    The run's saved ``config.yaml`` (``<run>/config.yaml`` for ``<run>/checkpoints/C``) is used as
+    the config, so the data, block size and logger are the training run's; the evaluation then
+    writes into ``<run>/validate|test/version_<n>``. A checkpoint outside a run folder takes the
+    data settings the checkpoint saved (``datamodule_hyper_parameters``) and writes next to it.
+    Without either the command refuses instead of evaluating on the defaults.
+    """
+    if argv[:1] not in (["validate"], ["test"]) or any(a in ("--config", "-c") or a.startswith("--config=")
+                                                       for a in argv):  # fmt: skip
+        return argv
+    ckpt = _option_value(argv, ("--ckpt", "--ckpt-path", "--ckpt_path"))
+    if ckpt is None or ckpt in ("last", "best", "hpc") or any(a in ("-h", "--help") for a in argv):
+        return argv
+    from rmoe.checkpoints import read_checkpoint
+    from rmoe.runs import run_dir_of_checkpoint
+
+    run_config = run_dir_of_checkpoint(ckpt) / "config.yaml"
+    if run_config.is_file():
+        print(f"rmoe {argv[0]}: no --config given, using the run's {run_config}", file=sys.stderr)
+        return [argv[0], "--config", str(run_config), *argv[1:]]
+    import json
+
+    data = dict(read_checkpoint(ckpt, "--ckpt").get("datamodule_hyper_parameters") or {})
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    if not data:
+        raise RmoeError(
+            f"rmoe {argv[0]} --ckpt {ckpt}: no --config given, no config.yaml in the checkpoint's run folder and no "
+            "data settings saved in the checkpoint; pass the config it was trained with (--config <run>/config.yaml)."
+        )
+    print(f"rmoe {argv[0]}: no --config given, using the data settings saved in {ckpt}", file=sys.stderr)
+    root = Path(ckpt).resolve().parent / argv[0]
+    overrides = [f"--data.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in data.items()]
+    return [argv[0], *overrides, f"--trainer.default_root_dir={root}", *argv[1:]]
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each ``--config`` file exists, is UTF-8 text and holds a YAML mapping (``trainer:``, ``model:``, ...);
+    otherwise one paragraph naming the file (jsonargparse would raise UnicodeDecodeError or TypeError)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        name, sep, value = arg.partition("=")
+        if name not in ("--config", "-c"):
+            continue
+        path = Path(value if sep else (argv[i + 1] if i + 1 < len(argv) else ""))
+        if not path.is_file():
+            raise RmoeError(f"--config {path}: no such file; expected a YAML config such as configs/base.yaml.")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RmoeError(
+                f"--config {path} is not a text file (byte {err.object[err.start]:#04x} at offset {err.start} is not "
+                "UTF-8); expected a YAML config such as configs/base.yaml."
+            ) from None
+        except OSError as err:
+            raise RmoeError(f"--config {path} cannot be read: {err.strerror or err}.") from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RmoeError(f"--config {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise RmoeError(
+                f"--config {path} holds a YAML {type(doc).__name__} ({' '.join(str(doc).split())[:40]!r}), not a "
+                "mapping; expected keys such as trainer:, model:, data: (see configs/base.yaml)."
+            )
+
+
 def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
     """Parse ``argv`` (``rmoe`` arguments, dot-list overrides allowed) and, if ``run``, run the subcommand."""
     from rmoe.data import TextDataModule
     from rmoe.training.module import MoeLMModule
 
     quiet_lightning()
+    argv = with_checkpoint_config(normalize_args(argv))
+    check_config_files(argv)
     # `args` is how dot-list overrides reach the parser, not a mistake; the pytree note is Lightning's own.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
@@ -297,7 +435,7 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
         parser_class=RmoeArgumentParser,
         parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "prog": "rmoe", "description": DESCRIPTION},
         auto_configure_optimizers=False,
-        args=normalize_args(argv),
+        args=argv,
         run=run,
     )
 
@@ -339,6 +477,14 @@ def main(argv: list[str] | None = None) -> None:
         if err is None:
             raise
         print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:  # a full disk or an unwritable folder met by a write rmoe does not wrap itself
+        from rmoe.checkpoints import WRITE_ERRNOS, describe_os_error
+
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        where = err.filename or "a file of the run"
+        print(f"rmoe: error: {' '.join(describe_os_error(err, where, 'write').split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -4,8 +4,9 @@
 
 Decoding (:func:`generate`):
 
-1. Each prompt is encoded (an empty prompt becomes ``<eos>``, the document separator the model
-   was trained to continue from) and the batch is **left**-padded with the pad id; the attention
+1. Each prompt is encoded (``--unconditional`` adds an empty prompt that starts from ``<eos>``, the
+   document separator the model was trained to continue from; an empty prompt given as text is
+   refused, it is usually an unset shell variable) and the batch is **left**-padded with the pad id; the attention
    mask hides the padding and positions are counted over real tokens only, so each row gets the
    logits it would get alone.
 2. One forward over the prompts fills the :class:`~rmoe.model.decoder.KVCache`; every later step
@@ -20,8 +21,9 @@ Decoding (:func:`generate`):
    decoding stops when all rows are finished or after ``max_new_tokens``.
 
 Context: a prompt longer than the trained context (``data.block_size``) is refused (or, with
-``truncate_prompt``, cut to its last tokens with a warning), and ``max_new_tokens`` is lowered
-with a warning so that no position beyond the trained context is generated.
+``truncate_prompt``, cut to its last ``context - max_new_tokens`` tokens, at least half the context,
+with a warning, so that the tokens asked for still fit), and ``max_new_tokens`` is lowered with a
+warning so that no position beyond the trained context is generated.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.model.decoder import KVCache, MoeLM
+
+if TYPE_CHECKING:
+    from rmoe.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -226,6 +231,22 @@ def _record(results: list[Generation], routing: list, unfinished_B: torch.Tensor
             results[b].routing.append(StepRouting(ids_BLK[b].cpu(), weights_BLK[b].float().cpu(), kept_BLK[b].cpu()))
 
 
+def check_encodable(text: str, tokenizer: Tokenizer, source: str) -> None:
+    """Refuse a text with characters the tokenizer cannot encode (a WordPiece or SentencePiece
+    tokenizer maps them to its unknown token: the model would read something else than the text).
+
+    Raises:
+        RmoeError: Naming ``source`` and the characters (at most 8, with their code points).
+    """
+    bad = tokenizer.unencodable(text)
+    if bad:
+        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise RmoeError(
+            f"{source} has characters the model's tokenizer ({tokenizer.kind}) cannot encode: {shown}; they would "
+            "become its unknown token. Remove or replace them."
+        )
+
+
 def check_context(
     prompts: list[list[int]], max_new_tokens: int, context_length: int | None, truncate: bool
 ) -> tuple[list[list[int]], int]:
@@ -240,13 +261,15 @@ def check_context(
                 f"{context_length} tokens (data.block_size); shorten it, or pass --truncate-prompt to keep its "
                 "last tokens."
             )
+        # keep room for the new tokens: a prompt cut to the whole context could generate nothing
+        keep = max(context_length - max_new_tokens, (context_length + 1) // 2)
         warnings.warn(
-            f"prompts longer than the trained context ({context_length} tokens) were cut to their last "
-            f"{context_length} tokens.",
+            f"prompts longer than {keep} tokens were cut to their last {keep} tokens (the trained context is "
+            f"{context_length} tokens, {max_new_tokens} of them asked for by --max-new-tokens).",
             stacklevel=2,
         )
-        prompts = [p[-context_length:] for p in prompts]
-        longest = context_length
+        prompts = [p[-keep:] for p in prompts]
+        longest = max(len(p) for p in prompts)
     room = context_length - longest
     if max_new_tokens > room:
         warnings.warn(
@@ -308,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model: deprecated).",
     )
     p.add_argument("--prompt-file", action="append", default=[], help="a file whose whole text is one prompt.")
+    p.add_argument(
+        "--unconditional", action="store_true", help="also generate from nothing (a prompt that starts at <eos>)."
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64).")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling.")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off).")
@@ -340,8 +366,19 @@ def main(argv: list[str], out: TextIO | None = None) -> None:
             texts.append(Path(name).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as err:
             raise RmoeError(f"--prompt-file {name}: cannot read it as UTF-8 text ({err}).") from None
-    if not texts:
-        raise RmoeError("no prompt: give one or more prompts after the model, or --prompt-file (see --help).")
+    if not texts and not args.unconditional:
+        raise RmoeError(
+            "no prompt: give one or more prompts, --prompt-file, or --unconditional to generate from nothing "
+            "(see --help)."
+        )
+    for i, text in enumerate(texts):
+        if not text:
+            raise RmoeError(
+                f"prompt {i} is empty (an unset shell variable?); give text to continue, or --unconditional to "
+                "generate from nothing."
+            )
+    if args.max_new_tokens < 1:
+        raise RmoeError(f"--max-new-tokens={args.max_new_tokens}: must be at least 1 (the tokens to generate).")
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -356,6 +393,9 @@ def main(argv: list[str], out: TextIO | None = None) -> None:
     if reason:
         raise RmoeError(f"cannot generate with {args.ckpt}: {reason}.")
     tok = loaded.tokenizer
+    for i, text in enumerate(texts):
+        check_encodable(text, tok, f"prompt {i}")
+    texts += [""] if args.unconditional else []
     prompts = [tok.encode(text) or [tok.eos_id] for text in texts]
     prompts, sampling.max_new_tokens = check_context(
         prompts, sampling.max_new_tokens, loaded.context_length, args.truncate_prompt

@@ -82,7 +82,10 @@ def load_model(path: str | os.PathLike[str], tokenizer: str | None = None, devic
     elif path.is_file():
         loaded = _load_checkpoint(path, tokenizer)
     else:
-        raise RmoeError(f"{path}: no such checkpoint file or export directory.")
+        raise RmoeError(
+            f"--ckpt {path}: no such file or folder; expected a checkpoint (<run>/checkpoints/*.ckpt) or a folder "
+            "written by `rmoe export`."
+        )
     if loaded.tokenizer.vocab_size > loaded.model.config.vocab_size:
         raise RmoeError(
             f"the tokenizer has {loaded.tokenizer.vocab_size} ids but the model in {path} only "
@@ -93,21 +96,11 @@ def load_model(path: str | os.PathLike[str], tokenizer: str | None = None, devic
 
 
 def _load_checkpoint(path: Path, tokenizer: str | None) -> LoadedModel:
+    from rmoe.checkpoints import read_checkpoint
     from rmoe.runs import run_dir_of_checkpoint
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # not a torch file, a pickle with code in it, truncated...
-        raise RmoeError(
-            f"{path} is not a readable rmoe checkpoint (expected a Lightning .ckpt written by `rmoe fit` or "
-            f"`rmoe import`): {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        ) from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or not isinstance(hparams.get("arch"), dict) or "state_dict" not in checkpoint:
-        raise RmoeError(
-            f"{path} is not an rmoe checkpoint: it has no model.arch hyperparameters and state_dict "
-            "(expected a Lightning checkpoint of rmoe's MoeLMModule, written by `rmoe fit` or `rmoe import`)."
-        )
+    checkpoint = read_checkpoint(path, "--ckpt")
+    hparams = checkpoint["hyper_parameters"]
     config = _model_config(hparams["arch"], str(path))
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model = _build(config, state, str(path))
@@ -152,12 +145,15 @@ def _load_export(path: Path, tokenizer: str | None) -> LoadedModel:
     if not isinstance(meta, dict) or "arch" not in meta:
         hint = " (a transformers checkpoint: convert it with `rmoe import`)" if config_file.is_file() else ""
         raise RmoeError(
-            f"{path} is not an rmoe export directory: no config.json with an {EXPORT_KEY!r} section{hint}. "
+            f"--ckpt {path} is not an rmoe export directory: no config.json with an {EXPORT_KEY!r} section{hint}. "
             "Pass a checkpoint (<run>/checkpoints/*.ckpt) or a directory written by `rmoe export`."
         )
     weights_file = path / "model.safetensors"
     if not weights_file.is_file():
-        raise RmoeError(f"{path} is an rmoe export without its weights file model.safetensors.")
+        raise RmoeError(f"--ckpt {path} is an rmoe export without its weights file model.safetensors.")
+    from rmoe.checkpoints import verify_weights_files
+
+    verify_weights_files(path, meta.get("weights_sha256"), "--ckpt")
     from rmoe.interop.qwen2_moe import SUPPORTED_MODEL_TYPES, load_hf_weights, read_hf_checkpoint
 
     config = _model_config(meta["arch"], str(config_file))

@@ -271,7 +271,7 @@ def test_global_batch_fractions_accumulate_over_the_micro_batches_of_a_step():
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("--ckpt=/no/such/last.ckpt", "--ckpt='/no/such/last.ckpt' does not exist"),
+        ("--ckpt=/no/such/last.ckpt", "--ckpt /no/such/last.ckpt: no such file"),
         ("model.optim.lr=0", "model.optim.lr=0.0 is invalid; expected a finite number > 0"),
         ("model.optim.lr=-1e-3", "model.optim.lr=-0.001 is invalid"),
         ("model.optim.beta1=1.0", "model.optim.beta1=1.0 is invalid; expected a number in [0, 1)"),

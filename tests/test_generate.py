@@ -216,7 +216,7 @@ def test_rmoe_generate_caps_new_tokens_at_the_trained_context(gru_ckpt, capsys):
         (lambda d, ck: ["--ckpt", str(ck), "hi", "--tokenizer", str(d / "no-such-tokenizer")], "unknown tokenizer"),
         (lambda d, ck: ["--ckpt", str(d), "hi"], "is not an rmoe export directory"),
         (lambda d, ck: ["--ckpt", str(_other_arch(d, ck)), "hi"], "another architecture"),
-        (lambda d, ck: ["--ckpt", str(_not_a_checkpoint(d)), "hi"], "is not a readable rmoe checkpoint"),
+        (lambda d, ck: ["--ckpt", str(_not_a_checkpoint(d)), "hi"], "is not a checkpoint: it is a text file"),
         (lambda d, ck: ["--ckpt", str(ck), "hi", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
     ],
     ids=["prompt-too-long", "unknown-tokenizer", "not-an-export", "other-architecture", "not-a-checkpoint", "top-p"],

@@ -214,7 +214,7 @@ def test_written_page_inlines_its_css_and_js(run, capsys, tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--ckpt", "/no/such.ckpt", "--text", "x"], "no such checkpoint"),
+        (["--ckpt", "/no/such.ckpt", "--text", "x"], "--ckpt /no/such.ckpt: no such file or folder"),
         (["--ckpt", "{ckpt}", "--text", "   "], "is empty"),
         (["--ckpt", "{ckpt}", "--split", "dev"], "'dev' is not a split"),
         (["--ckpt", "{ckpt}", "--file", "/no/such.txt"], "no such file"),
@@ -323,7 +323,7 @@ def test_analyze_writes_the_expert_analyses_and_router_saturation(run, capsys, t
     assert _saturation_checkpoints(ckpt, 4, explicit) == [(2, checkpoints / "step-2.ckpt")]
     assert _saturation_checkpoints(ckpt, 4, False) == []
     code, _, err = rmoe(capsys, "analyze", "--ckpt", str(ckpt), "--saturation-ckpt", "/no/such.ckpt")
-    assert code == 2 and "no such checkpoint" in err
+    assert code == 2 and "--saturation-ckpt /no/such.ckpt: no such file" in err
 
 
 def test_live_analytics_log_specialization_and_coactivation(run):

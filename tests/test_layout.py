@@ -5,7 +5,7 @@ one, and no import cycle, lazy imports inside functions included; ``if TYPE_CHEC
 are annotations only and do not count):
 
     0 errors
-    1 runs (reading run directories), data
+    1 runs (reading run directories), checkpoints (reading and writing model files safely), data
     2 routers (the seam: RouterContext, RoutingOutput; nothing from model)
     3 model, interop.qwen2_moe (weight mapping), the package root
     4 metrics
@@ -28,6 +28,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rmoe"
 LAYERS: dict[str, int] = {
     "rmoe.errors": 0,
     "rmoe.runs": 1,
+    "rmoe.checkpoints": 1,
     "rmoe.data": 1,
     "rmoe.routers": 2,
     "rmoe": 3,

@@ -85,7 +85,8 @@ def swept(tmp_path_factory):
     """The tiny sweep, run once by ``rmoe sweep``: (its directory, the sweep file, what the sweep printed)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
     path = write_sweep(tmp_path, "tiny.yaml", TINY_ROUTERS)
-    result = rmoe_command("sweep", str(path), "--jobs", "2")
+    # one override given on the command line: the runs record it and the report says so
+    result = rmoe_command("sweep", str(path), "--jobs", "2", "--set", "trainer.limit_val_batches=2")
     assert result.returncode == 0, result.stdout + result.stderr
     return tmp_path, path, result.stdout
 
@@ -163,6 +164,10 @@ def test_report_table_and_plots_match_the_event_files(swept, tmp_path):
     for router in ROUTERS:
         assert sum(line.startswith(f"| {router} | 2 |") for line in table.splitlines()) == 1
     assert "![val_bpb.png](val_bpb.png)" in table
+    # what ran, read off the runs (steps, seeds, the sweep command's --set), not off the sweep file
+    assert "As run: 4 optimiser steps each, 2 run(s) per group; every run with `--set trainer.limit_val_batches=2`" in (
+        table
+    )
 
 
 def test_report_only_and_paired_differences_match_the_event_files(swept, tmp_path):

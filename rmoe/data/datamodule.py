@@ -252,8 +252,21 @@ class TextDataModule(L.LightningDataModule):
         try:
             for split in SPLITS:
                 self._prepare_split(split)
+        except OSError as err:
+            if (error := self._cache_error(err)) is err:
+                raise
+            raise error from None
         finally:
             self._documents = None
+
+    def _cache_error(self, err: OSError) -> BaseException:
+        """A full or unwritable cache as one paragraph naming ``data.cache_dir``; other OS errors as they are."""
+        from rmoe.checkpoints import WRITE_ERRNOS, describe_os_error
+
+        if err.errno not in WRITE_ERRNOS:
+            return err
+        where = err.filename or self.cache_root
+        return RmoeError(f"data.cache_dir={str(self.cache_root)!r}: {describe_os_error(err, where, 'write')}")
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cached blocks of the splits ``stage`` needs (building any that are missing)."""
@@ -267,6 +280,10 @@ class TextDataModule(L.LightningDataModule):
                 blocks_path = self._prepare_split(split)
                 self._blocks[split] = Dataset.from_file(str(blocks_path))
                 self._stats[split] = SplitStats.load(blocks_path.with_suffix(".json"))
+        except OSError as err:
+            if (error := self._cache_error(err)) is err:
+                raise
+            raise error from None
         finally:
             self._documents = None
         if "train" in splits and len(self._blocks["train"]) < self.batch_size:

@@ -58,6 +58,11 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; special ids are skipped."""
 
+    def unencodable(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` this tokenizer cannot encode (it maps them to an unknown
+        token), in order of appearance; ``[]`` for the byte-level tokenizers, which encode any text."""
+        return []
+
     @abstractmethod
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the tokenizer to ``directory`` (created if needed) so it can be loaded back."""
@@ -238,6 +243,15 @@ class HfTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def unencodable(self, text: str) -> list[str]:
+        """Characters that the tokenizer turns into its unknown token (WordPiece, SentencePiece without
+        byte fallback): each distinct non-space character of ``text`` is encoded on its own."""
+        unk = self.backend.unk_token_id
+        if unk is None:
+            return []
+        chars = dict.fromkeys(c for c in text if not c.isspace())
+        return [c for c in chars if unk in self.encode(c)]
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         path = Path(directory)

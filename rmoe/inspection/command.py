@@ -7,8 +7,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.inspection.page import page_data, render_html
 from rmoe.inspection.report import DEFAULT_TABLE_TOKENS, format_report
@@ -50,12 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_ids(ckpt: Path, split: str, config: list[str] | None, vocab_size: int, max_tokens: int) -> list[int]:
+    from rmoe.checkpoints import read_checkpoint
     from rmoe.evaluation.splits import split_datamodule
 
-    try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise RmoeError(f"--ckpt {ckpt} is not a readable rmoe checkpoint: {type(err).__name__}: {err}") from None
+    checkpoint = read_checkpoint(ckpt, "--ckpt")
     datamodule, _ = split_datamodule(ckpt, checkpoint, split, vocab_size, config)
     ids: list[int] = []
     for batch in getattr(datamodule, f"{split}_dataloader")():
@@ -68,6 +64,7 @@ def _split_ids(ckpt: Path, split: str, config: list[str] | None, vocab_size: int
 
 def inspect(args: argparse.Namespace) -> tuple[TextRouting, list[Any], str]:
     """Load, tokenise, route; returns the routing, the expert summary and the report header."""
+    from rmoe.generate import check_encodable
     from rmoe.inference import load_model
 
     for name in ("max_tokens", "top", "table_tokens"):
@@ -94,6 +91,7 @@ def inspect(args: argparse.Namespace) -> tuple[TextRouting, list[Any], str]:
             text, source = args.text, "--text"
         if not text.strip():
             raise RmoeError(f"the text ({source}) is empty: nothing to inspect.")
+        check_encodable(text, tokenizer, f"the text ({source})")
         ids = tokenizer.encode(text)[: args.max_tokens]
     if not 0 <= args.layer < len(config.moe_layers):
         raise RmoeError(f"--layer={args.layer}: the model has MoE layers 0..{len(config.moe_layers) - 1}.")
@@ -112,13 +110,25 @@ def main(argv: list[str]) -> None:
     Raises:
         RmoeError: For any bad input (the ``rmoe`` entry point prints it and exits with 2).
     """
+    from rmoe.checkpoints import check_can_create, describe_os_error
+
     args = build_parser().parse_args(argv)
+    if args.out:  # before the model is loaded: a page that cannot be written fails at once
+        if Path(args.out).is_dir():
+            raise RmoeError(f"--out {args.out} is a directory; expected the HTML file to write (e.g. page.html).")
+        check_can_create(Path(args.out).parent, "--out")
     routing, summary, header = inspect(args)
     print(format_report(routing, summary, table_tokens=args.table_tokens, header=header))
     if args.out:
         path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
         title = f"rmoe inspect: {Path(args.ckpt).name}"
         data = page_data(routing, summary, title=title, meta=header.removeprefix("rmoe inspect: "), layer=args.layer)
-        path.write_text(render_html(data), encoding="utf-8")
+        temporary = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(render_html(data), encoding="utf-8")
+            temporary.replace(path)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            raise RmoeError(f"--out: {describe_os_error(err, path, 'write the page')}") from None
         print(f"\nrmoe inspect: wrote {path}")

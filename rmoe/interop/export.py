@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rmoe.checkpoints import check_can_create, describe_os_error, weights_digests
 from rmoe.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
 from rmoe.errors import RmoeError, ToolArgumentParser, resolve_positional
 from rmoe.inference import EXPORT_KEY, LoadedModel, export_metadata, load_model, non_causal_reason
@@ -184,8 +185,8 @@ def export_model(
             and everything :func:`~rmoe.inference.load_model` refuses.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RmoeError(f"{out} exists and is not empty; choose a new directory or pass --overwrite.")
+    replaced = _files_to_replace(out, Path(model_path), overwrite)
+    check_can_create(out, "--out")
     loaded = load_model(model_path, tokenizer=tokenizer)
     config = loaded.model.config
     reason = non_causal_reason(config)
@@ -194,9 +195,21 @@ def export_model(
             f"cannot export {model_path}: {reason}. transformers decodes token by token, so the exported "
             "model would not compute what was trained."
         )
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    created = not out.exists()
+    try:
+        _remove_export(out, replaced)
+        out.mkdir(parents=True, exist_ok=True)
+        kind = _write_export(loaded, out)
+    except OSError as err:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise RmoeError(f"--out: {describe_os_error(err, out, 'write the export to')}") from None
+    return out, kind
+
+
+def _write_export(loaded: LoadedModel, out: Path) -> str:
+    """Write every file of the export into the (existing, empty) folder ``out``; returns its kind."""
+    config = loaded.model.config
     tok = loaded.tokenizer
     meta = export_metadata(config, loaded.context_length, tok)
     special = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=None)
@@ -211,7 +224,52 @@ def export_model(
     _write_generation_config(out, tok, config.vocab_size)
     save_tokenizer(tok, out)
     (out / "README.md").write_text(model_card(loaded, kind), encoding="utf-8")
-    return out, kind
+    # what --overwrite may delete later, and the weights' digests that loading checks
+    hf_config = json.loads((out / "config.json").read_text())
+    hf_config[EXPORT_KEY]["weights_sha256"] = weights_digests(out)
+    hf_config[EXPORT_KEY]["files"] = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    return kind
+
+
+def _files_to_replace(out: Path, source: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier export in ``out`` that ``--overwrite`` replaces ([] for a new or empty ``out``).
+
+    ``--overwrite`` deletes only what ``rmoe export`` wrote there itself (the list it recorded in
+    ``config.json``): a folder holding anything else (a run, its checkpoints, the source model) is refused.
+    """
+    if out.exists() and not out.is_dir():
+        raise RmoeError(f"--out {out} is an existing file; expected a directory (new or empty) for the export.")
+    if not out.exists() or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        raise RmoeError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite.")
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise RmoeError(f"--out {out} holds the model being exported ({source}); --overwrite would delete it.")
+    meta = None
+    try:
+        meta = json.loads((out / "config.json").read_text()).get(EXPORT_KEY)
+    except (OSError, ValueError, AttributeError):
+        pass
+    recorded = set(meta.get("files") or []) if isinstance(meta, dict) else set()
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+    foreign = sorted(present - recorded)
+    if not recorded or foreign:
+        raise RmoeError(
+            f"--out {out} holds files that rmoe export did not write there ({', '.join(foreign[:4])}"
+            f"{' ...' if len(foreign) > 4 else ''}); --overwrite only replaces an earlier export. Choose a new "
+            "directory, or delete the folder yourself if it is yours to delete."
+        )
+    return [out / name for name in sorted(present)]
+
+
+def _remove_export(out: Path, files: list[Path]) -> None:
+    """Delete the files of an earlier export and the folders they leave empty (never ``out`` itself)."""
+    for file in files:
+        file.unlink()
+    for folder in sorted({p.parent for p in files}, key=lambda p: len(p.parts), reverse=True):
+        if folder != out and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _write_remote_code(loaded: LoadedModel, out: Path, meta: dict[str, Any], special: dict[str, Any]) -> None:

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
+from rmoe.checkpoints import AtomicCheckpointIO, check_can_create, describe_os_error
 from rmoe.data.tokenizer import HfTokenizer, build_tokenizer
 from rmoe.errors import RmoeError, ToolArgumentParser, resolve_positional
 from rmoe.interop.qwen2_moe import from_hf_config, load_hf_weights, read_hf_checkpoint
@@ -48,13 +51,12 @@ def import_model(
         RmoeError: Unsupported architecture or features, unreadable weights, no tokenizer, the
             converted model disagreeing with transformers', a non-empty ``out``.
     """
-    import lightning
-
-    from rmoe.training.module import OptimConfig
-
     hf_dir, out = Path(hf_dir).expanduser(), Path(out)
+    if out.exists() and not out.is_dir():
+        raise RmoeError(f"--out {out} is an existing file; expected a new or empty directory.")
     if out.exists() and any(out.iterdir()):
-        raise RmoeError(f"{out} exists and is not empty; choose a new directory.")
+        raise RmoeError(f"--out {out} exists and is not empty; choose a new directory.")
+    check_can_create(out, "--out")
     hf = read_hf_checkpoint(hf_dir)
     config = from_hf_config(hf.config)
     model = MoeLM(config).eval()
@@ -68,6 +70,23 @@ def import_model(
     if tok.vocab_size > config.vocab_size:
         raise RmoeError(f"the tokenizer has {tok.vocab_size} ids, more than the model's {config.vocab_size}.")
     context = context_length or getattr(hf.config, "max_position_embeddings", None) or 2048
+
+    created = not out.exists()
+    try:
+        return _write_run(out, hf_dir, hf, model, config, tok, int(context))
+    except BaseException as err:  # no half-written run folder: a folder this call created goes again
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise RmoeError(f"--out: {describe_os_error(err, out, 'write the imported run to')}") from None
+        raise
+
+
+def _write_run(out: Path, hf_dir: Path, hf: Any, model: MoeLM, config: Any, tok: Any, context: int) -> Path:
+    """Write the run folder of an import: tokenizer, checkpoint (atomically), config.yaml."""
+    import lightning
+
+    from rmoe.training.module import OptimConfig
 
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer")
@@ -93,7 +112,7 @@ def import_model(
         "imported_from": str(hf_dir.resolve()),
     }
     path = out / "checkpoints" / CHECKPOINT_NAME
-    torch.save(checkpoint, path)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     header = (
         f"# rmoe import of {hf_dir.resolve()} ({hf.config.model_type}); add a data source to analyse or fine-tune.\n"
     )

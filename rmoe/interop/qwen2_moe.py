@@ -256,13 +256,31 @@ def read_hf_checkpoint(path: str | os.PathLike[str]) -> PreTrainedModel:
         )
     from transformers import AutoModelForCausalLM
 
+    from rmoe.checkpoints import verify_weights_files
+
+    meta = json.loads(config_file.read_text()).get("rmoe")
+    recorded = meta.get("weights_sha256") if isinstance(meta, dict) else None
+    if recorded or not any(path.glob("*.bin")):  # safetensors weights (an rmoe export records their digests)
+        verify_weights_files(path, recorded, "the model directory")
     try:
         with empty_shared_expert_is_quiet():
-            return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True
+            )
     except Exception as err:  # missing or corrupt weights, a config transformers rejects
         raise RmoeError(
             f"transformers could not load {path}: {type(err).__name__}: {' '.join(str(err).split())[:400]}"
         ) from None
+    missing = sorted(set(info.get("missing_keys") or ()) - set(getattr(model, "_tied_weights_keys", None) or ()))
+    if missing or info.get("mismatched_keys"):
+        wrong = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()]
+        raise RmoeError(
+            f"the weights in {path} are incomplete: missing {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}"
+            f"{'; other shape: ' + ', '.join(wrong[:4]) if wrong else ''} (transformers would initialise them at "
+            "random). Is a weights shard missing?"
+        )
+    return model.eval()
 
 
 def from_hf_model(hf: PreTrainedModel) -> MoeLM:

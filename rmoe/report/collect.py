@@ -7,6 +7,7 @@ The run folders, their file names and their event files are :mod:`rmoe.runs`'s
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import statistics
@@ -83,6 +84,8 @@ class RunResult:
         labels: Its grid labels (``{"router": "gru", "seed": "s0"}``), or ``{"run": name}``.
         metrics: Final quantities by column key (NaN when not logged).
         curves: ``tag -> (steps, values)`` for ``val/loss`` and ``val/bpb``.
+        overrides: The ``--set`` overrides the sweep command gave the run (from its ``run.json``),
+            beyond the sweep file's settings.
     """
 
     name: str
@@ -90,6 +93,7 @@ class RunResult:
     labels: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -134,6 +138,11 @@ class Group:
 def read_run(run_dir: Path, labels: Mapping[str, str], metric_patterns: Sequence[str] = DEFAULT_METRICS) -> RunResult:
     """Read one run: its scalars (fit and test), its routing metrics and its parameter counts."""
     result = RunResult(run_dir.name, run_dir, dict(labels))
+    try:
+        plan = json.loads((run_dir / PLAN_FILE).read_text())
+        result.overrides = [str(o) for o in plan.get("set") or []] if isinstance(plan, dict) else []
+    except (OSError, ValueError):
+        pass
     nan = math.nan
     result.metrics = {c.key: nan for c in (*BASE_COLUMNS, *COST_COLUMNS)} | dict.fromkeys(EXTRA_KEYS, nan)
     fit = fit_dir(run_dir)

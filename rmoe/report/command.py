@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from rmoe.checkpoints import check_can_create, describe_os_error
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.report.collect import (
     COMPARABLE_TEST_KEY,
@@ -51,6 +52,10 @@ def report(
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise ReportError(f"sweep root {str(root)!r} is not a directory.")
+    try:  # before reading every run: an output folder that cannot be written fails at once
+        check_can_create(out, "--out")
+    except RmoeError as err:
+        raise ReportError(str(err)) from None
     for pattern in metric_patterns:
         try:
             re.compile(pattern)
@@ -168,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ReportError as err:
         print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a disk that filled up while writing
+        print(f"rmoe: error: --out: {' '.join(describe_os_error(err, args.out, 'write the report to').split())}",
+              file=sys.stderr)  # fmt: skip
         return 2
     complete = sum(len(g.runs) for g in groups)
     print(

@@ -106,6 +106,34 @@ def markdown_table(groups: Sequence[Group], columns: Sequence[Column]) -> str:
     return "\n".join(lines)
 
 
+def what_ran(groups: Sequence[Group]) -> str:
+    """What the reported runs did, read off the runs themselves (never off the sweep file, whose
+    description may be of another budget): their optimiser steps, the runs per group and the
+    ``--set`` overrides the sweep command gave them."""
+    runs = [r for g in groups for r in g.runs]
+    steps = sorted({int(r.metrics["steps"]) for r in runs if math.isfinite(r.metrics.get("steps", math.nan))})
+    sizes = sorted({len(g.runs) for g in groups})
+    step_text = (
+        "steps not logged"
+        if not steps
+        else f"{steps[0]:,} optimiser steps each"
+        if len(steps) == 1
+        else f"{steps[0]:,} to {steps[-1]:,} optimiser steps"
+    )
+    size_text = " or ".join(str(n) for n in sizes)
+    text = f"As run: {step_text}, {size_text} run(s) per group"
+    overrides = sorted({o for r in runs for o in r.overrides})
+    if overrides:
+        common = [o for o in overrides if all(o in r.overrides for r in runs)]
+        some = [o for o in overrides if o not in common]
+        if common:
+            text += f"; every run with `--set {' '.join(common)}`"
+        if some:
+            text += f"; some runs with `--set {' '.join(some)}`"
+        text += " (command-line overrides on top of the sweep file)"
+    return text + "."
+
+
 def write_markdown(
     root: Path,
     groups: Sequence[Group],
@@ -124,10 +152,12 @@ def write_markdown(
     keys = list(groups[0].labels) if groups else []
     parts = [f"# Results: {title}", ""]
     if sweep.get("description"):
-        parts += [str(sweep["description"]).strip(), ""]
+        parts += [f"The sweep file's description: {' '.join(str(sweep['description']).split())}", ""]
     parts += [
         f"{num_runs} runs from `{root}`, grouped by {', '.join(f'`{k}`' for k in keys)}; "
         f"written {datetime.now(timezone.utc).astimezone().isoformat(timespec='minutes')}.",
+        "",
+        what_ran(groups),
         "",
         markdown_table(groups, columns),
         "",

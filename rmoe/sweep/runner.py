@@ -203,6 +203,7 @@ def _launch(
         "labels": run.labels,
         "stages": list(stages),
         "fit_args": fit_args(sweep, run, ckpt),
+        "set": list(run.extra),
         "fit_dir": str(run.fit_dir),
         "after_fit": sweep.after_fit,
         "test_checkpoint": sweep.test_checkpoint,

@@ -91,6 +91,8 @@ class GridRun:
         configs: Every config file of the run, in command-line order.
         overrides: Every ``key=value`` override of the run, in command-line order.
         dir: ``<root>/<name>``.
+        extra: The overrides of ``overrides`` that came from the command line (``--set``), not from
+            the sweep file: recorded in the run's plan, so that a report says what really ran.
     """
 
     name: str
@@ -98,6 +100,7 @@ class GridRun:
     configs: tuple[str, ...]
     overrides: tuple[str, ...]
     dir: Path
+    extra: tuple[str, ...] = ()
 
     @property
     def fit_dir(self) -> Path:
@@ -320,6 +323,7 @@ def expand(sweep: Sweep, only: Mapping[str, set[str]] | None = None, extra: Sequ
                 configs=(*sweep.configs, *(c for v in values for c in v.configs)),
                 overrides=(*(o for v in values for o in v.overrides), *sweep.overrides, *extra),
                 dir=sweep.root / name,
+                extra=tuple(extra),
             )
         )
     return runs

@@ -119,6 +119,17 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Close the bars, so that the error message that follows starts on a line of its own."""
+        for bar in (
+            self._val_progress_bar,
+            self._test_progress_bar,
+            self._predict_progress_bar,
+            self._train_progress_bar,
+        ):
+            if bar is not None and not bar.disable:
+                bar.close()
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
@@ -167,3 +178,62 @@ class MoeModelSummary(ModelSummary):
                     f"(6 x active non-embedding params + attention at {self._block_size} tokens)"
                 )
         _summary_log.info("\n" + "\n".join(lines))
+
+
+STATUS_FILE = "status.json"
+"""The file in a run's log directory that says whether it is running, finished or failed (:class:`RunStatus`)."""
+
+
+class RunStatus(L.Callback):
+    """Writes ``<log_dir>/status.json``: ``{"state": "running" | "finished" | "failed", ...}`` with the
+    command (fit, validate, test), the pid, the start and end times, the last global step and, for
+    a failure, the error. A run killed from outside (kill -9, the OOM killer) stays ``running``
+    with a pid that no longer exists: a folder without ``"finished"`` is not a complete run.
+
+    Installed by the ``rmoe`` command on every trainer. ``trainer.log_dir`` is a collective, so it
+    is read once in ``setup`` on every process; only global rank 0 writes.
+    """
+
+    def __init__(self) -> None:
+        self._file: str | None = None
+        self._status: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir  # every process takes part in this broadcast
+        if not trainer.is_global_zero or log_dir is None or not trainer.loggers:
+            return
+        self._file = os.path.join(log_dir, STATUS_FILE)
+        self._status = {"state": "running", "command": trainer.state.fn.value if trainer.state.fn else stage,
+                        "pid": os.getpid(), "started": _now()}  # fmt: skip
+        self._write(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._status.get("state") == "running":
+            self._write(trainer, state="finished", finished=_now())
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._status:
+            error = " ".join(str(exception).split())[:500]
+            self._write(trainer, state="failed", finished=_now(), error=f"{type(exception).__name__}: {error}")
+
+    def _write(self, trainer: L.Trainer, **changes: Any) -> None:
+        if self._file is None:
+            return
+        import json
+
+        self._status.update(changes, global_step=trainer.global_step)
+        temporary = f"{self._file}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(self._file), exist_ok=True)
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(self._status, file, indent=1)
+                file.write("\n")
+            os.replace(temporary, self._file)
+        except OSError:  # a full disk is reported by the write that needs the space (a checkpoint)
+            pass
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -6,7 +6,6 @@ Shape legend: L MoE layers, E experts.
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -149,13 +148,10 @@ class MoeLMModule(L.LightningModule):
             self._load_weights(self.init_from)
 
     def _load_weights(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise RmoeError(f"model.init_from={path!r} is not a file; expected an rmoe checkpoint (.ckpt).")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
-        except Exception as err:  # not a torch file, or not a Lightning checkpoint
-            raise RmoeError(f"model.init_from={path!r} is not an rmoe checkpoint: {err}.") from None
+        from rmoe.checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(path, "model.init_from")
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
         own = self.model.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -1,0 +1,538 @@
+"""How much memory one training step needs, and a refusal before training when the machine lacks it.
+
+``rmoe fit ... data.block_size=100000`` used to grow for 12 minutes until the OOM killer ended it.
+:func:`check_step_memory` estimates the peak of one training step (forward, backward, optimiser
+step) from the architecture, the micro-batch and the precision, compares it with what the device
+has free (:func:`available_bytes`) and raises :class:`~rmoe.errors.RmoeError` naming the keys to
+lower. ``RMOE_SKIP_MEMORY_CHECK=1`` skips the check (for an estimate that is wrong on some machine).
+
+What is counted (:func:`step_memory_terms`; B batch, S block, T = B*S tokens, D width, V vocab,
+K top-k, F expert width, P parameters):
+
+* ``parameters``, ``gradients``, ``optimizer``: P in the parameter dtype twice, AdamW's two fp32
+  moments (their steady state, after the first step), and under ``*-mixed`` autocast's
+  low-precision copy of every weight (kept for the backward).
+* ``activations``: what each layer saves for the backward, read off the code:
+  the residual stream and both RMSNorms (their normalised input and output); q and k after
+  the rotary embedding, v, the attention output and its (T, H*Dh) reshape copy, the per-row
+  logsumexp; routed experts: per (token, expert) pair, the three (T*K, F) SwiGLU activations
+  (gate, up, silu(gate)*up), plus the (T*K, D) gathered inputs and outputs of the ``sliced``
+  backend (not of ``tiled``, the CPU choice for large batches) and the sort indices; the
+  router's (T, E) logits and probabilities (and its hidden width for the recurrent, MLP, cosine
+  and hyper routers); a shared expert's or dense layer's four (T, F) SwiGLU tensors.
+  Attention saves no T x T score matrix when ``scaled_dot_product_attention`` takes a fused
+  kernel: on CPU, torch 2.13 takes ``_scaled_dot_product_flash_attention_for_cpu`` for fp32 and
+  bf16, causal, with grouped-query heads (checked on the device at run time with
+  ``torch._fused_sdp_choice``); where it would take the math path, the (B, H, S, S) scores are
+  counted (twice: the softmax saved for the backward and the matrix being computed).
+* ``logits``: the (T, V) logits, in fp32 three times at the start of the backward (the saved
+  log-softmax, its gradient from the loss and the gradient of the logits), plus the fp32 copy
+  and the low-precision gradient under autocast.
+* ``backward working set``: the largest layer's temporary gradients (the MoE backward's three
+  (T*K, F) buffers, the (T, D) gradients of the residual stream); the peak is the larger of the
+  start of the backward (activations + logits) and a layer's backward (activations + working set).
+
+Gradient accumulation does not change the peak: each micro-batch of ``data.batch_size`` is
+forward and backward on its own; only the gradients persist across micro-batches, and they are
+counted. Evaluation (no graph) needs less per block; a larger ``data.eval_batch_size`` is not
+checked here.
+
+Calibration (CPU, fp32, torch 2.13, 2 threads; measured: peak RSS of a fresh process over two
+training steps -- ``MoeLMModule._losses``, backward, gradient clipping, fused AdamW step --
+minus its RSS before the model was built, after a warm-up step of a tiny model; MiB)::
+
+    python -m rmoe.training.memory
+
+CALIBRATION_TABLE
+
+The estimate is higher than the measurement for the small steps (fixed terms, counted fully,
+are partly not resident) and within a few percent of it for the large ones, where activations
+dominate. A training step under Lightning adds its own few hundred MiB of fixed overhead, which
+the check leaves to the difference between free memory and the estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmoe.errors import RmoeError
+from rmoe.model.config import ModelConfig
+
+SKIP_ENV = "RMOE_SKIP_MEMORY_CHECK"
+"""Set to ``1`` to skip :func:`check_step_memory`."""
+
+GIB = 2**30
+MIB = 2**20
+
+# Where the CPU memory figures are read (module attributes so tests can point them elsewhere).
+PROC_MEMINFO = Path("/proc/meminfo")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+# What the CPU ``auto`` expert backend compares with (rmoe.model.moe.TILED_MIN_BYTES).
+_TILED_MIN_BYTES = 16 * 2**20
+_EXPERT_CHOICE_ROUTERS = ("expert_choice", "sinkhorn_expert_choice", "sparse_expert_choice")
+_PLAN_ROUTERS = ("sinkhorn_token_choice", "sinkhorn_expert_choice", "sparse_expert_choice")
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate
+
+
+def _dtype_sizes(precision: Any) -> tuple[int, int, int, bool]:
+    """``(parameter, residual/norm, matmul activation)`` bytes per element and whether autocast is on.
+
+    Lightning's spellings: ``32-true`` / ``32``, ``64-true``, ``bf16-mixed`` / ``16-mixed`` (also
+    ``bf16`` / ``16``), ``bf16-true`` / ``16-true``. Under autocast the residual stream and the
+    RMSNorms stay fp32 (the embedding is fp32 and the norms compute in fp32); matmul outputs are
+    half precision.
+    """
+    p = str(precision).lower()
+    if p in ("64", "64-true", "double"):
+        return 8, 8, 8, False
+    if p in ("16-true", "bf16-true", "half"):
+        return 2, 2, 2, False
+    if "16" in p or "mixed" in p or "transformer-engine" in p:
+        return 4, 4, 2, True
+    return 4, 4, 4, False
+
+
+def _num_parameters(arch: ModelConfig) -> int:
+    """Exact parameter count (a tied head once), from a model built on the meta device (no memory)."""
+    from rmoe.model.decoder import MoeLM
+
+    config = arch if arch.vocab_size > 0 else _with_vocab(arch, 256)
+    with warnings.catch_warnings():  # routers warn about causality on construction
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            return MoeLM(config).num_parameters()
+
+
+def _with_vocab(arch: ModelConfig, vocab_size: int) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(arch, vocab_size=vocab_size)
+
+
+def _device(device: Any) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def attention_materialises_scores(arch: ModelConfig, device: Any = None, precision: Any = "32-true") -> bool:
+    """Whether training attention takes the math path of ``scaled_dot_product_attention`` (a
+    (B, H, S, S) score matrix) rather than a fused kernel that never holds it.
+
+    Asked of torch itself (``torch._fused_sdp_choice``) with tiny tensors of the model's head
+    shape and the compute dtype on the device; a CUDA device that is not available here is
+    assumed to take the math path (the pessimistic answer).
+    """
+    dev = _device(device)
+    _, _, act, mixed = _dtype_sizes(precision)
+    dtype = {8: torch.float64, 4: torch.float32}.get(act, torch.bfloat16)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return True
+    H, G, Dh = arch.num_attention_heads, arch.num_key_value_heads, arch.attention_head_dim
+    try:
+        q = torch.zeros(1, H, 8, Dh, device=dev, dtype=dtype, requires_grad=True)
+        kv = torch.zeros(1, G, 8, Dh, device=dev, dtype=dtype, requires_grad=True)
+        choice = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=H != G)
+    except Exception:  # an old torch, an odd device: assume the worst
+        return True
+    return int(choice) == int(torch.nn.attention.SDPBackend.MATH)
+
+
+def _expert_backend(arch: ModelConfig, device: torch.device, pairs: int, act: int, mixed: bool) -> str:
+    """The backend :class:`rmoe.model.moe.GroupedExperts` resolves ``auto`` to."""
+    if arch.expert_backend != "auto":
+        return arch.expert_backend
+    if device.type == "cuda":
+        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] in (9, 10)
+        if mixed and act == 2 and hopper and hasattr(torch.nn.functional, "grouped_mm"):
+            return "grouped_mm"
+        return "sliced"
+    return "tiled" if device.type == "cpu" and pairs * arch.hidden_size * act >= _TILED_MIN_BYTES else "sliced"
+
+
+def _router_width(arch: ModelConfig) -> int:
+    """Per-token floats a router saves beyond its (T, E) logits: its hidden width times the tensors
+    kept per width (a GRU cell keeps its gates and workspace: about 8 of P)."""
+    o = arch.router_options
+    if arch.router == "gru":
+        return 8 * int(o.get("state_dim", 128))
+    if arch.router == "mlp":
+        return 3 * int(o.get("hidden_dim", 128))
+    if arch.router == "hyper":
+        return 3 * int(o.get("hypernet_hidden_dim", 64))
+    if arch.router in ("xmoe", "cosine"):
+        return 3 * int(o.get("proj_dim", o.get("cosine_dim", 0)) or arch.hidden_size)
+    return 0
+
+
+def step_memory_terms(
+    arch: ModelConfig,
+    batch_size: int,
+    block_size: int,
+    precision: Any = "32-true",
+    accumulate: int = 1,
+    device: Any = None,
+) -> dict[str, int]:
+    """The terms of :func:`estimate_step_bytes`, in bytes, largest first: ``parameters``,
+    ``gradients``, ``optimizer``, ``activations``, ``attention scores`` (only on the math path),
+    ``logits`` and ``backward working set`` (see the module docstring for what each counts)."""
+    del accumulate  # the peak is per micro-batch; the gradients it keeps are counted anyway
+    dev = _device(device)
+    p_size, r, a, mixed = _dtype_sizes(precision)
+    B, S = int(batch_size), int(block_size)
+    T = B * S
+    D, L, V = arch.hidden_size, arch.num_layers, max(arch.vocab_size, 256)
+    H, G, Dh = arch.num_attention_heads, arch.num_key_value_heads, arch.attention_head_dim
+    E, K, F = arch.num_experts, arch.top_k, arch.moe_intermediate_size
+    moe_layers = len(arch.moe_layers)
+    dense_layers = L - moe_layers
+    n_params = _num_parameters(arch)
+
+    terms: dict[str, int] = {}
+    terms["parameters"] = n_params * p_size
+    terms["gradients"] = n_params * p_size
+    terms["optimizer"] = 2 * n_params * max(p_size, 4 if p_size == 4 else p_size)
+    if mixed:  # autocast's half-precision weight copies, saved for the backward
+        terms["parameters"] += n_params * a
+
+    # --- attention, per layer
+    attn = 3 * T * D * r  # residual input, normalised input, norm output
+    attn += T * D * a if mixed else 0  # the norm output cast for q/k/v
+    attn += 3 * T * H * Dh * a  # q after rotary, attention output, its reshape copy for o_proj
+    attn += 2 * T * G * Dh * a  # k after rotary, v
+    attn += T * H * 4  # logsumexp per query row
+    scores = 0
+    if attention_materialises_scores(arch, dev, precision):
+        scores = L * 2 * B * H * S * S * a
+        attn += 2 * T * H * Dh * a if G != H else 0  # k and v repeated to H heads
+
+    # --- MoE block, per MoE layer
+    if arch.router == "soft_moe":
+        slots = E * int(arch.router_options.get("slots_per_expert", 1))
+        pairs = B * slots
+    elif arch.router in _EXPERT_CHOICE_ROUTERS:
+        pairs = E * max(1, min(T, math.ceil(float(arch.router_options.get("capacity_factor", 1.0)) * T * K / E)))
+    else:
+        pairs = T * K
+    backend = _expert_backend(arch, dev, pairs, a, mixed)
+    moe = 3 * T * D * r  # residual after attention, normalised input, norm output
+    moe += T * D * a if mixed else 0  # input cast to the expert dtype
+    moe += 4 * T * E * 4 + T * _router_width(arch) * 4  # fp32 logits, probabilities, z-loss, weights
+    if arch.router in _PLAN_ROUTERS:
+        moe += 2 * int(arch.router_options.get("num_iters", 10)) * T * E * 4
+    if arch.router == "soft_moe":
+        moe += 3 * T * slots * 4 + T * D * a  # slot logits, dispatch and combine softmaxes, combined output
+    moe += 3 * pairs * F * a + 3 * pairs * 8 + pairs * a  # gate, up, silu*up; sort indices; pair weights
+    if backend == "sliced":
+        moe += 2 * pairs * D * a  # gathered inputs and expert outputs
+    elif backend == "grouped_mm":
+        moe += 3 * pairs * D * a + pairs * F * a
+    if arch.shared_expert_intermediate_size:
+        moe += 4 * T * arch.shared_expert_intermediate_size * a + T * D * a
+    dense = 3 * T * D * r + 4 * T * arch.intermediate_size * a + (T * D * a if mixed else 0)
+
+    final = 3 * T * D * r + 8 * T * 3  # final norm; input ids, targets
+    terms["activations"] = L * attn + moe_layers * moe + dense_layers * dense + final
+    if scores:
+        terms["attention scores"] = scores
+    terms["logits"] = T * V * (12 + (6 if mixed else 0))
+
+    # --- the larger of the working sets of one layer's backward
+    working = 3 * T * D * r  # gradients of the residual stream and of a norm
+    layer_working = 0
+    if moe_layers:
+        layer_working = 3 * pairs * F * a + (2 * pairs * D * a if backend != "tiled" else 0)
+    if dense_layers:
+        layer_working = max(layer_working, 3 * T * arch.intermediate_size * a)
+    layer_working = max(layer_working, 4 * T * H * Dh * a + (2 * B * H * S * S * a if scores else 0))
+    # the peak is the start of the backward (logits) or a layer's backward, whichever is larger
+    terms["backward working set"] = max(0, working + layer_working - terms["logits"])
+    return dict(sorted(terms.items(), key=lambda kv: -kv[1]))
+
+
+def estimate_step_bytes(
+    arch: ModelConfig,
+    batch_size: int,
+    block_size: int,
+    precision: str = "32-true",
+    accumulate: int = 1,
+    *,
+    device: Any = None,
+) -> int:
+    """Estimated peak bytes of one training step: forward, backward and AdamW step of one micro-batch
+    of ``batch_size`` blocks of ``block_size`` tokens (sum of :func:`step_memory_terms`).
+
+    Args:
+        arch: The model (``vocab_size`` 0 counts 256).
+        batch_size: ``data.batch_size``, the micro-batch of one process.
+        block_size: ``data.block_size``.
+        precision: ``trainer.precision`` (``32-true``, ``bf16-mixed``, ``16-mixed``, ``bf16-true``...).
+        accumulate: ``trainer.accumulate_grad_batches``: does not change the peak (see the module docstring).
+        device: Where the step runs (default CPU): decides the attention kernel and the expert backend.
+    """
+    return sum(step_memory_terms(arch, batch_size, block_size, precision, accumulate, device).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# What the machine has
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in PROC_MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_available() -> int | None:
+    """The cgroup's memory limit minus what it uses (less its reclaimable inactive page cache), or
+    None without a limit. cgroup v2 (``memory.max``) first, then v1 (``memory/memory.limit_in_bytes``)."""
+    v2, v1 = CGROUP_ROOT, CGROUP_ROOT / "memory"
+    for limit_file, usage_file, stat_file, cache_key in (
+        (v2 / "memory.max", v2 / "memory.current", v2 / "memory.stat", "inactive_file"),
+        (v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes", v1 / "memory.stat", "total_inactive_file"),
+    ):
+        limit = _read_int(limit_file)  # "max" (v2, no limit) reads as None
+        if limit is None or limit >= 2**60:  # v1 writes "no limit" as a huge number
+            continue
+        usage = _read_int(usage_file) or 0
+        usage -= min(usage, _stat_value(stat_file, cache_key))
+        return max(0, limit - usage)
+    return None
+
+
+def available_bytes(device: Any) -> int | None:
+    """Bytes a training step can still allocate on ``device``; None when unknown.
+
+    CUDA: the free memory of the device (``torch.cuda.mem_get_info``). CPU: ``MemAvailable`` of
+    ``/proc/meminfo``, or the room left under the cgroup's memory limit (``/sys/fs/cgroup/memory.max``,
+    or cgroup v1's ``memory.limit_in_bytes``) when that is lower. Other devices: None.
+    """
+    dev = _device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except Exception:
+            return None
+    if dev.type != "cpu":
+        return None
+    figures = [f for f in (_meminfo_available(), _cgroup_available()) if f is not None]
+    return min(figures) if figures else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The check
+
+
+def _largest_fitting(fits: Any, upper: int) -> int:
+    """The largest n in [0, upper) with ``fits(n)`` (monotone), 0 if none."""
+    lo, hi = 0, upper
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def check_step_memory(
+    arch: ModelConfig,
+    batch_size: int,
+    block_size: int,
+    device: Any,
+    precision: Any = "32-true",
+    accumulate: int = 1,
+    processes: int = 1,
+) -> None:
+    """Raise :class:`RmoeError` when one training step would need more memory than ``device`` has.
+
+    ``processes``: how many processes of this machine share its memory, each with a step of its own
+    (the CPU processes of a DDP run); the estimate is multiplied by it.
+
+    Does nothing when ``RMOE_SKIP_MEMORY_CHECK=1`` or when the free memory is unknown
+    (:func:`available_bytes` is None). The message gives the estimate and its largest terms, what
+    is available, and the keys to lower (``data.block_size``, ``data.batch_size``,
+    ``model.arch.num_layers`` / ``model.arch.hidden_size``), with the largest block size and batch
+    size that would fit.
+    """
+    if os.environ.get(SKIP_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    available = available_bytes(device)
+    if available is None:
+        return
+    processes = max(1, int(processes))
+    terms = step_memory_terms(arch, batch_size, block_size, precision, accumulate, device)
+    needed = sum(terms.values()) * processes
+    if needed <= available:
+        return
+
+    def fits(blocks: int, block: int) -> bool:
+        return estimate_step_bytes(arch, blocks, block, precision, accumulate, device=device) * processes <= available
+
+    max_block = _largest_fitting(lambda n: n > 0 and fits(batch_size, n), block_size)
+    max_batch = _largest_fitting(lambda n: n > 0 and fits(n, block_size), batch_size)
+    biggest = ", ".join(f"{name} {value / GIB:.1f} GiB" for name, value in list(terms.items())[:3])
+    dev = _device(device)
+    where = "this machine" if dev.type == "cpu" else f"device {dev}"
+    hints = []
+    if max_block:
+        hints.append(f"data.block_size={max_block} would fit at data.batch_size={batch_size}")
+    if max_batch:
+        hints.append(
+            f"data.batch_size={max_batch} at this block size (raise trainer.accumulate_grad_batches "
+            "to keep the tokens per step)"
+        )
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    per = f" over its {processes} processes" if processes > 1 else ""
+    raise RmoeError(
+        f"data.block_size={block_size} with data.batch_size={batch_size} needs about {needed / GIB:.1f} GiB per "
+        f"training step{per} ({biggest}; model.arch.num_layers={arch.num_layers}, "
+        f"model.arch.hidden_size={arch.hidden_size}, trainer.precision={precision}) but {where} has "
+        f"{available / GIB:.1f} GiB available; lower data.block_size or data.batch_size{hint}, or "
+        f"model.arch.num_layers / model.arch.hidden_size. Set {SKIP_ENV}=1 to train anyway."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: the real peak of a training step
+
+
+def measure_step_bytes(arch: ModelConfig, batch_size: int, block_size: int, steps: int = 2) -> int:
+    """Peak RSS growth (bytes) of ``steps`` CPU training steps in a fresh Python process.
+
+    The child warms up with one step of a tiny model (thread pools, kernels), records its peak
+    RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), then builds ``MoeLMModule(arch)`` and a
+    fused AdamW and runs ``steps`` steps of ``_losses``, backward, ``clip_grad_norm_(1.0)``,
+    ``step``, ``zero_grad``; the result is the peak RSS after minus the peak before.
+    """
+    spec = json.dumps({"arch": _arch_dict(arch), "batch_size": batch_size, "block_size": block_size, "steps": steps})
+    out = subprocess.run(
+        [sys.executable, "-c", f"from rmoe.training.memory import _measure_child; _measure_child({spec!r})"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _arch_dict(arch: ModelConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(arch)
+
+
+def _measure_child(spec_json: str) -> None:
+    import gc
+    import resource
+
+    from rmoe.training.module import MoeLMModule
+
+    def peak() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    def run(module: MoeLMModule, batch: torch.Tensor, steps: int) -> None:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+        for _ in range(steps):
+            loss = module._losses(batch)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            module.last_step = None
+
+    spec = json.loads(spec_json)
+    arch = ModelConfig(**spec["arch"])
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    import dataclasses
+
+    tiny = dataclasses.replace(
+        arch, hidden_size=32, num_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=0, mlp_only_layers=[]
+    )
+    run(MoeLMModule(tiny), torch.randint(0, arch.vocab_size, (2, 33)), 1)
+    batch = torch.randint(0, arch.vocab_size, (spec["batch_size"], spec["block_size"] + 1))
+    gc.collect()
+    before = peak()
+    run(MoeLMModule(arch), batch, spec["steps"])
+    print(peak() - before)
+
+
+CALIBRATION_CASES: tuple[tuple[str, dict[str, Any], int, int], ...] = (
+    # name, ModelConfig overrides (vocab 320: the byte tokenizer's), batch size, block size
+    ("base", {}, 16, 256),
+    ("base", {}, 16, 2048),
+    ("base", {}, 4, 16384),
+    ("base", {}, 1, 65536),
+    ("deep_cpu", {"hidden_size": 96, "num_layers": 12, "intermediate_size": 192, "moe_intermediate_size": 96}, 16, 128),
+    ("deep_cpu", {"hidden_size": 96, "num_layers": 12, "intermediate_size": 192, "moe_intermediate_size": 96}, 8, 4096),
+    ("K=4,shared", {"top_k": 4, "shared_expert_intermediate_size": 256}, 8, 2048),
+    ("dense", {"num_experts": 0, "intermediate_size": 384}, 8, 4096),
+    ("gru", {"router": "gru", "router_options": {"state_dim": 128}}, 8, 2048),
+)
+"""The configurations of the module docstring's table: ``base`` is configs/base.yaml's model."""
+
+BASE_ARCH: dict[str, Any] = dict(
+    vocab_size=320,
+    hidden_size=192,
+    num_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    intermediate_size=384,
+    num_experts=8,
+    top_k=2,
+    moe_intermediate_size=192,
+)
+
+
+def calibration_table(cases: Any = CALIBRATION_CASES) -> str:
+    """Measure every case (one process each) and return the table of the module docstring."""
+    rows = ["    model        batch  block   tokens  measured MiB  estimated MiB  est/meas"]
+    for name, overrides, batch, block in cases:
+        arch = ModelConfig(**{**BASE_ARCH, **overrides})
+        measured = measure_step_bytes(arch, batch, block)
+        estimated = estimate_step_bytes(arch, batch, block)
+        rows.append(
+            f"    {name:<12} {batch:>5} {block:>6} {batch * block:>8} {measured / MIB:>13.0f} "
+            f"{estimated / MIB:>14.0f} {estimated / measured:>9.2f}"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(calibration_table())
