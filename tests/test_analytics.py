@@ -450,14 +450,14 @@ def test_validation_stats_combine_across_processes(tmp_path):
 
 def test_analyze_bad_input_is_a_clear_error(runs, tmp_path):
     ckpt = str(runs["linear"] / "checkpoints/last.ckpt")
-    with pytest.raises(RmoeError, match="missing.ckpt: no such file"):
+    with pytest.raises(RmoeError, match=r"missing\.ckpt: no such file"):
         analyze_main(["--ckpt", str(tmp_path / "missing.ckpt")])
     with pytest.raises(RmoeError, match="'dev' is not a split"):
         analyze_main(["--ckpt", ckpt, "--split", "dev"])
     with pytest.raises(RmoeError, match="--max-batches=0"):
         analyze_checkpoint(ckpt, max_batches=0)
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RmoeError, match="junk.ckpt is not a checkpoint: it is a text file"):
+    with pytest.raises(RmoeError, match=r"junk\.ckpt is not a checkpoint: it is a text file"):
         analyze_main(["--ckpt", str(tmp_path / "junk.ckpt")])
     with pytest.raises(RmoeError, match="no such file"):
         analyze_main(["--ckpt", ckpt, "--config", str(tmp_path / "nope.yaml")])

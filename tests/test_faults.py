@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -362,6 +363,47 @@ def test_a_diverging_run_stops_with_one_paragraph_and_no_non_finite_checkpoint(t
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "training diverged" in status["error"]
+
+
+class _PoisonGradient(L.Callback):
+    """Makes the gradient of optimiser step ``step`` NaN and records the weights around that step."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.before, self.after = step, None, None
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("nan"))
+            self.before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step == self.step + 1:
+            self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_skip_nonfinite_steps_skips_a_bad_step_without_touching_the_weights(tmp_path):
+    """``model.optim.skip_nonfinite_steps=1``: a NaN gradient at step 2 is skipped (weights unchanged
+    by that step), training goes on, ``train/skipped_steps`` says 1; a second bad step stops the run."""
+    from rmoe.cli import build_cli
+    from rmoe.errors import RmoeError
+
+    args = run_args(tmp_path, "trainer.max_steps=5", "model.optim.skip_nonfinite_steps=1")
+    cli = build_cli(args, run=False)
+    poison = _PoisonGradient(step=2)
+    cli.trainer.callbacks.append(poison)
+    with pytest.warns(UserWarning, match=r"optimiser step 2 skipped .*1 of at most 1"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 5 and cli.model.skipped_steps == 1
+    for key, value in poison.before.items():
+        assert torch.equal(value, poison.after[key]), key
+    assert all(torch.isfinite(v).all() for v in cli.model.state_dict().values() if v.is_floating_point())
+
+    (tmp_path / "2").mkdir()
+    args = run_args(tmp_path / "2", "trainer.max_steps=5", "model.optim.skip_nonfinite_steps=1")
+    cli = build_cli(args, run=False)
+    cli.trainer.callbacks += [_PoisonGradient(step=1), _PoisonGradient(step=3)]
+    with pytest.warns(UserWarning), pytest.raises(RmoeError, match="diverged at optimiser step 3 after 1 skipped"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
 def test_the_checkpoint_writer_refuses_non_finite_weights(tmp_path):

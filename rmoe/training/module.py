@@ -6,6 +6,7 @@ Shape legend: L MoE layers, E experts.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +44,9 @@ class OptimConfig:
         beta1: Adam beta1.
         beta2: Adam beta2.
         eps: Adam epsilon.
+        skip_nonfinite_steps: How many optimiser steps with a non-finite loss or gradient norm may be
+            skipped (no parameter changes, a warning each) before the run stops; 0, the default,
+            stops at the first.
     """
 
     lr: float = 3e-3
@@ -52,6 +56,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    skip_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
         """Reject values AdamW or the schedule cannot work with, naming the key."""
@@ -63,6 +68,7 @@ class OptimConfig:
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "a number in [0, 1]"),
             ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+            ("skip_nonfinite_steps", self.skip_nonfinite_steps >= 0, "an integer >= 0"),
         )
         for key, ok, expected in checks:
             if not ok:
@@ -135,6 +141,7 @@ class MoeLMModule(L.LightningModule):
         self.init_from = init_from
         self.model = MoeLM(arch)
         self.tokens_seen = 0
+        self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss (optim.skip_nonfinite_steps)
         self.last_step: StepRecord | None = None
         self._step_counts_LE: torch.Tensor | None = None  # global_batch: expert counts of this step so far
         self._step_loss_sums: torch.Tensor | None = None  # TRAIN_LOSSES summed over this step's micro-batches
@@ -258,9 +265,11 @@ class MoeLMModule(L.LightningModule):
             local = torch.cat([self._step_loss_sums / self._step_micro_batches, self._grad_square_norm()])
             reduced = self.trainer.strategy.reduce(local, reduce_op="mean")
             means = reduced[: len(TRAIN_LOSSES)]
-            self._check_finite(reduced)
-            for name, value in zip(TRAIN_LOSSES, means, strict=True):
-                self.log(f"train/{name}", value, prog_bar=name == "loss")
+            if self._check_finite(reduced):  # a skipped step's NaN stays out of the curves
+                for name, value in zip(TRAIN_LOSSES, means, strict=True):
+                    self.log(f"train/{name}", value, prog_bar=name == "loss")
+            if self.optim.skip_nonfinite_steps:
+                self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self._step_loss_sums, self._step_micro_batches = None, 0
@@ -280,8 +289,9 @@ class MoeLMModule(L.LightningModule):
             return torch.zeros(1, device=device)
         return torch.nn.utils.get_total_norm(grads).float().pow(2).reshape(1).to(device)
 
-    def _check_finite(self, reduced: torch.Tensor) -> None:
-        """Stop ``fit`` at the first optimiser step whose loss or gradient norm is not finite.
+    def _check_finite(self, reduced: torch.Tensor) -> bool:
+        """Stop ``fit`` at the first optimiser step whose loss or gradient norm is not finite (or skip it,
+        up to ``optim.skip_nonfinite_steps`` times: returns False for a skipped step, True for a finite one).
 
         Raised before the optimiser step, so no parameter (and no checkpoint written after this
         point) ever holds a NaN; the checkpoints of earlier steps are untouched. One host
@@ -292,13 +302,27 @@ class MoeLMModule(L.LightningModule):
         lm_loss, grad_square = values[0], values[-1]
         if all(math.isfinite(v) for v in values):
             self._finite_losses.append((step, lm_loss))
-            return
+            return True
         bad = [f"train/{n}={v}" for n, v in zip(TRAIN_LOSSES, values, strict=False) if not math.isfinite(v)]
         if not math.isfinite(grad_square):
             bad.append("the gradient norm is not finite")
         last = ", ".join(f"step {s}: {v:.4f}" for s, v in self._finite_losses) or "none (the first step diverged)"
+        if self.skipped_steps < self.optim.skip_nonfinite_steps:
+            # no gradient, no update: AdamW leaves a parameter without .grad (and its moments) untouched;
+            # every process decided on the same all-reduced values, so all of them skip
+            for p in self.parameters():
+                p.grad = None
+            self.skipped_steps += 1
+            warnings.warn(
+                f"optimiser step {step} skipped ({'; '.join(bad)}): {self.skipped_steps} of at most "
+                f"{self.optim.skip_nonfinite_steps} (model.optim.skip_nonfinite_steps).",
+                stacklevel=2,
+            )
+            return False
+        skipped = f" after {self.skipped_steps} skipped step(s)" if self.skipped_steps else ""
         raise RmoeError(
-            f"training diverged at optimiser step {step}: {'; '.join(bad)}. The last finite losses were {last}. "
+            f"training diverged at optimiser step {step}{skipped}: {'; '.join(bad)}. "
+            f"The last finite losses were {last}. "
             f"The run stopped before this step changed any parameter: no checkpoint holds a non-finite value. "
             f"Lower model.optim.lr (now {self.optim.lr:g}), keep trainer.gradient_clip_val on, or resume from "
             "the run's last finite checkpoint (checkpoints/last.ckpt) with other settings."
@@ -378,9 +402,11 @@ class MoeLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

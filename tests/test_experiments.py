@@ -1,0 +1,78 @@
+"""The analysis scripts of experiments/ on data with known answers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+FIELDS = ["run", "seed", "budget", "router", "complete", "final_val_bpb", "test_bpb", "tokens", "load_max_vio"]
+
+
+def write_runs(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_budget_plot_gaps_and_slope_have_the_known_values(tmp_path):
+    """gru - linear = 0.02 - 0.01 * log10(budget) + seed noise 0.002 * (-1, +1): the per-budget means
+    and the slope against log10(tokens) (-0.01 per 10x) come out exactly; NP equals linear + 0.005."""
+    budget_plot = load("budget_plot")
+    rows_by_file: dict[str, list[dict]] = {"x1": [], "x3": []}
+    for budget in (1, 3, 10):
+        for seed, noise in (("s0", -0.002), ("s1", 0.002)):
+            linear = 2.2 - 0.1 * math.log10(budget) + noise
+            values = {"linear_torch": linear, "gru_paper": linear + 0.02 - 0.01 * math.log10(budget) + noise,
+                      "gru_np": linear + 0.005, "other": 9.0}  # fmt: skip
+            for router, bpb in values.items():
+                row = dict(run=f"{seed}-x{budget}-{router}", seed=seed, budget=f"x{budget}", router=router,
+                           complete="1", final_val_bpb=bpb, test_bpb=bpb + 0.1, tokens=2.048e6 * budget,
+                           load_max_vio=0.5)  # fmt: skip
+                rows_by_file["x1" if budget == 1 else "x3"].append(row)
+    files = [write_runs(tmp_path / f"{k}.csv", v) for k, v in rows_by_file.items()]
+    runs = budget_plot.read_runs(files)
+    assert len(runs) == 18  # "other" is not one of the three routers
+    text = budget_plot.tables(runs)
+    # at 10x: 0.02 - 0.01 = 0.01, the seeds' noise (-0.002, +0.002) once on top
+    assert "| gru_paper - linear_torch | 10x | s0 +0.0080, s1 +0.0120 | +0.0100 |" in text
+    assert "| gru_np - linear_torch | 3x | s0 +0.0050, s1 +0.0050 | +0.0050 | [+0.0050, +0.0050] |" in text
+    slope_row = next(line for line in text.splitlines() if line.startswith("| gru_paper - linear_torch | -0.0100 |"))
+    assert slope_row.endswith("| 6 |")
+    slope, half, n = budget_plot.slope([(math.log10(t), 0.02 - 0.01 * math.log10(t)) for t in (1, 3, 10)])
+    assert slope == pytest.approx(-0.01) and half == pytest.approx(0, abs=1e-12) and n == 3
+    assert "| 10x | 20.5 M | gru_np | 2 |" in text and "n/a" in text  # signature metrics not in the CSV: n/a
+    budget_plot.plot_bpb_vs_tokens(runs, tmp_path / "bpb.png")
+    assert (tmp_path / "bpb.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_plot_gap_curves_from_a_curves_csv(tmp_path):
+    budget_plot = load("budget_plot")
+    path = tmp_path / "curves.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "router", "budget", "seed", "step", "max_steps", "val_bpb"])
+        for router, offset in (("linear_torch", 0.0), ("gru_paper", 0.01), ("gru_np", 0.03)):
+            for step in range(299, 3000, 300):
+                writer.writerow([f"s0-x3-{router}", router, "x3", "s0", step, 3000, 2.0 + offset])
+    table = budget_plot.plot_gap_curves(path, tmp_path / "gaps.png")
+    assert "| gru_paper - linear_torch | x3 | " + " | ".join(["+0.010"] * 10) + " |" in table
+    assert "| gru_paper - gru_np | x3 | " + " | ".join(["-0.020"] * 10) + " |" in table
+    assert (tmp_path / "gaps.png").is_file()
