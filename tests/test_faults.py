@@ -30,9 +30,10 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from tiny import BASE_CONFIGS, ROOT, tiny_overrides
+from tiny import BASE_CONFIGS, ROOT, TINY_ARCH, tiny_overrides
 
 from rmoe.cli import main
+from rmoe.errors import RmoeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -562,9 +563,31 @@ def test_a_step_that_does_not_fit_in_memory_is_refused_before_the_run_exists(tmp
     monkeypatch.setattr(memory, "PROC_MEMINFO", meminfo)
     monkeypatch.setattr(memory, "CGROUP_ROOT", tmp_path / "no-cgroup")
     code, _, err = rmoe(capsys, "fit", *run_args(tmp_path, "data.block_size=2048", "data.batch_size=64"))
-    assert_one_paragraph(code, err, "data.block_size=2048 with data.batch_size=64 needs about", "1.0 GiB available")
+    assert_one_paragraph(code, err, "data.block_size=2048 with data.batch_size=64 needs at least", "1.0 GiB available")
     assert "data.block_size=" in err.split("would fit")[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_step_that_may_not_fit_warns_and_one_that_fits_is_silent(monkeypatch):
+    import warnings
+
+    from rmoe.model.config import ModelConfig
+    from rmoe.training import memory
+
+    arch = ModelConfig(**{**TINY_ARCH, "vocab_size": 320})
+    needed = memory.estimate_step_bytes(arch, 8, 512)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(needed * 1.2))  # within the margin
+    with pytest.warns(UserWarning, match="it may run out of memory"):
+        memory.check_step_memory(arch, 8, 512, "cpu")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(needed * memory.UNDERESTIMATE) + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory.check_step_memory(arch, 8, 512, "cpu")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: needed - 1)
+    with pytest.raises(RmoeError, match="needs at least"):
+        memory.check_step_memory(arch, 8, 512, "cpu")
+    with pytest.raises(RmoeError, match="over its 2 processes"):  # CPU DDP: two steps share the machine
+        memory.check_step_memory(arch, 8, 512, "cpu", processes=2)
 
 
 # ----------------------------------------------------------------------------------------------
