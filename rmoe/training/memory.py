@@ -40,9 +40,9 @@ checked here.
 Calibration (``python benchmarks/bench_memory.py``: CPU, fp32, torch 2.13; the peak RSS of a fresh
 process over two training steps -- ``MoeLMModule._losses``, backward, gradient clipping, fused
 AdamW step -- minus its peak before the model was built, after a warm-up step of a tiny model;
-the table and its command are in docs/speed.md). The estimate is **a lower bound**: 0.56 to 1.00
+the table and its command are in docs/speed.md). The estimate is **a lower bound**: 0.58 to 1.03
 of the measured peak over nine shapes. It is close where attention's saved tensors dominate (long
-blocks) and low by up to 1.8x where the MoE layers and the allocator's transient buffers of the
+blocks) and low by up to 1.7x where the MoE layers and the allocator's transient buffers of the
 backward dominate, which the terms above do not count. Hence the check: it **refuses** a step
 whose estimate alone exceeds the free memory (it certainly does not fit) and **warns** when the
 estimate times :data:`UNDERESTIMATE` does (it may not).
@@ -447,10 +447,11 @@ def check_step_memory(
 def measure_step_bytes(arch: ModelConfig, batch_size: int, block_size: int, steps: int = 2) -> int:
     """Peak RSS growth (bytes) of ``steps`` CPU training steps in a fresh Python process.
 
-    The child warms up with one step of a tiny model (thread pools, kernels), records its peak
-    RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), then builds ``MoeLMModule(arch)`` and a
-    fused AdamW and runs ``steps`` steps of ``_losses``, backward, ``clip_grad_norm_(1.0)``,
-    ``step``, ``zero_grad``; the result is the peak RSS after minus the peak before.
+    The child warms up with one step of a tiny model (thread pools, kernels), resets its peak RSS
+    to the current one (``/proc/self/clear_refs``, read back as ``VmHWM``), then builds
+    ``MoeLMModule(arch)`` and a fused AdamW and runs ``steps`` steps of ``_losses``, backward,
+    ``clip_grad_norm_(1.0)``, ``step``, ``zero_grad``; the result is the peak RSS minus the RSS
+    before the model was built.
     """
     spec = json.dumps({"arch": _arch_dict(arch), "batch_size": batch_size, "block_size": block_size, "steps": steps})
     out = subprocess.run(
@@ -468,14 +469,35 @@ def _arch_dict(arch: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(arch)
 
 
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _measure_child(spec_json: str) -> None:
     import gc
     import resource
 
     from rmoe.training.module import MoeLMModule
 
+    def reset_peak() -> int:
+        """Reset the peak RSS to the current RSS (``/proc/self/clear_refs``) and return it. Not
+        ``ru_maxrss``: it survives ``execve``, so a child of a large process (a pytest worker)
+        would inherit its parent's peak and measure nothing."""
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return _status_kib("VmRSS") or 0
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def peak() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def run(module: MoeLMModule, batch: torch.Tensor, steps: int) -> None:
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
@@ -499,6 +521,6 @@ def _measure_child(spec_json: str) -> None:
     run(MoeLMModule(tiny), torch.randint(0, arch.vocab_size, (2, 33)), 1)
     batch = torch.randint(0, arch.vocab_size, (spec["batch_size"], spec["block_size"] + 1))
     gc.collect()
-    before = peak()
+    before = reset_peak()
     run(MoeLMModule(arch), batch, spec["steps"])
     print(peak() - before)
