@@ -305,3 +305,17 @@ def test_no_lightning_chatter_before_a_config_error(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "rmoe: error: model.optim.lr" in err
     assert "Seed set to" not in err and "litlogger" not in err and "Tip:" not in err
+
+
+def test_the_training_curve_does_not_depend_on_how_often_it_validates(tmp_path):
+    """Same seed, validation after every step or only at the end: bit-equal train losses (validation, its
+    routing analytics and checkpointing draw no random numbers the training uses). Sweeps with other
+    validation intervals, such as the budgets of docs/results.md section 6, rely on it."""
+    curves = []
+    for name, interval in (("often", 1), ("once", 4)):
+        args = tiny_args(tmp_path, f"trainer.logger.init_args.name={name}", "trainer.max_steps=4")
+        main(["fit", *args, f"trainer.val_check_interval={interval}", "trainer.limit_val_batches=1",
+              "--config", str(ROOT / "configs/router/gru.yaml"), "model.arch.router_options.state_dim=8"])  # fmt: skip
+        curves.append(scalars(tmp_path / f"runs/{name}/version_0", "train/loss"))
+    assert sorted(curves[0]) == list(range(4))
+    assert curves[0] == curves[1]
