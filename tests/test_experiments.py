@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from tiny import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments", name)
 
 
 FIELDS = ["run", "seed", "budget", "router", "complete", "final_val_bpb", "test_bpb", "tokens", "load_max_vio"]

@@ -69,3 +69,15 @@ def scalars(log_dir: Path, tag: str) -> dict[int, float]:
     from rmoe.runs import read_scalars
 
     return dict(read_scalars(log_dir).get(tag, []))
+
+
+def load_script(folder: str, name: str):
+    """Import ``<repo>/<folder>/<name>.py`` (a benchmark or experiment script, not a package module)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
