@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from tiny import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load(name: str):
     return load_script("experiments", name)
