@@ -13,9 +13,12 @@ import ast
 import csv
 import json
 import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -329,6 +332,59 @@ def test_interrupted_run_resumes_and_a_failed_run_is_reported(swept, capsys):
     assert marker["resumed_from"].endswith("last.ckpt")
     assert "Restored all states from the checkpoint" in (gru_s1 / "stdout.log").read_text()
     assert scalars(gru_s1 / "test", "test/bpb")
+
+
+def processes_running(fragment: str) -> list[int]:
+    """The PIDs whose command line contains ``fragment`` (Linux ``/proc``)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if fragment in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc to find the child")
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sigterm_to_the_sweep_stops_its_running_child(jobs, tmp_path):
+    """A job scheduler (or ``kill``) stops the sweep process only, not its process group: the run it
+    started must stop too, as failed and resumable, whatever ``--jobs`` (with ``--jobs 1`` the child
+    was once left running with no sweep, and a second sweep could start the same run beside it)."""
+    path = write_sweep(tmp_path, "long.yaml", {"linear": "model.arch.router=linear"})
+    doc = yaml.safe_load(path.read_text())
+    doc["grid"]["seed"] = {"s0": "seed_everything=0"}
+    doc["overrides"] += ["trainer.max_steps=100000"]  # far longer than the test waits
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    run = tmp_path / "sweep" / "linear-s0"
+    sweeper = subprocess.Popen(
+        [sys.executable, "-m", "rmoe", "sweep", str(path), "--jobs", jobs],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    printed = ""
+    try:
+        deadline = time.monotonic() + 300
+        log = run / "stdout.log"
+        while not (log.exists() and "python -m rmoe fit" in log.read_text()):  # the child is running
+            assert sweeper.poll() is None and time.monotonic() < deadline, sweeper.stdout.read()
+            time.sleep(0.5)
+        children = processes_running(str(run / runs.PLAN_FILE))
+        assert len(children) == 1, children
+        sweeper.send_signal(signal.SIGTERM)
+        printed, _ = sweeper.communicate(timeout=180)
+    finally:
+        if sweeper.poll() is None:
+            sweeper.kill()
+        left = processes_running(str(run / runs.PLAN_FILE))
+        for pid in left:  # never leave a 100,000-step run behind a failed test
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"the child of the sweep was still running: {printed}"
+    assert sweeper.returncode != 0 and "interrupted; run the same command again to resume" in printed, printed
+    assert not (run / runs.MARKER_FILE).exists()
 
 
 @pytest.mark.parametrize(

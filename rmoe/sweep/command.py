@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.sweep.plan import commands, run_state, shell_join
-from rmoe.sweep.runner import exec_run, execute
+from rmoe.sweep.runner import exec_run, execute, stop_on_sigterm
 from rmoe.sweep.spec import SweepError, check_overrides, expand, load_sweep, parse_only
 
 
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(shell_join(command))
         return 0
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: children too
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # stop like Ctrl-C: children too
     try:
         summary = execute(sweep, runs, jobs=args.jobs)
     except KeyboardInterrupt:

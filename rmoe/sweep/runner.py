@@ -155,10 +155,23 @@ _children: set[subprocess.Popen[bytes]] = set()
 _children_lock = threading.Lock()
 
 
+_terminated = threading.Event()
+
+
+def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """The sweep's SIGTERM handler: stop like Ctrl-C, but without waiting for the children to stop by
+    themselves (a signal sent to the sweep process alone did not reach them)."""
+    _terminated.set()
+    raise KeyboardInterrupt
+
+
 def _stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
     """Stop the running children: wait ``grace`` seconds for them to exit by themselves (a terminal's
-    Ctrl-C reached them too), then SIGTERM them (they stop at once, as failed: the run resumes from
-    its last checkpoint next time) and wait ``timeout`` seconds, then kill what is left."""
+    Ctrl-C reached them too; not after a SIGTERM to the sweep), then SIGTERM them (they stop at once,
+    as failed: the run resumes from its last checkpoint next time) and wait ``timeout`` seconds, then
+    kill what is left."""
+    if _terminated.is_set():
+        grace = 0.0
     with _children_lock:
         running = [p for p in _children if p.poll() is None]
     for sig, wait in ((None, grace), (signal.SIGTERM, timeout), (signal.SIGKILL, None)):
@@ -227,6 +240,9 @@ def _launch(
                 _children.add(process)
             try:
                 returncode = process.wait()
+            except KeyboardInterrupt:  # --jobs 1 waits in the main thread: stop the child while the run is locked
+                _stop_children()
+                raise
             finally:
                 with _children_lock:
                     _children.discard(process)
