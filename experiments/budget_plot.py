@@ -9,7 +9,8 @@ curves within each run, a ``curves.csv`` it extracts from a sweep root; writes t
 - ``gap_curves.png``: the paired gap gru - linear and gru - NP at every validation of each long run
   (val every 10% of the run), against the fraction of the run.
 
-Statistics: per budget, the same-seed gaps with a 95% t-interval; the least-squares slope of the gap
+Statistics: per budget, the same-seed gaps (of final val bpb, and of each routing-signature metric) with a
+95% t-interval; the least-squares slope of the gap
 against log10(tokens) over every (budget, seed) pair, with a 95% t-interval. The pairs of one seed
 at different budgets share the initialisation and the data order, so they are not independent: the
 slope's interval treats them as if they were (it is too narrow if anything).
@@ -135,8 +136,7 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
     for a, b in PAIRS:
         points = []
         for budget in budgets:
-            seeds = sorted(s for (r, bb, s) in runs if r == a and bb == budget and (b, budget, s) in runs)
-            gaps = [runs[(a, budget, s)]["final_val_bpb"] - runs[(b, budget, s)]["final_val_bpb"] for s in seeds]
+            seeds, gaps = paired(runs, a, b, budget, "final_val_bpb")
             if not gaps:
                 continue
             mean, half = t_interval(gaps)
@@ -155,7 +155,44 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
     for a, b, b_, half, n in slopes:
         interval = "" if math.isnan(half) else f"[{b_ - half:+.4f}, {b_ + half:+.4f}]"
         lines.append(f"| {a} - {b} | {b_:+.4f} | {interval} | {n} |")
+    lines += [
+        "",
+        "Same-seed differences of the routing signature (mean [95% t-interval]; n/a where a metric was not logged):",
+        "",
+        "| pair | budget | pairs | " + " | ".join(SIGNATURE.values()) + " |",
+        "|---|---|---:|" + "---|" * len(SIGNATURE),
+    ]
+    for a, b in PAIRS:
+        for budget in budgets:
+            seeds, _ = paired(runs, a, b, budget, "final_val_bpb")
+            if not seeds:
+                continue
+            cells = []
+            for key in SIGNATURE:
+                _, diffs = paired(runs, a, b, budget, key)
+                mean, half = t_interval(diffs) if diffs else (math.nan, math.nan)
+                cells.append(
+                    "n/a"
+                    if not diffs
+                    else f"{mean:+.3f}" + ("" if math.isnan(half) else f" [{mean - half:+.3f}, {mean + half:+.3f}]")
+                )
+            lines.append(f"| {a} - {b} | {budget}x | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired(
+    runs: dict[tuple[str, int, str], dict[str, float]], a: str, b: str, budget: int, key: str
+) -> tuple[list[str], list[float]]:
+    """The seeds where both routers ran at ``budget`` and logged ``key`` (finite), and ``a - b`` there."""
+    seeds = sorted(
+        s
+        for (r, bb, s), m in runs.items()
+        if r == a
+        and bb == budget
+        and math.isfinite(m.get(key, math.nan))
+        and math.isfinite(runs.get((b, budget, s), {}).get(key, math.nan))
+    )
+    return seeds, [runs[(a, budget, s)][key] - runs[(b, budget, s)][key] for s in seeds]
 
 
 def plot_bpb_vs_tokens(runs: dict[tuple[str, int, str], dict[str, float]], out: Path) -> None:

@@ -14,7 +14,18 @@ def load(name: str):
     return load_script("experiments", name)
 
 
-FIELDS = ["run", "seed", "budget", "router", "complete", "final_val_bpb", "test_bpb", "tokens", "load_max_vio"]
+FIELDS = [
+    "run",
+    "seed",
+    "budget",
+    "router",
+    "complete",
+    "final_val_bpb",
+    "test_bpb",
+    "tokens",
+    "load_max_vio",
+    "top1_mi",
+]
 
 
 def write_runs(path: Path, rows: list[dict]) -> Path:
@@ -38,7 +49,7 @@ def test_budget_plot_gaps_and_slope_have_the_known_values(tmp_path):
             for router, bpb in values.items():
                 row = dict(run=f"{seed}-x{budget}-{router}", seed=seed, budget=f"x{budget}", router=router,
                            complete="1", final_val_bpb=bpb, test_bpb=bpb + 0.1, tokens=2.048e6 * budget,
-                           load_max_vio=0.5)  # fmt: skip
+                           load_max_vio=0.5, top1_mi=0.6 + (0.1 + 10 * noise) * (router == "gru_paper"))  # fmt: skip
                 rows_by_file["x1" if budget == 1 else "x3"].append(row)
     files = [write_runs(tmp_path / f"{k}.csv", v) for k, v in rows_by_file.items()]
     runs = budget_plot.read_runs(files)
@@ -52,6 +63,12 @@ def test_budget_plot_gaps_and_slope_have_the_known_values(tmp_path):
     slope, half, n = budget_plot.slope([(math.log10(t), 0.02 - 0.01 * math.log10(t)) for t in (1, 3, 10)])
     assert slope == pytest.approx(-0.01) and half == pytest.approx(0, abs=1e-12) and n == 3
     assert "| 10x | 20.5 M | gru_np | 2 |" in text and "n/a" in text  # signature metrics not in the CSV: n/a
+    # MaxVio is 0.5 for every run: every difference is 0; gru's MI is linear's + 0.1 -/+ 0.02: a t-interval
+    # with 1 degree of freedom, 12.706 * 0.02; vocabulary specialisation is not in the CSV
+    assert (
+        "| gru_paper - linear_torch | 3x | 2 | n/a | n/a | +0.000 [+0.000, +0.000] | +0.100 [-0.154, +0.354] | n/a |"
+        in text
+    )
     budget_plot.plot_bpb_vs_tokens(runs, tmp_path / "bpb.png")
     assert (tmp_path / "bpb.png").read_bytes()[:4] == b"\x89PNG"
 
