@@ -4,8 +4,8 @@ curves within each run, a ``curves.csv`` it extracts from a sweep root; writes t
 (``budget.md``) and two figures:
 
 - ``bpb_vs_tokens.png``: final val bpb against training tokens (log axis), every seed and the mean,
-  per router; beside it the authors' 12-layer enwik8 numbers (SMoE / RMoE val BPC after 80k steps
-  of 48 x 512 tokens, ~1.97 B tokens);
+  per router, and the mean best val bpb (dashed); beside it the authors' 12-layer enwik8 numbers
+  (SMoE / RMoE val BPC after 80k steps of 48 x 512 tokens, ~1.97 B tokens);
 - ``gap_curves.png``: the paired gap gru - linear and gru - NP at every validation of each long run
   (val every 10% of the run), against the fraction of the run.
 
@@ -42,6 +42,14 @@ SIGNATURE = {
     "top1_mi": "top-1 MI",
     "vocab_specialization": "vocab. specialisation",
 }
+MEASURES = {
+    "final_val_bpb": "final val bpb",
+    "best_val_bpb": "best val bpb",
+    "test_bpb": "test bpb (best checkpoint)",
+}
+"""What the routers are compared on. Final: the last validation; best: the lowest validation of the run (where
+the runs go over the training text many times, the final one is past the best); test: ``rmoe test`` of the
+best checkpoint."""
 PAPER_TOKENS = 80_000 * 48 * 512  # the authors' enwik8 budget: 80k steps of 48 blocks of 512 bytes
 PAPER_12_LAYERS = {"SMoE": 1.158, "RMoE": 1.151}  # val BPC, qiuzh20/RMoE layer_ablation.ipynb
 
@@ -65,6 +73,11 @@ def read_runs(paths: list[Path]) -> dict[tuple[str, int, str], dict[str, float]]
                         values[key] = float(value)
                     except (TypeError, ValueError):
                         continue
+                # the lowest val loss in bpb: loss and bpb differ by the run's bits per token, a constant
+                if values.get("final_val_loss") and "best_val_loss" in values:
+                    values["best_val_bpb"] = (
+                        values["best_val_loss"] * values["final_val_bpb"] / values["final_val_loss"]
+                    )
                 runs[(row["router"], budget_of(row["budget"]), row["seed"])] = values
     return runs
 
@@ -104,8 +117,10 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
     """The markdown of ``budget.md``: per budget and router, then the paired gaps, then the slopes."""
     budgets = sorted({b for _, b, _ in runs})
     lines = [
-        "| budget | tokens | router | n | final val bpb | test bpb | " + " | ".join(SIGNATURE.values()) + " |",
-        "|---|---:|---|---:|---:|---:|" + "---:|" * len(SIGNATURE),
+        "| budget | tokens | router | n | final val bpb | best val bpb | test bpb | "
+        + " | ".join(SIGNATURE.values())
+        + " |",
+        "|---|---:|---|---:|---:|---:|---:|" + "---:|" * len(SIGNATURE),
     ]
     for budget in budgets:
         for router in ROUTERS:
@@ -122,39 +137,40 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
             tokens = statistics.fmean(m.get("tokens", math.nan) for m in rows)
             lines.append(
                 f"| {budget}x | {tokens / 1e6:.1f} M | {router} | {len(rows)} | {cell('final_val_bpb')} | "
-                f"{cell('test_bpb')} | " + " | ".join(cell(k, 3) for k in SIGNATURE) + " |"
+                f"{cell('best_val_bpb')} | {cell('test_bpb')} | " + " | ".join(cell(k, 3) for k in SIGNATURE) + " |"
             )
     lines += [
         "",
         "Mean ± sample std over seeds. Signature: the last validation's routing metrics, averaged over layers "
         "(consecutive layer pairs for the MI); n/a where the runs did not log it.",
         "",
-        "| pair | budget | per seed | mean Δ final val bpb | 95% interval |",
-        "|---|---|---|---:|---|",
+        "| pair | measure | budget | per seed | mean Δ | 95% interval |",
+        "|---|---|---|---|---:|---|",
     ]
     slopes = []
     for a, b in PAIRS:
-        points = []
-        for budget in budgets:
-            seeds, gaps = paired(runs, a, b, budget, "final_val_bpb")
-            if not gaps:
-                continue
-            mean, half = t_interval(gaps)
-            interval = "" if math.isnan(half) else f"[{mean - half:+.4f}, {mean + half:+.4f}]"
-            per_seed = ", ".join(f"{s} {g:+.4f}" for s, g in zip(seeds, gaps, strict=True))
-            lines.append(f"| {a} - {b} | {budget}x | {per_seed} | {mean:+.4f} | {interval} |")
-            tokens = statistics.fmean(runs[(a, budget, s)]["tokens"] for s in seeds)
-            points += [(math.log10(tokens), g) for g in gaps]
-        b_, half, n = slope(points)
-        slopes.append((a, b, b_, half, n))
+        for measure, name in MEASURES.items():
+            points = []
+            for budget in budgets:
+                seeds, gaps = paired(runs, a, b, budget, measure)
+                if not gaps:
+                    continue
+                mean, half = t_interval(gaps)
+                interval = "" if math.isnan(half) else f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+                per_seed = ", ".join(f"{s} {g:+.4f}" for s, g in zip(seeds, gaps, strict=True))
+                lines.append(f"| {a} - {b} | {name} | {budget}x | {per_seed} | {mean:+.4f} | {interval} |")
+                tokens = statistics.fmean(runs[(a, budget, s)]["tokens"] for s in seeds)
+                points += [(math.log10(tokens), g) for g in gaps]
+            if points:
+                slopes.append((a, b, name, *slope(points)))
     lines += [
         "",
-        "| pair | slope of Δ per 10x tokens | 95% interval | pairs |",
-        "|---|---:|---|---:|",
+        "| pair | measure | slope of Δ per 10x tokens | 95% interval | pairs |",
+        "|---|---|---:|---|---:|",
     ]
-    for a, b, b_, half, n in slopes:
+    for a, b, name, b_, half, n in slopes:
         interval = "" if math.isnan(half) else f"[{b_ - half:+.4f}, {b_ + half:+.4f}]"
-        lines.append(f"| {a} - {b} | {b_:+.4f} | {interval} | {n} |")
+        lines.append(f"| {a} - {b} | {name} | {b_:+.4f} | {interval} | {n} |")
     lines += [
         "",
         "Same-seed differences of the routing signature (mean [95% t-interval]; n/a where a metric was not logged):",
@@ -204,17 +220,26 @@ def plot_bpb_vs_tokens(runs: dict[tuple[str, int, str], dict[str, float]], out: 
     fig, (ours, paper) = plt.subplots(1, 2, figsize=(10, 3.8), width_ratios=(2, 1), constrained_layout=True)
     for router, label in ROUTERS.items():
         by_budget: dict[float, list[float]] = defaultdict(list)
+        best: dict[float, list[float]] = defaultdict(list)
         for (r, _, _), m in runs.items():
             if r == router:
                 by_budget[m["tokens"]].append(m["final_val_bpb"])
+                if "best_val_bpb" in m:
+                    best[m["tokens"]].append(m["best_val_bpb"])
         if not by_budget:
             continue
         tokens = sorted(by_budget)
         (line,) = ours.plot(tokens, [statistics.fmean(by_budget[t]) for t in tokens], marker="o", label=label)
         for t in tokens:
             ours.scatter([t] * len(by_budget[t]), by_budget[t], color=line.get_color(), alpha=0.35, s=14)
+        if best:
+            ours.plot(sorted(best), [statistics.fmean(best[t]) for t in sorted(best)], ls="--", color=line.get_color())
     ours.set_xscale("log")
-    ours.set(title="ours: 12 layers, d=96, CPU (dots: seeds)", xlabel="training tokens", ylabel="final val bpb")
+    ours.set(
+        title="ours: 12 layers, d=96, CPU (dots: seeds; dashed: best val)",
+        xlabel="training tokens",
+        ylabel="final val bpb",
+    )
     ours.legend(fontsize=8)
     for name, value in PAPER_12_LAYERS.items():
         paper.scatter([PAPER_TOKENS], [value], label=f"{name} {value:.3f}", s=30)

@@ -25,7 +25,12 @@ FIELDS = [
     "tokens",
     "load_max_vio",
     "top1_mi",
+    "final_val_loss",
+    "best_val_loss",
 ]
+
+
+LN2 = math.log(2)
 
 
 def write_runs(path: Path, rows: list[dict]) -> Path:
@@ -49,17 +54,26 @@ def test_budget_plot_gaps_and_slope_have_the_known_values(tmp_path):
             for router, bpb in values.items():
                 row = dict(run=f"{seed}-x{budget}-{router}", seed=seed, budget=f"x{budget}", router=router,
                            complete="1", final_val_bpb=bpb, test_bpb=bpb + 0.1, tokens=2.048e6 * budget,
-                           load_max_vio=0.5, top1_mi=0.6 + (0.1 + 10 * noise) * (router == "gru_paper"))  # fmt: skip
+                           load_max_vio=0.5, top1_mi=0.6 + (0.1 + 10 * noise) * (router == "gru_paper"),
+                           final_val_loss=bpb * LN2, best_val_loss=(bpb - 0.01 * budget) * LN2)  # fmt: skip
                 rows_by_file["x1" if budget == 1 else "x3"].append(row)
     files = [write_runs(tmp_path / f"{k}.csv", v) for k, v in rows_by_file.items()]
     runs = budget_plot.read_runs(files)
     assert len(runs) == 18  # "other" is not one of the three routers
     text = budget_plot.tables(runs)
     # at 10x: 0.02 - 0.01 = 0.01, the seeds' noise (-0.002, +0.002) once on top
-    assert "| gru_paper - linear_torch | 10x | s0 +0.0080, s1 +0.0120 | +0.0100 |" in text
-    assert "| gru_np - linear_torch | 3x | s0 +0.0050, s1 +0.0050 | +0.0050 | [+0.0050, +0.0050] |" in text
-    slope_row = next(line for line in text.splitlines() if line.startswith("| gru_paper - linear_torch | -0.0100 |"))
-    assert slope_row.endswith("| 6 |")
+    assert "| gru_paper - linear_torch | final val bpb | 10x | s0 +0.0080, s1 +0.0120 | +0.0100 |" in text
+    assert (
+        "| gru_np - linear_torch | final val bpb | 3x | s0 +0.0050, s1 +0.0050 | +0.0050 | [+0.0050, +0.0050] |" in text
+    )
+    # best val bpb: each run's final bpb - 0.01 x budget, so the gaps are the final ones
+    assert "| gru_paper - linear_torch | best val bpb | 10x | s0 +0.0080, s1 +0.0120 | +0.0100 |" in text
+    assert "| 10x | 20.5 M | linear_torch | 2 | 2.1000 ± 0.0028 | 2.0000 ± 0.0028 | 2.2000 ± 0.0028 |" in text
+    for name in ("final val bpb", "best val bpb", "test bpb (best checkpoint)"):
+        row = next(
+            line for line in text.splitlines() if line.startswith(f"| gru_paper - linear_torch | {name} | -0.0100 |")
+        )
+        assert row.endswith("| 6 |")
     slope, half, n = budget_plot.slope([(math.log10(t), 0.02 - 0.01 * math.log10(t)) for t in (1, 3, 10)])
     assert slope == pytest.approx(-0.01) and half == pytest.approx(0, abs=1e-12) and n == 3
     assert "| 10x | 20.5 M | gru_np | 2 |" in text and "n/a" in text  # signature metrics not in the CSV: n/a
