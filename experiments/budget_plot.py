@@ -113,6 +113,11 @@ def fmt(mean: float, spread: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if math.isnan(spread) else f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
+def bracket(mean: float, half: float, digits: int = 4) -> str:
+    """``[mean - half, mean + half]`` with signs; empty when the half-width is unknown (one value)."""
+    return "" if math.isnan(half) else f"[{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
+
+
 def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
     """The markdown of ``budget.md``: per budget and router, then the paired gaps, then the slopes."""
     budgets = sorted({b for _, b, _ in runs})
@@ -156,7 +161,7 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
                 if not gaps:
                     continue
                 mean, half = t_interval(gaps)
-                interval = "" if math.isnan(half) else f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+                interval = bracket(mean, half)
                 per_seed = ", ".join(f"{s} {g:+.4f}" for s, g in zip(seeds, gaps, strict=True))
                 lines.append(f"| {a} - {b} | {name} | {budget}x | {per_seed} | {mean:+.4f} | {interval} |")
                 tokens = statistics.fmean(runs[(a, budget, s)]["tokens"] for s in seeds)
@@ -169,7 +174,7 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
         "|---|---|---:|---|---:|",
     ]
     for a, b, name, b_, half, n in slopes:
-        interval = "" if math.isnan(half) else f"[{b_ - half:+.4f}, {b_ + half:+.4f}]"
+        interval = bracket(b_, half)
         lines.append(f"| {a} - {b} | {name} | {b_:+.4f} | {interval} | {n} |")
     lines += [
         "",
@@ -187,11 +192,7 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
             for key in SIGNATURE:
                 _, diffs = paired(runs, a, b, budget, key)
                 mean, half = t_interval(diffs) if diffs else (math.nan, math.nan)
-                cells.append(
-                    "n/a"
-                    if not diffs
-                    else f"{mean:+.3f}" + ("" if math.isnan(half) else f" [{mean - half:+.3f}, {mean + half:+.3f}]")
-                )
+                cells.append("n/a" if not diffs else f"{mean:+.3f} {bracket(mean, half, 3)}".rstrip())
             lines.append(f"| {a} - {b} | {budget}x | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
