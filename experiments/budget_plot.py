@@ -10,10 +10,11 @@ curves within each run, a ``curves.csv`` it extracts from a sweep root; writes t
   (val every 10% of the run), against the fraction of the run.
 
 Statistics: per budget, the same-seed gaps (of final val bpb, and of each routing-signature metric) with a
-95% t-interval; the least-squares slope of the gap
-against log10(tokens) over every (budget, seed) pair, with a 95% t-interval. The pairs of one seed
-at different budgets share the initialisation and the data order, so they are not independent: the
-slope's interval treats them as if they were (it is too narrow if anything).
+95% t-interval; the slope of the gap against log10(tokens), two ways. Pooled: the least-squares slope over
+every (budget, seed) pair, with a 95% t-interval that treats the pairs as independent, which they are not
+(the pairs of one seed at different budgets share the initialisation and the data order), so it is too
+narrow if anything. Per seed: each seed's own least-squares slope over the budgets it ran, then the mean
+of those slopes with a 95% t-interval over seeds (seeds are independent; one value per seed).
 
 Usage::
 
@@ -107,6 +108,25 @@ def slope(points: list[tuple[float, float]]) -> tuple[float, float, int]:
     return b, t_quantile_95(n - 2) * math.sqrt(residual / sxx), n
 
 
+def seed_slopes(
+    runs: dict[tuple[str, int, str], dict[str, float]], a: str, b: str, key: str
+) -> tuple[list[str], list[float]]:
+    """The seeds with ``a - b`` at two or more budgets, and each one's least-squares slope of the gap against
+    log10(tokens) over its budgets."""
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for budget in sorted({bb for _, bb, _ in runs}):
+        seeds, gaps = paired(runs, a, b, budget, key)
+        for seed, gap in zip(seeds, gaps, strict=True):
+            points[seed].append((math.log10(runs[(a, budget, seed)]["tokens"]), gap))
+    seeds = sorted(s for s, p in points.items() if len({x for x, _ in p}) >= 2)
+    slopes = []
+    for seed in seeds:
+        xs, ys = [x for x, _ in points[seed]], [y for _, y in points[seed]]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slopes.append(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs))
+    return seeds, slopes
+
+
 def fmt(mean: float, spread: float, digits: int = 4) -> str:
     if math.isnan(mean):
         return ""
@@ -167,15 +187,21 @@ def tables(runs: dict[tuple[str, int, str], dict[str, float]]) -> str:
                 tokens = statistics.fmean(runs[(a, budget, s)]["tokens"] for s in seeds)
                 points += [(math.log10(tokens), g) for g in gaps]
             if points:
-                slopes.append((a, b, name, *slope(points)))
+                slopes.append((a, b, measure, name, *slope(points)))
     lines += [
         "",
-        "| pair | measure | slope of Δ per 10x tokens | 95% interval | pairs |",
-        "|---|---|---:|---|---:|",
+        "Slope of Δ per 10x tokens. Pooled: over every (budget, seed) pair as if independent (too narrow if "
+        "anything). Per seed: each seed's own slope over its budgets; their mean and a 95% t-interval over seeds.",
+        "",
+        "| pair | measure | pooled slope | 95% interval | pairs | per-seed slopes | mean | 95% interval (seeds) |",
+        "|---|---|---:|---|---:|---|---:|---|",
     ]
-    for a, b, name, b_, half, n in slopes:
-        interval = bracket(b_, half)
-        lines.append(f"| {a} - {b} | {name} | {b_:+.4f} | {interval} | {n} |")
+    for a, b, measure, name, b_, half, n in slopes:
+        seeds, per_seed = seed_slopes(runs, a, b, measure)
+        mean, spread = t_interval(per_seed) if per_seed else (math.nan, math.nan)
+        listed = ", ".join(f"{s} {v:+.4f}" for s, v in zip(seeds, per_seed, strict=True))
+        seed_cells = f"{listed} | {mean:+.4f} | {bracket(mean, spread)}" if per_seed else " | |"
+        lines.append(f"| {a} - {b} | {name} | {b_:+.4f} | {bracket(b_, half)} | {n} | {seed_cells} |")
     lines += [
         "",
         "Same-seed differences of the routing signature (mean [95% t-interval]; n/a where a metric was not logged):",

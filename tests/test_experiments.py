@@ -73,7 +73,8 @@ def test_budget_plot_gaps_and_slope_have_the_known_values(tmp_path):
         row = next(
             line for line in text.splitlines() if line.startswith(f"| gru_paper - linear_torch | {name} | -0.0100 |")
         )
-        assert row.endswith("| 6 |")
+        # pooled over the 6 pairs, and per seed: both seeds' own slopes are -0.01 (the noise is a per-seed offset)
+        assert row.endswith("| 6 | s0 -0.0100, s1 -0.0100 | -0.0100 | [-0.0100, -0.0100] |")
     slope, half, n = budget_plot.slope([(math.log10(t), 0.02 - 0.01 * math.log10(t)) for t in (1, 3, 10)])
     assert slope == pytest.approx(-0.01) and half == pytest.approx(0, abs=1e-12) and n == 3
     assert "| 10x | 20.5 M | gru_np | 2 |" in text and "n/a" in text  # signature metrics not in the CSV: n/a
@@ -85,6 +86,26 @@ def test_budget_plot_gaps_and_slope_have_the_known_values(tmp_path):
     )
     budget_plot.plot_bpb_vs_tokens(runs, tmp_path / "bpb.png")
     assert (tmp_path / "bpb.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_plot_per_seed_slopes_are_one_value_per_seed():
+    """Seed s0's gap falls 0.01 per 10x tokens, s1's 0.03, s2 ran one budget only (no slope): the per-seed
+    slopes are -0.01 and -0.03, their mean -0.02 with a t-interval of 12.706 * 0.01 (1 degree of freedom)."""
+    budget_plot = load("budget_plot")
+    runs = {}
+    for seed, per_decade, budgets in (("s0", -0.01, (1, 3, 10)), ("s1", -0.03, (1, 10)), ("s2", 0.5, (3,))):
+        for budget in budgets:
+            tokens = 2.048e6 * budget
+            runs[("linear_torch", budget, seed)] = {"final_val_bpb": 2.0, "tokens": tokens}
+            gap = 0.1 + per_decade * math.log10(tokens)
+            runs[("gru_paper", budget, seed)] = {"final_val_bpb": 2.0 + gap, "tokens": tokens}
+    seeds, slopes = budget_plot.seed_slopes(runs, "gru_paper", "linear_torch", "final_val_bpb")
+    assert seeds == ["s0", "s1"] and slopes == pytest.approx([-0.01, -0.03])
+    mean, half = budget_plot.t_interval(slopes)
+    assert mean == pytest.approx(-0.02) and half == pytest.approx(12.706 * 0.01, rel=1e-4)
+    text = budget_plot.tables(runs)
+    row = next(line for line in text.splitlines() if "| final val bpb | " in line and "s1 -0.0300" in line)
+    assert row.endswith("| s0 -0.0100, s1 -0.0300 | -0.0200 | [-0.1471, +0.1071] |")
 
 
 def test_budget_plot_gap_curves_from_a_curves_csv(tmp_path):
