@@ -93,6 +93,12 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return mean, t_quantile_95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def least_squares_slope(points: list[tuple[float, float]]) -> float:
+    """The least-squares slope of y on x (at least two distinct x)."""
+    mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(y for _, y in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
 def slope(points: list[tuple[float, float]]) -> tuple[float, float, int]:
     """Least-squares slope of y on x and its 95% t half-width; (nan, nan, n) below 3 points."""
     from rmoe.report.stats import t_quantile_95
@@ -101,9 +107,9 @@ def slope(points: list[tuple[float, float]]) -> tuple[float, float, int]:
     xs = {x for x, _ in points}
     if n < 3 or len(xs) < 2:
         return math.nan, math.nan, n
+    b = least_squares_slope(points)
     mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(y for _, y in points)
     sxx = sum((x - mx) ** 2 for x, _ in points)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx
     residual = sum((y - my - b * (x - mx)) ** 2 for x, y in points) / (n - 2)
     return b, t_quantile_95(n - 2) * math.sqrt(residual / sxx), n
 
@@ -119,12 +125,7 @@ def seed_slopes(
         for seed, gap in zip(seeds, gaps, strict=True):
             points[seed].append((math.log10(runs[(a, budget, seed)]["tokens"]), gap))
     seeds = sorted(s for s, p in points.items() if len({x for x, _ in p}) >= 2)
-    slopes = []
-    for seed in seeds:
-        xs, ys = [x for x, _ in points[seed]], [y for _, y in points[seed]]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        slopes.append(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs))
-    return seeds, slopes
+    return seeds, [least_squares_slope(points[seed]) for seed in seeds]
 
 
 def fmt(mean: float, spread: float, digits: int = 4) -> str:
