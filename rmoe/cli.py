@@ -160,11 +160,24 @@ class RmoeCLI(LightningCLI):
         if _atomic_io_applies(trainer_config.get("strategy", "auto"), plugins):
             extra["plugins"] = [*(plugins or []), AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**{**kwargs, **extra, "callbacks": callbacks})
-        if self.subcommand == "fit":  # before the run folder exists: a step that cannot fit writes nothing
+        if self.subcommand is not None:  # before the run folder exists: a run that cannot start writes nothing
+            self._check_device_and_precision(trainer)
+        if self.subcommand == "fit":
             self._check_step_memory(trainer)
         if self.subcommand is not None:  # a CLI built with run=False (tests, notebooks) writes no run folder
             claim_log_versions(trainer.loggers)
         return trainer
+
+    def _check_device_and_precision(self, trainer: Any) -> None:
+        """Refuse a precision or expert backend this machine cannot run
+        (:func:`rmoe.training.precision.check_device_and_precision`)."""
+        from rmoe.training.precision import check_device_and_precision
+
+        device = trainer.strategy.root_device
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if device.type == "cuda" and getattr(launcher, "_start_method", None) == "fork":
+            return  # asking CUDA about the device here would break the fork that follows
+        check_device_and_precision(self.model.arch, device, trainer.precision)
 
     def _check_step_memory(self, trainer: Any) -> None:
         """Refuse a training step the machine cannot hold (:func:`rmoe.training.memory.check_step_memory`):

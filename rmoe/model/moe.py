@@ -5,8 +5,8 @@ Shape legend: T tokens, D model width, F expert width, E experts, K top-k, S = T
 
 Dispatch: the T*K pairs are sorted by expert id so every expert's tokens are one contiguous group;
 each projection is then ONE grouped matmul over the groups (``torch.nn.functional.grouped_mm``,
-no host sync at all, where its fused kernel exists: bf16 on Hopper/Blackwell) or, elsewhere (CPU,
-fp32), plain matmuls on contiguous slices after a single host read of the group sizes per layer
+no host sync at all, where its fused kernel is proven: bf16 on Hopper) or, elsewhere (CPU, fp32,
+other GPUs), plain matmuls on contiguous slices after a single host read of the group sizes per layer
 (never one sync per expert), with a hand-written backward: :class:`_SlicedExperts` gathers the
 (S, D) expert inputs once, :class:`_TiledExperts` gathers each expert's rows just before its
 matmuls and never holds an (S, D) copy (faster once those copies outgrow the cache). Every expert
@@ -16,12 +16,14 @@ graph and DDP needs no ``find_unused_parameters``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 from rmoe.routers import RoutingOutput, get_router_class, tokens_per_expert
 
@@ -44,17 +46,79 @@ class SwiGLU(nn.Module):
 TILED_MIN_BYTES = 16 * 2**20
 
 
-def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``F.grouped_mm`` runs its fused kernel here (no host sync, no per-group loop).
+def grouped_mm_stride_problem(dtype: torch.dtype, hidden_size: int, expert_size: int) -> str | None:
+    """Why ``F.grouped_mm`` cannot take these widths (None: it can).
 
-    In torch 2.13 that is bf16 operands on CUDA compute capability 9.x/10.x (Hopper, Blackwell);
-    anything else (fp32 or fp16, A100, CPU) takes a fallback that copies the offsets to the host
-    at every call (forward and backward: six syncs per layer) and loops over the groups, which
-    is what the ``sliced`` backend does with one sync per layer.
+    Its operands and gradients must have 16-byte row strides (the kernel and torch's fallback both
+    check it): rows of ``hidden_size`` (x, the output, the weights' inner dimension) and of
+    ``expert_size`` (the activations) must be whole multiples of 16 bytes in the compute dtype.
     """
-    if not hasattr(F, "grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
-        return False
-    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+    multiple = max(1, 16 // dtype.itemsize)
+    if hidden_size % multiple == 0 and expert_size % multiple == 0:
+        return None
+    return (
+        f"model.arch.hidden_size={hidden_size} and model.arch.moe_intermediate_size={expert_size} must both be "
+        f"multiples of {multiple} in {str(dtype).removeprefix('torch.')} (grouped_mm needs 16-byte row strides)"
+    )
+
+
+def grouped_mm_unavailable(device: torch.device, dtype: torch.dtype, hidden_size: int, expert_size: int) -> str | None:
+    """Why ``auto`` does not take ``grouped_mm`` here (None: it does).
+
+    ``auto`` takes it only where its fused kernel is known right and fast: torch's CUTLASS kernel
+    in bf16 on compute capability 9.x (Hopper), at widths with 16-byte strides. Elsewhere torch
+    runs a fallback that copies the offsets to the host at every call (six syncs per layer, forward
+    and backward) and loops over the groups, which ``sliced`` does with one. Blackwell (10.x) has
+    the kernel, but torch has open reports of wrong gradients for experts that get no token
+    (pytorch issue 172439): it waits for a device check that proves it.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+    if device.type != "cuda":
+        return f"its fused kernel is CUDA-only (device: {device.type})"
+    if not torch.cuda.is_available():
+        return "CUDA is not available in this process"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        why = "not yet proven by a device check (pytorch issue 172439)" if major == 10 else "no fused kernel"
+        return f"compute capability {major}.{minor}: {why}; the fused kernel is proven on 9.x (Hopper)"
+    if dtype != torch.bfloat16:
+        return f"the compute dtype is {str(dtype).removeprefix('torch.')}; the fused kernel is bf16 only"
+    return grouped_mm_stride_problem(dtype, hidden_size, expert_size)
+
+
+_SAID: set[str] = set()
+
+
+def resolve_expert_backend(
+    requested: str, device: torch.device, dtype: torch.dtype, hidden_size: int, expert_size: int, num_pairs: int
+) -> str:
+    """The backend that runs: ``requested``, or for ``auto`` the fast one for this device and dtype.
+
+    ``auto``: ``grouped_mm`` where :func:`grouped_mm_unavailable` says its fused kernel is right and
+    fast; on CPU ``tiled`` when the (S, D) copies of ``sliced`` would be at least
+    :data:`TILED_MIN_BYTES`, else ``sliced``; ``sliced`` on other GPUs (deterministic there, unlike
+    ``tiled``'s ``index_add_``), saying once per process why not ``grouped_mm``. A forced
+    ``grouped_mm`` at widths it cannot take is a :class:`~rmoe.errors.RmoeError`.
+    """
+    if requested == "grouped_mm":
+        problem = grouped_mm_stride_problem(dtype, hidden_size, expert_size)
+        if problem is not None:
+            raise RmoeError(
+                f"model.arch.expert_backend='grouped_mm' cannot run this model: {problem}. Use expert_backend "
+                "'auto' or 'sliced', or widths that are such multiples."
+            )
+        return requested
+    if requested != "auto":
+        return requested
+    reason = grouped_mm_unavailable(device, dtype, hidden_size, expert_size)
+    if reason is None:
+        return "grouped_mm"
+    if device.type == "cuda" and reason not in _SAID:
+        _SAID.add(reason)
+        warnings.warn(f"model.arch.expert_backend=auto runs 'sliced', not 'grouped_mm': {reason}.", stacklevel=2)
+    copy_bytes = num_pairs * hidden_size * dtype.itemsize
+    return "tiled" if device.type == "cpu" and copy_bytes >= TILED_MIN_BYTES else "sliced"
 
 
 class GroupedExperts(nn.Module):
@@ -71,16 +135,9 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def _resolve_backend(self, x_TD: torch.Tensor, num_pairs: int) -> str:
-        """``auto``: ``grouped_mm`` where its fused kernel runs; on CPU ``tiled`` when the (S, D)
-        copies of ``sliced`` would be at least :data:`TILED_MIN_BYTES`, else ``sliced``; ``sliced``
-        on other GPUs (deterministic there, unlike ``tiled``'s ``index_add_``)."""
-        if self.backend != "auto":
-            return self.backend
-        dtype = self._compute_dtype(x_TD)
-        if _grouped_mm_available(x_TD.device, dtype):
-            return "grouped_mm"
-        copy_bytes = num_pairs * x_TD.shape[-1] * dtype.itemsize
-        return "tiled" if x_TD.device.type == "cpu" and copy_bytes >= TILED_MIN_BYTES else "sliced"
+        """The backend this call runs (:func:`resolve_expert_backend`)."""
+        D, F_ = self.gate_up_proj.shape[-1], self.down_proj.shape[-1]
+        return resolve_expert_backend(self.backend, x_TD.device, self._compute_dtype(x_TD), D, F_, num_pairs)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The autocast dtype when autocast is on (our kernels are not autocast-aware), else the weights'."""
@@ -143,12 +200,18 @@ class GroupedExperts(nn.Module):
         dtype = x_TD.dtype
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         x_SD = x_TD[order_S // K]
+        valid_S = None
+        if has_drops:
+            # grouped_mm leaves the rows past the last group (the dropped pairs, sorted last) uninitialised
+            # in its output AND in its input gradient (documented, pytorch issue 193633): mask both ends,
+            # with where (a NaN in the rows not taken stays out, in the forward and in the backward).
+            valid_S = torch.arange(order_S.numel(), device=x_TD.device) < offsets_E[-1]
+            x_SD = torch.where(valid_S[:, None], x_SD, 0.0)
         # grouped_mm is not autocast-aware: the weights are cast by hand to the compute dtype.
         gate_up_S2F = F.grouped_mm(x_SD, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
         gate_SF, up_SF = gate_up_S2F.chunk(2, dim=-1)
         y_SD = F.grouped_mm(F.silu(gate_SF) * up_SF, self.down_proj.to(dtype).transpose(-2, -1), offs=offsets_E)
-        if has_drops:  # rows past the last group (dropped pairs) are left uninitialised
-            valid_S = torch.arange(order_S.numel(), device=x_TD.device) < offsets_E[-1]
+        if valid_S is not None:
             y_SD = torch.where(valid_S[:, None], y_SD, 0.0)
         y_SD = y_SD * weights_TK.reshape(-1)[order_S].to(dtype)[:, None]
         # Undo the sort with a gather (deterministic, unlike index_add_ on CUDA), then sum over K.

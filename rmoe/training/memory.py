@@ -78,8 +78,6 @@ UNDERESTIMATE`` of free memory, :func:`check_step_memory` warns that the step ma
 PROC_MEMINFO = Path("/proc/meminfo")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
-# What the CPU ``auto`` expert backend compares with (rmoe.model.moe.TILED_MIN_BYTES).
-_TILED_MIN_BYTES = 16 * 2**20
 _EXPERT_CHOICE_ROUTERS = ("expert_choice", "sinkhorn_expert_choice", "sparse_expert_choice")
 _PLAN_ROUTERS = ("sinkhorn_token_choice", "sinkhorn_expert_choice", "sparse_expert_choice")
 
@@ -150,16 +148,13 @@ def attention_materialises_scores(arch: ModelConfig, device: Any = None, precisi
     return int(choice) == int(torch.nn.attention.SDPBackend.MATH)
 
 
-def _expert_backend(arch: ModelConfig, device: torch.device, pairs: int, act: int, mixed: bool) -> str:
-    """The backend :class:`rmoe.model.moe.GroupedExperts` resolves ``auto`` to."""
-    if arch.expert_backend != "auto":
-        return arch.expert_backend
-    if device.type == "cuda":
-        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] in (9, 10)
-        if mixed and act == 2 and hopper and hasattr(torch.nn.functional, "grouped_mm"):
-            return "grouped_mm"
-        return "sliced"
-    return "tiled" if device.type == "cpu" and pairs * arch.hidden_size * act >= _TILED_MIN_BYTES else "sliced"
+def _expert_backend(arch: ModelConfig, device: torch.device, pairs: int, precision: Any) -> str:
+    """The backend :class:`rmoe.model.moe.GroupedExperts` runs (:func:`rmoe.model.moe.resolve_expert_backend`)."""
+    from rmoe.model.moe import resolve_expert_backend
+    from rmoe.training.precision import compute_dtype
+
+    D, F_ = arch.hidden_size, arch.moe_intermediate_size
+    return resolve_expert_backend(arch.expert_backend, device, compute_dtype(precision), D, F_, pairs)
 
 
 def _router_width(arch: ModelConfig) -> int:
@@ -226,7 +221,7 @@ def step_memory_terms(
         pairs = E * max(1, min(T, math.ceil(float(arch.router_options.get("capacity_factor", 1.0)) * T * K / E)))
     else:
         pairs = T * K
-    backend = _expert_backend(arch, dev, pairs, a, mixed)
+    backend = _expert_backend(arch, dev, pairs, precision)
     moe = 3 * T * D * r  # residual after attention, normalised input, norm output
     moe += T * D * a if mixed else 0  # input cast to the expert dtype
     moe += 4 * T * E * 4 + T * _router_width(arch) * 4  # fp32 logits, probabilities, z-loss, weights

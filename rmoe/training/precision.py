@@ -1,0 +1,58 @@
+"""What a run's ``trainer.precision`` means for the model, and the checks made before it starts.
+
+One reading of Lightning's precision spellings (``32-true``/``32``, ``64-true``, ``bf16-mixed``,
+``16-mixed``, ``bf16-true``, ``16-true``) for the memory estimate, the expert backend and these checks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from rmoe.errors import RmoeError
+from rmoe.model.config import ModelConfig
+from rmoe.model.moe import grouped_mm_unavailable, resolve_expert_backend
+
+
+def compute_dtype(precision: Any) -> torch.dtype:
+    """The dtype the matmuls run in: the autocast dtype of ``*-mixed``, the weights' of ``*-true``."""
+    p = str(precision).lower()
+    if p in ("64", "64-true", "double"):
+        return torch.float64
+    if "bf16" in p:
+        return torch.bfloat16
+    if "16" in p or p == "half":
+        return torch.float16
+    return torch.float32
+
+
+def check_device_and_precision(arch: ModelConfig, device: torch.device, precision: Any) -> str:
+    """Refuse, before anything runs, a precision or expert backend that cannot run on ``device``;
+    returns the expert backend that will run (for ``auto``, the one its first layer resolves to).
+
+    Raises :class:`~rmoe.errors.RmoeError` naming the key: ``trainer.precision`` in bf16 on a GPU
+    without bf16, ``model.arch.expert_backend=grouped_mm`` at widths it cannot take. A forced
+    ``grouped_mm`` where its fused kernel does not run is allowed (torch's per-group fallback computes
+    the same numbers, with a host sync per call), with a warning that says so.
+    """
+    dtype = compute_dtype(precision)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise RmoeError(
+            f"trainer.precision={precision!s} needs bf16, which {torch.cuda.get_device_name(device)} does not "
+            "support; use 16-mixed (fp16 with a gradient scaler) or 32-true."
+        )
+    if arch.num_experts == 0:
+        return "none"
+    D, F_ = arch.hidden_size, arch.moe_intermediate_size
+    backend = resolve_expert_backend(arch.expert_backend, device, dtype, D, F_, num_pairs=0)
+    if arch.expert_backend == "grouped_mm" and device.type == "cuda":
+        reason = grouped_mm_unavailable(device, dtype, D, F_)
+        if reason is not None:
+            warnings.warn(
+                f"model.arch.expert_backend=grouped_mm runs torch's per-group fallback here ({reason}): the same "
+                "numbers, with a host sync per call; 'auto' would run 'sliced'.",
+                stacklevel=2,
+            )
+    return backend
