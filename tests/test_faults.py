@@ -350,9 +350,16 @@ def test_bad_input_is_one_paragraph_and_exit_2(case, trained, tmp_path, capsys):
 # Faults of a training run
 
 
-def test_a_diverging_run_stops_with_one_paragraph_and_no_non_finite_checkpoint(tmp_path, capsys):
+# the divergence guard reads a logged step's values at once, any other step's a step later (after the
+# device has cancelled a non-finite update): both ways are tested
+GUARD_TIMING = pytest.mark.parametrize("log_every", [1, 50], ids=["read-at-once", "read-a-step-later"])
+
+
+@GUARD_TIMING
+def test_a_diverging_run_stops_with_one_paragraph_and_no_non_finite_checkpoint(log_every, tmp_path, capsys):
     """lr = 1e30: the first update sends every weight to ~1e30 and the next forward overflows."""
-    args = run_args(tmp_path, "model.optim.lr=1e30", "model.optim.warmup_steps=0", "trainer.max_steps=8")
+    args = run_args(tmp_path, "model.optim.lr=1e30", "model.optim.warmup_steps=0", "trainer.max_steps=8",
+                    f"trainer.log_every_n_steps={log_every}")  # fmt: skip
     code, _, err = rmoe(capsys, "fit", *args, "trainer.val_check_interval=1")
     assert_one_paragraph(code, err, "training diverged at optimiser step", "The last finite losses were step 0: ")
     assert "model.optim.lr (now 1e+30)" in err
@@ -382,13 +389,15 @@ class _PoisonGradient(L.Callback):
             self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def test_skip_nonfinite_steps_skips_a_bad_step_without_touching_the_weights(tmp_path):
+@GUARD_TIMING
+def test_skip_nonfinite_steps_skips_a_bad_step_without_touching_the_weights(log_every, tmp_path):
     """``model.optim.skip_nonfinite_steps=1``: a NaN gradient at step 2 is skipped (weights unchanged
     by that step), training goes on, ``train/skipped_steps`` says 1; a second bad step stops the run."""
     from rmoe.cli import build_cli
     from rmoe.errors import RmoeError
 
-    args = run_args(tmp_path, "trainer.max_steps=5", "model.optim.skip_nonfinite_steps=1")
+    every = f"trainer.log_every_n_steps={log_every}"
+    args = run_args(tmp_path, "trainer.max_steps=5", "model.optim.skip_nonfinite_steps=1", every)
     cli = build_cli(args, run=False)
     poison = _PoisonGradient(step=2)
     cli.trainer.callbacks.append(poison)
@@ -400,7 +409,7 @@ def test_skip_nonfinite_steps_skips_a_bad_step_without_touching_the_weights(tmp_
     assert all(torch.isfinite(v).all() for v in cli.model.state_dict().values() if v.is_floating_point())
 
     (tmp_path / "2").mkdir()
-    args = run_args(tmp_path / "2", "trainer.max_steps=5", "model.optim.skip_nonfinite_steps=1")
+    args = run_args(tmp_path / "2", "trainer.max_steps=5", "model.optim.skip_nonfinite_steps=1", every)
     cli = build_cli(args, run=False)
     cli.trainer.callbacks += [_PoisonGradient(step=1), _PoisonGradient(step=3)]
     with pytest.warns(UserWarning), pytest.raises(RmoeError, match="diverged at optimiser step 3 after 1 skipped"):

@@ -5,7 +5,8 @@ one, and no import cycle, lazy imports inside functions included; ``if TYPE_CHEC
 are annotations only and do not count):
 
     0 errors
-    1 runs (reading run directories), checkpoints (reading and writing model files safely), data
+    1 runs (reading run directories), checkpoints (reading and writing model files safely), data,
+      syncs (moving device values to the host; counting host synchronisations)
     2 routers (the seam: RouterContext, RoutingOutput; nothing from model)
     3 model, interop.qwen2_moe (weight mapping), the package root
     4 metrics
@@ -30,6 +31,7 @@ LAYERS: dict[str, int] = {
     "rmoe.runs": 1,
     "rmoe.checkpoints": 1,
     "rmoe.data": 1,
+    "rmoe.syncs": 1,
     "rmoe.routers": 2,
     "rmoe": 3,
     "rmoe.model": 3,

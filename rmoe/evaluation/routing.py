@@ -22,6 +22,7 @@ from rmoe.errors import RmoeError
 from rmoe.evaluation.experts import DEFAULT_MAX_EXPERT_TOKENS, ExpertOutputStats, weight_analyses
 from rmoe.metrics import RoutingStats, expert_similarity_per_layer, gate_entropy
 from rmoe.metrics.specialization import TokenExpertStats
+from rmoe.syncs import all_reduce_, to_host
 
 if TYPE_CHECKING:
     from rmoe.model.decoder import MoeLM
@@ -58,9 +59,9 @@ class RoutingHistograms:
     def __init__(self, num_experts: int, num_bins: int = NUM_HIST_BINS) -> None:
         self.num_experts = num_experts
         self.num_bins = num_bins
+        self._range = {"router_probs": (0.0, 1.0), "gate_entropy": (0.0, max(math.log(max(num_experts, 1)), 1e-6))}
         self.edges = {
-            "router_probs": torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64),
-            "gate_entropy": torch.linspace(0.0, max(math.log(max(num_experts, 1)), 1e-6), num_bins + 1).double(),
+            name: torch.linspace(lo, hi, num_bins + 1, dtype=torch.float64) for name, (lo, hi) in self._range.items()
         }
         self.reset()
 
@@ -99,9 +100,9 @@ class RoutingHistograms:
         return self
 
     def _add(self, name: str, values_LN: torch.Tensor) -> None:
-        s, edges = self._state[name], self.edges[name]
+        s = self._state[name]
         L, B = values_LN.shape[0], self.num_bins
-        lo, hi = float(edges[0]), float(edges[-1])
+        lo, hi = self._range[name]
         bins_LN = ((values_LN - lo) * (B / (hi - lo))).floor().long().clamp_(0, B - 1)
         bins_LN += torch.arange(L, device=bins_LN.device)[:, None] * B
         s["counts_LB"] += torch.bincount(bins_LN.flatten(), minlength=L * B).view(L, B).to(s["counts_LB"].device)
@@ -114,12 +115,9 @@ class RoutingHistograms:
     def all_reduce(self) -> None:
         """Sum (counts, sums) / min / max every tensor across processes, in place (no-op when
         ``torch.distributed`` is not initialised). Every process must have seen at least one batch."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
         for state in self._state.values():
             for key, tensor in state.items():
-                op = {"min_L": dist.ReduceOp.MIN, "max_L": dist.ReduceOp.MAX}.get(key, dist.ReduceOp.SUM)
-                dist.all_reduce(tensor, op=op)
+                all_reduce_([tensor], {"min_L": dist.ReduceOp.MIN, "max_L": dist.ReduceOp.MAX}.get(key))
 
     def compute(self) -> dict[str, dict[str, Any]]:
         """``{name: {"edges": (B+1,), "counts": (L, B), "num", "sum", "sum_squares", "min", "max": (L,)}}``
@@ -139,6 +137,28 @@ class RoutingHistograms:
         return out
 
 
+ROUTING_TENSORS = ("logits_TE", "probs_TE", "weights_TK", "expert_ids_TK", "keep_TK")
+"""The fields of :class:`~rmoe.routers.RoutingOutput` the routing metrics read (not Soft MoE's slot logits)."""
+
+
+def routing_to_host(
+    routing: Sequence[RoutingOutput], extra: Sequence[torch.Tensor] = ()
+) -> tuple[list[RoutingOutput], list[torch.Tensor]]:
+    """Every MoE layer's routing (detached, :data:`ROUTING_TENSORS` only) and any other tensors, on the
+    host in ONE transfer (:func:`rmoe.syncs.to_host`): the metrics then read them without making the
+    host wait for the device again."""
+    from rmoe.routers.base import RoutingOutput
+
+    fields = [[getattr(r, name) for name in ROUTING_TENSORS] for r in routing]
+    flat = [t for row in fields for t in row if t is not None]
+    host = to_host([*flat, *extra])
+    moved, out = iter(host[: len(flat)]), []
+    for row in fields:
+        values = {name: (next(moved) if t is not None else None) for name, t in zip(ROUTING_TENSORS, row, strict=True)}
+        out.append(RoutingOutput(**values))
+    return out, host[len(flat) :]
+
+
 def all_reduce_stats(stats: RoutingStats) -> RoutingStats:
     """Combine every process's :class:`RoutingStats` (SUM all-reduce of its count tensors, gather of
     path counts and samples); returns the combined stats on every process (rank 0's is complete).
@@ -146,8 +166,9 @@ def all_reduce_stats(stats: RoutingStats) -> RoutingStats:
     Every process must have updated its stats at least once."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
-    for tensor in stats.state_tensors().values():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    all_reduce_(list(stats.state_tensors().values()))
+    # pickled to the other processes: device tensors would be unpickled onto their devices (torch warns)
+    stats.to_host_()
     gathered: list[RoutingStats | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, stats)
     if dist.get_rank() == 0:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rmoe.syncs import to_host
+
 
 @torch.no_grad()
 def expert_similarity(
@@ -54,17 +56,20 @@ def expert_similarity(
 
 
 @torch.no_grad()
-def expert_similarity_per_layer(model: nn.Module, *, include_diagonal: bool = True) -> torch.Tensor:
-    """:func:`expert_similarity` of every MoE layer of a model, in depth order: (L,) fp32 on CPU.
+def expert_similarity_per_layer(model: nn.Module, *, include_diagonal: bool = True, host: bool = True) -> torch.Tensor:
+    """:func:`expert_similarity` of every MoE layer of a model, in depth order: (L,) fp32, on the host
+    (one transfer), or with ``host=False`` on the weights' device.
 
     Finds the routed experts as the modules with 3-D ``gate_up_proj`` (E, 2F, D) and ``down_proj``
     (E, D, F) parameters (``rmoe.model.moe.GroupedExperts``), in registration (= depth) order.
     """
     values = [
-        expert_similarity(m.gate_up_proj, m.down_proj, include_diagonal=include_diagonal).cpu()
+        expert_similarity(m.gate_up_proj, m.down_proj, include_diagonal=include_diagonal)
         for m in model.modules()
         if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
         and isinstance(getattr(m, "down_proj", None), torch.Tensor)
         and m.gate_up_proj.dim() == 3
     ]
-    return torch.stack(values) if values else torch.zeros(0)
+    if not values:
+        return torch.zeros(0)
+    return to_host([torch.stack(values)])[0] if host else torch.stack(values)

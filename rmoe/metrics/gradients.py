@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rmoe.routers.base import Router
+from rmoe.syncs import to_host
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -38,6 +39,19 @@ def router_group(name: str) -> str:
 def router_grad_norms_by_loss(model: nn.Module, losses: Mapping[str, torch.Tensor | None]) -> dict[str, float]:
     """L2 norm of d(loss)/d(router parameters) for each loss separately, without touching ``.grad``.
 
+    :func:`router_grad_norm_tensors`, read on the host in one transfer.
+
+    Returns:
+        Flat dict ``"{loss}/total"``, ``"{loss}/shared"`` (parameters shared across layers, 0 if
+        none) and ``"{loss}/layer_{i}"`` (i = decoder layer index of each MoE layer's router).
+    """
+    norms = router_grad_norm_tensors(model, losses)
+    return dict(zip(norms, to_host([torch.stack(list(norms.values()))])[0].tolist(), strict=True)) if norms else {}
+
+
+def router_grad_norm_tensors(model: nn.Module, losses: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """:func:`router_grad_norms_by_loss` as 0-d fp32 tensors on the parameters' device (no host sync).
+
     Uses ``torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)``, so the
     graph survives for the training step's own backward and no ``.grad`` is accumulated. A loss
     that is None or does not require grad (e.g. a balance loss with coefficient 0 on a detached
@@ -47,27 +61,24 @@ def router_grad_norms_by_loss(model: nn.Module, losses: Mapping[str, torch.Tenso
     Args:
         model: The model (e.g. ``rmoe.model.decoder.MoeLM``).
         losses: Name -> scalar loss, e.g. ``{"lm": lm_loss, "balance": aux_loss}``.
-
-    Returns:
-        Flat dict ``"{loss}/total"``, ``"{loss}/shared"`` (parameters shared across layers, 0 if
-        none) and ``"{loss}/layer_{i}"`` (i = decoder layer index of each MoE layer's router).
     """
     params = router_parameters(model)
     names = list(params)
     groups = sorted({router_group(n) for n in names} | {"shared"}, key=_group_order)
-    out: dict[str, float] = {}
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    out: dict[str, torch.Tensor] = {}
     for loss_name, loss in losses.items():
         if loss is None or not loss.requires_grad or not names:
             grads: list[torch.Tensor | None] = [None] * len(names)
         else:
             grads = list(torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True))
-        squares = dict.fromkeys(groups, 0.0)
+        squares = {group: torch.zeros((), device=device) for group in groups}
         for name, grad in zip(names, grads):
             if grad is not None:
-                squares[router_group(name)] += float(grad.detach().float().pow(2).sum())
-        out[f"{loss_name}/total"] = sum(squares.values()) ** 0.5
+                squares[router_group(name)] = squares[router_group(name)] + grad.detach().float().pow(2).sum()
+        out[f"{loss_name}/total"] = torch.stack(list(squares.values())).sum().sqrt()
         for group in groups:
-            out[f"{loss_name}/{group}"] = squares[group] ** 0.5
+            out[f"{loss_name}/{group}"] = squares[group].sqrt()
     return out
 
 

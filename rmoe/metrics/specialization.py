@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
+
+from rmoe.syncs import all_reduce_
 
 if TYPE_CHECKING:
     from rmoe.routers.base import RoutingOutput
@@ -217,10 +218,8 @@ class TokenExpertStats:
 
     def all_reduce(self) -> None:
         """Sum the counts across processes, in place (no-op without ``torch.distributed``)."""
-        if self.counts_LVE is None or not (dist.is_available() and dist.is_initialized()):
-            return
-        for tensor in (self.counts_LVE, self.joint_LEE, self.occurrences_V):
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if self.counts_LVE is not None:
+            all_reduce_([self.counts_LVE, self.joint_LEE, self.occurrences_V])
 
     def compute(self, *, min_count: int = DEFAULT_MIN_COUNT, num_pairs: int = 20) -> dict[str, Any]:
         """``vocab_specialization`` (L,), ``coactivation`` (L, E, E) rates, ``coactivation_max`` (L,)

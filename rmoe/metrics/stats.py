@@ -134,6 +134,15 @@ class RoutingStats:
         for m in self._groups.means:
             self._state[m.sum_key] = torch.zeros(num_layers, dtype=torch.float64, device=device)
 
+    def to_host_(self) -> RoutingStats:
+        """Move everything to the host, in place (before pickling: device tensors would be unpickled
+        onto the device they came from); returns self."""
+        self._state = {name: t.cpu() for name, t in self._state.items()}
+        if self._sample_NVL is not None:
+            self._sample_NVL = self._sample_NVL.cpu()
+        self._paths.to_host_()
+        return self
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The live count and sum tensors (all add up across processes: ``all_reduce`` with SUM in
         place). Empty before the first :meth:`update`."""
@@ -356,6 +365,12 @@ class PathCounts:
         self._pending_tokens += num_tokens
         if self._pending_size >= max(self.flush_size, self.size):
             self.flush()
+
+    def to_host_(self) -> None:
+        """Move the table and the pending batches to the host, in place."""
+        if self._keys is not None:
+            self._keys, self._counts_N = self._keys.cpu(), self._counts_N.cpu()
+        self._pending = [(k.cpu(), c.cpu()) for k, c in self._pending]
 
     def flush(self) -> None:
         """Fold the pending batches into the table."""

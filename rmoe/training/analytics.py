@@ -47,16 +47,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rmoe.errors import RmoeError
-from rmoe.evaluation.routing import RoutingHistograms, all_reduce_stats
+from rmoe.evaluation.routing import RoutingHistograms, all_reduce_stats, routing_to_host
 from rmoe.figures import coactivation_figure, figure, figure_to_rgb
 from rmoe.metrics import (
     RoutingStats,
     expert_similarity_per_layer,
-    router_grad_norms,
     router_parameters,
     summary_scalars,
 )
 from rmoe.metrics.catalog import metrics
+from rmoe.metrics.gradients import router_grad_norm_tensors
 from rmoe.metrics.specialization import DEFAULT_MIN_COUNT, TokenExpertStats
 from rmoe.routers.base import RoutingOutput
 from rmoe.training.module import MoeLMModule
@@ -211,20 +211,22 @@ class RoutingAnalytics(L.Callback):
             return
         start = time.perf_counter()
         self._last_train_step = step
-        metrics: dict[str, float] = {}
-        if self.grad_norms:
-            metrics.update(self._grad_norms(pl_module, record))
+        norms: dict[str, torch.Tensor] = self._grad_norms(pl_module, record) if self.grad_norms else {}
         with torch.no_grad():
-            routing = [detached(r) for r in record.routing]
+            similarity_L = torch.zeros(0) if self._sharded else expert_similarity_per_layer(pl_module.model, host=False)
+            batch = self._train_batch if isinstance(self._train_batch, torch.Tensor) else torch.zeros(0)
+            stacked = torch.stack(list(norms.values())) if norms else torch.zeros(0)
+            # everything this step logs reaches the host in one transfer; the metrics run there
+            routing, (stacked, similarity_L, batch) = routing_to_host(record.routing, [stacked, similarity_L, batch])
+            metrics: dict[str, float] = dict(zip(norms, stacked.tolist(), strict=True))
             stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
             metrics.update(summary_scalars(stats.update(routing).compute(), prefix=f"{PREFIX}/train"))
-            similarity_L = torch.zeros(0) if self._sharded else expert_similarity_per_layer(pl_module.model)
             metrics.update(
                 {f"{PREFIX}/train/expert_similarity/layer_{l}": float(v) for l, v in enumerate(similarity_L)}
             )
             if similarity_L.numel():
                 metrics[f"{PREFIX}/train/expert_similarity/mean"] = float(similarity_L.mean())
-            tokens = self._token_stats(pl_module, self._train_batch, routing)
+            tokens = self._token_stats(pl_module, batch if batch.numel() else None, routing)
             if tokens is not None:
                 spec = tokens.compute(min_count=self.specialization_min_count, num_pairs=0)
                 metrics.update(self._specialization_scalars(spec, "train"))
@@ -234,9 +236,9 @@ class RoutingAnalytics(L.Callback):
                 self._write_histograms("train", _histograms(pl_module).update(routing), step)
         self.seconds_spent += time.perf_counter() - start
 
-    def _grad_norms(self, pl_module: L.LightningModule, record: Any) -> dict[str, float]:
-        """``moe/train/router_grad_norm_{lm,balance}/...``; the balance part is left out (warned once)
-        when its coefficients are 0 or it has no gradient path to the routers."""
+    def _grad_norms(self, pl_module: L.LightningModule, record: Any) -> dict[str, torch.Tensor]:
+        """``moe/train/router_grad_norm_{lm,balance}/...`` as device scalars; the balance part is left
+        out (warned once) when its coefficients are 0 or it has no gradient path to the routers."""
         if not isinstance(record.lm_loss, torch.Tensor) or not record.lm_loss.requires_grad:
             return {}
         if not router_parameters(pl_module.model):
@@ -250,13 +252,13 @@ class RoutingAnalytics(L.Callback):
             self._warn_once("balance", f"RoutingAnalytics: {message} are logged.")
             balance = None
         try:
-            norms = router_grad_norms(pl_module.model, record.lm_loss, balance)
+            norms = router_grad_norm_tensors(pl_module.model, {"lm": record.lm_loss, "balance": balance})
         except RuntimeError as err:  # e.g. a compiled graph that cannot be traversed twice
             self._warn_once("grad", f"RoutingAnalytics: router gradient norms are off for this run ({err}).")
             self.grad_norms = False
             return {}
         moe_index = {f"layer_{d}": f"layer_{l}" for l, d in enumerate(pl_module.arch.moe_layers)}
-        out: dict[str, float] = {}
+        out: dict[str, torch.Tensor] = {}
         for key, value in norms.items():
             loss_name, group = key.split("/", 1)
             if loss_name == "balance" and balance is None:
@@ -315,7 +317,10 @@ class RoutingAnalytics(L.Callback):
         start = time.perf_counter()
         stats, histograms, tokens = self._eval
         with torch.no_grad():
-            routing = [detached(r) for r in record.routing]
+            # one transfer per batch; the accumulators live on the host
+            extra = [batch] if isinstance(batch, torch.Tensor) else []
+            routing, extra = routing_to_host(record.routing, extra)
+            batch = extra[0] if extra else batch
             stats.update(routing)
             if histograms is not None:
                 histograms.update(routing)

@@ -10,11 +10,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
 
 from rmoe.model.decoder import MoeLM
+from rmoe.training.module import logs_this_step
 
 _summary_log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 
@@ -29,10 +30,39 @@ def training_flops_per_token(model: MoeLM, seq_len: int) -> float:
     )
 
 
+# Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's data sheets, matched
+# in order against torch.cuda.get_device_name() (first match wins: "L40S" before "L4", the NVL and
+# PCIe variants before the H100 SXM default).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("B200", 2.25e15),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # H200 SXM (and GH200: the same Hopper GPU)
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),  # SXM4 and PCIe, 40 and 80 GB
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a GPU by its name (:data:`PEAK_BF16_FLOPS`); None when unknown."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
 class TokenThroughput(L.Callback):
-    """Logs ``train/tokens_per_sec`` (all processes) over a rolling window of optimiser steps, and
-    ``train/mfu`` when the device's peak FLOP/s is known (CUDA): 6 x active non-embedding parameters
-    + attention (12 x L x D x S) FLOPs per token, the PaLM appendix B estimate.
+    """Logs ``train/tokens_per_sec`` (all processes) over a rolling window of optimiser steps, and on a
+    GPU ``train/mfu``: model FLOP/s utilisation, 6 x active non-embedding parameters + attention
+    (12 x L x D x S) FLOPs per token (the PaLM appendix B estimate) over the card's dense bf16 peak
+    (:data:`PEAK_BF16_FLOPS`, whatever the precision, as torchtitan reports it). A card not in the
+    table is named once, and only tokens/s is logged.
+
+    Both are logged on the steps Lightning logs (``trainer.log_every_n_steps``), from host clocks and
+    counts: no value is read from the device.
 
     Args:
         window: Number of batches the rate is averaged over.
@@ -45,9 +75,12 @@ class TokenThroughput(L.Callback):
         self._peak_flops: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._peak_flops = None
         if pl_module.device.type == "cuda":
-            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-            self._peak_flops = get_available_flops(pl_module.device, dtype)
+            name = torch.cuda.get_device_name(pl_module.device)
+            self._peak_flops = peak_bf16_flops(name)
+            if self._peak_flops is None:
+                rank_zero_warn(f"TokenThroughput: no peak FLOP/s known for {name!r}: train/mfu is not logged.")
         self._times, self._tokens = [], []
 
     def on_train_batch_end(
@@ -56,15 +89,15 @@ class TokenThroughput(L.Callback):
         self._times.append(time.perf_counter())
         self._tokens.append(batch[:, 1:].numel() * trainer.world_size)
         self._times, self._tokens = self._times[-self.window - 1 :], self._tokens[-self.window - 1 :]
-        if len(self._times) < 2:
+        if len(self._times) < 2 or not logs_this_step(trainer):
             return
-        elapsed = self._times[-1] - self._times[0]
-        tokens = sum(self._tokens[1:])
-        tokens_per_sec = tokens / elapsed
-        pl_module.log("train/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
+        tokens_per_sec = sum(self._tokens[1:]) / (self._times[-1] - self._times[0])
+        # host tensors: Lightning would copy a Python number to the device (a synchronisation)
+        pl_module.log("train/tokens_per_sec", torch.tensor(tokens_per_sec), on_step=True, on_epoch=False)
         if self._peak_flops:
             flops = training_flops_per_token(pl_module.model, batch.shape[1] - 1)
-            pl_module.log("train/mfu", tokens_per_sec * flops / (self._peak_flops * trainer.world_size))
+            mfu = tokens_per_sec * flops / (self._peak_flops * trainer.world_size)
+            pl_module.log("train/mfu", torch.tensor(mfu), on_step=True, on_epoch=False)
 
 
 class SaveTokenizer(L.Callback):

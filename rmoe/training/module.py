@@ -21,6 +21,7 @@ from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
 from rmoe.model.losses import average_over_layers, expert_counts
 from rmoe.routers import Router, RoutingOutput
+from rmoe.syncs import HostCopy, to_host
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 TRAIN_LOSSES = ("loss", "aux_loss", "z_loss", "total_loss")
-"""``train/<name>`` scalars, each the mean over the optimiser step's micro-batches and processes."""
+"""``train/<name>`` scalars, each the mean over the optimiser step's micro-batches and processes
+(with ``train/grad_norm``, the global gradient norm before clipping), logged every
+``trainer.log_every_n_steps`` optimiser steps."""
 
 
 @dataclass
@@ -147,6 +150,9 @@ class MoeLMModule(L.LightningModule):
         self._step_loss_sums: torch.Tensor | None = None  # TRAIN_LOSSES summed over this step's micro-batches
         self._finite_losses: deque[tuple[int, float]] = deque(maxlen=5)  # (step, train/loss), last finite steps
         self._step_micro_batches = 0
+        self._pending: tuple[int, HostCopy] | None = None  # (step, its values on their way to the host)
+        self._grad_norm: torch.Tensor | None = None  # this step's global gradient norm (device scalar)
+        self._grad_share_scale = 1
 
     def setup(self, stage: str) -> None:
         """``init_from``: load the weights before the model is compiled or sharded (``configure_model``)
@@ -255,63 +261,102 @@ class MoeLMModule(L.LightningModule):
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the step's losses once per optimiser step: the mean over its micro-batches and over the
-        processes (one all-reduce of four scalars), so ``train/loss`` is the loss of the global batch
-        whatever the split into devices and accumulation steps (Lightning's own ``self.log`` in
-        ``training_step`` would log rank 0's last micro-batch)."""
-        if self._step_loss_sums is not None:
-            # the local squared gradient norm rides along in the same all-reduce: a non-finite value on any
-            # process makes the mean non-finite, so every process stops at the same step
-            local = torch.cat([self._step_loss_sums / self._step_micro_batches, self._grad_square_norm()])
-            reduced = self.trainer.strategy.reduce(local, reduce_op="mean")
-            means = reduced[: len(TRAIN_LOSSES)]
-            if self._check_finite(reduced):  # a skipped step's NaN stays out of the curves
-                for name, value in zip(TRAIN_LOSSES, means, strict=True):
-                    self.log(f"train/{name}", value, prog_bar=name == "loss")
-            if self.optim.skip_nonfinite_steps:
-                self.log("train/skipped_steps", float(self.skipped_steps))
-        self.log("train/tokens_seen", float(self.tokens_seen))
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
-        self._step_loss_sums, self._step_micro_batches = None, 0
+        """The end of an optimiser step's backward: its losses and gradient norm, checked and logged.
 
-    def _grad_square_norm(self) -> torch.Tensor:
-        """``(1,)``: the sum of squared gradients this process holds (its shards under FSDP), fp32.
+        The step's losses (mean over its micro-batches) and this process's share of the squared
+        gradient norm go through ONE all-reduce, so ``train/loss`` is the loss of the global batch
+        whatever the split into devices and accumulation steps, and every process takes the same
+        decision. The divergence guard (:meth:`_check_step`) never makes the host wait for the GPU
+        outside logged steps: with fused AdamW the update of a non-finite step is cancelled on the
+        device (the optimiser's ``found_inf``, as a gradient scaler does), and the values reach the
+        host through a non-blocking copy that is checked at the next step, before its update. On the
+        steps Lightning logs (``trainer.log_every_n_steps``), the values are read at once, in one
+        transfer, and logged from the host. Without a fused optimiser (fp16 with clipping) the check
+        reads every step (one host synchronisation per step).
+        """
+        if self._step_loss_sums is None:
+            return
+        local = torch.cat([self._step_loss_sums / self._step_micro_batches, self._grad_norm_share()])
+        reduced = self.trainer.strategy.reduce(local, reduce_op="mean")
+        self._step_loss_sums, self._step_micro_batches = None, 0
+        means, grad_square = reduced[: len(TRAIN_LOSSES)], reduced[-1] * self._grad_share_scale
+        self._grad_norm = grad_square.sqrt()  # the clipping below reads it (one pass over the gradients)
+        step = int(self.trainer.global_step)
+        self._check_pending()  # the previous step's values, copied without waiting
+        found_inf = self._device_skip(optimizer, reduced)
+        if logs_this_step(self.trainer) or found_inf is None:
+            values = to_host([torch.cat([means, self._grad_norm.reshape(1)])])[0]
+            if self._check_step(step, values.tolist()) and logs_this_step(self.trainer):
+                for name, value in zip((*TRAIN_LOSSES, "grad_norm"), values, strict=True):
+                    self.log(f"train/{name}", value, prog_bar=name == "loss")
+                self.log("train/tokens_seen", torch.tensor(float(self.tokens_seen)))
+                self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
+                if self.optim.skip_nonfinite_steps:
+                    self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
+        else:
+            self._pending = (step, HostCopy(torch.cat([means, self._grad_norm.reshape(1)])))
+
+    def _grad_norm_share(self) -> torch.Tensor:
+        """``(1,)`` fp32: this process's share of the squared gradient norm, such that the mean over the
+        processes times ``_grad_share_scale`` is the squared norm of the whole gradient (FSDP2 shards:
+        each process holds a part, scale = world size; DDP: each holds all of it, scale = 1).
 
         0 under a GradScaler (fp16): infinite gradients are its normal signal to skip a step and
         lower the scale, not a divergence.
         """
         device = self._step_loss_sums.device
+        self._grad_share_scale = 1
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return torch.zeros(1, device=device)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2's DTensor shards
+        if any(hasattr(g, "to_local") for g in grads):  # FSDP2's DTensor shards
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            self._grad_share_scale = self.trainer.world_size
         if not grads:
             return torch.zeros(1, device=device)
         return torch.nn.utils.get_total_norm(grads).float().pow(2).reshape(1).to(device)
 
-    def _check_finite(self, reduced: torch.Tensor) -> bool:
-        """Stop ``fit`` at the first optimiser step whose loss or gradient norm is not finite (or skip it,
-        up to ``optim.skip_nonfinite_steps`` times: returns False for a skipped step, True for a finite one).
+    def _device_skip(self, optimizer: torch.optim.Optimizer, reduced: torch.Tensor) -> torch.Tensor | None:
+        """Cancel this step's update on the device when a value is not finite: the fused optimiser's
+        ``found_inf`` (1.0 skips every parameter and moment, as a gradient scaler's does). None where
+        the optimiser cannot (not fused, or a gradient scaler owns ``found_inf``)."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        fused = all(group.get("fused") for group in optimizer.param_groups)
+        if not fused or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return None
+        found_inf = (~torch.isfinite(reduced).all()).float()  # () like the step counters it is subtracted from
+        optimizer.found_inf = found_inf
+        return found_inf
 
-        Raised before the optimiser step, so no parameter (and no checkpoint written after this
-        point) ever holds a NaN; the checkpoints of earlier steps are untouched. One host
-        synchronisation per optimiser step (five floats).
+    def _check_pending(self) -> None:
+        """Check the values of an earlier step that were copied to the host without waiting."""
+        if self._pending is not None:
+            step, copy = self._pending
+            self._pending = None
+            self._check_step(step, copy.tolist())
+
+    def _check_step(self, step: int, values: list[float]) -> bool:
+        """Stop ``fit`` at the first optimiser step whose loss or gradient norm is not finite (or skip it,
+        up to ``optim.skip_nonfinite_steps`` times): returns False for a skipped step, True for a finite one.
+
+        Raised before any later update, so no parameter (and no checkpoint) ever holds a value of a
+        non-finite step: where the check runs a step late, the device already cancelled that step's
+        update (:meth:`_device_skip`); where it runs at once, the gradients are dropped here.
         """
-        values = reduced.tolist()
-        step = int(self.trainer.global_step)
-        lm_loss, grad_square = values[0], values[-1]
+        lm_loss, grad_norm = values[0], values[-1]
         if all(math.isfinite(v) for v in values):
             self._finite_losses.append((step, lm_loss))
             return True
         bad = [f"train/{n}={v}" for n, v in zip(TRAIN_LOSSES, values, strict=False) if not math.isfinite(v)]
-        if not math.isfinite(grad_square):
+        if not math.isfinite(grad_norm):
             bad.append("the gradient norm is not finite")
         last = ", ".join(f"step {s}: {v:.4f}" for s, v in self._finite_losses) or "none (the first step diverged)"
         if self.skipped_steps < self.optim.skip_nonfinite_steps:
             # no gradient, no update: AdamW leaves a parameter without .grad (and its moments) untouched;
             # every process decided on the same all-reduced values, so all of them skip
-            for p in self.parameters():
-                p.grad = None
+            if step == self.trainer.global_step:
+                for p in self.parameters():
+                    p.grad = None
             self.skipped_steps += 1
             warnings.warn(
                 f"optimiser step {step} skipped ({'; '.join(bad)}): {self.skipped_steps} of at most "
@@ -327,6 +372,29 @@ class MoeLMModule(L.LightningModule):
             f"Lower model.optim.lr (now {self.optim.lr:g}), keep trainer.gradient_clip_val on, or resume from "
             "the run's last finite checkpoint (checkpoints/last.ckpt) with other settings."
         )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the global gradient norm already computed for the divergence guard (no second pass
+        over the gradients), as ``torch.nn.utils.clip_grads_with_norm_``: every gradient times
+        ``min(1, clip / (norm + 1e-6))``, on the device. Lightning clips itself in the other cases
+        (clipping by value; fp16, whose gradients are still scaled here), and refuses a fused
+        optimiser under mixed precision even in bf16, where no scaler is involved: this is what keeps
+        fused AdamW on under ``bf16-mixed`` with ``gradient_clip_val``."""
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not gradient_clip_val or not by_norm or scaler is not None or self._grad_norm is None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        coef = (float(gradient_clip_val) / (self._grad_norm + 1e-6)).clamp(max=1.0)
+        for device_grads in _by_device(grads).values():
+            torch._foreach_mul_(device_grads, coef.to(device_grads[0].device))
 
     def _eval_step(self, batch: torch.Tensor, split: str) -> None:
         losses = self._losses(batch)
@@ -370,6 +438,10 @@ class MoeLMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._step_counts_LE, self._step_loss_sums, self._step_micro_batches = None, None, 0
+        self._pending, self._grad_norm = None, None
+
+    def on_train_end(self) -> None:
+        self._check_pending()  # the last step's values
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -382,11 +454,13 @@ class MoeLMModule(L.LightningModule):
             (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
         o = self.optim
         # The fused kernel (one pass over every parameter) exists for CPU and CUDA; on CPU it is ~6x
-        # faster than foreach (benchmarks/bench_step.py), most of it on the 3-D expert weights.
-        # Lightning refuses it with gradient clipping under mixed precision (it unscales internally).
+        # faster than foreach (benchmarks/bench_step.py), most of it on the 3-D expert weights, and it
+        # cancels a non-finite step on the device (found_inf). Under fp16's gradient scaler the
+        # gradients are still scaled when clipping runs, and the fused step unscales them itself:
+        # Lightning refuses the pair, so fp16 with clipping keeps the foreach implementation.
         clipping = bool(self.trainer.gradient_clip_val) if self._trainer is not None else False
-        mixed = "mixed" in str(self.trainer.precision) if self._trainer is not None else False
-        fused = self.device.type in ("cpu", "cuda") and not (clipping and mixed)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        fused = self.device.type in ("cpu", "cuda") and not (clipping and scaler is not None)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr,
@@ -401,12 +475,28 @@ class MoeLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_pending()  # no checkpoint after a divergence that is not reported yet
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning writes the training metrics of the step in progress to the loggers
+    (``trainer.log_every_n_steps``; always when that cannot be told)."""
+    if not trainer.loggers:
+        return False
+    return bool(getattr(trainer._logger_connector, "should_update_logs", True))
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
