@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU check of rmoe in one command, sized for one short device lease (~6 min on one H200
-# after the machine is up): the MoE block in bf16 against the dense MLP and transformers' eager
-# and grouped_mm experts (issue 15's table, plus one GPU-sized shape), then a bf16-mixed training
-# run of configs/gpu.yaml's model with compiled layers and the grouped_mm backend (tokens/s, MFU)
-# and the same run with the dense MLP of the same active parameters (the step-time ratio).
+# Every GPU check of rmoe in one command, sized for one short device lease (~8 min on one H100/H200
+# after the machine is up):
+#   env             torch, CUDA, the card, and which expert backend `auto` takes there and why;
+#   routers         one bf16 training step of every configs/router/*.yaml on grouped_mm against sliced
+#                   (loss, gradient norm and every gradient equal; benchmarks/router_check.py);
+#   block_bf16      the MoE block in bf16 against the dense MLP and transformers' eager and grouped_mm
+#                   experts (issue 15's three shapes), block_gpu_shape one GPU-sized fine-grained shape;
+#   train_moe       configs/gpu.yaml's model, bf16-mixed, compiled layers, grouped_mm, with validation
+#                   and the routing analytics on: tokens/s, MFU, val/loss (DDP over every visible GPU);
+#   train_dense     the same run with the dense MLP of the same active parameters (the step-time ratio).
 #
 # On the device machine (the `device` tool's `run`, from the repository root, carry [".whl"]):
 #     bash benchmarks/device_check.sh
@@ -12,9 +17,10 @@
 # Dry run of the whole sequence on a CPU (reduced sizes; what to try before spending device time):
 #     bash benchmarks/device_check.sh --cpu
 #
-# Everything it prints also lands in $OUT (default: ./device_check_out): env.txt, block_bf16.txt/.json,
-# block_gpu_shape.txt/.json, train_moe.txt, train_dense.txt, summary.txt. Each step has its own
-# timeout and a failed step does not stop the ones after it; the exit code is the number of failures.
+# Everything it prints also lands in $OUT (default: ./device_check_out): env.txt, routers.txt/.json,
+# block_bf16.txt/.json, block_gpu_shape.txt/.json, train_moe.txt, train_dense.txt, summary.txt. Each
+# step has its own timeout and a failed step does not stop the ones after it; the exit code is the
+# number of failures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_check_out}
@@ -61,13 +67,17 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, tee to $OUT/NAME.txt, record th
 
 step env 60 "$PYTHON" -c "
 import torch, lightning, transformers, datasets, omegaconf, jsonargparse
-from rmoe.model.moe import _grouped_mm_available
+from rmoe.model.moe import grouped_mm_unavailable
+from rmoe.training.callbacks import peak_bf16_flops
 for m in (torch, lightning, transformers, datasets, omegaconf, jsonargparse):
     print(m.__name__, m.__version__)
+print('torch built with CUDA', torch.version.cuda)
 if torch.cuda.is_available():
     d = torch.device('cuda')
-    print(torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), 'capability', torch.cuda.get_device_capability(0))
-    print('grouped_mm fast path (bf16):', _grouped_mm_available(d, torch.bfloat16))
+    name = torch.cuda.get_device_name(0)
+    print(name, 'x', torch.cuda.device_count(), 'capability', torch.cuda.get_device_capability(0))
+    print('bf16 dense peak FLOP/s:', peak_bf16_flops(name))
+    print('auto takes grouped_mm (bf16, d=512, F=256):', grouped_mm_unavailable(d, torch.bfloat16, 512, 256) or 'yes')
 else:
     print('no CUDA device: CPU dry run')
 "
@@ -81,6 +91,13 @@ else
   SHAPES=(--tokens 768 --seq-len 64 --hidden-size 128 --expert-size 176)  # the sweep's small shape only
   TRAIN=(benchmarks/gpu_check.py --cpu --steps 12)
 fi
+if [ "$MODE" = gpu ]; then
+  ROUTERS=(--device cuda)
+else
+  ROUTERS=(--device cpu --tokens 256 --seq-len 64 --hidden-size 64 --num-layers 2 --num-experts 8 --expert-size 32
+           --vocab-size 256)
+fi
+step routers 150 "$PYTHON" benchmarks/router_check.py "${ROUTERS[@]}" --json "$OUT/routers.json"
 DENSE=(model.arch.num_experts=0)  # the dense MLP's intermediate_size = top_k x expert width: same active params
 step block_bf16 240 "$PYTHON" benchmarks/bench_moe.py "${SHAPES[@]}" "${BLOCK[@]}" --json "$OUT/block_bf16.json"
 # A GPU-sized fine-grained shape (Qwen3-MoE-like: 64 experts of 512, top-8, d=1024, 16k tokens).
@@ -91,6 +108,7 @@ fi
 step train_moe 330 "$PYTHON" "${TRAIN[@]}" "trainer.logger.init_args.save_dir=${RUNS:-/tmp/device_check_runs}"
 step train_dense 240 "$PYTHON" "${TRAIN[@]}" "${DENSE[@]}" "trainer.logger.init_args.save_dir=${RUNS:-/tmp/device_check_runs}"
 
+grep -h "agree (sliced / grouped_mm)" "$OUT/routers.txt" | tee -a "$OUT/summary.txt"
 grep -H "^gpu_check:" "$OUT/train_moe.txt" "$OUT/train_dense.txt" | tee -a "$OUT/summary.txt"
 echo "device_check: $failures failed step(s); outputs in $OUT" | tee -a "$OUT/summary.txt"
 exit "$failures"

@@ -8,7 +8,8 @@ On a GPU machine (every visible GPU; DDP when there are several)::
 
 It trains ``configs/base.yaml`` + ``configs/gpu.yaml`` (~70M parameters, 16 experts, top-2) on the
 embedded byte-level corpus with ``bf16-mixed``, compiled layers (``model.compile=true``) and the
-``grouped_mm`` expert backend, without validation or checkpoints, then prints the median of
+``grouped_mm`` expert backend, with validation (3 times) and the routing analytics on and no
+checkpoints, then prints the median of
 ``train/tokens_per_sec`` and ``train/mfu`` (logged by :class:`~rmoe.training.callbacks.TokenThroughput`)
 over the second half of the steps (after compilation). ``--cpu`` runs the same command on the CPU
 (2 processes with DDP, bf16 autocast, ``grouped_mm``; not compiled: no C++ toolchain is assumed) on
@@ -31,15 +32,20 @@ def fit_args(cpu: bool, steps: int, num_devices: int, overrides: list[str]) -> l
     """The ``rmoe fit`` arguments of the check."""
     size = "configs/quick.yaml" if cpu else "configs/gpu.yaml"
     args = ["--config", str(ROOT / "configs/base.yaml"), "--config", str(ROOT / size)]
+    throughput = "{class_path: rmoe.training.callbacks.TokenThroughput, init_args: {window: 10}}"
+    analytics = (
+        f"{{class_path: rmoe.training.analytics.RoutingAnalytics, init_args: {{every_n_steps: {max(1, steps // 6)}}}}}"
+    )
     args += [
         f"trainer.accelerator={'cpu' if cpu else 'gpu'}",
         f"trainer.devices={num_devices}",
         f"trainer.strategy={'ddp' if num_devices > 1 else 'auto'}",
         "trainer.precision=bf16-mixed",
         f"trainer.max_steps={steps}",
-        "trainer.limit_val_batches=0",
+        f"trainer.val_check_interval={max(1, steps // 3)}",  # validation and routing analytics on, as in a real run
+        f"trainer.limit_val_batches={2 if cpu else 10}",
         "trainer.enable_checkpointing=false",
-        "trainer.callbacks=[{class_path: rmoe.training.callbacks.TokenThroughput, init_args: {window: 10}}]",
+        f"trainer.callbacks=[{throughput}, {analytics}]",
         "trainer.logger.init_args.name=gpu_check",
         f"model.compile={'false' if cpu else 'true'}",
         "model.arch.expert_backend=grouped_mm",
@@ -51,15 +57,21 @@ def fit_args(cpu: bool, steps: int, num_devices: int, overrides: list[str]) -> l
 
 
 def summarise(log_dir: Path, steps: int) -> dict[str, float]:
-    """Median of ``train/tokens_per_sec`` and ``train/mfu`` over the second half of the steps."""
+    """Median of ``train/tokens_per_sec`` and ``train/mfu`` over the second half of the steps (robust to
+    the few windows a validation falls in), the last ``val/loss`` and how many routing-analytics
+    scalars were logged."""
     from rmoe.runs import read_scalars
 
-    series = read_scalars(log_dir, pattern=r"^train/(tokens_per_sec|mfu)$")
-    return {
+    series = read_scalars(log_dir, pattern=r"^(train/(tokens_per_sec|mfu)|val/loss|moe/.*)$")
+    out = {
         tag.split("/")[1]: statistics.median(v for s, v in points if s >= steps // 2)
         for tag, points in series.items()
-        if any(s >= steps // 2 for s, _ in points)
+        if tag.startswith("train/") and any(s >= steps // 2 for s, _ in points)
     }
+    if series.get("val/loss"):
+        out["val_loss"] = series["val/loss"][-1][1]
+    out["analytics_tags"] = float(sum(1 for tag in series if tag.startswith("moe/")))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -86,7 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"gpu_check: {trainer.world_size} x {device}, {trainer.strategy.__class__.__name__}, bf16-mixed, "
         f"compile={not args.cpu}, grouped_mm, {steps} steps: "
         f"tokens/s {measured.get('tokens_per_sec', float('nan')):.0f}, "
-        f"MFU {measured.get('mfu', float('nan')):.3f}" + (" (no peak FLOP/s known for the CPU)" if args.cpu else "")
+        f"MFU {measured.get('mfu', float('nan')):.3f}"
+        + (" (no peak FLOP/s known for the CPU)" if args.cpu else "")
+        + f", val/loss {measured.get('val_loss', float('nan')):.4f}, {measured['analytics_tags']:.0f} routing tags"
     )
     return measured
 

@@ -177,7 +177,7 @@ class RmoeCLI(LightningCLI):
         launcher = getattr(trainer.strategy, "launcher", None)
         if device.type == "cuda" and getattr(launcher, "_start_method", None) == "fork":
             return  # asking CUDA about the device here would break the fork that follows
-        check_device_and_precision(self.model.arch, device, trainer.precision)
+        check_device_and_precision(self.model.arch, device, trainer.precision, compile=self.model.compile_layers)
 
     def _check_step_memory(self, trainer: Any) -> None:
         """Refuse a training step the machine cannot hold (:func:`rmoe.training.memory.check_step_memory`):

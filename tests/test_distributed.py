@@ -179,6 +179,55 @@ def test_fsdp_fit_equals_one_process_and_its_checkpoint_loads_on_one_process(run
     assert reloaded_loss == pytest.approx(scalars(fsdp, "val/loss")[3], abs=ATOL)
 
 
+# ----------------------------------------------------------------------------------------------
+# The recurrent router and a capacity router, under DDP and FSDP2
+
+
+@pytest.fixture(scope="module")
+def router_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """For ``gru`` and ``locmoe`` (capacity 1.0: it drops pairs): 2 processes of one sequence each, under
+    DDP and FSDP2, and one process that accumulates the same two sequences per step.
+
+    A capacity applies to the tokens of one forward call (per process, as GShard and Megatron-Core
+    apply theirs): with one sequence per forward call the micro-batches are the same in all three runs
+    (rank r takes every 2nd index of the permutation, the one process takes them in turn), so every
+    router must give the one process's curve. The balance loss is the micro-batch's, averaged over the
+    two micro-batches by DDP's gradient averaging and by Lightning's accumulation alike."""
+    root = tmp_path_factory.mktemp("router_runs")
+    common = ["data.batch_size=1", "data.eval_batch_size=1", "model.aux_loss_scope=micro_batch",
+              f"trainer.max_steps={NUM_STEPS // 2}", "model.arch.router_options={}"]  # fmt: skip
+    build_cli(run_args(root, "prepare", 1), run=False).datamodule.prepare_data()
+    for router in ("gru", "locmoe"):
+        options = ["model.arch.router_options={capacity_factor: 1.0}"] if router == "locmoe" else []
+        args = ["--config", str(ROOT / f"configs/router/{router}.yaml"), *common, *options]
+        ddp = start(rmoe_command("fit", *run_args(root, f"{router}_ddp", 1, *args, "trainer.strategy=ddp",
+                                                  "trainer.devices=2")), root, f"{router}_ddp")  # fmt: skip
+        fsdp = ["--config", str(ROOT / "configs/strategy/fsdp.yaml"), "trainer.devices=2"]
+        fsdp_run = start(
+            rmoe_command("fit", *run_args(root, f"{router}_fsdp", 1, *args, *fsdp)), root, f"{router}_fsdp"
+        )
+        one = ["trainer.accumulate_grad_batches=2", "trainer.limit_val_batches=4"]
+        main(["fit", *run_args(root, f"{router}_one", 1, *args, *one)])
+        wait_ok(ddp)
+        wait_ok(fsdp_run)
+    return root
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("router", ["gru", "locmoe"])
+def test_the_recurrent_and_a_capacity_router_train_under_ddp_and_fsdp_as_on_one_process(router, strategy, router_runs):
+    one, many = router_runs / f"runs/{router}_one/version_0", router_runs / f"runs/{router}_{strategy}/version_0"
+    steps = range(NUM_STEPS // 2)
+    for tag in ("train/loss", "train/aux_loss", "train/z_loss"):
+        assert_same_curve(scalars(many, tag), scalars(one, tag), steps)
+    last = NUM_STEPS // 2 - 1
+    assert scalars(many, "val/loss")[last] == pytest.approx(scalars(one, "val/loss")[last], abs=ATOL)
+    for tag in ("moe/val/num_tokens", "moe/val/load_cv/mean", "moe/val/drop_ratio/mean"):
+        assert scalars(many, tag)[last] == pytest.approx(scalars(one, tag)[last], abs=1e-6), tag
+    if router == "locmoe":
+        assert scalars(one, "moe/val/drop_ratio/mean")[last] > 0  # the capacity was binding
+
+
 def test_gradient_accumulation_gives_the_curve_of_the_larger_batch(tmp_path):
     """2 micro-batches of 4 per step against batches of 8. The balance loss is off here: ``E sum f P`` of a
     batch is not the mean of its halves' (see the global-batch tests for that part); the LM loss and the

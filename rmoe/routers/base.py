@@ -215,6 +215,10 @@ class Router(nn.Module):
     ``{"eval_routing": "topk"}``), for a router that is not causal in evaluation as configured;
     None: it offers no causal evaluation. ``ModelConfig.causal_evaluation_options`` applies and
     checks it; ``rmoe sweep`` tests such runs both ways."""
+    compile_problem: ClassVar[str | None] = None
+    """Why ``torch.compile(fullgraph=True)`` cannot trace this router (data-dependent shapes, Python
+    control flow on tensor values), or None: it can. ``model.compile=true`` refuses a router that
+    says why not; ``tests/test_compile.py`` proves the None of every registered router."""
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__()

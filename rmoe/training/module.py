@@ -22,6 +22,7 @@ from rmoe.model.decoder import MoeLM
 from rmoe.model.losses import average_over_layers, expert_counts
 from rmoe.routers import Router, RoutingOutput
 from rmoe.syncs import HostCopy, to_host
+from rmoe.training.precision import expert_backend_of_run
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -111,7 +112,9 @@ class MoeLMModule(L.LightningModule):
             micro-batches 1..k (later ones are not computed yet), so the last one sees the whole
             step. ``P_e`` is always the local mean (its gradient is averaged by DDP/FSDP).
             Validation and test use each batch's own fractions.
-        compile: ``torch.compile`` each decoder layer (in place, so checkpoint names don't change).
+        compile: ``torch.compile`` each decoder layer (in place, so checkpoint names don't change), with
+            ``fullgraph=True`` on the ``grouped_mm`` path. The ``rmoe`` command refuses what cannot be
+            compiled before anything runs (:func:`rmoe.training.precision.check_device_and_precision`).
         init_from: Start ``rmoe fit`` from the model weights of this rmoe checkpoint (e.g. the
             ``checkpoints/imported.ckpt`` of ``rmoe import``, or another run's) and nothing else:
             step, optimiser, schedule and data order start afresh (fine-tuning). The architecture
@@ -188,8 +191,14 @@ class MoeLMModule(L.LightningModule):
         if isinstance(self.model, FSDPModule):  # Lightning calls this hook again for validate / test
             return
         if self.compile_layers:
+            # One graph per decoder layer, in place (checkpoint names unchanged; FSDP2 then wraps each
+            # layer as torchtitan does). Without a host read inside (grouped_mm) each layer is traced
+            # whole (fullgraph: a graph break is an error, not a silent slowdown); sliced/tiled read
+            # the group sizes on the host, so their layers break there once.
+            backend = expert_backend_of_run(self.arch, self.trainer.strategy.root_device, self.trainer.precision)
+            fullgraph = backend in ("grouped_mm", "none")
             for layer in self.model.layers:
-                layer.compile()
+                layer.compile(fullgraph=fullgraph)
         if self.device_mesh is not None:
             self._fully_shard(self.device_mesh)
 

@@ -14,6 +14,7 @@ import torch
 from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 from rmoe.model.moe import grouped_mm_unavailable, resolve_expert_backend
+from rmoe.routers import get_router_class
 
 
 def compute_dtype(precision: Any) -> torch.dtype:
@@ -28,12 +29,14 @@ def compute_dtype(precision: Any) -> torch.dtype:
     return torch.float32
 
 
-def check_device_and_precision(arch: ModelConfig, device: torch.device, precision: Any) -> str:
-    """Refuse, before anything runs, a precision or expert backend that cannot run on ``device``;
-    returns the expert backend that will run (for ``auto``, the one its first layer resolves to).
+def check_device_and_precision(arch: ModelConfig, device: torch.device, precision: Any, compile: bool = False) -> str:
+    """Refuse, before anything runs, a precision, expert backend or compilation that cannot run on
+    ``device``; returns the expert backend that will run (for ``auto``, the one it resolves to).
 
     Raises :class:`~rmoe.errors.RmoeError` naming the key: ``trainer.precision`` in bf16 on a GPU
-    without bf16, ``model.arch.expert_backend=grouped_mm`` at widths it cannot take. A forced
+    without bf16, ``model.arch.expert_backend=grouped_mm`` at widths it cannot take,
+    ``model.compile=true`` with a router that cannot be traced (:attr:`rmoe.routers.Router.compile_problem`)
+    or with ``grouped_mm`` outside bf16 (torch traces ``grouped_mm`` in bf16 only). A forced
     ``grouped_mm`` where its fused kernel does not run is allowed (torch's per-group fallback computes
     the same numbers, with a host sync per call), with a warning that says so.
     """
@@ -46,7 +49,18 @@ def check_device_and_precision(arch: ModelConfig, device: torch.device, precisio
     if arch.num_experts == 0:
         return "none"
     D, F_ = arch.hidden_size, arch.moe_intermediate_size
-    backend = resolve_expert_backend(arch.expert_backend, device, dtype, D, F_, num_pairs=0)
+    backend = expert_backend_of_run(arch, device, precision)
+    if compile:
+        problem = get_router_class(arch.router).compile_problem
+        if problem is not None:
+            raise RmoeError(
+                f"model.compile=true cannot compile router {arch.router!r}: {problem}. Set model.compile=false."
+            )
+        if backend == "grouped_mm" and dtype != torch.bfloat16:
+            raise RmoeError(
+                f"model.compile=true with model.arch.expert_backend=grouped_mm needs bf16 (torch traces grouped_mm "
+                f"in bf16 only), not trainer.precision={precision!s}; use bf16-mixed, or expert_backend 'sliced'."
+            )
     if arch.expert_backend == "grouped_mm" and device.type == "cuda":
         reason = grouped_mm_unavailable(device, dtype, D, F_)
         if reason is not None:
@@ -56,3 +70,12 @@ def check_device_and_precision(arch: ModelConfig, device: torch.device, precisio
                 stacklevel=2,
             )
     return backend
+
+
+def expert_backend_of_run(arch: ModelConfig, device: torch.device, precision: Any) -> str:
+    """The expert backend a run's MoE layers take (``none`` without experts), for ``auto`` the one
+    :func:`rmoe.model.moe.resolve_expert_backend` picks for this device and precision."""
+    if arch.num_experts == 0:
+        return "none"
+    dtype = compute_dtype(precision)
+    return resolve_expert_backend(arch.expert_backend, device, dtype, arch.hidden_size, arch.moe_intermediate_size, 0)
