@@ -174,6 +174,13 @@ class RmoeCLI(LightningCLI):
         from rmoe.training.precision import check_device_and_precision
 
         device = trainer.strategy.root_device
+        requested = self.config[self.subcommand].get("trainer", {}).get("precision")
+        if requested is not None and str(requested) != str(trainer.precision) and str(requested) in ("16", "16-mixed"):
+            raise RmoeError(
+                f"trainer.precision={requested} (fp16 autocast) does not run on {device.type}: Lightning would train "
+                f"in {trainer.precision} instead, a different numerical path. Set trainer.precision=bf16-mixed or "
+                "32-true."
+            )
         launcher = getattr(trainer.strategy, "launcher", None)
         if device.type == "cuda" and getattr(launcher, "_start_method", None) == "fork":
             return  # asking CUDA about the device here would break the fork that follows

@@ -266,3 +266,17 @@ def test_bf16_on_a_gpu_without_it_names_trainer_precision(monkeypatch):
     expected = {"32-true": torch.float32, "32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16,
                 "bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}  # fmt: skip
     assert {p: compute_dtype(p) for p in expected} == expected
+
+
+def test_fp16_on_a_cpu_is_refused_rather_than_run_in_bf16(tmp_path, capsys):
+    """Lightning turns 16-mixed into bf16-mixed on a CPU, with a warning: a different numerical path."""
+    from tiny import BASE_CONFIGS, tiny_overrides
+
+    from rmoe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *BASE_CONFIGS, *tiny_overrides(tmp_path), f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+              "trainer.precision=16-mixed"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "trainer.precision=16-mixed (fp16 autocast) does not run on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
