@@ -17,6 +17,7 @@
 # Dry run of the whole sequence on a CPU (reduced sizes; what to try before spending device time):
 #     bash benchmarks/device_check.sh --cpu
 #
+# The steps' timeouts add up to 550 s, inside one 600 s command of the device tool.
 # Everything it prints also lands in $OUT (default: ./device_check_out): env.txt, routers.txt/.json,
 # block_bf16.txt/.json, block_gpu_shape.txt/.json, train_moe.txt, train_dense.txt, summary.txt. Each
 # step has its own timeout and a failed step does not stop the ones after it; the exit code is the
@@ -65,8 +66,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, tee to $OUT/NAME.txt, record th
   [ "$rc" -eq 0 ] || failures=$((failures + 1))
 }
 
-step env 60 "$PYTHON" -c "
-import torch, lightning, transformers, datasets, omegaconf, jsonargparse
+step env 45 "$PYTHON" -c "
+import torch, lightning, transformers, datasets, omegaconf, jsonargparse, matplotlib, yaml, tensorboard
 from rmoe.model.moe import grouped_mm_unavailable
 from rmoe.training.callbacks import peak_bf16_flops
 for m in (torch, lightning, transformers, datasets, omegaconf, jsonargparse):
@@ -85,7 +86,7 @@ else:
 if [ "$MODE" = gpu ]; then
   BLOCK=(--device cuda --dtype bf16)
   SHAPES=(--sweep)  # the three shapes of issue 15, one table
-  TRAIN=(benchmarks/gpu_check.py --steps 300)
+  TRAIN=(benchmarks/gpu_check.py --steps 200)
 else
   BLOCK=(--device cpu --dtype bf16 --repeats 2 --warmup 1)  # bf16 matmuls are ~25x slower than fp32 on this CPU
   SHAPES=(--tokens 768 --seq-len 64 --hidden-size 128 --expert-size 176)  # the sweep's small shape only
@@ -97,16 +98,16 @@ else
   ROUTERS=(--device cpu --tokens 256 --seq-len 64 --hidden-size 64 --num-layers 2 --num-experts 8 --expert-size 32
            --vocab-size 256)
 fi
-step routers 150 "$PYTHON" benchmarks/router_check.py "${ROUTERS[@]}" --json "$OUT/routers.json"
+step routers 75 "$PYTHON" benchmarks/router_check.py "${ROUTERS[@]}" --json "$OUT/routers.json"
 DENSE=(model.arch.num_experts=0)  # the dense MLP's intermediate_size = top_k x expert width: same active params
-step block_bf16 240 "$PYTHON" benchmarks/bench_moe.py "${SHAPES[@]}" "${BLOCK[@]}" --json "$OUT/block_bf16.json"
+step block_bf16 120 "$PYTHON" benchmarks/bench_moe.py "${SHAPES[@]}" "${BLOCK[@]}" --json "$OUT/block_bf16.json"
 # A GPU-sized fine-grained shape (Qwen3-MoE-like: 64 experts of 512, top-8, d=1024, 16k tokens).
 if [ "$MODE" = gpu ]; then
-  step block_gpu_shape 180 "$PYTHON" benchmarks/bench_moe.py "${BLOCK[@]}" --tokens 16384 --seq-len 2048 \
+  step block_gpu_shape 60 "$PYTHON" benchmarks/bench_moe.py "${BLOCK[@]}" --tokens 16384 --seq-len 2048 \
     --hidden-size 1024 --num-experts 64 --expert-size 512 --top-k 8 --json "$OUT/block_gpu_shape.json"
 fi
-step train_moe 330 "$PYTHON" "${TRAIN[@]}" "trainer.logger.init_args.save_dir=${RUNS:-/tmp/device_check_runs}"
-step train_dense 240 "$PYTHON" "${TRAIN[@]}" "${DENSE[@]}" "trainer.logger.init_args.save_dir=${RUNS:-/tmp/device_check_runs}"
+step train_moe 150 "$PYTHON" "${TRAIN[@]}" "trainer.logger.init_args.save_dir=${RUNS:-/tmp/device_check_runs}"
+step train_dense 100 "$PYTHON" "${TRAIN[@]}" "${DENSE[@]}" "trainer.logger.init_args.save_dir=${RUNS:-/tmp/device_check_runs}"
 
 grep -h "agree (sliced / grouped_mm)" "$OUT/routers.txt" | tee -a "$OUT/summary.txt"
 grep -H "^gpu_check:" "$OUT/train_moe.txt" "$OUT/train_dense.txt" | tee -a "$OUT/summary.txt"

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rmoe.errors import RmoeError
 
@@ -132,6 +133,13 @@ class RmoeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # the tokenizer decides the vocabulary: copy it into the model config at instantiation
         parser.link_arguments("data.vocab_size", "model.arch.vocab_size", apply_on="instantiate")
+        parser.add_argument(
+            "--checkpoint_every_minutes",
+            type=float,
+            default=15.0,
+            help="fit: write last.ckpt at the first step boundary after every this many minutes of training "
+            "(0: only where the ModelCheckpoint callbacks say), so a killed run loses at most this much.",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with :class:`~rmoe.training.callbacks.StepProgressBar` and
@@ -154,6 +162,8 @@ class RmoeCLI(LightningCLI):
             isinstance(c, ModelSummary) for c in callbacks
         ):
             callbacks.append(MoeModelSummary())
+        if self.subcommand == "fit":
+            callbacks += self._fit_safety_callbacks()
         callbacks.append(RunStatus())
         extra: dict[str, Any] = {}
         plugins = trainer_config.get("plugins")
@@ -168,16 +178,28 @@ class RmoeCLI(LightningCLI):
             claim_log_versions(trainer.loggers)
         return trainer
 
+    def _fit_safety_callbacks(self) -> list[Any]:
+        """What every ``rmoe fit`` gets: a stop in order on a signal, and ``last.ckpt`` every
+        ``checkpoint_every_minutes`` of training (:class:`rmoe.training.interrupt.Interruption`)."""
+        from rmoe.training.interrupt import Interruption
+
+        minutes = float(self.config[self.subcommand].get("checkpoint_every_minutes") or 0)
+        if minutes < 0:
+            raise RmoeError(f"checkpoint_every_minutes={minutes:g} must be >= 0 (0: no time-based checkpoint).")
+        return [Interruption(every_minutes=minutes)]
+
     def _check_device_and_precision(self, trainer: Any) -> None:
         """Refuse a precision or expert backend this machine cannot run
         (:func:`rmoe.training.precision.check_device_and_precision`)."""
         from rmoe.training.precision import check_device_and_precision
 
         device = trainer.strategy.root_device
+        from rmoe.training.precision import compute_dtype
+
         requested = self.config[self.subcommand].get("trainer", {}).get("precision")
-        if requested is not None and str(requested) != str(trainer.precision) and str(requested) in ("16", "16-mixed"):
+        if requested is not None and compute_dtype(requested) != compute_dtype(trainer.precision):
             raise RmoeError(
-                f"trainer.precision={requested} (fp16 autocast) does not run on {device.type}: Lightning would train "
+                f"trainer.precision={requested} does not run on {device.type}: Lightning would train "
                 f"in {trainer.precision} instead, a different numerical path. Set trainer.precision=bf16-mixed or "
                 "32-true."
             )
@@ -492,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(returncode)
         else:
             build_cli(args)
+    except SIGTERMException as err:  # Lightning's stop after a signal (DDP): exit 128 + the signal, not 0
+        from rmoe.training.interrupt import exit_code
+
+        raise SystemExit(exit_code(err)) from None
     except (ValueError, MisconfigurationException) as err:  # user errors: one paragraph, no traceback
         err = _user_error(err)  # jsonargparse wraps what a nested dataclass (model.optim) raises
         if err is None:

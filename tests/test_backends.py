@@ -12,6 +12,7 @@ Shape legend: T tokens, D model width, F expert width, E experts, K top-k.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -49,6 +50,21 @@ def autocast(dtype: str):
 
 # ------------------------------------------------------------------------------------------------
 # The experts alone, with the routings that broke the GPU path
+
+
+@contextlib.contextmanager
+def nan_filled_empty_tensors():
+    """``torch.empty`` (and every kernel's uninitialised output) filled with NaN while inside."""
+    import torch.utils.deterministic
+
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 def routing_case(case: str, T: int, E: int, K: int, gen: torch.Generator):
@@ -97,7 +113,9 @@ def test_every_backend_equals_fp32_sliced_with_drops_and_idle_experts(backend, d
     grad_TD = torch.randn(T, D, generator=gen)
     reference = experts_pass("sliced", "fp32", x_TD, ids_TK, weights_TK, keep_TK, grad_TD, state)[0]
     names = ("output", "input gradient", "routing-weight gradient", "gate_up_proj gradient", "down_proj gradient")
-    for call, got in enumerate(experts_pass(backend, dtype, x_TD, ids_TK, weights_TK, keep_TK, grad_TD, state)):
+    with nan_filled_empty_tensors():  # what a kernel leaves uninitialised is NaN, not whatever memory held
+        outputs = experts_pass(backend, dtype, x_TD, ids_TK, weights_TK, keep_TK, grad_TD, state)
+    for call, got in enumerate(outputs):
         for name, a, b in zip(names, got, reference, strict=True):
             assert_close(a, b, dtype, f"{backend} {dtype} {case}, call {call + 1}: {name}")
     if keep_TK is not None:  # a dropped pair passes nothing: its weight has no gradient
@@ -258,7 +276,7 @@ def test_bf16_on_a_gpu_without_it_names_trainer_precision(monkeypatch):
 
     from rmoe.training.precision import check_device_and_precision, compute_dtype
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-32GB")
     with pytest.raises(RmoeError, match=r"trainer.precision=bf16-mixed needs bf16, which Tesla V100-SXM2-32GB"):
         check_device_and_precision(tiny_config(), torch.device("cuda"), "bf16-mixed")
@@ -278,5 +296,7 @@ def test_fp16_on_a_cpu_is_refused_rather_than_run_in_bf16(tmp_path, capsys):
         main(["fit", *BASE_CONFIGS, *tiny_overrides(tmp_path), f"trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
               "trainer.precision=16-mixed"])  # fmt: skip
     assert exit_info.value.code == 2
-    assert "trainer.precision=16-mixed (fp16 autocast) does not run on cpu" in capsys.readouterr().err
+    assert (
+        "trainer.precision=16-mixed does not run on cpu: Lightning would train in bf16-mixed" in capsys.readouterr().err
+    )
     assert not (tmp_path / "runs").exists()

@@ -66,6 +66,15 @@ def test_bf16_mixed_with_clipping_keeps_fused_adamw(tmp_path, monkeypatch):
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)  # fused vs foreach AdamW in bf16 autocast
 
 
+def test_bf16_mixed_with_clipping_by_value_keeps_fused_adamw(tmp_path, monkeypatch):
+    clip = ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.01", "trainer.gradient_clip_algorithm=value"]
+    trainer, ours = fit(tmp_path / "ours", *clip)
+    assert all(group["fused"] for group in trainer.optimizers[0].param_groups)
+    lightning_clipping(monkeypatch, fused=False)
+    theirs = fit(tmp_path / "lightning", *clip)[1]
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
+
+
 def test_fp16_keeps_the_foreach_optimiser_for_lightnings_gradient_scaler():
     """Under fp16's GradScaler the gradients are still scaled when clipping runs (and Lightning turns
     16-mixed into bf16 on a CPU, so this is the decision, not a run)."""
@@ -99,6 +108,8 @@ def test_the_peak_flops_table_knows_the_cards_users_train_on():
         "NVIDIA A100 80GB PCIe": 312e12,
         "NVIDIA L4": 121e12,
         "NVIDIA L40S": 362e12,
+        "NVIDIA L40": 181e12,
+        "NVIDIA GB200": 2.5e15,
     }
     assert {name: peak_bf16_flops(name) for name in names} == names
     assert peak_bf16_flops("NVIDIA GeForce RTX 4090") is None

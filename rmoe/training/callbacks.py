@@ -31,9 +31,10 @@ def training_flops_per_token(model: MoeLM, seq_len: int) -> float:
 
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's data sheets, matched
-# in order against torch.cuda.get_device_name() (first match wins: "L40S" before "L4", the NVL and
-# PCIe variants before the H100 SXM default).
+# in order against torch.cuda.get_device_name() (first match wins: "L40S" and "L40" before "L4",
+# "GB200" before "B200", the NVL and PCIe variants before the H100 SXM default).
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2.5e15),  # the Blackwell GPU of a Grace Blackwell superchip (before "B200")
     ("B200", 2.25e15),
     ("H200 NVL", 835e12),
     ("H200", 989e12),  # H200 SXM (and GH200: the same Hopper GPU)
@@ -42,6 +43,7 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989e12),  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
     ("A100", 312e12),  # SXM4 and PCIe, 40 and 80 GB
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
 )
 
@@ -218,18 +220,22 @@ STATUS_FILE = "status.json"
 
 
 class RunStatus(L.Callback):
-    """Writes ``<log_dir>/status.json``: ``{"state": "running" | "finished" | "failed", ...}`` with the
-    command (fit, validate, test), the pid, the start and end times, the last global step and, for
-    a failure, the error. A run killed from outside (kill -9, the OOM killer) stays ``running``
-    with a pid that no longer exists: a folder without ``"finished"`` is not a complete run.
+    """Writes ``<log_dir>/status.json``: ``{"state": "running" | "finished" | "failed" | "interrupted", ...}``
+    with the command (fit, validate, test), the pid, the start and end times, the last global step
+    (kept current: at every checkpoint and at least every ``every_seconds`` of training) and, for a
+    failure, the error; for an interruption (:mod:`rmoe.training.interrupt`), the signal and the
+    checkpoint written. A run killed from outside (kill -9, the OOM killer) stays ``running`` with a
+    pid that no longer exists: a folder without ``"finished"`` is not a complete run.
 
     Installed by the ``rmoe`` command on every trainer. ``trainer.log_dir`` is a collective, so it
     is read once in ``setup`` on every process; only global rank 0 writes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every_seconds: float = 30.0) -> None:
+        self.every_seconds = every_seconds
         self._file: str | None = None
         self._status: dict[str, Any] = {}
+        self._written = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         log_dir = trainer.log_dir  # every process takes part in this broadcast
@@ -240,20 +246,41 @@ class RunStatus(L.Callback):
                         "pid": os.getpid(), "started": _now()}  # fmt: skip
         self._write(trainer)
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._file is not None and time.monotonic() - self._written >= self.every_seconds:
+            self._write(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._status.get("state") == "running":
+            self._write(trainer)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._status.get("state") == "running":
             self._write(trainer, state="finished", finished=_now())
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._status:
-            error = " ".join(str(exception).split())[:500]
-            self._write(trainer, state="failed", finished=_now(), error=f"{type(exception).__name__}: {error}")
+        from rmoe.training.interrupt import Interruption, exit_code, is_interruption
+
+        if not self._status:
+            return
+        if is_interruption(exception):
+            import signal
+
+            saved = next((c.checkpoint for c in trainer.callbacks if isinstance(c, Interruption)), None)
+            name = signal.Signals(exit_code(exception) - 128).name
+            self._write(
+                trainer, state="interrupted", finished=_now(), signal=name, checkpoint=str(saved) if saved else None
+            )
+            return
+        error = " ".join(str(exception).split())[:500]
+        self._write(trainer, state="failed", finished=_now(), error=f"{type(exception).__name__}: {error}")
 
     def _write(self, trainer: L.Trainer, **changes: Any) -> None:
         if self._file is None:
             return
         import json
 
+        self._written = time.monotonic()
         self._status.update(changes, global_step=trainer.global_step)
         temporary = f"{self._file}.tmp-{os.getpid()}"
         try:

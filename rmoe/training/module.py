@@ -21,7 +21,7 @@ from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
 from rmoe.model.losses import average_over_layers, expert_counts
 from rmoe.routers import Router, RoutingOutput
-from rmoe.syncs import HostCopy, to_host
+from rmoe.syncs import HostCopy, all_reduce_mean_, all_reduce_sum_, to_host
 from rmoe.training.precision import expert_backend_of_run
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ class MoeLMModule(L.LightningModule):
         return counts_LE / counts_LE.sum(dim=-1, keepdim=True)
 
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return all_reduce_sum_(tensor.clone())
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         global_batch = self.aux_loss_scope == "global_batch"
@@ -286,7 +286,7 @@ class MoeLMModule(L.LightningModule):
         if self._step_loss_sums is None:
             return
         local = torch.cat([self._step_loss_sums / self._step_micro_batches, self._grad_norm_share()])
-        reduced = self.trainer.strategy.reduce(local, reduce_op="mean")
+        reduced = all_reduce_mean_(local)
         self._step_loss_sums, self._step_micro_batches = None, 0
         means, grad_square = reduced[: len(TRAIN_LOSSES)], reduced[-1] * self._grad_share_scale
         self._grad_norm = grad_square.sqrt()  # the clipping below reads it (one pass over the gradients)
@@ -296,8 +296,10 @@ class MoeLMModule(L.LightningModule):
         if logs_this_step(self.trainer) or found_inf is None:
             values = to_host([torch.cat([means, self._grad_norm.reshape(1)])])[0]
             if self._check_step(step, values.tolist()) and logs_this_step(self.trainer):
+                scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # norm not measured
                 for name, value in zip((*TRAIN_LOSSES, "grad_norm"), values, strict=True):
-                    self.log(f"train/{name}", value, prog_bar=name == "loss")
+                    if not (scaled and name == "grad_norm"):
+                        self.log(f"train/{name}", value, prog_bar=name == "loss")
                 self.log("train/tokens_seen", torch.tensor(float(self.tokens_seen)))
                 self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
                 if self.optim.skip_nonfinite_steps:
@@ -390,17 +392,21 @@ class MoeLMModule(L.LightningModule):
     ) -> None:
         """Clip by the global gradient norm already computed for the divergence guard (no second pass
         over the gradients), as ``torch.nn.utils.clip_grads_with_norm_``: every gradient times
-        ``min(1, clip / (norm + 1e-6))``, on the device. Lightning clips itself in the other cases
-        (clipping by value; fp16, whose gradients are still scaled here), and refuses a fused
-        optimiser under mixed precision even in bf16, where no scaler is involved: this is what keeps
-        fused AdamW on under ``bf16-mixed`` with ``gradient_clip_val``."""
-        by_norm = gradient_clip_algorithm in (None, "norm")
+        ``min(1, clip / (norm + 1e-6))``, on the device; by value as ``clip_grad_value_``. Lightning
+        clips itself only under fp16's scaler (the gradients are still scaled here): it refuses a
+        fused optimiser under mixed precision even in bf16, where no scaler is involved, so this is
+        what keeps fused AdamW on under ``bf16-mixed`` with ``gradient_clip_val``."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if not gradient_clip_val or not by_norm or scaler is not None or self._grad_norm is None:
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if not gradient_clip_val or scaler is not None or (by_norm and self._grad_norm is None):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        if not by_norm:  # by value: each gradient entry into [-clip, clip] (clip_grad_value_)
+            for g in grads:
+                g.clamp_(-float(gradient_clip_val), float(gradient_clip_val))
+            return
         coef = (float(gradient_clip_val) / (self._grad_norm + 1e-6)).clamp(max=1.0)
         for device_grads in _by_device(grads).values():
             torch._foreach_mul_(device_grads, coef.to(device_grads[0].device))
@@ -501,10 +507,8 @@ def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Ten
 
 
 def logs_this_step(trainer: L.Trainer) -> bool:
-    """Whether Lightning writes the training metrics of the step in progress to the loggers
-    (``trainer.log_every_n_steps``; always when that cannot be told)."""
-    if not trainer.loggers:
-        return False
+    """Whether Lightning writes the training metrics of the step in progress to the loggers and the
+    progress bar (``trainer.log_every_n_steps``; always when that cannot be told)."""
     return bool(getattr(trainer._logger_connector, "should_update_logs", True))
 
 

@@ -41,7 +41,8 @@ def check_device_and_precision(arch: ModelConfig, device: torch.device, precisio
     the same numbers, with a host sync per call), with a warning that says so.
     """
     dtype = compute_dtype(precision)
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+        # bf16 needs Ampere (8.0) or newer; torch.cuda.is_bf16_supported() also says yes where it is emulated
         raise RmoeError(
             f"trainer.precision={precision!s} needs bf16, which {torch.cuda.get_device_name(device)} does not "
             "support; use 16-mixed (fp16 with a gradient scaler) or 32-true."
