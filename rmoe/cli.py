@@ -111,9 +111,11 @@ class RmoeCLI(LightningCLI):
         self._model_overrides = _model_override_keys(args)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning fills the model's config from ``--ckpt_path``'s hyperparameters, over everything
-        else; a ``model.*`` key given on the command line wins over them here, so that
-        ``rmoe test --ckpt_path ... model.arch.router_options.eval_routing=topk`` evaluates with it
+        """``fit --ckpt``: the given config runs, once :func:`rmoe.training.resume.check_resume_config`
+        has refused any change the run cannot take (architecture, tokenizer, block size). ``validate`` /
+        ``test``: Lightning fills the model's config from the checkpoint's hyperparameters, over
+        everything else; a ``model.*`` key given on the command line wins over them here, so that
+        ``rmoe test --ckpt ... model.arch.router_options.eval_routing=topk`` evaluates with it
         instead of silently restoring the trained value. The saved config records what ran."""
         from rmoe.checkpoints import read_checkpoint
 
@@ -124,7 +126,12 @@ class RmoeCLI(LightningCLI):
             ckpt_path = self.config[subcommand].get("ckpt_path")
             special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
             if ckpt_path and not special:  # before Lightning's own torch.load of it: one message per fault
-                read_checkpoint(ckpt_path, "--ckpt")
+                checkpoint = read_checkpoint(ckpt_path, "--ckpt")
+                if subcommand == "fit":  # resume: the config given is the run's from here on (resume.py)
+                    from rmoe.training.resume import check_resume_config
+
+                    check_resume_config(self.config[subcommand], checkpoint, ckpt_path)
+                    return
         super()._parse_ckpt_path()
         for key, value in given.items():
             if value is not _MISSING:

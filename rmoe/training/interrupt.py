@@ -92,19 +92,25 @@ class Interruption(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._log_dir = trainer.log_dir  # a collective: read here, on every process, not in a handler
+        if stage == "fit":
+            _received.clear()
+            self._install(trainer)
 
     # -- handlers
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning registered its own SIGTERM handler (just before the training stage): ours replaces it
-        _received.clear()
+    def _install(self, trainer: L.Trainer) -> None:
         self._trainer = trainer
-        self._last_save = time.monotonic()
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
+            self._previous.setdefault(signum, signal.getsignal(signum))  # the handlers from before the run
             signal.signal(signum, self._handle)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # again: Lightning registers its own SIGTERM handler just before the training stage (chaining ours,
+        # so a signal during the sanity check is seen by both); from here ours alone decides
+        self._install(trainer)
+        self._last_save = time.monotonic()
 
     def _restore(self) -> None:
         if threading.current_thread() is threading.main_thread():

@@ -5,6 +5,7 @@ Shape legend: L MoE layers, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import deque
@@ -23,6 +24,7 @@ from rmoe.model.losses import average_over_layers, expert_counts
 from rmoe.routers import Router, RoutingOutput
 from rmoe.syncs import HostCopy, all_reduce_mean_, all_reduce_sum_, to_host
 from rmoe.training.precision import expert_backend_of_run
+from rmoe.training.resume import LRSchedule
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -156,6 +158,8 @@ class MoeLMModule(L.LightningModule):
         self._pending: tuple[int, HostCopy] | None = None  # (step, its values on their way to the host)
         self._grad_norm: torch.Tensor | None = None  # this step's global gradient norm (device scalar)
         self._grad_share_scale = 1
+        self._resumed: tuple[int, LRSchedule | None] | None = None  # (step, saved schedule) of a resumed run
+        self.lr_schedule: LRSchedule | None = None
 
     def setup(self, stage: str) -> None:
         """``init_from``: load the weights before the model is compiled or sharded (``configure_model``)
@@ -451,10 +455,6 @@ class MoeLMModule(L.LightningModule):
             if isinstance(module, Router):
                 module.after_optimizer_step()
 
-    def on_train_start(self) -> None:
-        self._step_counts_LE, self._step_loss_sums, self._step_micro_batches = None, None, 0
-        self._pending, self._grad_norm = None, None
-
     def on_train_end(self) -> None:
         self._check_pending()  # the last step's values
 
@@ -484,19 +484,47 @@ class MoeLMModule(L.LightningModule):
             fused=fused,
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total_steps, o.min_lr_ratio)
-        )
+        schedule = LRSchedule(o.lr, o.warmup_steps, total_steps, o.min_lr_ratio)
+        if self._resumed is not None:  # the run's schedule goes on (rmoe.training.resume)
+            step, saved = self._resumed
+            schedule = schedule.resumed(saved, step)
+        self.lr_schedule = schedule
+        # a closure, not a bound method or an object: LambdaLR would save and restore its attributes
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.multiplier(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._step_counts_LE, self._step_loss_sums, self._step_micro_batches = None, None, 0
+        self._pending, self._grad_norm = None, None
+        if self._resumed is not None:
+            self._apply_resumed_settings()
+
+    def _apply_resumed_settings(self) -> None:
+        """After Lightning restored the optimiser and scheduler of a resumed run (their saved settings),
+        put this run's in: the peak learning rate and the schedule's current value, weight decay,
+        betas and eps. Unchanged settings give back exactly what was restored."""
+        o, schedule = self.optim, self.lr_schedule
+        scheduler = self.lr_schedulers()
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        scheduler.base_lrs = [schedule.peak_lr for _ in optimizer.param_groups]
+        lr = schedule.peak_lr * schedule.multiplier(scheduler.last_epoch)
+        for group, weight_decay in zip(optimizer.param_groups, (o.weight_decay, 0.0), strict=True):
+            group.update(lr=lr, initial_lr=schedule.peak_lr, weight_decay=weight_decay, betas=(o.beta1, o.beta2),
+                         eps=o.eps)  # fmt: skip
+        scheduler._last_lr = [lr for _ in optimizer.param_groups]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_pending()  # no checkpoint after a divergence that is not reported yet
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.lr_schedule is not None:
+            checkpoint["lr_schedule"] = dataclasses.asdict(self.lr_schedule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        saved = checkpoint.get("lr_schedule")
+        self._resumed = (int(checkpoint.get("global_step", 0)), LRSchedule(**saved) if saved else None)
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
@@ -510,11 +538,3 @@ def logs_this_step(trainer: L.Trainer) -> bool:
     """Whether Lightning writes the training metrics of the step in progress to the loggers and the
     progress bar (``trainer.log_every_n_steps``; always when that cannot be told)."""
     return bool(getattr(trainer._logger_connector, "should_update_logs", True))
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1, then cosine from 1 down to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
