@@ -301,5 +301,11 @@ def main(argv: list[str]) -> None:
         paths = write_analysis(metrics, out)
     except OSError as err:
         raise RmoeError(f"--out: {describe_os_error(err, out, 'write the analysis to')}") from None
-    summary = f"loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} on {metrics['num_eval_tokens']} tokens"
+    limit = (
+        "the whole split"
+        if args.all_batches
+        else f"--max-batches {args.max_batches}; --all-batches for the whole split"
+    )
+    summary = (f"loss {metrics['loss']:.4f}, bpb {metrics['bpb']:.4f} on {metrics['num_eval_tokens']} tokens "
+               f"({metrics['num_batches']} batches: {limit})")  # fmt: skip
     print(f"rmoe analyze: {args.split} {summary}; wrote {', '.join(p.name for p in paths)} to {out}")

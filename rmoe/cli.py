@@ -81,9 +81,14 @@ _MISSING = object()
 
 def _model_override_keys(args: Any) -> list[str]:
     """The ``model.*`` keys set on the command line (``--model.a.b=v`` or ``--model.a.b v``)."""
+    return _override_keys(args, "model")
+
+
+def _override_keys(args: Any, group: str) -> list[str]:
+    """The ``<group>.*`` keys set on the command line (``--group.a.b=v`` or ``--group.a.b v``)."""
     if not isinstance(args, list):
         return []
-    return [a[2:].partition("=")[0] for a in args if isinstance(a, str) and a.startswith("--model.")]
+    return [a[2:].partition("=")[0] for a in args if isinstance(a, str) and a.startswith(f"--{group}.")]
 
 
 def _lookup(config: Any, key: str) -> Any:
@@ -106,9 +111,15 @@ def _assign(config: Any, key: str, value: Any) -> None:
 
 
 class RmoeCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (Lightning's ``predict`` is not offered: the module defines no prediction)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
         self._model_overrides = _model_override_keys(args)
+        self._data_overrides = _override_keys(args, "data")
 
     def _parse_ckpt_path(self) -> None:
         """``fit --ckpt``: the given config runs, once :func:`rmoe.training.resume.check_resume_config`
@@ -247,8 +258,34 @@ class RmoeCLI(LightningCLI):
             read_checkpoint(init_from, "model.init_from")
         if self.subcommand == "fit" and ckpt_path and not special:
             self._continue_in_run_dir(Path(ckpt_path))
+        if self.subcommand in ("validate", "test") and not ckpt_path:
+            raise RmoeError(
+                f"rmoe {self.subcommand} needs --ckpt: the checkpoint to evaluate (without one it would evaluate "
+                "the untrained model). For example: --ckpt runs/quick/version_0/checkpoints/last.ckpt."
+            )
         if self.subcommand in ("validate", "test") and ckpt_path and not special:
+            self._data_of_checkpoint(read_checkpoint(ckpt_path, "--ckpt"))
             self._evaluate_in_run_dir(Path(ckpt_path))
+
+    def _data_of_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Evaluate on the data the checkpoint was trained with: every key of :data:`CHECKPOINT_DATA_KEYS` the
+        config sets otherwise takes the checkpoint's value, saying so, unless it was given on the command
+        line (then it is used, with a note that the model was trained with another)."""
+        saved = checkpoint.get("datamodule_hyper_parameters") or {}
+        data = self.config[self.subcommand].get("data")
+        if data is None:
+            return
+        notes = []
+        for key in CHECKPOINT_DATA_KEYS:
+            if key not in saved or _lookup(data, key) is _MISSING or _lookup(data, key) == saved[key]:
+                continue
+            if f"data.{key}" in self._data_overrides:
+                notes.append(f"data.{key}={_lookup(data, key)!r} as given (the model was trained with {saved[key]!r})")
+            else:
+                notes.append(f"data.{key}={saved[key]!r} from the checkpoint (the config says {_lookup(data, key)!r})")
+                _assign(data, key, saved[key])
+        if notes:
+            print(f"rmoe {self.subcommand}: {'; '.join(notes)}", file=sys.stderr)
 
     def _tensorboard_init_args(self) -> dict[str, Any] | None:
         """The init_args of the config's TensorBoard logger with no fixed version, else None."""
@@ -310,6 +347,11 @@ class RmoeCLI(LightningCLI):
             # the first part's config.yaml stays as it was; each resumed part saves its own next to it
             part = 1 + len(list(run_dir.glob("config.resume-*.yaml")))
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{part}.yaml"}
+
+
+CHECKPOINT_DATA_KEYS = ("source", "train_files", "val_files", "test_files", "tokenizer", "bpe_vocab_size",
+                        "block_size", "max_train_bytes", "max_eval_bytes")  # fmt: skip
+"""The data a model was trained on: what ``validate`` / ``test --ckpt`` take from the checkpoint."""
 
 
 _PLAIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",

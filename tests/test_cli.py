@@ -319,3 +319,24 @@ def test_the_training_curve_does_not_depend_on_how_often_it_validates(tmp_path):
         curves.append(scalars(tmp_path / f"runs/{name}/version_0", "train/loss"))
     assert sorted(curves[0]) == list(range(4))
     assert curves[0] == curves[1]
+
+
+def test_validate_takes_the_data_of_the_checkpoint_and_says_how_much_it_evaluated(tmp_path, capsys):
+    """A config with another block size or data than the checkpoint's: the checkpoint's are used, and said;
+    a key given on the command line is used as given, with a note; no --ckpt is an error; no predict."""
+    main(["fit", *tiny_args(tmp_path, "trainer.max_steps=2", "trainer.limit_val_batches=1")])
+    ckpt = str(tmp_path / "runs/t/version_0/checkpoints/last.ckpt")
+    capsys.readouterr()
+    base = ["--config", str(ROOT / "configs/base.yaml"), "--config", str(ROOT / "configs/quick.yaml")]
+    main(["validate", *base, f"--ckpt={ckpt}", "trainer.limit_val_batches=2", "data.eval_batch_size=2"])
+    err = capsys.readouterr().err
+    assert "data.block_size=32 from the checkpoint (the config says 128)" in err
+    assert "data.source='files' from the checkpoint (the config says 'stdlib')" in err
+    assert "evaluated 128 tokens of the val split in 2 batches (trainer.limit_val_batches=2)" in err  # 2 x 2 x 32
+    main(["validate", *base, f"--ckpt={ckpt}", "data.block_size=16", "trainer.limit_val_batches=1"])
+    assert "data.block_size=16 as given (the model was trained with 32)" in capsys.readouterr().err
+    for argv, fragment in ((["validate", *base], "rmoe validate needs --ckpt"),
+                           (["predict", "--help"], "invalid choice: 'predict'")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and fragment in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -159,6 +160,7 @@ class MoeLMModule(L.LightningModule):
         self._grad_norm: torch.Tensor | None = None  # this step's global gradient norm (device scalar)
         self._grad_share_scale = 1
         self._resumed: tuple[int, LRSchedule | None] | None = None  # (step, saved schedule) of a resumed run
+        self._evaluated: dict[str, tuple[int, int]] = {}  # split -> (tokens, batches) of this pass, this process
         self.lr_schedule: LRSchedule | None = None
 
     def setup(self, stage: str) -> None:
@@ -418,6 +420,8 @@ class MoeLMModule(L.LightningModule):
     def _eval_step(self, batch: torch.Tensor, split: str) -> None:
         losses = self._losses(batch)
         n = batch[:, 1:].numel()  # token-weighted mean over the split
+        tokens, batches = self._evaluated.get(split, (0, 0))
+        self._evaluated[split] = (tokens + n, batches + 1)
         self.log(f"{split}/loss", losses["lm_loss"], batch_size=n, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/aux_loss", losses["aux_loss"], batch_size=n, sync_dist=True)
         self.log(f"{split}/z_loss", losses["z_loss"], batch_size=n, sync_dist=True)
@@ -442,11 +446,34 @@ class MoeLMModule(L.LightningModule):
             if name in derived:
                 self.log(f"{split}/{name}", derived[name], sync_dist=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self._evaluated.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluated.pop("test", None)
+
     def on_validation_epoch_end(self) -> None:
         self._log_derived("val")
+        self._report_evaluated("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_derived("test")
+        self._report_evaluated("test")
+
+    def _report_evaluated(self, split: str) -> None:
+        """``rmoe validate`` / ``test``: say how much of the split was evaluated (the loss of 5 batches is
+        not the loss of 20), summed over the processes."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if self.trainer.state.fn not in (TrainerFn.VALIDATING, TrainerFn.TESTING) or self.trainer.sanity_checking:
+            return
+        counts = torch.tensor(self._evaluated.get(split, (0, 0)), dtype=torch.float64, device=self.device)
+        tokens, batches = (int(v) for v in all_reduce_sum_(counts).tolist())
+        limit = getattr(self.trainer, f"limit_{'val' if split == 'val' else 'test'}_batches", None)
+        key = "trainer.limit_val_batches" if split == "val" else "trainer.limit_test_batches"
+        if self.trainer.is_global_zero:
+            print(f"rmoe {self.trainer.state.fn.value}: evaluated {tokens} tokens of the {split} split in {batches} "
+                  f"batches ({key}={limit})", file=sys.stderr, flush=True)  # fmt: skip
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
