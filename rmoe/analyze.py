@@ -38,6 +38,7 @@ from rmoe.figures import EXPERT_FIGURES, FIGURES, as_array, expert_figure, figur
 from rmoe.inspection import token_pieces
 from rmoe.metrics.catalog import metrics
 from rmoe.metrics.language import language_metrics
+from rmoe.model.config import arch_differences
 from rmoe.runs import read_json, run_dir_of_checkpoint, write_json
 from rmoe.training.analytics import flatten_hparams
 from rmoe.training.module import MoeLMModule
@@ -151,12 +152,12 @@ def _saturation(
     rows, steps, names = [], [], []
     for step, path in others:
         other = MoeLMModule.load_from_checkpoint(path, map_location="cpu")
-        if (other.arch.num_experts, other.arch.top_k, other.arch.moe_layers) != (
-            module.arch.num_experts,
-            module.arch.top_k,
-            module.arch.moe_layers,
-        ):
-            raise RmoeError(f"{path} has another MoE architecture than the analysed checkpoint: no saturation.")
+        differences = arch_differences(module.arch, other.arch, "in --ckpt", f"in {path.name}")
+        if differences:
+            raise RmoeError(
+                f"--saturation-ckpt {path} is not a checkpoint of the analysed model (router saturation compares "
+                f"one run's checkpoints): {'; '.join(differences)}."
+            )
         rows.append(router_saturation_between(routed_expert_ids(other.model, batches, device), final_ids))
         steps.append(step)
         names.append(path.name)

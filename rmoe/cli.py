@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import re
 import sys
 import warnings
@@ -49,9 +50,28 @@ class RmoeArgumentParser(LightningArgumentParser):
                 key = f"{group}.{match['key']}" if group else match["key"]
                 message = f"unknown key {key!r}. {_valid_keys_hint(parser, key)}"
                 break
+        else:
+            message = _type_error_message(message) or message
         prog = parser.prog.replace(" [options]", "")
         print(f"rmoe: error: {message} (see `{prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
+
+
+_PARSER_KEY = re.compile(r'Parser key "(?P<key>[\w.]+)"')
+_TYPE_ERROR = re.compile(r"Expected a <class '(?P<type>\w+)'>\. Got value: (?P<value>\S+)")
+
+
+def _type_error_message(message: str) -> str | None:
+    """jsonargparse's nested type error (``Parser key "model.optim": Does not validate ... Parser key "lr":
+    Expected a <class 'float'>. Got value: inf ...``) as one sentence naming the whole key."""
+    keys, wrong = _PARSER_KEY.findall(message), _TYPE_ERROR.search(message)
+    if not keys or wrong is None:
+        return None
+    key = keys[0] if len(keys) == 1 else f"{keys[0]}.{keys[-1]}"
+    kind = {"float": "a finite number", "int": "an integer", "bool": "true or false", "str": "a string"}.get(
+        wrong["type"], f"a {wrong['type']}"
+    )
+    return f"{key}={wrong['value']} is invalid; expected {kind}."
 
 
 def _valid_keys_hint(parser: Any, key: str) -> str:
@@ -147,6 +167,11 @@ class RmoeCLI(LightningCLI):
         for key, value in given.items():
             if value is not _MISSING:
                 _assign(self.config[subcommand], key, value)
+
+    def _set_seed(self) -> None:
+        if self.config.get("subcommand"):  # the ranges first: Lightning seeds numpy, which refuses -1 with a traceback
+            check_values(self.config[self.config["subcommand"]])
+        super()._set_seed()
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # the tokenizer decides the vocabulary: copy it into the model config at instantiation
@@ -475,6 +500,37 @@ def with_checkpoint_config(argv: list[str]) -> list[str]:
     return [argv[0], *overrides, f"--trainer.default_root_dir={root}", *argv[1:]]
 
 
+_SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_values(config: Any) -> None:
+    """The ranges of the top-level and trainer options Lightning does not check itself (the model's and
+    the data's are checked by their own classes), in one paragraph naming the key."""
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise RmoeError(f"seed_everything={seed} is invalid; expected an integer in [0, {_SEED_RANGE[1]}] (or true).")
+    trainer = config.get("trainer") or {}
+
+    def number(key: str) -> Any:
+        value = trainer.get(key) if hasattr(trainer, "get") else None
+        return None if value is None or isinstance(value, (str, bool)) else value
+
+    checks = (
+        ("gradient_clip_val", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 or null: no clipping)"),
+        ("val_check_interval", lambda v: v > 0, "a number > 0 (steps, or a fraction of an epoch)"),
+        ("accumulate_grad_batches", lambda v: v >= 1, "an integer >= 1"),
+        ("log_every_n_steps", lambda v: v >= 0, "an integer >= 0"),
+        ("limit_train_batches", lambda v: v >= 0, "a number >= 0"),
+        ("limit_val_batches", lambda v: v >= 0, "a number >= 0"),
+        ("limit_test_batches", lambda v: v >= 0, "a number >= 0"),
+        ("num_sanity_val_steps", lambda v: v >= -1, "an integer >= -1"),
+    )
+    for key, ok, expected in checks:
+        value = number(key)
+        if value is not None and not ok(value):
+            raise RmoeError(f"trainer.{key}={value!r} is invalid; expected {expected}.")
+
+
 def check_config_files(argv: list[str]) -> None:
     """Each ``--config`` file exists, is UTF-8 text and holds a YAML mapping (``trainer:``, ``model:``, ...);
     otherwise one paragraph naming the file (jsonargparse would raise UnicodeDecodeError or TypeError)."""
@@ -505,6 +561,12 @@ def check_config_files(argv: list[str]) -> None:
                 f"--config {path} holds a YAML {type(doc).__name__} ({' '.join(str(doc).split())[:40]!r}), not a "
                 "mapping; expected keys such as trainer:, model:, data: (see configs/base.yaml)."
             )
+        for section in ("trainer", "model", "data"):
+            if isinstance(doc, dict) and section in doc and not isinstance(doc[section], dict):
+                raise RmoeError(
+                    f"--config {path}: {section}: is {doc[section]!r}, not a mapping; give its keys (e.g. "
+                    f"{section}: {{...}}) or leave {section}: out to keep the other configs' values."
+                )
 
 
 def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:

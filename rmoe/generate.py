@@ -29,6 +29,7 @@ warning so that no position beyond the trained context is generated.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -71,8 +72,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise RmoeError(f"--max-new-tokens={self.max_new_tokens} must be >= 0.")
-        if self.temperature < 0:
-            raise RmoeError(f"--temperature={self.temperature} must be >= 0 (0: greedy).")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RmoeError(f"--temperature={self.temperature} must be a finite number >= 0 (0: greedy).")
         if self.top_k < 0:
             raise RmoeError(f"--top-k={self.top_k} must be >= 0 (0: no top-k filter).")
         if not 0 < self.top_p <= 1:

@@ -161,6 +161,22 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("model.arch.hiden_size=8", "unknown key 'model.arch.hiden_size'. Did you mean 'model.arch.hidden_size'"),
         ("data.source=nope", "data.source"),
         ("data.train_files=[/no/such/file.txt]", "/no/such/file.txt"),
+        # every numeric option's range, at config time (issue 33)
+        ("model.aux_loss_coef=-1", "model.aux_loss_coef=-1.0 is invalid; expected a finite number >= 0"),
+        ("model.z_loss_coef=-1", "model.z_loss_coef=-1.0 is invalid"),
+        ("model.aux_loss_coef=nan", "model.aux_loss_coef=nan is invalid; expected a finite number"),
+        ("model.optim.lr=inf", "model.optim.lr=inf is invalid; expected a finite number"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 is invalid; expected a finite number >= 0"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is invalid; expected an integer >= 1"),
+        ("trainer.log_every_n_steps=-1", "trainer.log_every_n_steps=-1 is invalid"),
+        ("model.arch.rope_theta=-1", "model.arch.rope_theta=-1.0 is invalid; expected a finite number > 0"),
+        ("model.arch.rms_norm_eps=0", "model.arch.rms_norm_eps=0.0 is invalid"),
+        ("model.arch.initializer_range=-0.1", "model.arch.initializer_range=-0.1 is invalid"),
+        ("model.arch.num_layers=1.5", "model.arch.num_layers=1.5 is invalid; expected an integer"),
+        ("model.arch.router_options={bias_update_rate: true}", "bias_update_rate=True is invalid for router 'linear'"),
+        ("seed_everything=-1", "seed_everything=-1 is invalid; expected an integer in [0, 4294967295]"),
+        ("checkpoint_every_minutes=-1", "checkpoint_every_minutes=-1 must be >= 0"),
     ],
 )
 def test_bad_input_is_one_clear_message_and_nothing_is_written(override, fragment, tmp_path, capsys):
@@ -340,3 +356,24 @@ def test_validate_takes_the_data_of_the_checkpoint_and_says_how_much_it_evaluate
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_router_options_of_the_wrong_type_are_refused_naming_the_option():
+    from rmoe.routers import get_router_class
+
+    gru = get_router_class("gru")
+    with pytest.raises(
+        RmoeError, match=r"router_options.state_dim=12.5 is invalid for router 'gru'; expected an integer"
+    ):
+        gru.parse_options({"state_dim": 12.5})
+    with pytest.raises(RmoeError, match=r"router_options.pass_state='no' is invalid .* expected true or false"):
+        gru.parse_options({"pass_state": "no"})
+    assert gru.parse_options({"state_dim": 16}).state_dim == 16
+
+
+def test_a_config_section_set_to_null_is_refused(tmp_path, capsys):
+    (tmp_path / "null.yaml").write_text("model: null\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny_args(tmp_path), "--config", str(tmp_path / "null.yaml")])
+    assert exit_info.value.code == 2
+    assert "null.yaml: model: is None, not a mapping" in capsys.readouterr().err

@@ -322,11 +322,19 @@ BAD_INPUT: dict[str, tuple[Callable[[Path, Path, Path], list], list[str]]] = {
     ),
     "generate --temperature -1": (
         lambda run, ex, d: ["generate", "--ckpt", ex, "hi", "--temperature", "-1"],
-        ["--temperature=-1.0 must be >= 0"],
+        ["--temperature=-1.0 must be a finite number >= 0"],
     ),
     "generate --top-p 0": (
         lambda run, ex, d: ["generate", "--ckpt", ex, "hi", "--top-p", "0"],
         ["--top-p=0.0 must be in (0, 1]"],
+    ),
+    "generate --temperature nan": (
+        lambda run, ex, d: ["generate", "--ckpt", ex, "hi", "--temperature", "nan"],
+        ["--temperature=nan must be a finite number >= 0"],
+    ),
+    "generate --temperature inf": (
+        lambda run, ex, d: ["generate", "--ckpt", ex, "hi", "--temperature", "inf"],
+        ["--temperature=inf must be a finite number >= 0"],
     ),
     "generate --top-p 1.5": (
         lambda run, ex, d: ["generate", "--ckpt", ex, "hi", "--top-p", "1.5"],
@@ -677,3 +685,15 @@ def test_the_table_in_the_docs_lists_every_case():
     text = (ROOT / "docs/reliability.md").read_text()
     for name in [*CKPT_FAULTS, *EXPORT_FAULTS, *BAD_INPUT]:
         assert f"`{name}`" in text, name
+
+
+def test_router_saturation_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys):
+    """``--saturation-ckpt`` compares one run's checkpoints: another model's is refused, naming the difference."""
+    run, _ = trained
+    main(["fit", *run_args(tmp_path, "trainer.max_steps=1", "model.arch.router=mlp", name="other")])
+    other = tmp_path / "runs/other/version_0/checkpoints/last.ckpt"
+    code, _, err = rmoe(capsys, "analyze", "--ckpt", str(run / "checkpoints/last.ckpt"), "--saturation-ckpt",
+                        str(other), "--out", str(tmp_path / "analysis"), "--max-batches", "1")  # fmt: skip
+    assert_one_paragraph(
+        code, err, "is not a checkpoint of the analysed model", "model.arch.router: 'linear' in --ckpt"
+    )

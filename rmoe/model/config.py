@@ -11,6 +11,7 @@ with ``head_dim`` when the head width is not ``hidden_size / num_attention_heads
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -122,6 +123,13 @@ class ModelConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RmoeError(f"model.arch.{key}={getattr(self, key)} must be a positive integer.")
+        for key, ok, expected in (
+            ("rope_theta", self.rope_theta > 0, "a finite number > 0"),
+            ("rms_norm_eps", self.rms_norm_eps > 0, "a finite number > 0"),
+            ("initializer_range", self.initializer_range >= 0, "a finite number >= 0"),
+        ):
+            if not (ok and math.isfinite(getattr(self, key))):
+                raise RmoeError(f"model.arch.{key}={getattr(self, key)!r} is invalid; expected {expected}.")
         if self.head_dim < 0:
             raise RmoeError(f"model.arch.head_dim={self.head_dim} must be >= 0 (0: hidden_size / num_attention_heads).")
         if self.head_dim == 0 and self.hidden_size % self.num_attention_heads:
@@ -203,3 +211,34 @@ class ModelConfig:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0 and (n // d) % 2 == 0]
+
+
+ARCH_KEYS_OF_EXECUTION = ("expert_backend",)
+"""``ModelConfig`` keys that say how the model runs, not what it computes."""
+
+
+def arch_differences(saved: Any, given: Any, saved_name: str, given_name: str) -> list[str]:
+    """``model.arch.<key>: <saved> <saved_name>, <given> <given_name>`` for every key whose value differs
+    between two architectures (ModelConfig objects or dicts), leaving out :data:`ARCH_KEYS_OF_EXECUTION`
+    and a vocabulary size of 0 or None (not known yet: the data module sets it)."""
+    a, b = (dataclasses.asdict(x) if dataclasses.is_dataclass(x) else dict(x) for x in (saved, given))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if (
+            key in ARCH_KEYS_OF_EXECUTION
+            or key.startswith("_")
+            or (key == "vocab_size" and not (a.get(key) and b.get(key)))
+        ):
+            continue
+        left, right = _plain(a.get(key)), _plain(b.get(key))
+        if left != right:
+            out.append(f"model.arch.{key}: {left!r} {saved_name}, {right!r} {given_name}")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -198,6 +200,22 @@ class TokenChoiceOptions:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 turns it off)")
 
 
+def _option_type_problem(hint: Any, value: Any) -> str | None:
+    """What a router option of type ``hint`` expects, when ``value`` is not that (None: it is). Integers
+    (widths, counts) must be integers, numbers must be finite, flags must be booleans."""
+    kinds = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if value is None and type(None) in kinds:
+        return None
+    if bool in kinds:
+        return None if isinstance(value, bool) else "true or false"
+    if int in kinds and float not in kinds:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if float in kinds:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    return None
+
+
 class Router(nn.Module):
     """Base class of every router; subclasses register with :func:`rmoe.routers.register_router`.
 
@@ -254,6 +272,12 @@ class Router(nn.Module):
                 f"model.arch.router_options has {', '.join(unknown)}, which router {cls.name!r} does not take; "
                 f"valid options: {', '.join(valid) or '(none)'}."
             )
+        hints = typing.get_type_hints(cls.Options)
+        for key, value in options.items():
+            expected = _option_type_problem(hints.get(key), value)
+            if expected is not None:
+                option = f"model.arch.router_options.{key}={value!r}"
+                raise RmoeError(f"{option} is invalid for router {cls.name!r}; expected {expected}.")
         try:
             return cls.Options(**options)
         except (TypeError, ValueError) as err:

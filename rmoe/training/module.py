@@ -136,6 +136,9 @@ class MoeLMModule(L.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
+        for key, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
+            if not (math.isfinite(value) and value >= 0):
+                raise RmoeError(f"model.{key}={value!r} is invalid; expected a finite number >= 0 (0: off).")
         if aux_loss_scope not in ("micro_batch", "global_batch"):
             raise RmoeError(
                 f"model.aux_loss_scope={aux_loss_scope!r} is invalid; expected micro_batch or global_batch."

@@ -26,10 +26,8 @@ import math
 from typing import Any
 
 from rmoe.errors import RmoeError
+from rmoe.model.config import arch_differences
 
-ARCH_KEYS_THAT_MAY_CHANGE = ("vocab_size", "expert_backend")
-"""``model.arch`` keys a resumed run may set differently: the vocabulary comes from the tokenizer (which
-may not change), the expert backend computes the same function."""
 DATA_KEYS_THAT_MAY_NOT_CHANGE = ("tokenizer", "bpe_vocab_size", "block_size")
 
 
@@ -60,10 +58,7 @@ def check_resume_config(config: Any, checkpoint: dict[str, Any], ckpt_path: str)
     data = _plain(getattr(config, "data", None) or {})
     if not saved_arch:  # not written by rmoe fit (an imported model): nothing to compare
         return
-    differences = []
-    for key in sorted(set(saved_arch) | set(arch)):
-        if key not in ARCH_KEYS_THAT_MAY_CHANGE and saved_arch.get(key) != arch.get(key):
-            differences.append(f"model.arch.{key}: {saved_arch.get(key)!r} in the checkpoint, {arch.get(key)!r} given")
+    differences = arch_differences(saved_arch, arch, "in the checkpoint", "given")
     for key in DATA_KEYS_THAT_MAY_NOT_CHANGE:
         if key in saved_data and key in data and saved_data[key] != data[key]:
             if key == "bpe_vocab_size" and data.get("tokenizer") != "bpe":
