@@ -341,7 +341,7 @@ def test_cache_is_reused_without_tokenizing_again(
     fourth = TextDataModule(**settings)
     fourth.prepare_data()
     rebuilt = {name for name in set(snapshot(cache)) - set(before) - new_files if name.startswith("splits/")}
-    assert len(rebuilt) == 3 and all(name.startswith("splits/train-") for name in rebuilt)  # tokens, blocks, stats
+    assert len(rebuilt) == 4 and all(name.startswith("splits/train-") for name in rebuilt)  # + sha256.json
 
 
 def test_bpe_datamodule_trains_once_on_train_split(
@@ -462,7 +462,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[dict[str, object], list[str]]]:
         (files, ["train_files"]),
         ({**files, "train_files": [str(tmp_path / "missing.txt")]}, ["train_files", "missing.txt"]),
         ({**files, "train_files": [good], "val_files": [str(tmp_path / "nothing-*.txt")]}, ["val_files", "nothing-*"]),
-        ({**files, "train_files": [good, empty]}, ["train_files", "empty.txt", "empty"]),
+        ({**files, "train_files": [empty]}, ["train_files", "empty.txt", "is empty"]),
         ({**files, "train_files": [good], "test_files": [str(invalid)]}, ["test_files", "latin1.txt", "byte 9"]),
         ({"train_files": [good]}, ["train_files", "source='files'"]),
         ({"block_size": 0}, ["block_size=0"]),
@@ -510,3 +510,77 @@ def test_real_text_from_shared_data(tmp_path: Path) -> None:
     assert 0.99 < dm.bytes_per_token("val") <= 1.0
     text = dm.tokenizer.decode(next(iter(dm.val_dataloader()))[0].tolist())
     assert text == (SHARED_DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[: len(text)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Any text file trains; a damaged cache is rebuilt (issue 33)
+
+ODD_TEXTS = {
+    "one long line, no newline": " ".join(f"word{i % 97}" for i in range(6000)),
+    "one long line without spaces": "".join(chr(97 + (i * i + 7 * i) % 26) for i in range(30000)),
+    "NUL bytes": "abc\x00def ghi\x00 " * 2000,
+    "CRLF line ends": "line one\r\nline two\r\n" * 1500,
+    "empty documents and lines": "\n\n\n" + "hello world\n" * 2000 + "\n\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(ODD_TEXTS))
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_any_text_file_trains_with_the_eval_splits_carved_out_of_it(kind, tokenizer, tmp_path):
+    train = write(tmp_path / "train.txt", ODD_TEXTS[kind])
+    empty = write(tmp_path / "empty.txt", "")  # an empty file among others is one empty document
+    module = TextDataModule(source="files", train_files=[train, empty], tokenizer=tokenizer, bpe_vocab_size=300,
+                            block_size=32, batch_size=4, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    module.prepare_data()
+    module.setup("fit")
+    for split in ("train", "val"):
+        assert module.split_stats(split).num_blocks > 0, split
+    batch = next(iter(module.train_dataloader()))
+    assert batch.shape == (4, 33) and int(batch.max()) < module.vocab_size
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip a byte":
+        path.write_bytes(data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0x01]) + data[len(data) // 2 + 1 :])
+    elif how == "not JSON":
+        path.write_text("{not json", encoding="utf-8")
+    elif how == "delete":
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("target", "how"),
+    [("blocks-32.arrow", "truncate"), ("blocks-32.arrow", "flip a byte"), ("tokens.arrow", "flip a byte"),
+     ("blocks-32.json", "not JSON"), ("sha256.json", "not JSON"), ("tokens.arrow", "delete")],
+)  # fmt: skip
+def test_a_damaged_cache_entry_is_found_deleted_and_rebuilt(target, how, files, tmp_path):
+    settings = dict(source="files", **files, block_size=32, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    first = TextDataModule(**settings)
+    first.prepare_data()
+    first.setup("fit")
+    expected = next(iter(first.val_dataloader()))
+    entry = next((tmp_path / "cache/splits").glob("val-*"))
+    damage(entry / target, how)
+    second = TextDataModule(**settings)
+    with pytest.warns(UserWarning, match=rf"data cache entry {entry} was damaged \(.*\); deleted, rebuilding it"):
+        second.prepare_data()
+    second.setup("fit")
+    assert torch.equal(next(iter(second.val_dataloader())), expected)
+    assert (entry / "sha256.json").is_file()
+
+
+def test_a_damaged_bpe_tokenizer_in_the_cache_is_trained_again(files, tmp_path):
+    settings = dict(source="files", **files, tokenizer="bpe", bpe_vocab_size=300, block_size=16, batch_size=4,
+                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    first = TextDataModule(**settings)
+    ids = first.tokenizer.encode_batch(["hello world"])[0].tolist()
+    folder = next((tmp_path / "cache/tokenizers").glob("bpe-*"))
+    for path in folder.iterdir():
+        if path.suffix == ".json" and path.name != "rmoe_tokenizer.json":
+            path.write_text("{not json", encoding="utf-8")
+    with pytest.warns(UserWarning, match=rf"data cache entry {folder} was damaged"):
+        again = TextDataModule(**settings).tokenizer
+    assert again.encode_batch(["hello world"])[0].tolist() == ids

@@ -167,10 +167,10 @@ def resolve_files(key: str, patterns: Sequence[str]) -> list[Path]:
 
 
 def check_text_file(key: str, path: Path, chunk_size: int = 1 << 24) -> str:
-    """Check that ``path`` is non-empty valid UTF-8 and return the sha256 of its bytes.
+    """Check that ``path`` is valid UTF-8 and return the sha256 of its bytes.
 
     Raises:
-        RmoeError: The file is empty or not valid UTF-8 (naming the byte offset).
+        RmoeError: The file is not valid UTF-8 (naming the byte offset).
     """
     decoder = codecs.getincrementaldecoder("utf-8")()
     digest = hashlib.sha256()
@@ -191,17 +191,24 @@ def check_text_file(key: str, path: Path, chunk_size: int = 1 << 24) -> str:
                 break
             digest.update(chunk)
             offset += len(chunk)
-    if offset == 0:
-        raise RmoeError(f"{key}: {str(path)!r} is empty; expected a file with text.")
     return digest.hexdigest()
+
+
+def check_not_all_empty(key: str, paths: Sequence[Path]) -> None:
+    """An empty file among others is one empty document; a split whose every file is empty has no text."""
+    if paths and all(path.stat().st_size == 0 for path in paths):
+        names = ", ".join(repr(str(path)) for path in paths[:3]) + (" ..." if len(paths) > 3 else "")
+        what = "is empty" if len(paths) == 1 else "are all empty"
+        raise RmoeError(f"{key}: {names} {what}; expected a file with text.")
 
 
 def split_text(documents: Sequence[str], fractions: Sequence[float]) -> list[list[str]]:
     """Cut the concatenated ``documents`` into consecutive parts with the given shares of characters.
 
-    Each cut moves forward to just after the next newline (or to the end of its document), so no
-    line is broken; a document that straddles a cut becomes two documents. Concatenating all parts
-    gives back the concatenated documents.
+    Each cut moves forward to just after the next newline, so no line is broken, or, in a document
+    with no newline after the cut (one long line), to just after the next whitespace, or else stays
+    where it is; a document that straddles a cut becomes two documents. Concatenating all parts gives
+    back the concatenated documents.
 
     Args:
         documents: The texts, in order.
@@ -223,7 +230,11 @@ def split_text(documents: Sequence[str], fractions: Sequence[float]) -> list[lis
             cut = max(bounds[part] - document_start, position)
             if cut > 0 and document[cut - 1] != "\n":
                 newline = document.find("\n", cut)
-                cut = len(document) if newline < 0 else newline + 1
+                if newline >= 0:
+                    cut = newline + 1
+                else:  # one long line: the next word boundary, else right here
+                    space = next((i for i in range(cut, min(len(document), cut + 1000)) if document[i].isspace()), -1)
+                    cut = space + 1 if space >= 0 else cut
             if cut > position:
                 parts[part].append(document[position:cut])
             position = cut
@@ -263,12 +274,15 @@ class FilesCorpus(Corpus):
             split: [check_text_file(f"data.{split}_files", path) for path in paths] if paths is not None else None
             for split, paths in self.files.items()
         }
+        for split, paths in self.files.items():
+            if paths is not None:
+                check_not_all_empty(f"data.{split}_files", paths)
         self.carved = [split for split in ("val", "test") if self.files[split] is None]
 
     def identity(self, split: str) -> dict[str, Any]:
         """The sha256 of the split's files; for train and carved splits, of the train files + what is carved."""
         if split == "train" or split in self.carved:
-            rule = f"end-{CARVED_FRACTION}-newline"
+            rule = f"end-{CARVED_FRACTION}-newline-space"
             return {
                 "kind": "files",
                 "split": split,
@@ -289,6 +303,11 @@ class FilesCorpus(Corpus):
             fractions = [1 - CARVED_FRACTION * len(self.carved)] + [CARVED_FRACTION] * len(self.carved)
             parts = split_text(splits["train"]["text"], fractions)
             for split, documents in zip(["train", *self.carved], parts):
+                if not any(documents):
+                    raise RmoeError(
+                        f"data.train_files: the training text is too short to carve a {split} split out of its end; "
+                        f"give data.{split}_files, or more text."
+                    )
                 splits[split] = datasets.Dataset.from_dict({"text": documents})
         return splits
 

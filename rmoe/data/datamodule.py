@@ -10,12 +10,17 @@ blocks. Cache layout under ``cache_dir``::
     splits/<split>-<key>/tokens.arrow           one row per document: ids + <eos>
     splits/<split>-<key>/blocks-<B>.arrow       one row per block of B + 1 ids
     splits/<split>-<key>/blocks-<B>.json        SplitStats, written last: marks the entry complete
+    splits/<split>-<key>/sha256.json            the sha256 of each Arrow file, checked before it is used
 
 ``<key>`` hashes everything that changes the token stream of the split: the split's corpus
 identity (sha256 of the split's files for ``files``, plus the train files' for carved splits;
 path, size and mtime of the split's files for ``stdlib``; the preset for hub sources), the split,
 its byte cap and the tokenizer's fingerprint (its full serialised vocabulary and rules). The
 block size is in the file name, so changing it only re-packs the cached tokens.
+
+A damaged entry (a truncated or bit-flipped Arrow file, a stats file that is not JSON, a file
+missing) is found before it is read, said in a warning naming the folder, deleted and rebuilt: the
+cache holds only what can be derived again. The same holds for a trained BPE tokenizer's folder.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from rmoe.data.tokenizer import META_FILE, MIN_BPE_VOCAB_SIZE, BpeTokenizer, Tok
 from rmoe.errors import RmoeError
 
 # Bump when the cached format or the meaning of a cache key changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: sha256.json in every split entry
 # The model's vocabulary is the tokenizer's rounded up to a multiple of this (e.g. 258 -> 320,
 # 50257 -> 50304): matmuls with aligned sizes are faster on GPUs; the extra ids never occur.
 VOCAB_MULTIPLE = 64
@@ -54,6 +59,50 @@ def default_cache_dir() -> Path:
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
+DIGESTS_FILE = "sha256.json"
+"""In every split entry of the cache: ``{file name: sha256}`` of its Arrow files."""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record_digest(directory: Path, path: Path) -> None:
+    """Add ``path``'s sha256 to the entry's :data:`DIGESTS_FILE` (atomically)."""
+    digests_path = directory / DIGESTS_FILE
+    digests = json.loads(digests_path.read_text(encoding="utf-8")) if digests_path.is_file() else {}
+    digests[path.name] = _file_sha256(path)
+    temporary = digests_path.with_name(f"{DIGESTS_FILE}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(digests, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, digests_path)
+
+
+def _damage(directory: Path, stats_path: Path, blocks_path: Path, tokens_path: Path) -> str | None:
+    """What is wrong with a split entry of the cache (None: the files it holds are intact)."""
+    digests_path = directory / DIGESTS_FILE
+    try:
+        digests = json.loads(digests_path.read_text(encoding="utf-8")) if digests_path.is_file() else {}
+        if stats_path.is_file():
+            SplitStats.load(stats_path)
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        return f"unreadable: {type(err).__name__}"
+    complete = stats_path.is_file()
+    for path in (tokens_path, blocks_path) if complete else (tokens_path,):
+        if not path.is_file():
+            if complete:
+                return f"{path.name} is missing"
+            continue
+        if path.name not in digests:
+            return f"{path.name} has no recorded sha256"
+        if _file_sha256(path) != digests[path.name]:
+            return f"{path.name} does not match its sha256"
+    return None
 
 
 def _check_positive(key: str, value: int | None, allow_none: bool = False) -> None:
@@ -188,6 +237,13 @@ class TextDataModule(L.LightningDataModule):
             }
         )
         directory = self.cache_root / "tokenizers" / f"bpe-{key}"
+        if (directory / META_FILE).is_file():
+            try:
+                return BpeTokenizer.load(directory)
+            except Exception as err:
+                warnings.warn(f"data cache entry {directory} was damaged ({err}); deleted, training it again.",
+                              stacklevel=1)  # fmt: skip
+                shutil.rmtree(directory, ignore_errors=True)
         if not (directory / META_FILE).is_file():
             trained = BpeTokenizer.train(_iter_texts(self._load_documents()["train"]), self.bpe_vocab_size)
             temporary = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
@@ -224,19 +280,25 @@ class TextDataModule(L.LightningDataModule):
         return self.cache_root / "splits" / f"{split}-{key}"
 
     def _prepare_split(self, split: str) -> Path:
-        """Build the split's cached blocks unless they exist; return the blocks' Arrow file."""
+        """Build the split's cached blocks unless they exist and are intact; return the blocks' Arrow file."""
         from datasets import Dataset
 
         directory = self._split_dir(split)
         blocks_path = directory / f"blocks-{self.block_size}.arrow"
         stats_path = blocks_path.with_suffix(".json")
+        tokens_path = directory / "tokens.arrow"
+        if directory.is_dir() and (problem := _damage(directory, stats_path, blocks_path, tokens_path)):
+            warnings.warn(
+                f"data cache entry {directory} was damaged ({problem}); deleted, rebuilding it.", stacklevel=2
+            )
+            shutil.rmtree(directory, ignore_errors=True)
         if stats_path.is_file():
             return blocks_path
-        tokens_path = directory / "tokens.arrow"
         if tokens_path.is_file():
             tokens = Dataset.from_file(str(tokens_path))
         else:
             tokens = tokenize_documents(self._load_documents()[split], self.tokenizer, tokens_path)
+            _record_digest(directory, tokens_path)
         num_documents, num_bytes, num_tokens = token_stats(tokens)
         blocks = pack_tokens(tokens, self.block_size, blocks_path)
         if len(blocks) == 0:
@@ -244,6 +306,7 @@ class TextDataModule(L.LightningDataModule):
                 f"The {split} split of source={self.source!r} has {num_tokens} tokens, fewer than "
                 f"block_size + 1 = {self.block_size + 1}; lower block_size, raise max_*_bytes or give more text."
             )
+        _record_digest(directory, blocks_path)
         SplitStats(num_documents, num_bytes, num_tokens, len(blocks)).save(stats_path)
         return blocks_path
 
