@@ -191,7 +191,7 @@ class RmoeCLI(LightningCLI):
         from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
         from rmoe.checkpoints import AtomicCheckpointIO
-        from rmoe.training.callbacks import MoeModelSummary, RunStatus, StepProgressBar
+        from rmoe.training.callbacks import FitSummary, MoeModelSummary, RunStatus, StepProgressBar
         from rmoe.training.versions import claim_log_versions
 
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -206,7 +206,7 @@ class RmoeCLI(LightningCLI):
         ):
             callbacks.append(MoeModelSummary())
         if self.subcommand == "fit":
-            callbacks += self._fit_safety_callbacks()
+            callbacks += [*self._fit_safety_callbacks(), FitSummary()]
         callbacks.append(RunStatus())
         extra: dict[str, Any] = {}
         plugins = trainer_config.get("plugins")
@@ -218,8 +218,32 @@ class RmoeCLI(LightningCLI):
         if self.subcommand == "fit":
             self._check_step_memory(trainer)
         if self.subcommand is not None:  # a CLI built with run=False (tests, notebooks) writes no run folder
-            claim_log_versions(trainer.loggers)
+            self._claimed_dirs = claim_log_versions(trainer.loggers)
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._give_back_claimed_folders(subcommand)
+            raise
+
+    def _give_back_claimed_folders(self, subcommand: str) -> None:
+        """A command that failed before it did anything removes the run folder it claimed, so that the next
+        run gets this version number and no half-written folder looks like a run: ``fit`` that failed
+        before its first optimiser step, ``validate`` / ``test`` that failed at all. A resumed run's
+        folder is never claimed, so never removed."""
+        import shutil
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not getattr(self, "_claimed_dirs", None):
+            return
+        if subcommand == "fit" and trainer.global_step > 0:
+            return
+        for folder in self._claimed_dirs:
+            if not any(folder.glob("checkpoints/*.ckpt")):
+                shutil.rmtree(folder, ignore_errors=True)
+                print(f"rmoe: removed {folder}: the {subcommand} failed before it did anything", file=sys.stderr)
 
     def _fit_safety_callbacks(self) -> list[Any]:
         """What every ``rmoe fit`` gets: a stop in order on a signal, and ``last.ckpt`` every

@@ -377,3 +377,24 @@ def test_a_config_section_set_to_null_is_refused(tmp_path, capsys):
         main(["fit", *tiny_args(tmp_path), "--config", str(tmp_path / "null.yaml")])
     assert exit_info.value.code == 2
     assert "null.yaml: model: is None, not a mapping" in capsys.readouterr().err
+
+
+def test_fit_ends_with_a_summary_and_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
+    main(
+        [
+            "fit",
+            *tiny_args(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_val_batches=1"),
+        ]
+    )
+    err = capsys.readouterr().err
+    run = tmp_path / "runs/t/version_0"
+    assert "rmoe fit: 2 steps in " in err and f"run folder {run}" in err
+    assert "last validation: val/loss " in err and "best val/loss " in err and f"{run}/checkpoints/best-" in err
+    assert f"last checkpoint: {run}/checkpoints/last.ckpt" in err
+    # a start that fails after the run folder was claimed (the data has too few tokens for a block) gives it back
+    (tmp_path / "short.txt").write_text("hi")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny_args(tmp_path, f"data.train_files=[{tmp_path / 'short.txt'}]", "trainer.max_steps=2")])
+    assert exit_info.value.code == 2
+    assert f"removed {tmp_path / 'runs/t/version_1'}: the fit failed before it did anything" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs/t").iterdir()) == ["version_0"]  # the next run is version_1 again

@@ -59,14 +59,14 @@ for d in sys.argv[5:]:
     remote = "auto_map" in json.load(open(d + "/config.json"))
     model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=remote).eval()
     tok = AutoTokenizer.from_pretrained(d, trust_remote_code=remote)
-    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch = tok(prompts, return_tensors="pt", padding=True)  # the export pads on the left by itself
     with torch.no_grad():
         logits = model(input_ids=tok(prompts[:1], return_tensors="pt")["input_ids"]).logits
         generated = model.generate(**batch, max_new_tokens=new_tokens) if d.rsplit("/", 1)[-1] in generate else None
     new = generated[:, batch["input_ids"].shape[1]:].tolist() if generated is not None else None
     tokens = [tok(p)["input_ids"] for p in prompts]
     results[d] = {"class": type(model).__name__, "logits": logits.tolist(), "new": new, "eos": tok.eos_token_id,
-                  "tokens": tokens, "decoded": [tok.decode(t) for t in tokens]}
+                  "tokens": tokens, "decoded": [tok.decode(t) for t in tokens], "padding_side": tok.padding_side}
 json.dump(results, open(out, "w"))
 """
 
@@ -129,6 +129,7 @@ def test_exports_load_in_transformers_and_equal_rmoe(template_ckpt, tmp_path, ca
         theirs = loaded[d]
         assert theirs["class"] == hf_class, d
         assert theirs["decoded"] == PROMPTS and theirs["tokens"][2] == list("héllo wörld ✓".encode()), d
+        assert theirs["padding_side"] == "left", d  # batched generation pads before the prompts
         error = (torch.tensor(theirs["logits"]) - logits).abs().max().item()
         assert error <= 1e-5, (d, error)
         if new_ids is not None:

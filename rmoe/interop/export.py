@@ -168,10 +168,20 @@ def byte_tokenizer_fast(tokenizer: Tokenizer) -> Any:
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """The tokenizer as transformers files (``AutoTokenizer.from_pretrained(out)``) plus rmoe's meta file."""
+    """The tokenizer as transformers files (``AutoTokenizer.from_pretrained(out)``) plus rmoe's meta file.
+
+    It pads on the left (``padding_side: left`` in ``tokenizer_config.json``): a decoder-only model
+    continues the end of each prompt, so a batch of prompts of different lengths must be padded
+    before them, and transformers' default (right) would make batched ``generate`` wrong.
+    """
     if tokenizer.kind == "byte":
         byte_tokenizer_fast(tokenizer).save_pretrained(str(out))
     tokenizer.save(out)  # bpe and hf write transformers files themselves; every kind writes rmoe_tokenizer.json
+    config_path = out / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["padding_side"] = "left"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def export_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -213,6 +214,41 @@ class MoeModelSummary(ModelSummary):
                     f"(6 x active non-embedding params + attention at {self._block_size} tokens)"
                 )
         _summary_log.info("\n" + "\n".join(lines))
+
+
+class FitSummary(L.Callback):
+    """At the end of a finished ``fit``, on rank 0: the steps and wall time, the last and best validation
+    loss and bpb, and where the checkpoints are. Installed by the ``rmoe`` command on ``fit``."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self._log_dir: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._log_dir = trainer.log_dir  # a collective: every process, here
+        self._start = time.monotonic()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if not trainer.is_global_zero:
+            return
+        elapsed = time.monotonic() - self._start
+        took = f"{elapsed:.1f} s" if elapsed < 60 else "{} min {} s".format(*divmod(round(elapsed), 60))
+        lines = [f"rmoe fit: {trainer.global_step} steps in {took}, run folder {self._log_dir}"]
+        metrics = trainer.callback_metrics
+        last = [f"{tag} {float(metrics[tag]):.4f}" for tag in ("val/loss", "val/bpb") if tag in metrics]
+        if last:
+            lines.append(f"  last validation: {', '.join(last)}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.best_model_path and callback.monitor:
+                score = callback.best_model_score
+                value = f" {float(score):.4f}" if score is not None else ""
+                lines.append(f"  best {callback.monitor}{value}: {callback.best_model_path}")
+        last_paths = sorted({c.last_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)} - {""})
+        if last_paths:
+            lines.append(f"  last checkpoint: {', '.join(last_paths)}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 STATUS_FILE = "status.json"

@@ -48,26 +48,29 @@ def claim_version(root: str | os.PathLike[str]) -> int:
         ) from None
 
 
-def claim_log_versions(loggers: Iterable[Any]) -> None:
+def claim_log_versions(loggers: Iterable[Any]) -> list[Path]:
     """Give each TensorBoard/CSV logger without a fixed version a folder of its own (:func:`claim_version`).
 
     Only global rank 0 claims: it is the process that writes the run folder, and the other ranks
     receive its paths by broadcast (``trainer.log_dir``, ``ModelCheckpoint``'s folder).
     A logger with a fixed version (``rmoe sweep``, a resumed run) writes where it says; its folder
-    is checked for write access.
+    is checked for write access. Returns the folders this process claimed (new, so a run that
+    fails before it trains can give them back).
     """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from rmoe.checkpoints import disk_nearly_full, ensure_writable_dir
 
+    claimed_dirs: list[Path] = []
     if rank_zero_only.rank != 0:
-        return
+        return claimed_dirs
     for logger in loggers:
         if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
             continue
         claimed = logger._version is None
         if claimed:
             logger._version = claim_version(logger.root_dir)
+            claimed_dirs.append(Path(logger.log_dir))
         else:
             ensure_writable_dir(logger.log_dir, "trainer.logger.init_args.save_dir")
         if disk_nearly_full(logger.log_dir):  # the event file's writer thread would fail with a traceback
@@ -78,3 +81,4 @@ def claim_log_versions(loggers: Iterable[Any]) -> None:
                 f"trainer.logger.init_args.save_dir: the disk of {logger.log_dir} is full (less than 1 MiB free); "
                 "free space there or choose another folder."
             )
+    return claimed_dirs
