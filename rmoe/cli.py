@@ -310,7 +310,7 @@ class RmoeCLI(LightningCLI):
         if self.subcommand in ("validate", "test") and not ckpt_path:
             raise RmoeError(
                 f"rmoe {self.subcommand} needs --ckpt: the checkpoint to evaluate (without one it would evaluate "
-                "the untrained model). For example: --ckpt runs/quick/version_0/checkpoints/last.ckpt."
+                "the untrained model). For example: --ckpt <run>/checkpoints/last.ckpt."
             )
         if self.subcommand in ("validate", "test") and ckpt_path and not special:
             self._data_of_checkpoint(read_checkpoint(ckpt_path, "--ckpt"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.sweep.plan import commands, run_state, shell_join
-from rmoe.sweep.runner import exec_run, execute, stop_on_sigterm
+from rmoe.sweep.runner import check_root, exec_run, execute, stop_on_sigterm
 from rmoe.sweep.spec import SweepError, check_overrides, expand, load_sweep, parse_only
 
 
@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="an override for every run, after the sweep's own (repeatable)",
     )
     parser.add_argument("--root", metavar="DIR", help="put the runs here instead of the sweep file's root")
+    parser.add_argument(
+        "--reuse-root",
+        action="store_true",
+        help="run this sweep in a root another sweep owns (its finished runs with other settings are reported stale)",
+    )
     parser.add_argument("--exec-run", metavar="RUN_JSON", help=argparse.SUPPRESS)  # the child process
     return parser
 
@@ -63,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.root:
             sweep = dataclasses.replace(sweep, root=Path(args.root))
         runs = expand(sweep, parse_only(args.only, sweep), check_overrides(args.extra))
+        check_root(sweep, reuse=args.reuse_root)
     except SweepError as err:
         print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -87,13 +93,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nrmoe sweep: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
     busy = f", {summary.count('busy')} left to the other sweep process running them" if summary.count("busy") else ""
+    # finished with other settings: the --set overrides of an earlier invocation (noted), or, in a root another
+    # sweep owned (--reuse-root), another spec's run under this name (stale: not this sweep's results)
+    stale = [o for o in summary.outcomes if o.status == "skipped" and o.message] if args.reuse_root else []
     print(
         f"\nsweep {sweep.name}: {summary.count('done')} done, {summary.count('skipped')} skipped "
-        f"(already finished), {len(summary.failed)} failed{busy}."
+        f"(already finished), {len(summary.failed)} failed{busy}"
+        + (f", {len(stale)} stale (finished with other settings than this sweep's: not its results)" if stale else "")
+        + "."
     )
     for outcome in summary.failed:
         print(f"  FAILED {outcome.run.name}: exit {outcome.returncode}: {outcome.message}\n    log: {outcome.run.log}")
+    for outcome in stale:
+        print(f"  STALE {outcome.run.name}: {outcome.message}")
     # the report of the runs that ran here, written next to them (never over a committed results folder)
     only = "".join(f" --only {shlex.quote(o)}" for o in args.only)
     print(f"rmoe sweep: report with: rmoe report {shlex.quote(str(sweep.root))} --out {sweep.root / 'report'}{only}")
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or stale else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -39,7 +40,7 @@ from rmoe.sweep.plan import (
     rmoe_test_args,
     shell_join,
 )
-from rmoe.sweep.spec import GridRun, Sweep
+from rmoe.sweep.spec import GridRun, Sweep, SweepError
 
 STAGES = ("fit", "test", "causal-test")
 """A run's stages, in order; a finished run's follow-up runs only the last."""
@@ -110,7 +111,7 @@ def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | 
                 return _launch(sweep, run, env, lambda text: say(i, run, text), stages=("causal-test",))
             note = _changed_note(sweep, run)
             say(i, run, f"skipped (finished: {run.marker}){note}")
-            return Outcome(run, "skipped")
+            return Outcome(run, "skipped", message=note.removeprefix("; NOTE: "))
         return _launch(sweep, run, env, lambda text: say(i, run, text))
 
     outcomes: dict[int, Outcome] = {}
@@ -284,11 +285,9 @@ def _changed_note(sweep: Sweep, run: GridRun) -> str:
     return ""
 
 
-def _write_sweep_copy(sweep: Sweep) -> None:
-    """``<root>/sweep.yaml``: the grid (keys and labels in order) for the report and for the record."""
-    doc = {
-        "name": sweep.name,
-        "description": sweep.description,
+def _spec(sweep: Sweep) -> dict[str, Any]:
+    """What defines a sweep's runs (not its name or description)."""
+    return {
         "configs": list(sweep.configs),
         "grid": {
             key: {label: [*v.configs, *v.overrides] for label, v in labels.items()}
@@ -297,7 +296,58 @@ def _write_sweep_copy(sweep: Sweep) -> None:
         "overrides": list(sweep.overrides),
         "after_fit": sweep.after_fit,
     }
-    (sweep.root / SWEEP_COPY).write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def spec_sha256(spec: dict[str, Any]) -> str:
+    """The hash a sweep root records of the sweep that owns it (:func:`check_root`)."""
+    keys = ("configs", "grid", "overrides", "after_fit")
+    return hashlib.sha256(json.dumps({k: spec.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+
+
+def check_root(sweep: Sweep, reuse: bool = False) -> None:
+    """A sweep root belongs to the sweep that first ran there (its ``sweep.yaml`` records the spec and
+    its hash). The same sweep may come back with more labels in its grid (more routers, more seeds):
+    the root's record becomes the union. Anything else (another name, other configs, overrides or grid
+    keys, or a label that now stands for other settings) is refused unless ``reuse``
+    (``--reuse-root``): a run name there (``router=linear,seed=0``) would stand for other settings,
+    and ``rmoe report`` would head the old runs' numbers with the new sweep's name."""
+    copy = sweep.root / SWEEP_COPY
+    if reuse or not copy.is_file():
+        return
+    recorded = yaml.safe_load(copy.read_text()) or {}
+    mine = _spec(sweep)
+    if (recorded.get("spec_sha256") or spec_sha256(recorded)) == spec_sha256(mine):
+        return
+    differing = [k for k in ("configs", "overrides", "after_fit") if recorded.get(k) != mine[k]]
+    if recorded.get("name") != sweep.name:
+        differing.insert(0, f"name {recorded.get('name')!r}")
+    old_grid = recorded.get("grid") or {}
+    if list(old_grid) != list(mine["grid"]):
+        differing.append(f"grid keys {list(old_grid)} vs {list(mine['grid'])}")
+    else:
+        for key, labels in mine["grid"].items():
+            differing += [f"grid {key}={label}" for label, settings in labels.items()
+                          if label in old_grid[key] and old_grid[key][label] != settings]  # fmt: skip
+    if differing:
+        raise SweepError(
+            f"--root {sweep.root} belongs to sweep {recorded.get('name')!r} ({copy}), whose runs are defined "
+            f"otherwise than sweep {sweep.name!r}'s (differing: {'; '.join(differing)}). Use another --root, or "
+            "--reuse-root to run this sweep there anyway (a run that finished with other settings is then reported "
+            "as stale, not as this sweep's, and the sweep exits 1)."
+        )
+
+
+def _write_sweep_copy(sweep: Sweep) -> None:
+    """``<root>/sweep.yaml``: the grid (keys and labels in order) for the report and for the record, with the
+    hash of the spec that owns the root (:func:`check_root`)."""
+    spec = _spec(sweep)
+    copy = sweep.root / SWEEP_COPY
+    recorded = (yaml.safe_load(copy.read_text()) or {}) if copy.is_file() else {}
+    old_grid = recorded.get("grid") or {}
+    if list(old_grid) == list(spec["grid"]):  # the same sweep with more labels: the record keeps every label
+        spec["grid"] = {key: {**old_grid[key], **labels} for key, labels in spec["grid"].items()}
+    doc = {"name": sweep.name, "description": sweep.description, **spec, "spec_sha256": spec_sha256(spec)}
+    copy.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def _last_error(log: Path, returncode: int) -> str:
