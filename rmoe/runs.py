@@ -55,6 +55,8 @@ MARKER_FILE = "done.json"
 """Written once fit (and test) succeeded: the run is finished."""
 SWEEP_COPY = "sweep.yaml"
 """The sweep root's copy of the grid (keys and labels in order)."""
+STATUS_FILE = "status.json"
+"""In a run's log folder: whether it is running, finished, failed or interrupted (``RunStatus``)."""
 RESUME_CHECKPOINT = "resume"
 """``checkpoints/resume.ckpt``: the periodic checkpoint a sweep run resumes from."""
 
@@ -272,3 +274,17 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a ``metrics.json`` written by ``rmoe analyze``."""
     return json.loads(Path(path).read_text())
+
+
+def fit_status(run_dir: Path) -> dict[str, Any]:
+    """The newest :data:`STATUS_FILE` under a run folder (``{}`` when there is none): ``state`` (running,
+    finished, failed, interrupted), ``global_step``, and ``error`` / ``signal`` where they apply."""
+    found = sorted(Path(run_dir).rglob(STATUS_FILE), key=lambda p: p.stat().st_mtime)
+    for path in reversed(found):
+        try:
+            status = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(status, dict) and status.get("command", "fit") == "fit":
+            return status
+    return {}

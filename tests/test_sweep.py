@@ -192,6 +192,15 @@ def test_report_only_and_paired_differences_match_the_event_files(swept, tmp_pat
     assert report.main([str(root), "--out", str(out), "--only", "router=nope"]) == 2
     assert report.main([str(root), "--out", str(out), "--paired", "router=nope"]) == 2
     assert report.main([str(root), "--out", str(out), "--paired", "router"]) == 2
+    # pairing on any column: a loss says better / worse, a rate lower / higher
+    assert report.main([str(root), "--out", str(out), "--paired", "router=linear", "--paired-metric", "best_val_loss",
+                        "--paired-metric", "tokens_per_sec"]) == 0  # fmt: skip
+    text = (out / "results.md").read_text()
+    assert "mean Δ best_val_loss" in text and "mean Δ tokens_per_sec" in text
+    best = [min(scalars(root / f"{r}-{s}" / "version_0", "val/loss")) for r in ("gru", "linear") for s in SEEDS]
+    mean = statistics.fmean(best[i] - best[i + len(SEEDS)] for i in range(len(SEEDS)))
+    assert f"| gru | 2 | {mean:+.4f}" in text.split("mean Δ best_val_loss")[1]
+    assert report.main([str(root), "--out", str(out), "--paired", "router=linear", "--paired-metric", "nope"]) == 2
 
 
 def test_report_marks_routers_that_are_not_causal_in_evaluation(swept, tmp_path):
@@ -295,10 +304,21 @@ def test_report_leaves_out_sweep_runs_without_their_done_marker(swept, tmp_path)
     root = tmp_path / "root"
     shutil.copytree(sweep_dir / "sweep", root)
     (root / f"gru-{SEEDS[0]}" / "done.json").unlink()
+    # and one that diverged: its row says so (it used to vanish into a line of names)
+    status = root / f"linear-{SEEDS[1]}" / "version_0/status.json"
+    diverged = {**json.loads(status.read_text()), "state": "failed", "global_step": 3,
+                "error": "RmoeError: training diverged at optimiser step 3: train/loss=nan"}  # fmt: skip
+    status.write_text(json.dumps(diverged))
+    (root / f"linear-{SEEDS[1]}" / "done.json").unlink()
     assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
     rows = {row["router"]: row for row in csv.DictReader((tmp_path / "out/results.csv").open())}
-    assert int(rows["gru"]["n"]) == len(SEEDS) - 1 and int(rows["linear"]["n"]) == len(SEEDS)
-    assert f"`gru-{SEEDS[0]}`" in (tmp_path / "out/results.md").read_text().split("Left out")[1]
+    assert int(rows["gru"]["n"]) == len(SEEDS) - 1 and int(rows["linear"]["n"]) == len(SEEDS) - 1
+    left_out = (tmp_path / "out/results.md").read_text().split("Runs left out of the tables")[1]
+    assert f"| `gru-{SEEDS[0]}` | gru | {SEEDS[0]} | finished at step " in left_out
+    assert "its sweep stages not all done" in left_out
+    assert f"| `linear-{SEEDS[1]}` | linear | {SEEDS[1]} | diverged at step 3 |" in left_out
+    states = {row["run"]: row["state"] for row in csv.DictReader((tmp_path / "out/runs.csv").open())}
+    assert states[f"linear-{SEEDS[1]}"] == "diverged at step 3"
 
 
 def test_paired_verdict_is_the_95_percent_t_interval():
@@ -308,6 +328,7 @@ def test_paired_verdict_is_the_95_percent_t_interval():
     assert report.Paired({}, [-0.10, -0.12, -0.08]).verdict == "better"
     assert report.Paired({}, [0.10, -0.05, 0.02]).verdict == "indistinguishable"
     assert report.Paired({}, [0.10]).verdict == "too few pairs"
+    assert report.Paired({}, [0.10, 0.12, 0.08], lower_is_better=False).verdict == "higher"  # not a loss
 
 
 def test_interrupted_run_resumes_and_a_failed_run_is_reported(swept, capsys):
@@ -515,3 +536,25 @@ def test_rmoe_runs_is_a_leaf_module():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {name for name in imported if name == "rmoe" or name.startswith("rmoe.")} == {"rmoe.errors"}
+
+
+def test_a_root_belongs_to_one_sweep_spec(swept, capsys):
+    """Another spec into a root is refused (a run name there would stand for other settings); the same
+    sweep may add labels; ``--reuse-root`` runs it anyway and calls the other spec's runs stale."""
+    tmp_path, _, _ = swept
+    copy = tmp_path / "sweep/sweep.yaml"
+    before = copy.read_text()
+    changed = write_sweep(tmp_path, "changed.yaml", {**TINY_ROUTERS, "linear": "model.arch.router=mlp"})
+    assert sweep.main([str(changed), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to sweep 'tiny'" in err and "differing: grid router=linear" in err and "--reuse-root" in err
+    assert copy.read_text() == before
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text((tmp_path / "tiny.yaml").read_text().replace("name: tiny", "name: other"))
+    assert sweep.main([str(renamed), "--dry-run"]) == 2 and "differing: name 'tiny'" in capsys.readouterr().err
+    # --reuse-root: the finished runs under these names are another spec's: stale, exit 1, nothing trained
+    assert sweep.main([str(changed), "--reuse-root", "--only", "router=linear", "--only", "seed=s0"]) == 1
+    printed = capsys.readouterr().out
+    assert "1 stale (finished with other settings than this sweep's: not its results)" in printed
+    assert "STALE linear-s0: it finished with other settings than these" in printed
+    copy.write_text(before)  # the module's other tests read this root

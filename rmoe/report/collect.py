@@ -15,9 +15,10 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rmoe.metrics.catalog import metrics
-from rmoe.runs import CAUSAL_TEST_DIR, MARKER_FILE, PLAN_FILE, TEST_DIR, fit_dir, read_events
+from rmoe.runs import CAUSAL_TEST_DIR, MARKER_FILE, PLAN_FILE, TEST_DIR, fit_dir, fit_status, read_events
 
 DEFAULT_METRICS = (rf"moe/val/({'|'.join(m.name for m in metrics(flag='report'))})/layer_\d+(?:_\d+)?$",)
 """Routing metrics: the tags matching a pattern are grouped by its first capture group (the column
@@ -94,6 +95,28 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        """What happened to the run, in a few words, from its ``status.json`` (and the sweep's marker)."""
+        status, step = self.status, self.status.get("global_step")
+        at = f" at step {step}" if step is not None else ""
+        state = status.get("state")
+        error = " ".join(str(status.get("error", "")).split())
+        if state == "failed":
+            return f"diverged{at}" if "training diverged" in error else f"failed{at}: {error[:160]}"
+        if state == "interrupted":
+            return f"interrupted ({status.get('signal', 'a signal')}){at}"
+        if state == "running":
+            return f"running or killed{at} (pid {status.get('pid')}; no end written)"
+        if state == "finished":
+            if not math.isfinite(self.metrics.get("best_val_loss", math.nan)):
+                return f"finished{at} without a validation"
+            if (self.path / PLAN_FILE).is_file() and not (self.path / MARKER_FILE).is_file():
+                return f"finished{at}, its sweep stages not all done"
+            return f"finished{at}"
+        return "not started"
 
     @property
     def complete(self) -> bool:
@@ -137,7 +160,7 @@ class Group:
 
 def read_run(run_dir: Path, labels: Mapping[str, str], metric_patterns: Sequence[str] = DEFAULT_METRICS) -> RunResult:
     """Read one run: its scalars (fit and test), its routing metrics and its parameter counts."""
-    result = RunResult(run_dir.name, run_dir, dict(labels))
+    result = RunResult(run_dir.name, run_dir, dict(labels), status=fit_status(run_dir))
     try:
         plan = json.loads((run_dir / PLAN_FILE).read_text())
         result.overrides = [str(o) for o in plan.get("set") or []] if isinstance(plan, dict) else []

@@ -14,6 +14,7 @@ from rmoe.report.collect import (
     COMPARABLE_TEST_KEY,
     COST_COLUMNS,
     DEFAULT_METRICS,
+    EXTRA_KEYS,
     Group,
     ReportError,
     RunResult,
@@ -37,6 +38,7 @@ def report(
     band: str = "minmax",
     only: Mapping[str, set[str]] | None = None,
     paired: tuple[str, str] | None = None,
+    paired_metrics: Sequence[str] = ("final_val_bpb",),
 ) -> tuple[list[Group], list[RunResult]]:
     """Read a sweep root and write the table, CSVs and plots into ``out``.
 
@@ -96,14 +98,23 @@ def report(
     paired_text = ""
     if paired:
         key, baseline = paired
-        comparisons = paired_comparisons(complete, key, baseline)
-        paired_text = paired_table(comparisons, key, baseline, "final_val_bpb")
-        if paired_text:
+        known = [c.key for c in columns] + list(EXTRA_KEYS)
+        unknown = [m for m in paired_metrics if m not in known]
+        if unknown:
+            raise ReportError(
+                f"--paired-metric {', '.join(unknown)}: not a column of these runs; any of: {', '.join(known)}."
+            )
+        tables = [
+            (m, paired_table(paired_comparisons(complete, key, baseline, m), key, baseline, m)) for m in paired_metrics
+        ]
+        tables = [(m, t) for m, t in tables if t]
+        if tables:
             paired_text = (
                 f"Paired against `{key}={baseline}` (same seed: same initialisation and data order); Δ = run - "
-                f"baseline, negative is better; the verdict is the 95% t-interval's (better / worse when it "
-                f"excludes 0).\n\n{paired_text}"
+                f"baseline; the verdict is the 95% t-interval's when it excludes 0: better / worse for a loss, bpb "
+                f"or step time (negative is better), lower / higher for any other column."
             )
+            paired_text += "".join(f"\n\n{text}" for _, text in tables)
         if any(g.non_causal for g in groups):  # the same, on the one number every row can be compared by
             causal = paired_table(
                 paired_comparisons(complete, key, baseline, COMPARABLE_TEST_KEY), key, baseline, "causal test bpb"
@@ -144,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--paired", default=None, metavar="KEY=LABEL", help="same-seed differences against this baseline"
     )
+    parser.add_argument(
+        "--paired-metric",
+        action="append",
+        default=None,
+        metavar="COLUMN",
+        help="the column --paired compares (repeatable; default: final_val_bpb); any column of runs.csv, "
+        "e.g. best_val_loss, test_bpb, load_cv, tokens_per_sec",
+    )
     return parser
 
 
@@ -170,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.band,
             parse_only(args.only),
             paired,
+            tuple(args.paired_metric or ("final_val_bpb",)),
         )
     except ReportError as err:
         print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -73,16 +73,31 @@ def write_csvs(groups: Sequence[Group], runs: Sequence[RunResult], columns: Sequ
     label_keys = list(dict.fromkeys(k for r in runs for k in r.labels))
     with (out / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", *label_keys, "complete", *all_keys])
+        writer.writerow(["run", *label_keys, "complete", "state", *all_keys])
         for run in runs:
             writer.writerow(
                 [
                     run.name,
                     *(run.labels.get(k, "") for k in label_keys),
                     int(run.complete),  # 0: left out of the tables (unfinished or no validation)
+                    run.state,
                     *(_csv_number(run.metrics.get(k, math.nan)) for k in all_keys),
                 ]
             )
+
+
+def incomplete_table(runs: Sequence[RunResult]) -> str:
+    """One row per run left out of the tables: its labels, what happened (``RunResult.state``), the steps it
+    logged and its best validation loss so far."""
+    keys = list(dict.fromkeys(k for r in runs for k in r.labels))
+    lines = ["| run | " + " | ".join(keys) + " | state | steps | best val loss so far |",
+             "|---|" + "---|" * len(keys) + "---|---:|---:|"]  # fmt: skip
+    for r in runs:
+        cells = [f"`{r.name}`", *(r.labels.get(k, "") for k in keys), r.state.replace("|", "/"),
+                 format_value(r.metrics.get("steps", math.nan), "int"),
+                 format_value(r.metrics.get("best_val_loss", math.nan), "loss")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _csv_number(value: float) -> str:
@@ -180,8 +195,10 @@ def write_markdown(
         parts += [paired, ""]
     if incomplete:
         parts += [
-            "Left out (failed, unfinished or still running: no sweep marker or no validation yet): "
-            + ", ".join(f"`{r.name}`" for r in incomplete),
+            "Runs left out of the tables (a row needs a finished run with a validation), and what happened to "
+            "them (their `status.json`):",
+            "",
+            incomplete_table(incomplete),
             "",
         ]
     band_text = "min-max over seeds" if band == "minmax" else "± one standard deviation"

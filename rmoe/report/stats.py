@@ -25,11 +25,13 @@ class Paired:
 
     Two runs pair when all their labels but ``key`` are equal (so the same seed: same initialisation
     and data order). The verdict is the paired t-interval's: ``better`` (lower) or ``worse`` when the
-    95% interval of the mean difference excludes 0, otherwise ``indistinguishable``.
+    95% interval of the mean difference excludes 0, otherwise ``indistinguishable``; for a metric that is
+    not a loss (``lower_is_better`` False: a routing metric, a rate) ``lower`` or ``higher``.
     """
 
     labels: dict[str, str]
     differences: list[float]
+    lower_is_better: bool = True
 
     @property
     def n(self) -> int:
@@ -53,10 +55,15 @@ class Paired:
         if not math.isfinite(self.half_width):
             return "too few pairs"
         if self.mean + self.half_width < 0:
-            return "better"
+            return "better" if self.lower_is_better else "lower"
         if self.mean - self.half_width > 0:
-            return "worse"
+            return "worse" if self.lower_is_better else "higher"
         return "indistinguishable"
+
+
+LOWER_IS_BETTER = frozenset({"best_val_loss", "final_val_loss", "final_val_bpb", "test_bpb", "test_loss",
+                             "comparable_test_bpb", "causal_test_bpb", "step_time_ms"})  # fmt: skip
+"""The metrics where a lower value is a better run (the paired verdict says better / worse for them)."""
 
 
 def paired_comparisons(
@@ -82,7 +89,7 @@ def paired_comparisons(
         if partner is None or not math.isfinite(value) or not math.isfinite(partner.metrics.get(metric, math.nan)):
             continue
         labels = {k: v for k, v in run.labels.items() if k != SEED_KEY}
-        groups.setdefault(tuple(labels.values()), Paired(labels, [])).differences.append(
+        groups.setdefault(tuple(labels.values()), Paired(labels, [], metric in LOWER_IS_BETTER)).differences.append(
             value - partner.metrics[metric]
         )
     return list(groups.values())

@@ -316,11 +316,11 @@ def check_root(sweep: Sweep, reuse: bool = False) -> None:
         return
     recorded = yaml.safe_load(copy.read_text()) or {}
     mine = _spec(sweep)
-    if (recorded.get("spec_sha256") or spec_sha256(recorded)) == spec_sha256(mine):
+    same_name = recorded.get("name") == sweep.name
+    if same_name and (recorded.get("spec_sha256") or spec_sha256(recorded)) == spec_sha256(mine):
         return
-    differing = [k for k in ("configs", "overrides", "after_fit") if recorded.get(k) != mine[k]]
-    if recorded.get("name") != sweep.name:
-        differing.insert(0, f"name {recorded.get('name')!r}")
+    differing = [] if same_name else [f"name {recorded.get('name')!r}"]
+    differing += [k for k in ("configs", "overrides", "after_fit") if recorded.get(k) != mine[k]]
     old_grid = recorded.get("grid") or {}
     if list(old_grid) != list(mine["grid"]):
         differing.append(f"grid keys {list(old_grid)} vs {list(mine['grid'])}")

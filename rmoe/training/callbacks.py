@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
 
 from rmoe.model.decoder import MoeLM
+from rmoe.runs import STATUS_FILE
 from rmoe.training.module import logs_this_step
 
 _summary_log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
@@ -249,10 +250,6 @@ class FitSummary(L.Callback):
         if last_paths:
             lines.append(f"  last checkpoint: {', '.join(last_paths)}")
         print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-STATUS_FILE = "status.json"
-"""The file in a run's log directory that says whether it is running, finished or failed (:class:`RunStatus`)."""
 
 
 class RunStatus(L.Callback):
