@@ -151,6 +151,7 @@ class MoeLMModule(L.LightningModule):
         self.aux_loss_scope = aux_loss_scope
         self.compile_layers = compile
         self.init_from = init_from
+        _check_model_fits(arch)
         self.model = MoeLM(arch)
         self.tokens_seen = 0
         self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss (optim.skip_nonfinite_steps)
@@ -555,6 +556,22 @@ class MoeLMModule(L.LightningModule):
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         saved = checkpoint.get("lr_schedule")
         self._resumed = (int(checkpoint.get("global_step", 0)), LRSchedule(**saved) if saved else None)
+
+
+def _check_model_fits(arch: ModelConfig) -> None:
+    """The model is built in host memory first: refuse, naming the sizes, one whose fp32 weights cannot be
+    allocated there (the allocator would stop with a traceback; the step's memory is checked later)."""
+    from rmoe.training.memory import _num_parameters, available_bytes
+
+    available = available_bytes("cpu")
+    num_parameters = _num_parameters(arch)
+    if available is not None and 4 * num_parameters > available:
+        raise RmoeError(
+            f"model.arch: {num_parameters:,} parameters ({4 * num_parameters / 2**30:,.1f} GiB in fp32) do not fit in "
+            f"this machine's {available / 2**30:.1f} GiB of free memory (num_experts={arch.num_experts}, "
+            f"hidden_size={arch.hidden_size}, num_layers={arch.num_layers}, moe_intermediate_size="
+            f"{arch.moe_intermediate_size}, vocab_size={arch.vocab_size}); choose smaller ones."
+        )
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
