@@ -32,7 +32,7 @@ from tiny import BASE_CONFIGS, TEXT, tiny_overrides
 
 from rmoe.cli import main
 
-FAST, SLOW = 8, 60  # examples per surface: the default suite, the slow marker
+FAST, SLOW = 8, 200  # examples per surface: the default suite, the slow marker
 
 # ----------------------------------------------------------------------------------------------
 # The invariant

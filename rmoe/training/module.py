@@ -564,10 +564,14 @@ def _check_model_fits(arch: ModelConfig) -> None:
     from rmoe.training.memory import _num_parameters, available_bytes
 
     available = available_bytes("cpu")
-    num_parameters = _num_parameters(arch)
+    try:
+        num_parameters = _num_parameters(arch)
+        size = f"{num_parameters:,} parameters ({4 * num_parameters / 2**30:,.1f} GiB in fp32)"
+    except RuntimeError:  # a tensor whose byte size overflows 64 bits: no machine holds it
+        num_parameters, size = 2**62, "tensors whose byte sizes overflow 64 bits"
     if available is not None and 4 * num_parameters > available:
         raise RmoeError(
-            f"model.arch: {num_parameters:,} parameters ({4 * num_parameters / 2**30:,.1f} GiB in fp32) do not fit in "
+            f"model.arch: {size} do not fit in "
             f"this machine's {available / 2**30:.1f} GiB of free memory (num_experts={arch.num_experts}, "
             f"hidden_size={arch.hidden_size}, num_layers={arch.num_layers}, moe_intermediate_size="
             f"{arch.moe_intermediate_size}, vocab_size={arch.vocab_size}); choose smaller ones."
