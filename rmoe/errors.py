@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
@@ -93,3 +94,30 @@ def resolve_positional(parser: ToolArgumentParser, args: Any, names: Sequence[st
         parser.error(f"{' and '.join(missing)} missing: the command is `{usage}`")
     if given:
         parser.error(f"unexpected argument(s) {' '.join(given)}: the command is `{usage}`")
+
+
+def check_field_types(obj: Any, prefix: str) -> None:
+    """Raise :class:`RmoeError` naming ``<prefix>.<field>`` for a dataclass field whose value is not of its
+    declared scalar type (``int``, ``float``, ``bool``, ``str``, optionally ``| None``): a YAML ``null``, a
+    string or a boolean where a number belongs would otherwise fail later with a ``TypeError``."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        hint, value = hints.get(field.name), getattr(obj, field.name)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+        kinds = {k for k in typing.get_args(hint) if k is not type(None)} if optional else {hint}
+        if value is None and optional:
+            continue
+        if kinds == {bool} and not isinstance(value, bool):
+            expected = "true or false"
+        elif kinds == {int} and (isinstance(value, bool) or not isinstance(value, int)):
+            expected = "an integer"
+        elif kinds == {float} and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            expected = "a number"
+        elif kinds == {str} and not isinstance(value, str):
+            expected = "a string"
+        else:
+            continue
+        raise RmoeError(f"{prefix}.{field.name}={value!r} is invalid; expected {expected}.")

@@ -177,6 +177,9 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("model.arch.router_options={bias_update_rate: true}", "bias_update_rate=True is invalid for router 'linear'"),
         ("seed_everything=-1", "seed_everything=-1 is invalid; expected an integer in [0, 4294967295]"),
         ("checkpoint_every_minutes=-1", "checkpoint_every_minutes=-1 must be >= 0"),
+        ("model.optim.warmup_steps=null", "model.optim.warmup_steps=None is invalid; expected an integer"),  # fuzzer
+        ("model.arch.hidden_size=2147483648", "model.arch: tensors whose byte sizes overflow 64 bits do not fit"),
+        ("model.arch.num_experts=1000000000000", "do not fit in this machine's"),
     ],
 )
 def test_bad_input_is_one_clear_message_and_nothing_is_written(override, fragment, tmp_path, capsys):

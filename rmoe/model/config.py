@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from rmoe.errors import RmoeError
+from rmoe.errors import RmoeError, check_field_types
 from rmoe.routers import Causality, RouterContext, causality_of, get_router_class
 
 EXPERT_BACKENDS = ("auto", "grouped_mm", "sliced", "tiled")
@@ -111,6 +111,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check every invariant; raise :class:`RmoeError` naming the key and the expected values."""
+        check_field_types(self, "model.arch")
         positive = (
             "hidden_size",
             "num_layers",

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from rmoe.errors import RmoeError
+from rmoe.errors import RmoeError, check_field_types
 from rmoe.metrics.language import language_metrics
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
@@ -67,6 +67,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         """Reject values AdamW or the schedule cannot work with, naming the key."""
+        check_field_types(self, "model.optim")
         checks = (
             ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
             ("beta1", 0.0 <= self.beta1 < 1.0, "a number in [0, 1)"),
@@ -137,7 +138,11 @@ class MoeLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         for key, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
-            if not (math.isfinite(value) and value >= 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
                 raise RmoeError(f"model.{key}={value!r} is invalid; expected a finite number >= 0 (0: off).")
         if aux_loss_scope not in ("micro_batch", "global_batch"):
             raise RmoeError(
