@@ -485,6 +485,7 @@ def test_analysis_helpers_compare_runs(runs):
     importlib.util.find_spec("nbclient") is None or importlib.util.find_spec("ipykernel") is None,
     reason="nbclient/ipykernel are not installed",
 )
+@pytest.mark.slow
 def test_notebook_runs_on_two_tiny_runs(runs, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -95,13 +95,14 @@ def test_bench_moe_leaves_out_a_row_that_fails_and_says_why(tmp_path, monkeypatc
     assert "hf-grouped_mm    left out: it failed here (RuntimeError: no kernel here)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_memory_estimate_is_a_lower_bound_of_the_measured_peak():
     """The estimate ``rmoe fit`` refuses by is below the measured peak of a real step (a fresh process),
     and within the margin it warns by (docs/speed.md has the table of nine shapes)."""
     bench = load("bench_memory")
     from rmoe.model.config import ModelConfig
-    from rmoe.training.memory import UNDERESTIMATE, estimate_step_bytes, measure_step_bytes
+    from rmoe.training.memory import UNDERESTIMATE, estimate_step_bytes
 
     arch = ModelConfig(**{**bench.base_arch(), **bench.DEEP_CPU})
-    measured, estimated = measure_step_bytes(arch, 16, 128), estimate_step_bytes(arch, 16, 128)
+    measured, estimated = bench.measure_step_bytes(arch, 16, 128), estimate_step_bytes(arch, 16, 128)
     assert measured / UNDERESTIMATE <= estimated <= 1.05 * measured, (estimated, measured)

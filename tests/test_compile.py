@@ -21,7 +21,7 @@ from test_routers import build
 from rmoe import RmoeError
 from rmoe.routers import ROUTERS, get_router_class
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # tests/conftest.py
 
 
 def train_step(model, ids):

@@ -25,6 +25,8 @@ from tiny import BASE_CONFIGS, ROOT, scalars, tiny_config, tiny_overrides
 
 from rmoe.cli import build_cli, main
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 TESTS = Path(__file__).resolve().parent
 ATOL = 1e-5
 GLOBAL_BATCH = 8

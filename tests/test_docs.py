@@ -356,7 +356,13 @@ def workspace(tmp_path_factory):
     return workspace
 
 
-@pytest.mark.parametrize("block", runnable_blocks(), ids=lambda b: b.where)
+def _with_marks(block):
+    """A block that runs a sweep is slow (whole runs): the inner loop leaves it out."""
+    slow = any(words[:2] == ["rmoe", "sweep"] for words in command_lines(block.text))
+    return pytest.param(block, marks=pytest.mark.slow, id=block.where) if slow else pytest.param(block, id=block.where)
+
+
+@pytest.mark.parametrize("block", [_with_marks(b) for b in runnable_blocks()])
 def test_documented_commands_run(block, workspace, capsys, monkeypatch):
     monkeypatch.chdir(workspace)
     for words in command_lines(block.text):

@@ -103,6 +103,7 @@ GENERATE = ("qwen2_moe", "qwen3_moe", "gru", "gru_lstm_ralpha", "hyper", "locmoe
 """The exports whose greedy `generate` is compared too (all: logits); each a different router code path."""
 
 
+@pytest.mark.slow
 def test_exports_load_in_transformers_and_equal_rmoe(template_ckpt, tmp_path, capsys):
     dirs, ckpts = [], []
     for i, (name, (router, arch, hf_class)) in enumerate(EXPORTS.items()):

@@ -481,6 +481,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     """A real process saves 16 MB checkpoints over the same name in a loop and is killed with SIGKILL:
     the file under the final name is always one whole checkpoint."""
@@ -499,6 +500,7 @@ def test_a_process_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path):
             leftover.unlink()
 
 
+@pytest.mark.slow
 def test_two_fits_started_at_once_get_their_own_run_folders(tmp_path):
     """Two real ``rmoe fit`` with the same logger name and save_dir, started together."""
     args = run_args(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2")

@@ -23,6 +23,8 @@ from tiny import BASE_CONFIGS, tiny_overrides
 
 from rmoe.runs import read_scalars
 
+pytestmark = pytest.mark.slow  # real processes and signals, whole runs
+
 TESTS = Path(__file__).resolve().parent
 TAGS = r"^(train/loss|val/loss|moe/val/load_cv/mean)$"
 

@@ -29,6 +29,8 @@ from tiny import scalars as tiny_scalars
 from rmoe import report, runs, sweep
 from rmoe.cli import main as rmoe_main
 
+pytestmark = pytest.mark.slow  # real sweeps of whole runs
+
 ROUTERS = ("linear", "gru")
 SEEDS = ("s0", "s1")
 PAPER_SWEEPS = {

@@ -50,11 +50,8 @@ estimate times :data:`UNDERESTIMATE` does (it may not).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -433,89 +430,3 @@ def check_step_memory(
         f"{available / GIB:.1f} GiB available; lower data.block_size or data.batch_size{hint}, or "
         f"model.arch.num_layers / model.arch.hidden_size. Set {SKIP_ENV}=1 to train anyway."
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Calibration: the real peak of a training step
-
-
-def measure_step_bytes(arch: ModelConfig, batch_size: int, block_size: int, steps: int = 2) -> int:
-    """Peak RSS growth (bytes) of ``steps`` CPU training steps in a fresh Python process.
-
-    The child warms up with one step of a tiny model (thread pools, kernels), resets its peak RSS
-    to the current one (``/proc/self/clear_refs``, read back as ``VmHWM``), then builds
-    ``MoeLMModule(arch)`` and a fused AdamW and runs ``steps`` steps of ``_losses``, backward,
-    ``clip_grad_norm_(1.0)``, ``step``, ``zero_grad``; the result is the peak RSS minus the RSS
-    before the model was built.
-    """
-    spec = json.dumps({"arch": _arch_dict(arch), "batch_size": batch_size, "block_size": block_size, "steps": steps})
-    out = subprocess.run(
-        [sys.executable, "-c", f"from rmoe.training.memory import _measure_child; _measure_child({spec!r})"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def _arch_dict(arch: ModelConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(arch)
-
-
-def _status_kib(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _measure_child(spec_json: str) -> None:
-    import gc
-    import resource
-
-    from rmoe.training.module import MoeLMModule
-
-    def reset_peak() -> int:
-        """Reset the peak RSS to the current RSS (``/proc/self/clear_refs``) and return it. Not
-        ``ru_maxrss``: it survives ``execve``, so a child of a large process (a pytest worker)
-        would inherit its parent's peak and measure nothing."""
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return _status_kib("VmRSS") or 0
-        except OSError:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def peak() -> int:
-        return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def run(module: MoeLMModule, batch: torch.Tensor, steps: int) -> None:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
-        for _ in range(steps):
-            loss = module._losses(batch)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            module.last_step = None
-
-    spec = json.loads(spec_json)
-    arch = ModelConfig(**spec["arch"])
-    warnings.simplefilter("ignore")
-    torch.manual_seed(0)
-    import dataclasses
-
-    tiny = dataclasses.replace(
-        arch, hidden_size=32, num_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=0, mlp_only_layers=[]
-    )
-    run(MoeLMModule(tiny), torch.randint(0, arch.vocab_size, (2, 33)), 1)
-    batch = torch.randint(0, arch.vocab_size, (spec["batch_size"], spec["block_size"] + 1))
-    gc.collect()
-    before = reset_peak()
-    run(MoeLMModule(arch), batch, spec["steps"])
-    print(peak() - before)
