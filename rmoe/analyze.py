@@ -30,18 +30,18 @@ import torch
 import yaml
 
 from rmoe.checkpoints import check_can_create, describe_os_error, read_checkpoint
+from rmoe.data.corpus import SPLITS
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.evaluation.experts import routed_expert_ids, router_saturation_between
-from rmoe.evaluation.routing import DEFAULT_MAX_BATCHES, SPLITS, evaluate_routing
+from rmoe.evaluation.routing import DEFAULT_MAX_BATCHES, evaluate_routing
 from rmoe.evaluation.splits import split_datamodule
 from rmoe.figures import EXPERT_FIGURES, FIGURES, as_array, expert_figure, figure
+from rmoe.inference import load_model
 from rmoe.inspection import token_pieces
 from rmoe.metrics.catalog import metrics
 from rmoe.metrics.language import language_metrics
 from rmoe.model.config import arch_differences
-from rmoe.runs import read_json, run_dir_of_checkpoint, write_json
-from rmoe.training.analytics import flatten_hparams
-from rmoe.training.module import MoeLMModule
+from rmoe.runs import flatten_hparams, read_json, run_dir_of_checkpoint, write_json
 
 
 def analyze_checkpoint(
@@ -88,35 +88,34 @@ def analyze_checkpoint(
     if max_batches is not None and max_batches < 1:
         raise RmoeError(f"--max-batches={max_batches} must be a positive integer.")
     ckpt = Path(ckpt)
-    checkpoint = read_checkpoint(ckpt, "--ckpt")
-    try:
-        module = MoeLMModule.load_from_checkpoint(ckpt, map_location="cpu")
-    except Exception as err:  # a checkpoint of another version of the module
-        raise RmoeError(f"--ckpt {ckpt} is not a readable rmoe checkpoint: {type(err).__name__}: {err}") from None
-    datamodule, data = split_datamodule(ckpt, checkpoint, split, module.arch.vocab_size, config, data_overrides)
+    if ckpt.is_dir():
+        raise RmoeError(
+            f"--ckpt {ckpt} is a directory; rmoe analyze reads a training checkpoint (*.ckpt), and its data."
+        )
+    loaded = load_model(ckpt, with_tokenizer=False)
+    model, checkpoint = loaded.model, loaded.checkpoint
+    datamodule, data = split_datamodule(ckpt, checkpoint, split, model.config.vocab_size, config, data_overrides)
     loader = getattr(datamodule, f"{split}_dataloader")()
-    metrics = evaluate_routing(
-        module.model, loader, max_batches=max_batches, device=device, expert_analyses=expert_analyses
-    )
+    metrics = evaluate_routing(model, loader, max_batches=max_batches, device=device, expert_analyses=expert_analyses)
     if expert_analyses and "top_specialized" in metrics:
         for pairs in metrics["top_specialized"]:
             for pair in pairs:
                 pair["label"] = token_pieces(datamodule.tokenizer, [pair["token_id"]])[0].label
     global_step = int(checkpoint.get("global_step", -1))
     others = _saturation_checkpoints(ckpt, global_step, saturation)
-    if others and module.arch.moe_layers:
+    if others and model.config.moe_layers:
         limit = SATURATION_BATCHES if max_batches is None else min(max_batches, SATURATION_BATCHES)
         batches = [b for _, b in zip(range(limit), getattr(datamodule, f"{split}_dataloader")())]
-        metrics["router_saturation"] = _saturation(module, others, batches, device)
+        metrics["router_saturation"] = _saturation(model, others, batches, device)
         metrics["router_saturation"]["final_step"] = global_step
     metrics.update(language_metrics(metrics["loss"], datamodule.bytes_per_token(split)))
-    hparams = flatten_hparams(module.hparams, prefix="model")
+    hparams = flatten_hparams(checkpoint.get("hyper_parameters") or {}, prefix="model")
     hparams.update(flatten_hparams(data, prefix="data"))
     return {
         "checkpoint": str(ckpt.resolve()),
         "split": split,
         "global_step": global_step,
-        "router": module.arch.router,
+        "router": model.config.router,
         "hparams": hparams,
         **metrics,
     }
@@ -143,16 +142,14 @@ def _saturation_checkpoints(
     return sorted(by_step.items())
 
 
-def _saturation(
-    module: Any, others: list[tuple[int, Path]], batches: list[torch.Tensor], device: str
-) -> dict[str, Any]:
-    """Router saturation of each other checkpoint against ``module`` on the same batches."""
+def _saturation(model: Any, others: list[tuple[int, Path]], batches: list[torch.Tensor], device: str) -> dict[str, Any]:
+    """Router saturation of each other checkpoint against ``model`` on the same batches."""
 
-    final_ids = routed_expert_ids(module.model, batches, device)
+    final_ids = routed_expert_ids(model, batches, device)
     rows, steps, names = [], [], []
     for step, path in others:
-        other = MoeLMModule.load_from_checkpoint(path, map_location="cpu")
-        differences = arch_differences(module.arch, other.arch, "in --ckpt", f"in {path.name}")
+        other = load_model(path, with_tokenizer=False, key="--saturation-ckpt")
+        differences = arch_differences(model.config, other.config, "in --ckpt", f"in {path.name}")
         if differences:
             raise RmoeError(
                 f"--saturation-ckpt {path} is not a checkpoint of the analysed model (router saturation compares "

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rmoe.errors import RmoeError
+from rmoe.runs import run_folder_of_checkpoint
 
 _DOTLIST = re.compile(r"^[A-Za-z_][\w.]*=")
 _UNKNOWN = (
@@ -304,7 +305,9 @@ class RmoeCLI(LightningCLI):
         special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
         init_from = self.config.get(self.subcommand, {}).get("model", {}).get("init_from") if self.subcommand else None
         if self.subcommand == "fit" and init_from:  # checked again when loaded; here before any run folder exists
-            read_checkpoint(init_from, "model.init_from")
+            from rmoe.inference import check_model_path
+
+            check_model_path(init_from, "model.init_from")
         if self.subcommand == "fit" and ckpt_path and not special:
             self._continue_in_run_dir(Path(ckpt_path))
         if self.subcommand in ("validate", "test") and not ckpt_path:
@@ -350,15 +353,6 @@ class RmoeCLI(LightningCLI):
             return None
         return init_args
 
-    @staticmethod
-    def _run_dir_of(ckpt_path: Path) -> Path | None:
-        """``<save_dir>/<name>/version_<k>`` for a checkpoint in its ``checkpoints/`` folder, else None."""
-        ckpt = ckpt_path.resolve()
-        run_dir = ckpt.parent.parent
-        if ckpt.parent.name != "checkpoints" or not re.fullmatch(r"version_\d+", run_dir.name):
-            return None
-        return run_dir
-
     def _evaluate_in_run_dir(self, ckpt_path: Path) -> None:
         """``rmoe validate`` / ``rmoe test`` of a run's own checkpoint write inside that run:
         ``<run>/validate/version_<n>/`` (``<run>/test/...``), not a new ``version_<n>`` next to the run.
@@ -367,7 +361,7 @@ class RmoeCLI(LightningCLI):
         config's TensorBoard logger has no fixed version (a config that sets one, as ``rmoe sweep``
         does, writes where it says). Each evaluation gets its own ``version_<n>`` there.
         """
-        run_dir = self._run_dir_of(ckpt_path)
+        run_dir = run_folder_of_checkpoint(ckpt_path)
         init_args = self._tensorboard_init_args()
         if run_dir is None or init_args is None:
             return
@@ -386,7 +380,7 @@ class RmoeCLI(LightningCLI):
         the resumed part land next to the first part's, so TensorBoard shows one run. The first part's
         ``config.yaml`` is kept; the resumed part's resolved config is ``config.resume-<n>.yaml``.
         """
-        run_dir = self._run_dir_of(ckpt_path)
+        run_dir = run_folder_of_checkpoint(ckpt_path)
         init_args = self._tensorboard_init_args()
         if run_dir is None or init_args is None:
             return

@@ -34,18 +34,26 @@ class LoadedModel:
 
     Attributes:
         model: The decoder, in eval mode.
-        tokenizer: Its tokenizer.
+        tokenizer: Its tokenizer (None when loaded ``with_tokenizer=False``).
         context_length: The sequence length it was trained on (``data.block_size``); None if unknown.
         source: The checkpoint file or export directory it came from.
         hparams: What the checkpoint says about its training (``model`` and ``data`` sections, the
             global step), for the model card; {} for export directories.
+        checkpoint: The checkpoint's contents as read (once), for a ``*.ckpt``; None for an export.
+        run_folder: The ``rmoe fit`` run folder the checkpoint is in (``version_<k>``), else None.
     """
 
     model: MoeLM
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     context_length: int | None
     source: Path
     hparams: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    run_folder: Path | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
 
 
 def non_causal_reason(config: ModelConfig) -> str | None:
@@ -63,8 +71,16 @@ def non_causal_reason(config: ModelConfig) -> str | None:
     return f"router {config.router!r} is not causal in evaluation: {reason}" if reason else None
 
 
-def load_model(path: str | os.PathLike[str], tokenizer: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load a checkpoint of ``rmoe fit`` (``*.ckpt``) or a directory written by ``rmoe export``.
+def load_model(
+    path: str | os.PathLike[str],
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    *,
+    key: str = "--ckpt",
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a checkpoint of ``rmoe fit`` (``*.ckpt``) or a directory written by ``rmoe export``: the one
+    way every command (and ``model.init_from``) reads a trained model, reading the file once.
 
     Args:
         path: The checkpoint file or export directory.
@@ -72,21 +88,23 @@ def load_model(path: str | os.PathLike[str], tokenizer: str | None = None, devic
             Default: the run's ``tokenizer/`` folder next to ``checkpoints/``, else the checkpoint's
             ``data.tokenizer``; for an export directory, the tokenizer saved in it.
         device: Where to put the model.
+        key: The option or config key the path came from, for messages.
+        with_tokenizer: False: do not build the tokenizer (``LoadedModel.tokenizer`` is None).
 
     Raises:
         RmoeError: See the module docstring.
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        loaded = _load_export(path, tokenizer)
+        loaded = _load_export(path, tokenizer, key, with_tokenizer)
     elif path.is_file():
-        loaded = _load_checkpoint(path, tokenizer)
+        loaded = _load_checkpoint(path, tokenizer, key, with_tokenizer)
     else:
         raise RmoeError(
-            f"--ckpt {path}: no such file or folder; expected a checkpoint (<run>/checkpoints/*.ckpt) or a folder "
+            f"{key} {path}: no such file or folder; expected a checkpoint (<run>/checkpoints/*.ckpt) or a folder "
             "written by `rmoe export`."
         )
-    if loaded.tokenizer.vocab_size > loaded.model.config.vocab_size:
+    if loaded.tokenizer is not None and loaded.tokenizer.vocab_size > loaded.model.config.vocab_size:
         raise RmoeError(
             f"the tokenizer has {loaded.tokenizer.vocab_size} ids but the model in {path} only "
             f"{loaded.model.config.vocab_size}: it is not the tokenizer the model was trained with."
@@ -95,18 +113,20 @@ def load_model(path: str | os.PathLike[str], tokenizer: str | None = None, devic
     return loaded
 
 
-def _load_checkpoint(path: Path, tokenizer: str | None) -> LoadedModel:
+def _load_checkpoint(path: Path, tokenizer: str | None, key: str, with_tokenizer: bool) -> LoadedModel:
     from rmoe.checkpoints import read_checkpoint
-    from rmoe.runs import run_dir_of_checkpoint
+    from rmoe.runs import run_dir_of_checkpoint, run_folder_of_checkpoint
 
-    checkpoint = read_checkpoint(path, "--ckpt")
+    checkpoint = read_checkpoint(path, key)
+    if "hyper_parameters" not in checkpoint or "arch" not in (checkpoint.get("hyper_parameters") or {}):
+        raise RmoeError(f"{key} {path} is not a checkpoint of `rmoe fit`: it has no model hyperparameters.")
     hparams = checkpoint["hyper_parameters"]
     config = _model_config(hparams["arch"], str(path))
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model = _build(config, state, str(path))
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     data.pop("_instantiator", None)
-    if tokenizer is None:
+    if with_tokenizer and tokenizer is None:
         saved = run_dir_of_checkpoint(path) / "tokenizer"
         tokenizer = str(saved) if (saved / META_FILE).is_file() else data.get("tokenizer", "byte")
         if tokenizer == "bpe":  # trained per run and saved in <run>/tokenizer, which is not there
@@ -120,7 +140,9 @@ def _load_checkpoint(path: Path, tokenizer: str | None) -> LoadedModel:
         "data": data,
         "global_step": checkpoint.get("global_step"),
     }
-    return LoadedModel(model, _tokenizer(tokenizer), int(block_size) if block_size else None, path, card)
+    built = _tokenizer(tokenizer) if with_tokenizer else None
+    context = int(block_size) if block_size else None
+    return LoadedModel(model, built, context, path, card, checkpoint, run_folder_of_checkpoint(path))
 
 
 def export_metadata(config: ModelConfig, context_length: int | None, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -133,7 +155,25 @@ def export_metadata(config: ModelConfig, context_length: int | None, tokenizer: 
     }
 
 
-def _load_export(path: Path, tokenizer: str | None) -> LoadedModel:
+def check_model_path(path: str | os.PathLike[str], key: str = "--ckpt") -> None:
+    """What :func:`load_model` checks of a path before it builds a model (exists; a readable checkpoint, or an
+    export folder with its metadata and intact weights), for a command that must fail before it writes."""
+    from rmoe.checkpoints import read_checkpoint
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        _export_meta(path, key)
+    elif path.is_file():
+        read_checkpoint(path, key)
+    else:
+        raise RmoeError(
+            f"{key} {path}: no such file or folder; expected a checkpoint (<run>/checkpoints/*.ckpt) or a folder "
+            "written by `rmoe export`."
+        )
+
+
+def _export_meta(path: Path, key: str) -> tuple[dict[str, Any], str | None]:
+    """An export folder's ``config.json["rmoe"]`` and model type, its weights checked against their sha256."""
     config_file = path / "config.json"
     meta, model_type = None, None
     if config_file.is_file():
@@ -145,16 +185,23 @@ def _load_export(path: Path, tokenizer: str | None) -> LoadedModel:
     if not isinstance(meta, dict) or "arch" not in meta:
         hint = " (a transformers checkpoint: convert it with `rmoe import`)" if config_file.is_file() else ""
         raise RmoeError(
-            f"--ckpt {path} is not an rmoe export directory: no config.json with an {EXPORT_KEY!r} section{hint}. "
+            f"{key} {path} is not an rmoe export directory: no config.json with an {EXPORT_KEY!r} section{hint}. "
             "Pass a checkpoint (<run>/checkpoints/*.ckpt) or a directory written by `rmoe export`."
         )
     weights_file = path / "model.safetensors"
     if not weights_file.is_file():
-        raise RmoeError(f"--ckpt {path} is an rmoe export without its weights file model.safetensors.")
+        raise RmoeError(f"{key} {path} is an rmoe export without its weights file model.safetensors.")
     from rmoe.checkpoints import verify_weights_files
 
-    verify_weights_files(path, meta.get("weights_sha256"), "--ckpt")
+    verify_weights_files(path, meta.get("weights_sha256"), key)
+    return meta, model_type
+
+
+def _load_export(path: Path, tokenizer: str | None, key: str, with_tokenizer: bool) -> LoadedModel:
     from rmoe.interop.qwen2_moe import SUPPORTED_MODEL_TYPES, load_hf_weights, read_hf_checkpoint
+
+    meta, model_type = _export_meta(path, key)
+    config_file, weights_file = path / "config.json", path / "model.safetensors"
 
     config = _model_config(meta["arch"], str(config_file))
     if model_type in SUPPORTED_MODEL_TYPES:  # a native transformers export: read by transformers itself
@@ -167,7 +214,8 @@ def _load_export(path: Path, tokenizer: str | None) -> LoadedModel:
         # remote code: our names under the wrapper's `model.` prefix
         model = _build(config, {k.removeprefix("model."): v for k, v in weights.items()}, str(weights_file))
     context = meta.get("context_length")
-    return LoadedModel(model, _tokenizer(tokenizer or str(path)), int(context) if context else None, path)
+    built = _tokenizer(tokenizer or str(path)) if with_tokenizer else None
+    return LoadedModel(model, built, int(context) if context else None, path)
 
 
 def _model_config(arch: dict[str, Any], source: str) -> ModelConfig:

@@ -16,11 +16,13 @@ it. It only reads (except :func:`write_json`) and imports nothing from ``rmoe`` 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
 import os
 import re
+from argparse import Namespace
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +144,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def run_folder_of_checkpoint(ckpt: str | os.PathLike[str]) -> Path | None:
+    """``<save_dir>/<name>/version_<k>`` for a checkpoint in the ``checkpoints/`` folder of a run written by
+    ``rmoe fit``, else None: the one definition of a checkpoint's run folder."""
+    path = Path(ckpt).resolve()
+    run = path.parent.parent
+    return run if path.parent.name == "checkpoints" and re.fullmatch(r"version_\d+", run.name) else None
+
+
 def run_dir_of_checkpoint(ckpt: str | os.PathLike[str]) -> Path:
-    """The run directory of a checkpoint: ``<run>`` for ``<run>/checkpoints/x.ckpt``, else its folder."""
+    """The folder a checkpoint belongs to: ``<run>`` for ``<run>/checkpoints/x.ckpt``, else its own folder."""
     path = Path(ckpt).resolve()
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
@@ -288,3 +298,35 @@ def fit_status(run_dir: Path) -> dict[str, Any]:
         if isinstance(status, dict) and status.get("command", "fit") == "fit":
             return status
     return {}
+
+
+Scalar = bool | int | float | str
+
+
+def flatten_hparams(value: Any, prefix: str = "") -> dict[str, Scalar]:
+    """Nested hyperparameters (dicts, dataclasses, Namespaces) -> ``{"a.b.c": scalar}``.
+
+    Keeps bool, int, float and str; short lists of those become their JSON text; None, private
+    keys (``_instantiator``) and other objects are left out, so TensorBoard's HParams tab can show
+    every value.
+    """
+    out: dict[str, Scalar] = {}
+
+    def visit(key: str, v: Any) -> None:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+        elif isinstance(v, Namespace):
+            v = vars(v)
+        if isinstance(v, Mapping):
+            for k, sub in v.items():
+                if not str(k).startswith("_"):
+                    visit(f"{key}.{k}" if key else str(k), sub)
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            text = json.dumps(list(v))
+            if len(text) <= 200:
+                out[key] = text
+
+    visit(prefix, value)
+    return out

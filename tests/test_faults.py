@@ -179,7 +179,8 @@ def test_a_damaged_checkpoint_is_one_paragraph_naming_the_file(reader, fault, tr
     out = tmp_path / "out"
     code, _, err = rmoe(capsys, *make_args(run, bad, out))
     message = CKPT_FAULTS[fault]
-    if reader in EXPORT_READERS and fault in ("missing", "directory"):  # these take an export folder too
+    takes_exports = reader in EXPORT_READERS or reader == "fit model.init_from"  # these take an export folder too
+    if takes_exports and fault in ("missing", "directory"):
         message = {"missing": "no such file or folder", "directory": "is not an rmoe export directory"}[fault]
     assert_one_paragraph(code, err, f"{option} {bad}", message)
     assert not out.exists()  # nothing written for a model that could not be read
@@ -699,3 +700,13 @@ def test_router_saturation_refuses_a_checkpoint_of_another_model(trained, tmp_pa
     assert_one_paragraph(
         code, err, "is not a checkpoint of the analysed model", "model.arch.router: 'linear' in --ckpt"
     )
+
+
+def test_init_from_takes_an_export_folder_as_well(trained, tmp_path, capsys):
+    """``model.init_from`` reads a model the way every command does (``rmoe.inference.load_model``): a
+    checkpoint or an export folder; the fine-tuned run starts from the exported weights."""
+    run, export = trained
+    code, _, err = rmoe(capsys, "fit", "--config", str(run / "config.yaml"), f"model.init_from={export}",
+                        f"trainer.logger.init_args.save_dir={tmp_path}", "trainer.max_steps=1")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "t/version_0/checkpoints/last.ckpt").is_file()

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from rmoe.model.decoder import MoeLM
     from rmoe.routers.base import RoutingOutput
 
-SPLITS = ("train", "val", "test")
-
 
 DEFAULT_MAX_BATCHES = 20
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
+from rmoe.data.corpus import SPLITS
 from rmoe.errors import RmoeError
-from rmoe.evaluation.routing import SPLITS
 from rmoe.runs import run_dir_of_checkpoint
 
 

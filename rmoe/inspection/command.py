@@ -47,12 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_ids(ckpt: Path, split: str, config: list[str] | None, vocab_size: int, max_tokens: int) -> list[int]:
-    from rmoe.checkpoints import read_checkpoint
+def _split_ids(loaded: Any, split: str, config: list[str] | None, max_tokens: int) -> list[int]:
     from rmoe.evaluation.splits import split_datamodule
 
-    checkpoint = read_checkpoint(ckpt, "--ckpt")
-    datamodule, _ = split_datamodule(ckpt, checkpoint, split, vocab_size, config)
+    datamodule, _ = split_datamodule(loaded.source, loaded.checkpoint, split, loaded.config.vocab_size, config)
     ids: list[int] = []
     for batch in getattr(datamodule, f"{split}_dataloader")():
         for row in batch:
@@ -75,7 +73,7 @@ def inspect(args: argparse.Namespace) -> tuple[TextRouting, list[Any], str]:
     if args.split is not None:
         if Path(args.ckpt).is_dir():
             raise RmoeError("--split needs a training checkpoint (*.ckpt), not an export folder: use --text or --file.")
-        ids = _split_ids(Path(args.ckpt), args.split, args.config, config.vocab_size, args.max_tokens)
+        ids = _split_ids(loaded, args.split, args.config, args.max_tokens)
         source = f"the first tokens of the {args.split} split"
     else:
         if args.file is not None:

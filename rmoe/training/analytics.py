@@ -33,9 +33,7 @@ Tags (``l`` = MoE layer index in depth order, ``{split}`` = ``train``, ``val`` o
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +57,7 @@ from rmoe.metrics.catalog import metrics
 from rmoe.metrics.gradients import router_grad_norm_tensors
 from rmoe.metrics.specialization import DEFAULT_MIN_COUNT, TokenExpertStats
 from rmoe.routers.base import RoutingOutput
+from rmoe.runs import flatten_hparams
 from rmoe.training.module import MoeLMModule
 
 PREFIX = "moe"
@@ -513,35 +512,6 @@ def hparam_metrics(callback_metrics: Mapping[str, Any], val_scalars: Mapping[str
         value = val_scalars.get(f"{PREFIX}/val/{key}/mean")
         if value is not None:
             out[f"hp/{key}"] = value
-    return out
-
-
-def flatten_hparams(value: Any, prefix: str = "") -> dict[str, Scalar]:
-    """Nested hyperparameters (dicts, dataclasses, Namespaces) -> ``{"a.b.c": scalar}``.
-
-    Keeps bool, int, float and str; short lists of those become their JSON text; None, private
-    keys (``_instantiator``) and other objects are left out, so TensorBoard's HParams tab can show
-    every value.
-    """
-    out: dict[str, Scalar] = {}
-
-    def visit(key: str, v: Any) -> None:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
-        elif isinstance(v, Namespace):
-            v = vars(v)
-        if isinstance(v, Mapping):
-            for k, sub in v.items():
-                if not str(k).startswith("_"):
-                    visit(f"{key}.{k}" if key else str(k), sub)
-        elif isinstance(v, (bool, int, float, str)):
-            out[key] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
-            text = json.dumps(list(v))
-            if len(text) <= 200:
-                out[key] = text
-
-    visit(prefix, value)
     return out
 
 

@@ -119,8 +119,8 @@ class MoeLMModule(L.LightningModule):
         compile: ``torch.compile`` each decoder layer (in place, so checkpoint names don't change), with
             ``fullgraph=True`` on the ``grouped_mm`` path. The ``rmoe`` command refuses what cannot be
             compiled before anything runs (:func:`rmoe.training.precision.check_device_and_precision`).
-        init_from: Start ``rmoe fit`` from the model weights of this rmoe checkpoint (e.g. the
-            ``checkpoints/imported.ckpt`` of ``rmoe import``, or another run's) and nothing else:
+        init_from: Start ``rmoe fit`` from the model weights of this rmoe checkpoint or export folder
+            (e.g. the ``checkpoints/imported.ckpt`` of ``rmoe import``, or another run's) and nothing else:
             step, optimiser, schedule and data order start afresh (fine-tuning). The architecture
             must match (``model.arch``; the error names the mismatched weights). To continue a run,
             use ``--ckpt`` instead (it restores everything, and wins over this).
@@ -179,10 +179,9 @@ class MoeLMModule(L.LightningModule):
             self._load_weights(self.init_from)
 
     def _load_weights(self, path: str) -> None:
-        from rmoe.checkpoints import read_checkpoint
+        from rmoe.inference import load_model
 
-        checkpoint = read_checkpoint(path, "model.init_from")
-        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        state = load_model(path, key="model.init_from", with_tokenizer=False).model.state_dict()
         own = self.model.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
