@@ -261,7 +261,7 @@ READS_A_MODEL = ("analyze", "inspect", "generate", "export")
 
 def test_every_subcommand_spells_the_shared_options_the_same():
     parsers = tool_parsers()
-    assert set(parsers) == {"analyze", "inspect", "generate", "export", "import", "sweep", "report"}
+    assert set(parsers) == {"analyze", "inspect", "generate", "export", "import", "sweep", "report", "routers"}
     for name, parser in parsers.items():
         assert parser.allow_abbrev is False, name
         options = long_options(parser)
@@ -366,7 +366,7 @@ def test_router_options_of_the_wrong_type_are_refused_naming_the_option():
 
     gru = get_router_class("gru")
     with pytest.raises(
-        RmoeError, match=r"router_options.state_dim=12.5 is invalid for router 'gru'; expected an integer"
+        RmoeError, match=r"router_options.state_dim=12.5 is invalid for router 'recurrent'; expected an integer"
     ):
         gru.parse_options({"state_dim": 12.5})
     with pytest.raises(RmoeError, match=r"router_options.pass_state='no' is invalid .* expected true or false"):

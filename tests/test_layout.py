@@ -13,7 +13,7 @@ are annotations only and do not count):
     5 figures
     6 evaluation, inference (loading a model), generate
     7 training
-    8 commands: cli, analyze, inspection, sweep, report, interop.export, interop.importer
+    8 commands: cli, analyze, catalog, inspection, sweep, report, interop.export, interop.importer
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "rmoe.cli": 8,
     "rmoe.__main__": 8,
     "rmoe.analyze": 8,
+    "rmoe.catalog": 8,
     "rmoe.inspection": 8,
     "rmoe.sweep": 8,
     "rmoe.report": 8,

@@ -45,7 +45,7 @@ def first_part(tmp_path_factory):
     [
         (["model.arch.router=gru"], ["model.arch.router: 'linear' in the checkpoint, 'gru' given"]),
         (["--config", str(ROOT / "configs/router/gru.yaml")],
-         ["model.arch.router: 'linear' in the checkpoint, 'gru' given",
+         ["model.arch.router: 'linear' in the checkpoint, 'recurrent' given",
           "model.arch.router_options: {} in the checkpoint, {'state_dim': 128"]),
         (["model.arch.hidden_size=64"], ["model.arch.hidden_size: 32 in the checkpoint, 64 given"]),
         (["data.block_size=16"], ["data.block_size: 32 in the checkpoint, 16 given"]),

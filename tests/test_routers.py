@@ -5,6 +5,7 @@ Tiny models (hidden 32, 4 experts); the whole file runs in well under a minute o
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -51,27 +52,28 @@ CASES = [
     ("cosine", {}),
     ("xmoe", {}),
     ("hyper", {}),
-    ("gru", {}),
-    ("gru", {"pass_state": False}),
-    ("gru", {"detach_state": True}),
-    ("gru", {"residual_alpha": 0.5, "residual_detach": True}),
-    ("gru", {"projector": "shared", "state_dim": 16}),
-    ("gru", {"cell": "rnn"}),
-    ("gru", {"cell": "lstm"}),
-    ("gru", {"head": "cosine", "cosine_dim": 8}),
-    ("gru", {"bias_update_rate": 0.01}),
-    ("gru", {"bias": False}),
-    ("gru", {"state_norm": "rms"}),
-    ("gru", {"init": "normal", "head_init_std": 0.1}),
-    ("gru", {"projector": "shared", "bias": True, "init": "normal"}),
+    ("recurrent", {}),
+    ("recurrent", {"pass_state": False}),
+    ("recurrent", {"detach_state": True}),
+    ("recurrent", {"residual_alpha": 0.5, "residual_detach": True}),
+    ("recurrent", {"projector": "shared", "state_dim": 16}),
+    ("recurrent", {"cell": "rnn"}),
+    ("recurrent", {"cell": "lstm"}),
+    ("recurrent", {"head": "cosine", "cosine_dim": 8}),
+    ("recurrent", {"bias_update_rate": 0.01}),
+    ("recurrent", {"bias": False}),
+    ("recurrent", {"state_norm": "rms"}),
+    ("recurrent", {"init": "normal", "head_init_std": 0.1}),
+    ("recurrent", {"projector": "shared", "bias": True, "init": "normal"}),
     ("locmoe", {}),
     ("locmoe", {"learnable_keys": True, "capacity_factor": 0.5}),
     ("expert_choice", {}),
 ]
 CASE_IDS = [r + "".join(f"-{k}={v}" for k, v in o.items()) for r, o in CASES]
-# token-choice routers that never drop: causal, weights sum to 1 (locmoe without drops is causal too)
-CAUSAL_CASES = [(r, o) for r, o in CASES if r not in ("expert_choice", "locmoe")] + [
-    ("locmoe", {"capacity_factor": 2.0})  # C = T when capacity_factor >= E / K: nothing dropped
+# the cases whose router declares itself causal in training (from the declaration, not from names),
+# and locmoe at a capacity that cannot drop (C = T when capacity_factor >= E / K)
+CAUSAL_CASES = [(r, o) for r, o in CASES if tiny_config(r, o).causality().training is None] + [
+    ("locmoe", {"capacity_factor": 2.0})
 ]
 
 
@@ -89,13 +91,15 @@ def test_model_forward_backward_shapes_and_gradients(router, options):
     assert len(out.routing) == 3
     for r in out.routing:
         K = r.expert_ids_TK.shape[1]
-        assert K == (4 if router == "expert_choice" else 2)
+        # K columns, or more with a keep mask that says which pairs are computed (expert choice lists all E)
+        assert K == 2 or (K == 4 and r.keep_TK is not None)
         assert r.logits_TE.shape == r.probs_TE.shape == (14, 4)
         assert r.weights_TK.shape == r.expert_ids_TK.shape == (14, K)
         assert r.logits_TE.dtype == r.probs_TE.dtype == r.weights_TK.dtype == torch.float32
         assert r.expert_ids_TK.dtype == torch.int64
         torch.testing.assert_close(r.probs_TE.sum(-1), torch.ones(14))
-        assert (r.keep_TK is not None) == (router in ("locmoe", "expert_choice"))
+        if r.keep_TK is not None:  # a keep mask is a bool per pair; a dropped pair has no weight to pass on
+            assert r.keep_TK.dtype == torch.bool and r.keep_TK.shape == (14, K)
     out.logits.float().pow(2).mean().backward()
     # every trainable parameter is in the graph (DDP without find_unused_parameters)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -149,7 +153,7 @@ def router_chain_logits(model: MoeLM, xs: list[torch.Tensor]) -> list[torch.Tens
     ids=["passed", "detached", "np", "detached+r-alpha", "detached+r-alpha-detached"],
 )
 def test_last_layer_logits_reach_layer0_projector_only_through_the_state(cell, options, reaches_layer0):
-    model = build("gru", {"cell": cell, "state_dim": 16, **options})
+    model = build("recurrent", {"cell": cell, "state_dim": 16, **options})
     torch.manual_seed(1)
     xs = [torch.randn(10, 32) for _ in range(3)]
     logits = router_chain_logits(model, xs)
@@ -165,7 +169,7 @@ def test_last_layer_logits_reach_layer0_projector_only_through_the_state(cell, o
 
 def test_gru_router_equals_reference_grucell_and_state_is_depth_only():
     """logits_i = G_i GRUCell(Proj_i x_i, h_{i-1}), h_0 = 0: against torch.nn.GRUCell itself."""
-    model = build("gru", {"state_dim": 16, "bias": False})
+    model = build("recurrent", {"state_dim": 16, "bias": False})
     cell = model.shared_router.cell
     assert isinstance(cell, torch.nn.GRUCell) and cell.bias
     torch.manual_seed(2)
@@ -185,7 +189,7 @@ def test_gru_router_equals_reference_grucell_and_state_is_depth_only():
 
 
 def test_lstm_state_carries_h_and_c_and_residual_adds_previous_logits():
-    model = build("gru", {"cell": "lstm", "state_dim": 8, "residual_alpha": 0.25, "bias": False})
+    model = build("recurrent", {"cell": "lstm", "state_dim": 8, "residual_alpha": 0.25, "bias": False})
     r0, r1 = routers_of(model)[:2]
     x0, x1 = torch.randn(6, 32), torch.randn(6, 32)
     out0, s0 = r0(x0, None)
@@ -196,7 +200,7 @@ def test_lstm_state_carries_h_and_c_and_residual_adds_previous_logits():
 
 
 def test_recurrent_router_math_is_fp32_under_autocast():
-    model = build("gru", {"state_dim": 8, "head": "cosine"})
+    model = build("recurrent", {"state_dim": 8, "head": "cosine"})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randint(0, VOCAB, (1, 5)))
     assert all(r.logits_TE.dtype == torch.float32 for r in out.routing)
@@ -223,18 +227,18 @@ def router_parameter_count(router: str, options: dict | None = None) -> int:
 
 def test_parameter_count_matches_rmoe_table_1():
     """8 layers, d=352, 16 experts, p=128: GRU router ~0.47M, linear ~0.04M (RMoE, Table 1)."""
-    gru, linear = router_parameter_count("gru", {"bias": False}), router_parameter_count("linear")
+    gru, linear = router_parameter_count("recurrent", {"bias": False}), router_parameter_count("linear")
     per_layer = 352 * 128 + 128 * 16  # Proj_i and G_i
     cell = 3 * (128 * 128 + 128 * 128) + 2 * 3 * 128  # one GRU cell for all layers, with biases
     assert gru == 8 * per_layer + cell == 475_904
-    assert router_parameter_count("gru") == gru + 8 * (128 + 16) == 477_056  # default: the authors' biases
+    assert router_parameter_count("recurrent") == gru + 8 * (128 + 16) == 477_056  # default: the authors' biases
     assert linear == 8 * 352 * 16 == 45_056
     assert round(gru / 1e6, 2) in (0.47, 0.48) and round(linear / 1e6, 2) in (0.04, 0.05)
 
 
 def test_gru_biases_are_added_to_the_projector_and_head_and_counted():
     """``bias: true``: x'_i = W_i x + b_i and logits_i = G_i h_i + c_i (the authors' models' biases)."""
-    model = build("gru", {"state_dim": 16, "bias": True})
+    model = build("recurrent", {"state_dim": 16, "bias": True})
     cell = model.shared_router.cell
     torch.manual_seed(2)
     xs = [torch.randn(10, 32) for _ in range(3)]
@@ -247,7 +251,9 @@ def test_gru_biases_are_added_to_the_projector_and_head_and_counted():
     ours[-1].sum().backward()
     assert routers_of(model)[-1].gate_bias.grad.abs().sum() > 0
     assert routers_of(model)[0].proj_bias.grad.abs().sum() > 0  # through the state
-    without = sum(p.numel() for r in routers_of(build("gru", {"state_dim": 16, "bias": False})) for p in r.parameters())
+    without = sum(
+        p.numel() for r in routers_of(build("recurrent", {"state_dim": 16, "bias": False})) for p in r.parameters()
+    )
     with_bias = sum(p.numel() for r in routers_of(model) for p in r.parameters())
     assert with_bias - without == len(routers_of(model)) * (16 + 4)  # P + E per layer
 
@@ -319,7 +325,7 @@ def test_gru_init_torch_is_pytorch_linear_default_and_normal_is_the_model_std():
 def test_gru_state_norm_makes_the_logit_scale_independent_of_the_state_scale(monkeypatch):
     """With ``state_norm: rms`` the head reads h / rms(h): scaling the state leaves the logits as they are."""
     for state_norm, invariant in (("rms", True), ("none", False)):
-        model = build("gru", {"state_dim": 16, "state_norm": state_norm, "bias": False})
+        model = build("recurrent", {"state_dim": 16, "state_norm": state_norm, "bias": False})
         core, router = model.shared_router, routers_of(model)[0]
         x = torch.randn(10, 32)
         step = core.step
@@ -359,9 +365,9 @@ def test_gru_logits_start_near_the_linear_routers_scale_only_with_the_torch_init
 
     linear = logit_std("linear", {})
     assert 0.1 < linear < 0.3  # ~ 0.02 sqrt(96) = 0.196
-    assert logit_std("gru", {"state_dim": 48, "init": "normal"}) < linear / 8
-    assert linear / 3 < logit_std("gru", {"state_dim": 48}) < linear * 1.5
-    assert linear / 3 < logit_std("gru", {"state_dim": 48, "init": "normal", "state_norm": "rms"}) < linear * 1.5
+    assert logit_std("recurrent", {"state_dim": 48, "init": "normal"}) < linear / 8
+    assert linear / 3 < logit_std("recurrent", {"state_dim": 48}) < linear * 1.5
+    assert linear / 3 < logit_std("recurrent", {"state_dim": 48, "init": "normal", "state_norm": "rms"}) < linear * 1.5
 
 
 @pytest.mark.parametrize(
@@ -382,7 +388,7 @@ def test_gru_logits_start_near_the_linear_routers_scale_only_with_the_torch_init
 )
 def test_bad_recurrent_options_are_clear_errors(options, fragment):
     with pytest.raises(RmoeError, match=fragment.replace("(", r"\(")):
-        tiny_config("gru", options)
+        tiny_config("recurrent", options)
 
 
 # ----- cosine / xmoe / hyper / random ------------------------------------------------------------------
@@ -585,21 +591,14 @@ def test_router_config_parses_and_trains_one_step(path):
     text = path.read_text()
     assert text.startswith("# ")
     data = yaml.safe_load(text)
-    assert list(data) == ["model"] and list(data["model"]) == ["arch"]
-    assert set(data["model"]["arch"]) == {"router", "router_options"}
+    assert list(data) == ["model"] and "router" in data["model"]["arch"]
+    # a router config may set the model keys its router needs (top_k, num_experts, ...): any ModelConfig key
+    assert set(data["model"]["arch"]) <= {f.name for f in dataclasses.fields(ModelConfig)}
     torch.manual_seed(0)
+    tiny = {"vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = ModelConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_experts=4,
-            top_k=2,
-            **data["model"]["arch"],
-        )
-        model = MoeLM(config)
+        model = MoeLM(ModelConfig(**{**tiny, "num_experts": 4, "top_k": 2, **data["model"]["arch"]}))
     model(torch.randint(0, 64, (2, 6))).logits.pow(2).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     for router in routers_of(model):
@@ -608,4 +607,4 @@ def test_router_config_parses_and_trains_one_step(path):
 
 def test_cross_layer_options_warn_with_a_single_moe_layer():
     with pytest.warns(UserWarning, match="pass_state do nothing with a single MoE layer"):
-        MoeLM(tiny_config("gru", {"pass_state": False}, num_layers=1))
+        MoeLM(tiny_config("recurrent", {"pass_state": False}, num_layers=1))

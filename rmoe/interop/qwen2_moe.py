@@ -28,7 +28,6 @@ import torch
 from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
-from rmoe.routers.linear import LinearRouter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -58,7 +57,7 @@ def native_model_type(config: ModelConfig) -> str | None:
     """
     if config.router != "linear":
         return None
-    options = LinearRouter.parse_options(dict(config.router_options))
+    options = config.router_context().options
     if options.bias or options.bias_update_rate:
         return None
     if not config.qk_norm:

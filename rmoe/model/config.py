@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from rmoe.errors import RmoeError, check_field_types
-from rmoe.routers import Causality, RouterContext, causality_of, get_router_class
+from rmoe.routers import ALIASES, Causality, RouterContext, get_router_class
 
 EXPERT_BACKENDS = ("auto", "grouped_mm", "sliced", "tiled")
 
@@ -50,8 +50,8 @@ class ModelConfig:
             is scaled by ``sigmoid(Linear(D -> 1))`` as in Qwen2-MoE.
         decoder_sparse_step: Layer i is an MoE layer when ``(i + 1) % decoder_sparse_step == 0``.
         mlp_only_layers: Layer indices that use a dense MLP whatever ``decoder_sparse_step`` says.
-        router: Registered router name (see ``rmoe.routers.ROUTERS``).
-        router_options: Options of that router (each router documents its own).
+        router: Registered router name (``rmoe routers`` lists them).
+        router_options: Options of that router (``rmoe routers NAME`` lists them with their docs).
         expert_backend: How experts run: ``grouped_mm`` (one fused grouped matmul per projection,
             CUDA), ``sliced`` (one sort, then a matmul on each expert's contiguous slice of the
             sorted tokens with a hand-written backward), ``tiled`` (the same matmuls, each expert's
@@ -172,13 +172,11 @@ class ModelConfig:
                 f"{torch.__version__} does not have; use 'auto' (it picks grouped_mm where it exists and is "
                 "fast), 'sliced' or 'tiled'."
             )
-        get_router_class(self.router).parse_options(self.router_options)
-
-    def router_context(self) -> RouterContext:
-        """What the routers are told about this model (the router seam's only view of the config)."""
-        return RouterContext(
-            router=self.router,
-            router_options=dict(self.router_options),
+        router_class = get_router_class(self.router)
+        # The one parse of the router options: every router of the model gets this object.
+        self._router_context = RouterContext(
+            router_class=router_class,
+            options=router_class.parse_options(self.router_options),
             hidden_size=self.hidden_size,
             num_experts=self.num_experts,
             top_k=self.top_k,
@@ -187,9 +185,13 @@ class ModelConfig:
             moe_layers=tuple(self.moe_layers),
         )
 
+    def router_context(self) -> RouterContext:
+        """What the routers are told about this model (the router seam's only view of the config)."""
+        return self._router_context
+
     def causality(self) -> Causality:
         """Whether this model's router is causal in training and in evaluation (:class:`~rmoe.routers.Causality`)."""
-        return causality_of(self.router_context())
+        return self._router_context.causality()
 
     def causal_evaluation_options(self) -> dict[str, Any] | None:
         """The ``router_options`` to set so that evaluation is causal, training unchanged.
@@ -200,12 +202,11 @@ class ModelConfig:
         """
         if self.causality().evaluation is None:
             return {}
-        offer = get_router_class(self.router).causal_evaluation
+        offer = self._router_context.router_class.causal_evaluation
         if offer is None:
             return None
-        options = {**self.router_options, **offer}
-        context = dataclasses.replace(self.router_context(), router_options=options)
-        if causality_of(context).evaluation is not None:
+        causal = dataclasses.replace(self, router_options={**self.router_options, **offer})
+        if causal.causality().evaluation is not None:
             raise RmoeError(f"router {self.router!r}: its causal evaluation {dict(offer)} is not causal in evaluation.")
         return dict(offer)
 
@@ -221,7 +222,8 @@ ARCH_KEYS_OF_EXECUTION = ("expert_backend",)
 def arch_differences(saved: Any, given: Any, saved_name: str, given_name: str) -> list[str]:
     """``model.arch.<key>: <saved> <saved_name>, <given> <given_name>`` for every key whose value differs
     between two architectures (ModelConfig objects or dicts), leaving out :data:`ARCH_KEYS_OF_EXECUTION`
-    and a vocabulary size of 0 or None (not known yet: the data module sets it)."""
+    and a vocabulary size of 0 or None (not known yet: the data module sets it); router names are
+    compared after resolving aliases (``gru`` is ``recurrent``)."""
     a, b = (dataclasses.asdict(x) if dataclasses.is_dataclass(x) else dict(x) for x in (saved, given))
     out = []
     for key in sorted(set(a) | set(b)):
@@ -232,7 +234,8 @@ def arch_differences(saved: Any, given: Any, saved_name: str, given_name: str) -
         ):
             continue
         left, right = _plain(a.get(key)), _plain(b.get(key))
-        if left != right:
+        same_router = key == "router" and ALIASES.get(left, left) == ALIASES.get(right, right)  # an alias
+        if left != right and not same_router:
             out.append(f"model.arch.{key}: {left!r} {saved_name}, {right!r} {given_name}")
     return out
 

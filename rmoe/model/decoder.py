@@ -19,7 +19,10 @@ from torch import nn
 
 from rmoe.model.config import ModelConfig
 from rmoe.model.moe import GroupedExperts, SparseMoeBlock, SwiGLU
-from rmoe.routers import Router, RoutingOutput, get_router_class
+from rmoe.routers import Router, RoutingOutput
+
+ROUTED_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
+"""Name endings of the routed experts' weights (each token uses a share of them, see ``num_parameters``)."""
 
 
 class RMSNorm(nn.Module):
@@ -253,7 +256,7 @@ class MoeLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # Router parameters shared by all layers (e.g. RMoE's GRU cell); owned here, once.
         self.shared_router = (
-            get_router_class(config.router).build_shared(config.router_context()) if config.moe_layers else None
+            config.router_context().router_class.build_shared(config.router_context()) if config.moe_layers else None
         )
         self.layers = nn.ModuleList(DecoderLayer(config, i, self.shared_router) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -337,7 +340,7 @@ class MoeLM(nn.Module):
             if exclude_embeddings and ("embed_tokens" in name or "lm_head" in name):
                 continue
             n = p.numel()
-            if active and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            if active and name.endswith(ROUTED_EXPERT_PARAMETERS):
                 n = n * self.config.top_k // self.config.num_experts
             total += n
         return total

@@ -25,7 +25,7 @@ from torch import nn
 
 from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
-from rmoe.routers import RoutingOutput, get_router_class, tokens_per_expert
+from rmoe.routers import RoutingOutput, tokens_per_expert
 
 
 class SwiGLU(nn.Module):
@@ -442,7 +442,7 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int, shared_router: nn.Module | None) -> None:
         super().__init__()
-        self.router = get_router_class(config.router)(config.router_context(), layer_idx, shared_router)
+        self.router = config.router_context().router_class(config.router_context(), layer_idx, shared_router)
         self.experts = GroupedExperts(
             config.num_experts, config.hidden_size, config.moe_intermediate_size, config.expert_backend
         )

@@ -15,11 +15,12 @@ from rmoe.routers.base import (
     tokens_per_expert,
     topk_softmax,
 )
-from rmoe.routers.registry import ROUTERS, causality_of, discover_routers, get_router_class, register_router
+from rmoe.routers.registry import ALIASES, ROUTERS, discover_routers, get_router_class, register_router
 
 discover_routers(__name__, __path__)
 
 __all__ = [
+    "ALIASES",
     "CAUSAL",
     "ROUTERS",
     "Causality",
@@ -28,7 +29,6 @@ __all__ = [
     "RoutingOutput",
     "TokenChoiceOptions",
     "TokenChoiceRouter",
-    "causality_of",
     "discover_routers",
     "expert_capacity",
     "fp32_linear",

@@ -48,13 +48,13 @@ if TYPE_CHECKING:
 class RouterContext:
     """All a router is told about the model it routes for (besides each layer's tokens and state).
 
-    Built once per model by :meth:`rmoe.model.config.ModelConfig.router_context`; routers never
-    see the whole ``ModelConfig``, so they depend on nothing in :mod:`rmoe.model`. The names are
-    those of the ``model.arch`` keys they come from.
+    Built once per model, when its ``ModelConfig`` is validated (the one place router options are
+    parsed); routers never see the whole ``ModelConfig``, so they depend on nothing in
+    :mod:`rmoe.model`. The names are those of the ``model.arch`` keys they come from.
 
     Attributes:
-        router: The registered router name (``model.arch.router``).
-        router_options: ``model.arch.router_options`` as given (parsed by :meth:`Router.parse_options`).
+        router_class: The registered router class (``model.arch.router``).
+        options: ``model.arch.router_options`` parsed into ``router_class.Options``.
         hidden_size: D.
         num_experts: E.
         top_k: K.
@@ -63,14 +63,23 @@ class RouterContext:
         moe_layers: Indices (in the decoder) of the MoE layers, in depth order.
     """
 
-    router: str
-    router_options: Mapping[str, Any]
+    router_class: type[Router]
+    options: Any
     hidden_size: int
     num_experts: int
     top_k: int
     norm_topk_prob: bool = True
     initializer_range: float = 0.02
     moe_layers: tuple[int, ...] = ()
+
+    @property
+    def router(self) -> str:
+        """The registered router name."""
+        return self.router_class.name
+
+    def causality(self) -> Causality:
+        """The causality the router declares with these options (training and evaluation)."""
+        return self.router_class.causality(self)
 
 
 def tokens_per_expert(
@@ -244,7 +253,7 @@ class Router(nn.Module):
         self.layer_idx = layer_idx
         self.num_experts = config.num_experts
         self.top_k = config.top_k
-        self.options = self.parse_options(config.router_options)
+        self.options = config.options
         # A plain attribute (not a submodule): the decoder owns and registers the shared module.
         self.__dict__["shared"] = shared
         moe_layers = config.moe_layers
@@ -282,6 +291,29 @@ class Router(nn.Module):
             return cls.Options(**options)
         except (TypeError, ValueError) as err:
             raise RmoeError(f"model.arch.router_options for router {cls.name!r}: {err}") from None
+
+    # --- Costs: what the memory estimate, the FLOPs count and the summary ask of a router. The
+    # defaults fit token choice; a router that differs says how (tests/test_router_costs.py).
+
+    @classmethod
+    def routed_pairs(cls, config: RouterContext, num_tokens: int, num_sequences: int) -> int:
+        """(token, expert) rows the experts compute in one MoE layer for T tokens in B sequences
+        (token choice: T * K; a capacity router: E * C; Soft MoE: its slots)."""
+        return num_tokens * config.top_k
+
+    @classmethod
+    def extra_flops_per_token(cls, config: RouterContext, seq_len: int) -> float:
+        """Forward FLOPs per token and MoE layer that no trainable parameter accounts for (2 x the
+        parameters a token uses are counted already): products with frozen weights, transport
+        iterations, the mixing of tokens into slots."""
+        return 0.0
+
+    @classmethod
+    def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
+        """Bytes one MoE layer's router saves for the backward beyond its fp32 (T, E) logits,
+        probabilities, z-loss input and weights (hidden widths, plan iterates, slot logits);
+        ``act_bytes`` is the size of a matmul output's element (2 under autocast)."""
+        return 0
 
     @classmethod
     def build_shared(cls, config: RouterContext) -> nn.Module | None:

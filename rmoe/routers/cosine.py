@@ -130,6 +130,11 @@ class CosineRouter(TokenChoiceRouter):
             config.initializer_range,
         )
 
+    @classmethod
+    def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
+        """The fp32 projected token, its norm and the normalised token: (T, proj_dim or D) x 3."""
+        return 3 * num_tokens * (config.options.proj_dim or config.hidden_size) * 4
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -107,6 +107,20 @@ class PlanOptions:
             raise ValueError(f"combine={self.combine!r}; expected one of: softmax, plan")
 
 
+class PlanCosts:
+    """The cost of a transport plan's solver, for the routers that solve one (a mixin of costs)."""
+
+    @classmethod
+    def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
+        """Two fp32 (T, E) iterates per solver iteration, saved by autograd's trace of the loop."""
+        return 2 * config.options.num_iters * num_tokens * config.num_experts * 4
+
+    @classmethod
+    def extra_flops_per_token(cls, config: RouterContext, seq_len: int) -> float:
+        """A row and a column update per iteration, each reading every entry about twice."""
+        return 4.0 * config.options.num_iters * config.num_experts
+
+
 @dataclass
 class SinkhornExpertChoiceOptions(PlanOptions, ExpertChoiceOptions):
     """Args:
@@ -170,7 +184,7 @@ class ExpertChoiceRouter(Router):
     def causality(cls, config: RouterContext) -> Causality:
         """Not causal when the capacity can drop (``capacity_factor * K < E``) or the gates come
         from a plan; in evaluation causal with ``eval_routing: topk``."""
-        options = cls.parse_options(config.router_options)
+        options = config.options
         if options.capacity_factor * config.top_k < config.num_experts:
             training = EXPERT_CHOICE_REASON
         elif not cls.gates_are_per_token(options):
@@ -178,6 +192,13 @@ class ExpertChoiceRouter(Router):
         else:
             return CAUSAL  # every expert takes every token, gated by the token's own softmax: a dense MoE
         return Causality(training, None if options.eval_routing == "topk" else training)
+
+    @classmethod
+    def routed_pairs(cls, config: RouterContext, num_tokens: int, num_sequences: int) -> int:
+        """E experts of C tokens each."""
+        return config.num_experts * expert_capacity(
+            num_tokens, config.num_experts, config.top_k, config.options.capacity_factor
+        )
 
     def capacity(self, num_tokens: int) -> int:
         return expert_capacity(num_tokens, self.num_experts, self.top_k, self.options.capacity_factor)
@@ -203,7 +224,7 @@ class ExpertChoiceRouter(Router):
 
 
 @register_router("sinkhorn_expert_choice")
-class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
+class SinkhornExpertChoiceRouter(PlanCosts, ExpertChoiceRouter):
     """Expert choice ranked by the entropic balanced plan (Liu et al., arXiv 2401.15969; module docstring)."""
 
     Options = SinkhornExpertChoiceOptions
@@ -216,7 +237,7 @@ class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
 
 
 @register_router("sparse_expert_choice")
-class SparseExpertChoiceRouter(ExpertChoiceRouter):
+class SparseExpertChoiceRouter(PlanCosts, ExpertChoiceRouter):
     """Expert choice ranked by the squared-L2 (sparse) balanced plan (Blondel et al., arXiv 1710.06276;
     module docstring)."""
 

@@ -81,8 +81,18 @@ class HyperRouter(TokenChoiceRouter):
         self.embedding = nn.Parameter(torch.empty(self.options.embedding_dim))  # (d_e,)
 
     @classmethod
+    def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
+        """The generated fp32 gate (E, D) and the hypernetwork's hidden layer: once per layer, not per token."""
+        return 4 * (config.num_experts * config.hidden_size + 2 * config.options.hypernet_hidden_dim)
+
+    @classmethod
+    def extra_flops_per_token(cls, config: RouterContext, seq_len: int) -> float:
+        """The logits' product with a weight that is not a parameter, 2 * D * E."""
+        return 2.0 * config.hidden_size * config.num_experts
+
+    @classmethod
     def build_shared(cls, config: RouterContext) -> nn.Module:
-        o = cls.parse_options(config.router_options)
+        o = config.options
         return FrozenHypernetwork(config, o.embedding_dim, o.hypernet_hidden_dim)
 
     @torch.no_grad()

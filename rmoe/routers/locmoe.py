@@ -115,6 +115,11 @@ class LocMoeRouter(TokenChoiceRouter):
         else:  # deterministic from the config: not saved
             self.register_buffer("keys", rows_ED, persistent=False)
 
+    @classmethod
+    def extra_flops_per_token(cls, config: RouterContext, seq_len: int) -> float:
+        """The affinities' product with the fixed keys (a buffer), 2 * D * E; learnable keys are parameters."""
+        return 0.0 if config.options.learnable_keys else 2.0 * config.hidden_size * config.num_experts
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -123,7 +128,7 @@ class LocMoeRouter(TokenChoiceRouter):
     @classmethod
     def causality(cls, config: RouterContext) -> Causality:
         """Causal only when the capacity cannot drop: ``capacity_factor * K >= E`` (C = T)."""
-        options = cls.parse_options(config.router_options)
+        options = config.options
         if options.capacity_factor * config.top_k >= config.num_experts:
             return CAUSAL
         reason = (

@@ -45,6 +45,11 @@ class MlpRouter(TokenChoiceRouter):
         self.up_proj = nn.Parameter(torch.empty(self.options.hidden_dim, config.hidden_size))  # (H, D)
         self.out_proj = nn.Parameter(torch.empty(config.num_experts, self.options.hidden_dim))  # (E, H)
 
+    @classmethod
+    def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
+        """The fp32 hidden layer before and after the GELU, and its gradient's input (T, H) x 3."""
+        return 3 * num_tokens * config.options.hidden_dim * 4
+
     def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
         hidden_TH = F.gelu(fp32_linear(x_TD, self.up_proj))
         logits_TE = fp32_linear(hidden_TH, self.out_proj)

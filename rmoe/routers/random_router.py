@@ -45,6 +45,11 @@ class RandomRouter(TokenChoiceRouter):
         super().__init__(config, layer_idx, shared)
         self.register_buffer("weight", torch.empty(config.num_experts, config.hidden_size), persistent=True)
 
+    @classmethod
+    def extra_flops_per_token(cls, config: RouterContext, seq_len: int) -> float:
+        """The logits' product with a weight that is not a parameter, 2 * D * E."""
+        return 2.0 * config.hidden_size * config.num_experts
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -169,7 +169,7 @@ class RecurrentCore(nn.Module):
             return h_TP, c_TP
 
 
-@register_router("gru")
+@register_router("recurrent", aliases=("gru",))
 class RecurrentRouter(TokenChoiceRouter):
     """RMoE's router (see the module docstring); ``cell`` also selects the rnn and lstm variants.
 
@@ -206,7 +206,7 @@ class RecurrentRouter(TokenChoiceRouter):
 
     @classmethod
     def build_shared(cls, config: RouterContext) -> nn.Module:
-        options = cls.parse_options(config.router_options)
+        options = config.options
         cross_layer = [k for k in ("detach_state", "residual_alpha", "residual_detach") if getattr(options, k)]
         if not options.pass_state:
             cross_layer.append("pass_state")
@@ -217,6 +217,12 @@ class RecurrentRouter(TokenChoiceRouter):
                 stacklevel=2,
             )
         return RecurrentCore(config, options)
+
+    @classmethod
+    def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
+        """About 8 fp32 tensors of the state width P per token: the projected input, the cell's
+        gates and workspace, the state passed on."""
+        return 8 * num_tokens * config.options.state_dim * 4
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

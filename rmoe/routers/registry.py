@@ -11,19 +11,24 @@ from typing import TYPE_CHECKING
 from rmoe.errors import check_choice
 
 if TYPE_CHECKING:
-    from rmoe.routers.base import Causality, Router, RouterContext
+    from rmoe.routers.base import Router
 
 ROUTERS: dict[str, type[Router]] = {}
+ALIASES: dict[str, str] = {}
+"""Other names a router answers to (``model.arch.router: <alias>``): alias -> registered name."""
 
 
-def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
-    """Class decorator: make a router available as ``model.arch.router: <name>``."""
+def register_router(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[Router]], type[Router]]:
+    """Class decorator: make a router available as ``model.arch.router: <name>`` (and each alias)."""
 
     def wrap(cls: type[Router]) -> type[Router]:
-        if name in ROUTERS and ROUTERS[name] is not cls:
-            raise ValueError(f"router {name!r} is registered twice ({ROUTERS[name].__module__} and {cls.__module__})")
+        for taken in (name, *aliases):
+            owner = ROUTERS.get(taken) or ROUTERS.get(ALIASES.get(taken, ""))
+            if owner is not None and owner is not cls:
+                raise ValueError(f"router {taken!r} is registered twice ({owner.__module__} and {cls.__module__})")
         cls.name = name
         ROUTERS[name] = cls
+        ALIASES.update(dict.fromkeys(aliases, name))
         return cls
 
     return wrap
@@ -41,14 +46,6 @@ def discover_routers(package: str, path: Iterable[str]) -> list[str]:
 
 
 def get_router_class(name: str) -> type[Router]:
-    check_choice("model.arch.router", name, ROUTERS)
-    return ROUTERS[name]
-
-
-def causality_of(context: RouterContext) -> Causality:
-    """The causality the context's router declares with its options (training and evaluation).
-
-    ``causality_of(config.router_context()).evaluation`` is None when the model decodes token by
-    token exactly as its evaluation forward routes (export, generation); otherwise it says why not.
-    """
-    return get_router_class(context.router).causality(context)
+    """The router registered as ``name`` or as an alias of it."""
+    check_choice("model.arch.router", name, [*ROUTERS, *ALIASES])
+    return ROUTERS[ALIASES.get(name, name)]

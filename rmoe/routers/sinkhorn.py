@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from rmoe.routers.base import CAUSAL, Causality, Router, RoutingOutput, fp32_linear, topk_softmax
-from rmoe.routers.expert_choice import PlanOptions
+from rmoe.routers.expert_choice import PlanCosts, PlanOptions
 from rmoe.routers.registry import register_router
 from rmoe.routers.transport import sinkhorn_potentials
 
@@ -66,7 +66,7 @@ class SinkhornTokenChoiceOptions(PlanOptions):
 
 
 @register_router("sinkhorn_token_choice")
-class SinkhornTokenChoiceRouter(Router):
+class SinkhornTokenChoiceRouter(PlanCosts, Router):
     """Top-K of the Sinkhorn plan per token (see the module docstring). The state passes through."""
 
     Options = SinkhornTokenChoiceOptions
@@ -80,7 +80,7 @@ class SinkhornTokenChoiceRouter(Router):
     def causality(cls, config: RouterContext) -> Causality:
         """Training: not causal (the plan's expert potentials read the whole batch), unless every
         token takes every expert with softmax gates. Evaluation: causal with ``eval_routing: topk``."""
-        options = cls.parse_options(config.router_options)
+        options = config.options
         if config.top_k == config.num_experts and options.combine == "softmax":
             return CAUSAL
         training = (

@@ -96,6 +96,22 @@ class SoftMoeRouter(Router):
         reason = "every slot is a softmax-weighted average of all tokens of the sequence, later ones included"
         return Causality(reason, reason)
 
+    @classmethod
+    def routed_pairs(cls, config: RouterContext, num_tokens: int, num_sequences: int) -> int:
+        """Every slot of every sequence: B * E * P rows, whatever the sequence length."""
+        return num_sequences * config.num_experts * config.options.slots_per_expert
+
+    @classmethod
+    def extra_flops_per_token(cls, config: RouterContext, seq_len: int) -> float:
+        """The dispatch and combine products with the tokens, (N, S) x (S, D) and (S, N) x (N, D)."""
+        return 4.0 * config.num_experts * config.options.slots_per_expert * config.hidden_size
+
+    @classmethod
+    def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
+        """The fp32 slot logits and both softmaxes (T, N), and the combined output (T, D)."""
+        slots = config.num_experts * config.options.slots_per_expert
+        return 3 * num_tokens * slots * 4 + num_tokens * config.hidden_size * act_bytes
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()  # slot vectors ~ N(0, initializer_range)

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
 
-from rmoe.model.decoder import MoeLM
+from rmoe.model.decoder import ROUTED_EXPERT_PARAMETERS, MoeLM
 from rmoe.runs import STATUS_FILE
 from rmoe.training.module import logs_this_step
 
@@ -23,13 +23,21 @@ _summary_log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 
 
 def training_flops_per_token(model: MoeLM, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active non-embedding parameters + 12 x L x D x S for attention
-    (PaLM, arXiv 2204.02311, appendix B). What TokenThroughput's MFU and the model summary use."""
+    """Training FLOPs per token: 6 x the non-embedding parameters a token uses + 12 x L x D x S for
+    attention (PaLM, arXiv 2204.02311, appendix B) + 3 x the router's forward FLOPs that no
+    parameter accounts for. The routed experts count as many times as the router routes a token
+    (``Router.routed_pairs`` / T: K for token choice). What TokenThroughput's MFU and the model
+    summary use."""
     cfg = model.config
-    return (
-        6.0 * model.num_parameters(active=True, exclude_embeddings=True)
-        + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
-    )
+    routed = sum(p.numel() for n, p in model.named_parameters() if n.endswith(ROUTED_EXPERT_PARAMETERS))
+    dense = model.num_parameters(exclude_embeddings=True) - routed
+    flops = 6.0 * dense + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+    if cfg.moe_layers:
+        context = cfg.router_context()
+        pairs_per_token = context.router_class.routed_pairs(context, seq_len, 1) / seq_len
+        flops += 6.0 * routed / cfg.num_experts * pairs_per_token
+        flops += 3.0 * len(cfg.moe_layers) * context.router_class.extra_flops_per_token(context, seq_len)
+    return flops
 
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's data sheets, matched
@@ -60,8 +68,8 @@ def peak_bf16_flops(device_name: str) -> float | None:
 
 class TokenThroughput(L.Callback):
     """Logs ``train/tokens_per_sec`` (all processes) over a rolling window of optimiser steps, and on a
-    GPU ``train/mfu``: model FLOP/s utilisation, 6 x active non-embedding parameters + attention
-    (12 x L x D x S) FLOPs per token (the PaLM appendix B estimate) over the card's dense bf16 peak
+    GPU ``train/mfu``: model FLOP/s utilisation, :func:`training_flops_per_token` (the PaLM appendix B
+    estimate, with the router's own costs) over the card's dense bf16 peak
     (:data:`PEAK_BF16_FLOPS`, whatever the precision, as torchtitan reports it). A card not in the
     table is named once, and only tokens/s is logged.
 
@@ -212,7 +220,7 @@ class MoeModelSummary(ModelSummary):
                 flops = training_flops_per_token(model, self._block_size)
                 lines.append(
                     f"{get_human_readable_count(int(flops)):<10}Training FLOPs per token "
-                    f"(6 x active non-embedding params + attention at {self._block_size} tokens)"
+                    f"(6 x non-embedding params a token uses + attention + router at {self._block_size} tokens)"
                 )
         _summary_log.info("\n" + "\n".join(lines))
 

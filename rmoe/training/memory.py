@@ -1,6 +1,5 @@
 """How much memory one training step needs, and a refusal before training when the machine lacks it.
 
-``rmoe fit ... data.block_size=100000`` used to grow for 12 minutes until the OOM killer ended it.
 :func:`check_step_memory` estimates the peak of one training step (forward, backward, optimiser
 step) from the architecture, the micro-batch and the precision, compares it with what the device
 has free (:func:`available_bytes`) and raises :class:`~rmoe.errors.RmoeError` naming the keys to
@@ -18,8 +17,9 @@ K top-k, F expert width, P parameters):
   logsumexp; routed experts: per (token, expert) pair, the three (T*K, F) SwiGLU activations
   (gate, up, silu(gate)*up), plus the (T*K, D) gathered inputs and outputs of the ``sliced``
   backend (not of ``tiled``, the CPU choice for large batches) and the sort indices; the
-  router's (T, E) logits and probabilities (and its hidden width for the recurrent, MLP, cosine
-  and hyper routers); a shared expert's or dense layer's four (T, F) SwiGLU tensors.
+  router's (T, E) logits and probabilities and what the router saves besides
+  (``Router.saved_bytes``: hidden widths, plan iterates, slots); a shared expert's or dense
+  layer's four (T, F) SwiGLU tensors.
   Attention saves no T x T score matrix when ``scaled_dot_product_attention`` takes a fused
   kernel: on CPU, torch 2.13 takes ``_scaled_dot_product_flash_attention_for_cpu`` for fp32 and
   bf16, causal, with grouped-query heads (checked on the device at run time with
@@ -50,7 +50,6 @@ estimate times :data:`UNDERESTIMATE` does (it may not).
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -74,9 +73,6 @@ UNDERESTIMATE`` of free memory, :func:`check_step_memory` warns that the step ma
 # Where the CPU memory figures are read (module attributes so tests can point them elsewhere).
 PROC_MEMINFO = Path("/proc/meminfo")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-_EXPERT_CHOICE_ROUTERS = ("expert_choice", "sinkhorn_expert_choice", "sparse_expert_choice")
-_PLAN_ROUTERS = ("sinkhorn_token_choice", "sinkhorn_expert_choice", "sparse_expert_choice")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,21 +150,6 @@ def _expert_backend(arch: ModelConfig, device: torch.device, pairs: int, precisi
     return resolve_expert_backend(arch.expert_backend, device, compute_dtype(precision), D, F_, pairs)
 
 
-def _router_width(arch: ModelConfig) -> int:
-    """Per-token floats a router saves beyond its (T, E) logits: its hidden width times the tensors
-    kept per width (a GRU cell keeps its gates and workspace: about 8 of P)."""
-    o = arch.router_options
-    if arch.router == "gru":
-        return 8 * int(o.get("state_dim", 128))
-    if arch.router == "mlp":
-        return 3 * int(o.get("hidden_dim", 128))
-    if arch.router == "hyper":
-        return 3 * int(o.get("hypernet_hidden_dim", 64))
-    if arch.router in ("xmoe", "cosine"):
-        return 3 * int(o.get("proj_dim", o.get("cosine_dim", 0)) or arch.hidden_size)
-    return 0
-
-
 def step_memory_terms(
     arch: ModelConfig,
     batch_size: int,
@@ -187,7 +168,7 @@ def step_memory_terms(
     T = B * S
     D, L, V = arch.hidden_size, arch.num_layers, max(arch.vocab_size, 256)
     H, G, Dh = arch.num_attention_heads, arch.num_key_value_heads, arch.attention_head_dim
-    E, K, F = arch.num_experts, arch.top_k, arch.moe_intermediate_size
+    E, F = arch.num_experts, arch.moe_intermediate_size
     moe_layers = len(arch.moe_layers)
     dense_layers = L - moe_layers
     n_params = _num_parameters(arch)
@@ -210,22 +191,15 @@ def step_memory_terms(
         scores = L * 2 * B * H * S * S * a
         attn += 2 * T * H * Dh * a if G != H else 0  # k and v repeated to H heads
 
-    # --- MoE block, per MoE layer
-    if arch.router == "soft_moe":
-        slots = E * int(arch.router_options.get("slots_per_expert", 1))
-        pairs = B * slots
-    elif arch.router in _EXPERT_CHOICE_ROUTERS:
-        pairs = E * max(1, min(T, math.ceil(float(arch.router_options.get("capacity_factor", 1.0)) * T * K / E)))
-    else:
-        pairs = T * K
+    # --- MoE block, per MoE layer (the router states its own share: rmoe.routers.Router's costs)
+    context = arch.router_context()
+    router = context.router_class
+    pairs = router.routed_pairs(context, T, B)
     backend = _expert_backend(arch, dev, pairs, precision)
     moe = 3 * T * D * r  # residual after attention, normalised input, norm output
     moe += T * D * a if mixed else 0  # input cast to the expert dtype
-    moe += 4 * T * E * 4 + T * _router_width(arch) * 4  # fp32 logits, probabilities, z-loss, weights
-    if arch.router in _PLAN_ROUTERS:
-        moe += 2 * int(arch.router_options.get("num_iters", 10)) * T * E * 4
-    if arch.router == "soft_moe":
-        moe += 3 * T * slots * 4 + T * D * a  # slot logits, dispatch and combine softmaxes, combined output
+    moe += 4 * T * E * 4  # fp32 logits, probabilities, z-loss, weights
+    moe += router.saved_bytes(context, T, B, a)
     moe += 3 * pairs * F * a + 3 * pairs * 8 + pairs * a  # gate, up, silu*up; sort indices; pair weights
     if backend == "sliced":
         moe += 2 * pairs * D * a  # gathered inputs and expert outputs

@@ -14,7 +14,6 @@ import torch
 from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 from rmoe.model.moe import grouped_mm_unavailable, resolve_expert_backend
-from rmoe.routers import get_router_class
 
 
 def compute_dtype(precision: Any) -> torch.dtype:
@@ -52,7 +51,7 @@ def check_device_and_precision(arch: ModelConfig, device: torch.device, precisio
     D, F_ = arch.hidden_size, arch.moe_intermediate_size
     backend = expert_backend_of_run(arch, device, precision)
     if compile:
-        problem = get_router_class(arch.router).compile_problem
+        problem = arch.router_context().router_class.compile_problem
         if problem is not None:
             raise RmoeError(
                 f"model.compile=true cannot compile router {arch.router!r}: {problem}. Set model.compile=false."
