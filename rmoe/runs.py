@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from rmoe.errors import RmoeError
+from rmoe.tags import parse_layer_tag
 
 EVENTS_GLOB = "events.out.tfevents.*"
 """The TensorBoard event files of a run directory."""
@@ -61,8 +62,6 @@ STATUS_FILE = "status.json"
 """In a run's log folder: whether it is running, finished, failed or interrupted (``RunStatus``)."""
 RESUME_CHECKPOINT = "resume"
 """``checkpoints/resume.ckpt``: the periodic checkpoint a sweep run resumes from."""
-
-_LAYER_TAG = re.compile(r"^(?P<prefix>.+)/layer_(?P<layer>\d+(?:_\d+)?)$")
 
 
 @dataclass
@@ -250,9 +249,9 @@ def layer_series(
     """
     out: dict[str, tuple[list[int], list[float]]] = {}
     for tag, points in scalars.items():
-        match = _LAYER_TAG.match(tag)
-        if match and match["prefix"] == prefix.rstrip("/"):
-            out[match["layer"]] = ([s for s, _ in points], [v for _, v in points])
+        parsed = parse_layer_tag(tag)
+        if parsed and parsed[0] == prefix.rstrip("/"):
+            out[parsed[1]] = ([s for s, _ in points], [v for _, v in points])
     return dict(sorted(out.items(), key=lambda item: [int(i) for i in item[0].split("_")]))
 
 

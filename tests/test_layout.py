@@ -4,7 +4,7 @@ The layers of ``rmoe/`` (a module may import from its own layer or a lower one, 
 one, and no import cycle, lazy imports inside functions included; ``if TYPE_CHECKING:`` imports
 are annotations only and do not count):
 
-    0 errors
+    0 errors, tags (the TensorBoard tag schema)
     1 runs (reading run directories), checkpoints (reading and writing model files safely), data,
       syncs (moving device values to the host; counting host synchronisations)
     2 routers (the seam: RouterContext, RoutingOutput; nothing from model)
@@ -28,6 +28,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rmoe"
 
 LAYERS: dict[str, int] = {
     "rmoe.errors": 0,
+    "rmoe.tags": 0,
     "rmoe.runs": 1,
     "rmoe.checkpoints": 1,
     "rmoe.data": 1,
@@ -212,3 +213,17 @@ def test_every_router_module_is_registered():
     registering = {p.stem for p in (PACKAGE / "routers").glob("*.py") if "@register_router(" in p.read_text()}
     modules_of_routers = {cls.__module__.rpartition(".")[2] for cls in ROUTERS.values()}
     assert registering <= modules_of_routers, registering - modules_of_routers
+
+
+def test_routing_tags_are_built_and_parsed_in_one_module():
+    """``moe/{split}/{name}/layer_{l}`` is rmoe.tags' to build and to parse: no other module formats a
+    layer tag or matches one with a regex of its own."""
+    offenders = []
+    for name, path in modules().items():
+        if name == "rmoe.tags":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"""f["'][^"']*layer_\{""", code) or re.search(r"""["']/?layer_\\?\\d""", code):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert offenders == []

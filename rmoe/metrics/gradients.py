@@ -10,6 +10,7 @@ from torch import nn
 
 from rmoe.routers.base import Router
 from rmoe.syncs import to_host
+from rmoe.tags import layer_label
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -33,7 +34,7 @@ def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def router_group(name: str) -> str:
     """``layer_{i}`` for a parameter of decoder layer i's router, ``shared`` otherwise."""
     match = _LAYER_RE.search(name)
-    return f"layer_{match.group(1)}" if match else "shared"
+    return layer_label(int(match.group(1))) if match else "shared"
 
 
 def router_grad_norms_by_loss(model: nn.Module, losses: Mapping[str, torch.Tensor | None]) -> dict[str, float]:

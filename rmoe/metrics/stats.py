@@ -19,6 +19,7 @@ import torch
 
 from rmoe.metrics.catalog import STATISTICS, Accumulated, Metric, RoutingBatch, metrics
 from rmoe.metrics.information import NUM_PROB_BINS, entropy_from_counts, path_keys, unique_with_counts
+from rmoe.tags import layer_tag
 
 if TYPE_CHECKING:
     from rmoe.routers.base import RoutingOutput
@@ -436,11 +437,11 @@ def summary_scalars(summary: dict[str, Any], prefix: str = "routing") -> dict[st
     out: dict[str, float] = {}
     for key in g.keys("layer"):
         values = summary[key].double()
-        out.update({f"{prefix}/{key}/layer_{l}": float(v) for l, v in enumerate(values)})
+        out.update({layer_tag(f"{prefix}/{key}", l): float(v) for l, v in enumerate(values)})
         out[f"{prefix}/{key}/mean"] = float(values.mean())
     for key in g.keys("pair"):
         values = summary[key].double()
-        out.update({f"{prefix}/{key}/layer_{l}_{l + 1}": float(v) for l, v in enumerate(values)})
+        out.update({layer_tag(f"{prefix}/{key}", (l, l + 1)): float(v) for l, v in enumerate(values)})
         if values.numel():
             out[f"{prefix}/{key}/mean"] = float(values.mean())
     for key in g.keys("matrix"):

@@ -19,8 +19,9 @@ from typing import Any
 
 from rmoe.metrics.catalog import metrics
 from rmoe.runs import CAUSAL_TEST_DIR, MARKER_FILE, PLAN_FILE, TEST_DIR, fit_dir, fit_status, read_events
+from rmoe.tags import layer_pattern, series
 
-DEFAULT_METRICS = (rf"moe/val/({'|'.join(m.name for m in metrics(flag='report'))})/layer_\d+(?:_\d+)?$",)
+DEFAULT_METRICS = (layer_pattern("val", [m.name for m in metrics(flag="report")]),)
 """Routing metrics: the tags matching a pattern are grouped by its first capture group (the column
 name) and their final values averaged (here: over layers, or consecutive layer pairs for the MI).
 The default columns are the metrics declared with ``report=True`` in :data:`rmoe.metrics.catalog.METRICS`."""
@@ -172,7 +173,10 @@ def read_run(run_dir: Path, labels: Mapping[str, str], metric_patterns: Sequence
     scalars = read_events(fit) if fit else {}
     test_dir = run_dir / TEST_DIR
     if test_dir.is_dir():
-        scalars = {**scalars, **{t: s for t, s in read_events(test_dir).items() if t.startswith(("test/", "moe/test"))}}
+        scalars = {
+            **scalars,
+            **{t: s for t, s in read_events(test_dir).items() if t.startswith(("test/", series("test") + "/"))},
+        }
 
     causal_test_dir = run_dir / CAUSAL_TEST_DIR
     causal_scalars = read_events(causal_test_dir) if causal_test_dir.is_dir() else {}

@@ -58,9 +58,9 @@ from rmoe.metrics.gradients import router_grad_norm_tensors
 from rmoe.metrics.specialization import DEFAULT_MIN_COUNT, TokenExpertStats
 from rmoe.routers.base import RoutingOutput
 from rmoe.runs import flatten_hparams
+from rmoe.tags import PREFIX, layer_label, layer_tag, series
 from rmoe.training.module import MoeLMModule
 
-PREFIX = "moe"
 SPECIALIZATION_KEYS = tuple(m.name for m in metrics(source="specialization", flag="live"))
 """Per-layer scalars of :class:`~rmoe.metrics.specialization.TokenExpertStats` logged live."""
 
@@ -219,12 +219,12 @@ class RoutingAnalytics(L.Callback):
             routing, (stacked, similarity_L, batch) = routing_to_host(record.routing, [stacked, similarity_L, batch])
             metrics: dict[str, float] = dict(zip(norms, stacked.tolist(), strict=True))
             stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
-            metrics.update(summary_scalars(stats.update(routing).compute(), prefix=f"{PREFIX}/train"))
+            metrics.update(summary_scalars(stats.update(routing).compute(), prefix=series("train")))
             metrics.update(
-                {f"{PREFIX}/train/expert_similarity/layer_{l}": float(v) for l, v in enumerate(similarity_L)}
+                {layer_tag(series("train", "expert_similarity"), l): float(v) for l, v in enumerate(similarity_L)}
             )
             if similarity_L.numel():
-                metrics[f"{PREFIX}/train/expert_similarity/mean"] = float(similarity_L.mean())
+                metrics[series("train", "expert_similarity", "mean")] = float(similarity_L.mean())
             tokens = self._token_stats(pl_module, batch if batch.numel() else None, routing)
             if tokens is not None:
                 spec = tokens.compute(min_count=self.specialization_min_count, num_pairs=0)
@@ -256,13 +256,13 @@ class RoutingAnalytics(L.Callback):
             self._warn_once("grad", f"RoutingAnalytics: router gradient norms are off for this run ({err}).")
             self.grad_norms = False
             return {}
-        moe_index = {f"layer_{d}": f"layer_{l}" for l, d in enumerate(pl_module.arch.moe_layers)}
+        moe_index = {layer_label(d): layer_label(l) for l, d in enumerate(pl_module.arch.moe_layers)}
         out: dict[str, torch.Tensor] = {}
         for key, value in norms.items():
             loss_name, group = key.split("/", 1)
             if loss_name == "balance" and balance is None:
                 continue
-            out[f"{PREFIX}/train/router_grad_norm_{loss_name}/{moe_index.get(group, group)}"] = value
+            out[series("train", f"router_grad_norm_{loss_name}", moe_index.get(group, group))] = value
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -351,10 +351,10 @@ class RoutingAnalytics(L.Callback):
         out: dict[str, float] = {}
         for key in SPECIALIZATION_KEYS:
             values = spec[key].double()
-            out.update({f"{PREFIX}/{split}/{key}/layer_{l}": float(v) for l, v in enumerate(values)})
+            out.update({layer_tag(series(split, key), l): float(v) for l, v in enumerate(values)})
             finite = values[torch.isfinite(values)]
             if finite.numel():
-                out[f"{PREFIX}/{split}/{key}/mean"] = float(finite.mean())
+                out[series(split, key, "mean")] = float(finite.mean())
         return out
 
     def _eval_log(self, trainer: L.Trainer, split: str) -> None:
@@ -372,7 +372,7 @@ class RoutingAnalytics(L.Callback):
             return
         step = eval_log_step(trainer)
         summary = stats.compute()
-        scalars = summary_scalars(summary, prefix=f"{PREFIX}/{split}")
+        scalars = summary_scalars(summary, prefix=series(split))
         spec = None
         if tokens is not None and tokens.num_layers is not None:
             spec = tokens.compute(min_count=self.specialization_min_count, num_pairs=0)
@@ -386,13 +386,11 @@ class RoutingAnalytics(L.Callback):
             for kind, tag in (("load", "load_heatmap"), ("binned_prob_mi", "binned_prob_mi_heatmap")):
                 fig = figure(kind, summary, title=f"{split} step {step}: " + _TITLES[kind], fast=True)
                 image = figure_to_rgb(fig)
-                self._logger.experiment.add_image(f"{PREFIX}/{split}/{tag}", image, step, dataformats="HWC")
+                self._logger.experiment.add_image(series(split, tag), image, step, dataformats="HWC")
             if spec is not None:
                 fig = coactivation_figure(spec["coactivation"], title=f"{split} step {step}: co-activation", fast=True)
                 image = figure_to_rgb(fig)
-                self._logger.experiment.add_image(
-                    f"{PREFIX}/{split}/coactivation_heatmap", image, step, dataformats="HWC"
-                )
+                self._logger.experiment.add_image(series(split, "coactivation_heatmap"), image, step, dataformats="HWC")
         self.seconds_spent += time.perf_counter() - start
 
     def _write_histograms(self, split: str, histograms: Any, step: int) -> None:
@@ -403,7 +401,7 @@ class RoutingAnalytics(L.Callback):
                 if int(hist["num"][l]) == 0:
                     continue
                 experiment.add_histogram_raw(
-                    f"{PREFIX}/{split}/{name}_hist/layer_{l}",
+                    layer_tag(series(split, f"{name}_hist"), l),
                     min=float(hist["min"][l]),
                     max=float(hist["max"][l]),
                     num=int(hist["num"][l]),
@@ -486,7 +484,7 @@ def custom_scalars_layout(splits: tuple[str, ...] = ("train", "val")) -> dict[st
     are regular expressions), and the router gradient norms for training."""
     layout: dict[str, dict[str, list[Any]]] = {}
     for split in splits:
-        root = f"{PREFIX}/{split}"
+        root = series(split)
         charts = {
             m.name: ["Multiline", [rf"^{root}/{m.name}$" if m.kind == "scalar" else rf"^{root}/{m.name}/"]]
             for m in metrics(flag="live")
@@ -509,7 +507,7 @@ def hparam_metrics(callback_metrics: Mapping[str, Any], val_scalars: Mapping[str
         if tag in callback_metrics:
             out[f"hp/{tag.replace('/', '_')}"] = float(callback_metrics[tag])
     for key in (m.name for m in metrics(flag="hparam")):  # read at each call: the catalog is the one list
-        value = val_scalars.get(f"{PREFIX}/val/{key}/mean")
+        value = val_scalars.get(series("val", key, "mean"))
         if value is not None:
             out[f"hp/{key}"] = value
     return out
