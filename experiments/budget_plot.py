@@ -85,7 +85,7 @@ def read_runs(paths: list[Path]) -> dict[tuple[str, int, str], dict[str, float]]
 
 def t_interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval (nan for fewer than 2 values)."""
-    from rmoe.report.stats import t_quantile_95
+    from rmoe.report.paired import t_quantile_95
 
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -101,7 +101,7 @@ def least_squares_slope(points: list[tuple[float, float]]) -> float:
 
 def slope(points: list[tuple[float, float]]) -> tuple[float, float, int]:
     """Least-squares slope of y on x and its 95% t half-width; (nan, nan, n) below 3 points."""
-    from rmoe.report.stats import t_quantile_95
+    from rmoe.report.paired import t_quantile_95
 
     n = len(points)
     xs = {x for x, _ in points}

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_gap_trend(runs_csv: Path) -> None:
     """Paired gap per depth and its slope against depth (per-seed pairs as the data points)."""
-    from rmoe.report.stats import t_quantile_95
+    from rmoe.report.paired import t_quantile_95
 
     bpb: dict[tuple[str, int, str], float] = {}
     with runs_csv.open() as f:

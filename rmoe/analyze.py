@@ -7,11 +7,11 @@ and bits per byte of the split, expert similarity and per-layer histograms) and 
 (:mod:`rmoe.figures`): the cross-layer binned-probability MI heat map and the gate-entropy
 densities per layer of the RMoE paper's analysis (Qiu et al., arXiv 2408.06793, Sec. 5 and
 App. A.4), the layer x expert load heat map and the expert similarity per layer (App. A.4.3); and
-what the experts do (:mod:`rmoe.evaluation.experts`): OLMoE's vocabulary specialisation,
+what the experts do (:mod:`rmoe.evaluation.expert_analyses`): OLMoE's vocabulary specialisation,
 co-activation and router saturation across the run's checkpoints (arXiv 2409.02060), and the
 analyses of "A Closer Look into Mixture-of-Experts" (arXiv 2406.18219).
 
-The computation is :func:`rmoe.evaluation.routing.evaluate_routing`; this module loads the
+The computation is :func:`rmoe.evaluation.routing_eval.evaluate_routing`; this module loads the
 checkpoint (a Lightning checkpoint of :class:`~rmoe.training.module.MoeLMModule`), rebuilds its
 data, adds the language-model metrics and writes the results.
 """
@@ -32,8 +32,8 @@ import yaml
 from rmoe.checkpoints import check_can_create, describe_os_error, read_checkpoint
 from rmoe.data.corpus import SPLITS
 from rmoe.errors import RmoeError, ToolArgumentParser
-from rmoe.evaluation.experts import routed_expert_ids, router_saturation_between
-from rmoe.evaluation.routing import DEFAULT_MAX_BATCHES, evaluate_routing
+from rmoe.evaluation.expert_analyses import routed_expert_ids, router_saturation_between
+from rmoe.evaluation.routing_eval import DEFAULT_MAX_BATCHES, evaluate_routing
 from rmoe.evaluation.splits import split_datamodule
 from rmoe.figures import EXPERT_FIGURES, FIGURES, as_array, expert_figure, figure
 from rmoe.inference import load_model

@@ -619,7 +619,7 @@ _TOOLS = {
     "inspect": "rmoe.inspection",
     "sweep": "rmoe.sweep",
     "report": "rmoe.report",
-    "routers": "rmoe.catalog",
+    "routers": "rmoe.router_catalog",
 }
 """Subcommands that are plain argparse programs: name -> module with ``main(argv)``, imported when
 used. A ``main`` that returns a non-zero exit code (``sweep``, ``report``) ends ``rmoe`` with it."""

@@ -28,7 +28,7 @@ from rmoe.analyze import analyze_checkpoint, summary_rows
 from rmoe.analyze import main as analyze_main
 from rmoe.cli import main
 from rmoe.errors import RmoeError
-from rmoe.evaluation.routing import RoutingHistograms
+from rmoe.evaluation.routing_eval import RoutingHistograms
 from rmoe.figures import compare
 from rmoe.metrics import gate_entropy, router_parameters
 from rmoe.metrics.stats import PER_LAYER_KEYS, PER_PAIR_KEYS
@@ -383,7 +383,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from rmoe.evaluation.routing import RoutingHistograms, all_reduce_stats
+from rmoe.evaluation.routing_eval import RoutingHistograms, all_reduce_stats
 from rmoe.metrics import RoutingStats
 from rmoe.routers import topk_softmax
 

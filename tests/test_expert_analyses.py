@@ -16,14 +16,14 @@ import pytest
 import torch
 from tiny import tiny_config
 
-from rmoe.evaluation.experts import (
+from rmoe.evaluation.expert_analyses import (
     ExpertOutputStats,
     gate_embeddings,
     moe_blocks,
     router_saturation_between,
     weight_analyses,
 )
-from rmoe.evaluation.routing import evaluate_routing
+from rmoe.evaluation.routing_eval import evaluate_routing
 from rmoe.figures import compare_expert_figure, expert_figure
 from rmoe.metrics.closer_look import (
     _hungarian_max,

@@ -15,8 +15,8 @@ import yaml
 from test_docs import ROOT, fenced_blocks
 from tiny import BASE_CONFIGS, scalars, tiny_overrides
 
-from rmoe.catalog import describe, option_docs
 from rmoe.cli import main
+from rmoe.router_catalog import describe, option_docs
 from rmoe.routers import ROUTERS
 
 GUIDE = ROOT / "docs/extending.md"

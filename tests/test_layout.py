@@ -13,7 +13,7 @@ are annotations only and do not count):
     5 figures
     6 evaluation, inference (loading a model), generate
     7 training
-    8 commands: cli, analyze, catalog, inspection, sweep, report, interop.export, interop.importer
+    8 commands: cli, analyze, router_catalog, inspection, sweep, report, interop.export, interop.importer
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ LAYERS: dict[str, int] = {
     "rmoe.cli": 8,
     "rmoe.__main__": 8,
     "rmoe.analyze": 8,
-    "rmoe.catalog": 8,
+    "rmoe.router_catalog": 8,
     "rmoe.inspection": 8,
     "rmoe.sweep": 8,
     "rmoe.report": 8,
@@ -227,3 +227,12 @@ def test_routing_tags_are_built_and_parsed_in_one_module():
             if re.search(r"""f["'][^"']*layer_\{""", code) or re.search(r"""["']/?layer_\\?\\d""", code):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_no_two_modules_share_a_name():
+    """A module's file name says what it is wherever it is read (a traceback, an editor tab)."""
+    seen: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        if path.name not in ("__init__.py", "__main__.py") and not name.startswith(SHIPPED):
+            seen.setdefault(path.name, []).append(name)
+    assert {file: names for file, names in seen.items() if len(names) > 1} == {}

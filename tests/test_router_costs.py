@@ -13,9 +13,9 @@ import torch
 from tiny import tiny_config
 
 from rmoe import MoeLM
-from rmoe.catalog import describe, listing, option_docs
 from rmoe.cli import main
 from rmoe.model.moe import GroupedExperts
+from rmoe.router_catalog import describe, listing, option_docs
 from rmoe.routers import ALIASES, ROUTERS, get_router_class
 from rmoe.routers.recurrent import RecurrentRouter
 from rmoe.training.callbacks import training_flops_per_token

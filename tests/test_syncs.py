@@ -94,7 +94,7 @@ def places(events: list) -> list[str]:
     return sorted(f"{kind} at {where.split(':')[0]}" for kind, where in events)
 
 
-ROUTING = "Tensor.cpu at evaluation/routing.py"  # routing_to_host: the routing metrics' one transfer
+ROUTING = "Tensor.cpu at evaluation/routing_eval.py"  # routing_to_host: the routing metrics' one transfer
 SCALARS = "Tensor.cpu at training/module.py"  # the step's logged scalars
 
 

@@ -22,20 +22,20 @@ piece that is not valid UTF-8 on its own shows its bytes (``<0xE2 0x80>``); cont
 are escaped (``\\n``, ``<0x07>``), special tokens are ``<eos>``, ``<pad>``.
 
 The package, in the order the command uses it: :mod:`rmoe.inspection.pieces` (tokens as readable
-text), :mod:`rmoe.inspection.routing` (running the model on a text: :class:`TextRouting`, and the
+text), :mod:`rmoe.inspection.text_routing` (running the model on a text: :class:`TextRouting`, and the
 per-expert summary), :mod:`rmoe.inspection.report` (the terminal report),
 :mod:`rmoe.inspection.page` (the HTML page; its template, script and style sheet are the files
 ``page.html``, ``page.js`` and ``page.css`` next to it, inlined into one file on output) and
-:mod:`rmoe.inspection.command` (the argument parser and :func:`main`).
+:mod:`rmoe.inspection.inspect_cli` (the argument parser and :func:`main`).
 
 Shape legend: T tokens, K chosen experts per token, L MoE layers, V vocabulary.
 """
 
-from rmoe.inspection.command import build_parser, main
+from rmoe.inspection.inspect_cli import build_parser, main
 from rmoe.inspection.page import page_data, render_html, write_page
 from rmoe.inspection.pieces import Piece, byte_pieces, token_pieces
 from rmoe.inspection.report import format_report
-from rmoe.inspection.routing import TextRouting, expert_summary, route_text
+from rmoe.inspection.text_routing import TextRouting, expert_summary, route_text
 
 __all__ = [
     "Piece",

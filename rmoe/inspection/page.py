@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rmoe.inspection.routing import TextRouting, expert_summary
+from rmoe.inspection.text_routing import TextRouting, expert_summary
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 

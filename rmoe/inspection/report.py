@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmoe.inspection.routing import TextRouting
+from rmoe.inspection.text_routing import TextRouting
 
 DEFAULT_TABLE_TOKENS = 40
 

@@ -4,7 +4,7 @@
 - :mod:`rmoe.metrics.gates`: per-token gate entropy, inner/outer balance, router z, top-1 expert.
 - :mod:`rmoe.metrics.information`: entropy/MI from counts, top-1 MI between layers, the RMoE
   paper's binned-probability MI matrix, expert-path diversity.
-- :mod:`rmoe.metrics.experts`: the RMoE paper's expert similarity.
+- :mod:`rmoe.metrics.expert_similarity`: the RMoE paper's expert similarity.
 - :mod:`rmoe.metrics.gradients`: router gradient norms per loss.
 - :mod:`rmoe.metrics.specialization`: OLMoE's vocabulary specialisation, expert co-activation and
   router saturation, and :class:`~rmoe.metrics.specialization.TokenExpertStats` (many batches).
@@ -17,7 +17,7 @@
 Everything runs under ``torch.no_grad()`` and never modifies its inputs.
 """
 
-from rmoe.metrics.experts import expert_similarity, expert_similarity_per_layer
+from rmoe.metrics.expert_similarity import expert_similarity, expert_similarity_per_layer
 from rmoe.metrics.gates import (
     gate_entropy,
     inner_balance,

@@ -19,9 +19,9 @@ the ``rmoe test`` events) and writes, into ``--out``:
 A run without any ``val/loss`` (failed, or not started) is listed as incomplete and left out.
 
 The package: :mod:`rmoe.report.collect` (reading a sweep root's runs through :mod:`rmoe.runs`,
-their final metrics and parameter counts, grouping), :mod:`rmoe.report.stats` (same-seed paired
+their final metrics and parameter counts, grouping), :mod:`rmoe.report.paired` (same-seed paired
 comparisons, t-intervals), :mod:`rmoe.report.render` (markdown, CSV, plots) and
-:mod:`rmoe.report.command` (:func:`report` and the command line).
+:mod:`rmoe.report.report_cli` (:func:`report` and the command line).
 
 Usage::
 
@@ -52,7 +52,7 @@ from rmoe.report.collect import (
     routing_metrics,
     step_time_ms,
 )
-from rmoe.report.command import build_parser, main, report
+from rmoe.report.paired import Paired, paired_comparisons, t_quantile_95
 from rmoe.report.render import (
     format_mean_std,
     format_value,
@@ -63,7 +63,7 @@ from rmoe.report.render import (
     write_csvs,
     write_markdown,
 )
-from rmoe.report.stats import Paired, paired_comparisons, t_quantile_95
+from rmoe.report.report_cli import build_parser, main, report
 
 __all__ = [
     "BASE_COLUMNS",

@@ -2,6 +2,6 @@
 
 import sys
 
-from rmoe.report.command import main
+from rmoe.report.report_cli import main
 
 sys.exit(main())

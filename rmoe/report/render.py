@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from rmoe.report.collect import EXTRA_KEYS, Column, Group, RunResult
-from rmoe.report.stats import Paired
+from rmoe.report.paired import Paired
 from rmoe.runs import SWEEP_COPY
 
 

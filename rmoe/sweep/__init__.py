@@ -58,7 +58,7 @@ single-threaded runs side by side are much faster than one run on every core.
 The package: :mod:`rmoe.sweep.spec` (the sweep file: parsing, checking, expanding the grid,
 ``--only`` and ``--set``), :mod:`rmoe.sweep.plan` (a run's state on disk and its command lines),
 :mod:`rmoe.sweep.runner` (child processes, threads, signals, markers, the child's ``--exec-run``)
-and :mod:`rmoe.sweep.command` (the command line). The run folder's file names are
+and :mod:`rmoe.sweep.sweep_cli` (the command line). The run folder's file names are
 :mod:`rmoe.runs`'s.
 
 Usage::
@@ -69,7 +69,6 @@ Usage::
     rmoe sweep configs/sweeps/table1_cpu.yaml --jobs 2 --set trainer.max_steps=50 --root /tmp/try
 """
 
-from rmoe.sweep.command import build_parser, main
 from rmoe.sweep.plan import (
     checkpoint_to_test,
     commands,
@@ -91,6 +90,7 @@ from rmoe.sweep.spec import (
     parse_only,
     parse_sweep,
 )
+from rmoe.sweep.sweep_cli import build_parser, main
 
 __all__ = [
     "GridRun",

@@ -2,6 +2,6 @@
 
 import sys
 
-from rmoe.sweep.command import main
+from rmoe.sweep.sweep_cli import main
 
 sys.exit(main())

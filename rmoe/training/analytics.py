@@ -45,7 +45,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rmoe.errors import RmoeError
-from rmoe.evaluation.routing import RoutingHistograms, all_reduce_stats, routing_to_host
+from rmoe.evaluation.routing_eval import RoutingHistograms, all_reduce_stats, routing_to_host
 from rmoe.figures import coactivation_figure, figure, figure_to_rgb
 from rmoe.metrics import (
     RoutingStats,

@@ -25,8 +25,8 @@ from rmoe.report.collect import (
     parse_only,
     read_run,
 )
+from rmoe.report.paired import paired_comparisons
 from rmoe.report.render import markdown_table, paired_table, plot_bars, plot_curves, write_csvs, write_markdown
-from rmoe.report.stats import paired_comparisons
 from rmoe.runs import PLAN_FILE, find_sweep_runs
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rmoe.errors import RmoeError
-from rmoe.evaluation.experts import DEFAULT_MAX_EXPERT_TOKENS, ExpertOutputStats, weight_analyses
+from rmoe.evaluation.expert_analyses import DEFAULT_MAX_EXPERT_TOKENS, ExpertOutputStats, weight_analyses
 from rmoe.metrics import RoutingStats, expert_similarity_per_layer, gate_entropy
 from rmoe.metrics.specialization import TokenExpertStats
 from rmoe.syncs import all_reduce_, to_host
@@ -198,8 +198,8 @@ def evaluate_routing(
         max_samples: Reservoir size of the per-token medians (:class:`RoutingStats`).
         expert_analyses: Also OLMoE's specialisation and co-activation
             (:class:`~rmoe.metrics.specialization.TokenExpertStats`) and the "Closer Look" analyses
-            (:class:`~rmoe.evaluation.experts.ExpertOutputStats` on the first ``max_expert_tokens``
-            tokens, :func:`~rmoe.evaluation.experts.weight_analyses`).
+            (:class:`~rmoe.evaluation.expert_analyses.ExpertOutputStats` on the first ``max_expert_tokens``
+            tokens, :func:`~rmoe.evaluation.expert_analyses.weight_analyses`).
         max_expert_tokens: Tokens on which all E experts are run.
         reorder_neurons: Include the Hungarian-reordered neuron similarity (E(E-1)/2 x 3
             assignment problems of size F per layer).

@@ -10,7 +10,7 @@ from typing import Any
 from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.inspection.page import page_data, render_html
 from rmoe.inspection.report import DEFAULT_TABLE_TOKENS, format_report
-from rmoe.inspection.routing import DEFAULT_TOP, TextRouting, expert_summary, route_text
+from rmoe.inspection.text_routing import DEFAULT_TOP, TextRouting, expert_summary, route_text
 
 DEFAULT_MAX_TOKENS = 2048
 
