@@ -4,9 +4,9 @@ For each ``configs/router/*.yaml`` (every registered router and every ablation),
 twice from the same seed, once per backend, and takes one forward and backward in bf16 autocast on
 the same batch: the loss and the gradient norm must agree to ``--rtol`` and every gradient entry to
 ``--grad-tol`` of the largest (the routing is fp32 in both, so only the experts' bf16 matmuls
-differ, in summation order), and all must be finite. This
-is the device check of issue 31's fix (dropped pairs of capacity routers used to give NaN
-gradients on ``grouped_mm``); the same comparison runs on CPU in ``tests/test_backends.py``.
+differ, in summation order), and all must be finite: the rows ``F.grouped_mm`` leaves
+uninitialised (dropped pairs of capacity routers) must not reach the gradients. The same
+comparison runs on CPU in ``tests/test_backends.py``.
 
 Usage::
 

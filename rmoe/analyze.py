@@ -41,7 +41,7 @@ from rmoe.inspection import token_pieces
 from rmoe.metrics.catalog import metrics
 from rmoe.metrics.language import language_metrics
 from rmoe.model.config import arch_differences
-from rmoe.runs import flatten_hparams, read_json, run_dir_of_checkpoint, write_json
+from rmoe.runs import flatten_hparams, run_dir_of_checkpoint, write_json
 
 
 def analyze_checkpoint(
@@ -217,12 +217,6 @@ def write_analysis(metrics: Mapping[str, Any], out: str | os.PathLike[str], *, d
             fig.savefig(path, dpi=dpi)
             paths.append(path)
     return paths
-
-
-def load_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a ``metrics.json`` (or the folder holding it) written by ``rmoe analyze``."""
-    path = Path(path)
-    return read_json(path / "metrics.json" if path.is_dir() else path)
 
 
 def build_parser() -> argparse.ArgumentParser:

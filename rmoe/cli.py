@@ -424,17 +424,14 @@ as the other subcommands) -> Lightning's."""
 def normalize_args(argv: list[str]) -> list[str]:
     """Accept omegaconf-style ``model.arch.router=gru`` overrides as well as ``--model.arch.router=gru``,
     and the project's ``--ckpt`` / ``--print-config`` for Lightning's ``--ckpt_path`` / ``--print_config``
-    (``--ckpt_path`` still works, with a deprecation note)."""
+    (Lightning's own ``--ckpt_path`` is refused, naming ``--ckpt``: one spelling in every command)."""
     out = []
     for arg in argv:
         name, sep, value = arg.partition("=")
         if name in _LIGHTNING_OPTIONS:
             arg = _LIGHTNING_OPTIONS[name] + sep + value
         elif name == "--ckpt_path":
-            print(
-                "rmoe: note: --ckpt_path is deprecated and will be removed in the next release; use --ckpt.",
-                file=sys.stderr,
-            )
+            raise RmoeError("--ckpt_path: rmoe spells it --ckpt (as analyze, inspect, generate and export do).")
         elif _DOTLIST.match(arg) and not arg.startswith("-"):
             arg = f"--{arg}"
         out.append(arg)

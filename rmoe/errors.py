@@ -34,24 +34,11 @@ class ToolArgumentParser(argparse.ArgumentParser):
     - No abbreviations (``allow_abbrev=False``): ``--prompt`` is not silently read as ``--prompt-file``.
     - Long options are spelled with hyphens (``--max-tokens``); the underscore spelling of the same
       option (``--max_tokens``, the spelling of fit/validate/test) is accepted too.
-    - :meth:`deprecate` keeps an old spelling working for one release, with a note naming the new one.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
-        self._renamed: dict[str, str] = {}
-
-    def deprecate(self, old: str, new: str) -> None:
-        """Accept the option ``old`` as ``new`` (same value), printing a one-line deprecation note."""
-        self._renamed[old] = new
-
-    def note_deprecated(self, what: str, instead: str) -> None:
-        """Print the deprecation note of ``what`` (an old spelling) on stderr."""
-        print(
-            f"{self.prog}: note: {what} is deprecated and will be removed in the next release; use {instead}.",
-            file=sys.stderr,
-        )
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
         args = list(sys.argv[1:] if args is None else args)
@@ -63,10 +50,7 @@ class ToolArgumentParser(argparse.ArgumentParser):
                 break
             if arg.startswith("--"):
                 name, sep, value = arg.partition("=")
-                if name in self._renamed:
-                    self.note_deprecated(name, self._renamed[name])
-                    name = self._renamed[name]
-                elif name not in known and name.replace("_", "-") in known:
+                if name not in known and name.replace("_", "-") in known:
                     name = name.replace("_", "-")
                 arg = name + sep + value
             normalised.append(arg)
@@ -74,26 +58,6 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise RmoeError(f"{message} (see `{self.prog} --help`)")
-
-
-def resolve_positional(parser: ToolArgumentParser, args: Any, names: Sequence[str], usage: str) -> None:
-    """Fill options ``names`` (``--ckpt``, ``--out``) from the deprecated positional spelling.
-
-    ``args.positional`` holds the positional arguments in the order of ``names``; each option
-    not given takes the next one (with a deprecation note). A missing option, or a positional
-    argument left over, is an error naming the spelling to use.
-    """
-    given = list(args.positional)
-    if given:
-        parser.note_deprecated("positional " + " ".join(n.upper() for n in names[: len(given)]), usage)
-    for name in names:
-        if getattr(args, name) is None and given:
-            setattr(args, name, given.pop(0))
-    missing = [f"--{n}" for n in names if getattr(args, n) is None]
-    if missing:
-        parser.error(f"{' and '.join(missing)} missing: the command is `{usage}`")
-    if given:
-        parser.error(f"unexpected argument(s) {' '.join(given)}: the command is `{usage}`")
 
 
 def check_field_types(obj: Any, prefix: str) -> None:

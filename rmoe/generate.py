@@ -324,13 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue prompts with a trained model (a checkpoint of `rmoe fit` or a directory of "
         "`rmoe export`); text is streamed to stdout.",
     )
-    p.add_argument("--ckpt", help="the model: a checkpoint (<run>/checkpoints/*.ckpt) or an `rmoe export` folder.")
     p.add_argument(
-        "prompts",
-        nargs="*",
-        help="prompt(s); several are decoded as one left-padded batch (without --ckpt, the first is read as the "
-        "model: deprecated).",
+        "--ckpt", required=True, help="the model: a checkpoint (<run>/checkpoints/*.ckpt) or an `rmoe export` folder."
     )
+    p.add_argument("prompts", nargs="*", help="prompt(s); several are decoded as one left-padded batch.")
     p.add_argument("--prompt-file", action="append", default=[], help="a file whose whole text is one prompt.")
     p.add_argument(
         "--unconditional", action="store_true", help="also generate from nothing (a prompt that starts at <eos>)."
@@ -357,11 +354,6 @@ def main(argv: list[str], out: TextIO | None = None) -> None:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # prompts may come after options
     texts = list(args.prompts)
-    if args.ckpt is None:  # the old spelling: `rmoe generate MODEL PROMPT...`
-        if not texts:
-            parser.error("the model is missing: give --ckpt CKPT (a checkpoint or an `rmoe export` folder)")
-        parser.note_deprecated("the positional MODEL", "--ckpt MODEL")
-        args.ckpt = texts.pop(0)
     for name in args.prompt_file:
         try:
             texts.append(Path(name).read_text(encoding="utf-8"))

@@ -77,11 +77,9 @@ def test_fit_writes_events_config_and_checkpoints_then_validate_and_test(tmp_pat
     ckpt = str(run / "checkpoints/last.ckpt")
     main(["validate", "--config", str(run / "config.yaml"), f"--ckpt={ckpt}"])
     main(["test", "--config", str(run / "config.yaml"), f"--ckpt={ckpt}"])
-    # ... inside the run (not new version_<n> folders next to it), with --ckpt_path still working
+    # ... inside the run (not new version_<n> folders next to it)
     assert scalars(run / "validate/version_0", "val/bpb") and scalars(run / "test/version_0", "test/bpb")
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
-    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"])
-    assert "--ckpt_path is deprecated" in capsys.readouterr().err and (run / "test/version_1").is_dir()
 
 
 def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
@@ -161,7 +159,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("model.arch.hiden_size=8", "unknown key 'model.arch.hiden_size'. Did you mean 'model.arch.hidden_size'"),
         ("data.source=nope", "data.source"),
         ("data.train_files=[/no/such/file.txt]", "/no/such/file.txt"),
-        # every numeric option's range, at config time (issue 33)
+        # every numeric option's range, at config time
         ("model.aux_loss_coef=-1", "model.aux_loss_coef=-1.0 is invalid; expected a finite number >= 0"),
         ("model.z_loss_coef=-1", "model.z_loss_coef=-1.0 is invalid"),
         ("model.aux_loss_coef=nan", "model.aux_loss_coef=nan is invalid; expected a finite number"),
@@ -286,8 +284,8 @@ def test_abbreviations_are_refused_and_underscore_spellings_accepted(capsys):
         parsers["generate"].parse_intermixed_args(["--ckpt", "m.ckpt", "--prompt", "def "])
     args = parsers["inspect"].parse_args(["--ckpt", "m.ckpt", "--text", "x", "--max_tokens", "7"])
     assert args.max_tokens == 7
-    args = parsers["inspect"].parse_args(["--ckpt", "m.ckpt", "--text", "x", "--html", "p.html"])
-    assert args.out == "p.html" and "--html is deprecated" in capsys.readouterr().err
+    with pytest.raises(RmoeError, match="unrecognized arguments: --html"):  # the old name of --out is gone
+        parsers["inspect"].parse_args(["--ckpt", "m.ckpt", "--text", "x", "--html", "p.html"])
 
 
 def test_lightning_subcommands_take_ckpt_and_hyphenated_options(capsys):
@@ -300,22 +298,23 @@ def test_lightning_subcommands_take_ckpt_and_hyphenated_options(capsys):
         "--model.arch.router=gru",
     ]
     assert normalize_args(["--ckpt=a.ckpt"]) == ["--ckpt_path=a.ckpt"]
-    assert normalize_args(["--ckpt_path=a.ckpt"]) == ["--ckpt_path=a.ckpt"]
-    assert "--ckpt_path is deprecated" in capsys.readouterr().err
+    with pytest.raises(RmoeError, match="--ckpt_path: rmoe spells it --ckpt"):
+        normalize_args(["--ckpt_path=a.ckpt"])
 
 
-def test_old_positional_model_and_out_spellings_still_work_with_a_note(tmp_path, capsys):
-    from rmoe.errors import resolve_positional
-    from rmoe.interop.export import build_parser
+def test_model_and_output_are_options_of_every_tool():
+    from rmoe.generate import build_parser as generate_parser
+    from rmoe.interop.export import build_parser as export_parser
+    from rmoe.interop.importer import build_parser as import_parser
 
-    parser = build_parser()
-    args = parser.parse_args(["run.ckpt", str(tmp_path / "out")])
-    resolve_positional(parser, args, ("ckpt", "out"), "rmoe export --ckpt MODEL --out DIR")
-    assert (args.ckpt, args.out) == ("run.ckpt", str(tmp_path / "out"))
-    assert "deprecated" in capsys.readouterr().err
-    args = parser.parse_args(["--ckpt", "run.ckpt"])
-    with pytest.raises(RmoeError, match="--out missing: the command is `rmoe export --ckpt MODEL --out DIR`"):
-        resolve_positional(parser, args, ("ckpt", "out"), "rmoe export --ckpt MODEL --out DIR")
+    with pytest.raises(RmoeError, match="unrecognized arguments: out"):  # `rmoe export CKPT DIR` is gone
+        export_parser().parse_args(["--ckpt", "run.ckpt", "--out", "o", "out"])
+    with pytest.raises(RmoeError, match="the following arguments are required: --out"):
+        export_parser().parse_args(["--ckpt", "run.ckpt"])
+    with pytest.raises(RmoeError, match="required: --out"):
+        import_parser().parse_args(["hf_dir"])
+    with pytest.raises(RmoeError, match="required: --ckpt"):
+        generate_parser().parse_intermixed_args(["run.ckpt", "a prompt"])
 
 
 def test_no_lightning_chatter_before_a_config_error(tmp_path, capfd):

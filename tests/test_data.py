@@ -514,7 +514,7 @@ def test_real_text_from_shared_data(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Any text file trains; a damaged cache is rebuilt (issue 33)
+# Any text file trains; a damaged cache is rebuilt
 
 ODD_TEXTS = {
     "one long line, no newline": " ".join(f"word{i % 97}" for i in range(6000)),

@@ -17,7 +17,7 @@ of :func:`overrides` appended (later options win: a tiny model on a small text, 
 without validation, one evaluation batch, a few tokens; ``rmoe sweep`` runs one run of its grid,
 in a child process of its own) and runs in-process through ``rmoe.cli.main``. A command fails its
 block's test when it exits non-zero (the message names the file, line and command, with the end of
-stderr) or prints a deprecation note (an old spelling).
+stderr).
 
 Blocks run in an order that puts what a command reads before it (fit, then the readers of a run,
 export, import, sweep, report), whichever file they are in: run the whole file, not one block.
@@ -354,8 +354,6 @@ def run_rmoe(words: list[str], workspace: Path, capsys, where: str) -> None:
     if code:
         tail = "\n".join(err.strip().splitlines()[-15:])
         pytest.fail(f"{where}: `{shlex.join(words)}` exited {code}:\n{tail}", pytrace=False)
-    notes = [line for line in err.splitlines() if "is deprecated and will be removed" in line]
-    assert not notes, f"{where}: `{shlex.join(words)}` uses an old spelling: {notes[0]}"
 
 
 @pytest.fixture(scope="module")

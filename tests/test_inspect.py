@@ -187,15 +187,6 @@ def test_inspect_prints_experts_tokens_and_the_per_token_table(run, capsys, tmp_
     assert "50 tokens of the first tokens of the val split" in out
 
 
-def test_inspect_html_is_the_deprecated_spelling_of_out(run, capsys, tmp_path):
-    page = tmp_path / "old.html"
-    args = ["--ckpt", str(run / "checkpoints/last.ckpt"), "--text", "x = 1", "--table-tokens", "1"]
-    code, out, err = rmoe(capsys, "inspect", *args, "--html", str(page))
-    assert code == 0, err
-    assert "--html is deprecated" in err and "use --out" in err and len(err.strip().splitlines()) == 1
-    assert f"wrote {page}" in out and 'id="rmoe-data"' in page.read_text(encoding="utf-8")
-
-
 def test_written_page_inlines_its_css_and_js(run, capsys, tmp_path):
     from importlib import resources
 

@@ -236,3 +236,11 @@ def test_no_two_modules_share_a_name():
         if path.name not in ("__init__.py", "__main__.py") and not name.startswith(SHIPPED):
             seen.setdefault(path.name, []).append(name)
     assert {file: names for file, names in seen.items() if len(names) > 1} == {}
+
+
+def test_the_changelog_heads_with_the_package_version():
+    """CHANGELOG.md's newest section is the version the package reports (written once, in rmoe/__init__.py)."""
+    import rmoe
+
+    heads = re.findall(r"^## (\S+)", (PACKAGE.parent / "CHANGELOG.md").read_text(), flags=re.M)
+    assert heads and heads[0] == rmoe.__version__, f"CHANGELOG.md starts at {heads[:1]}, rmoe is {rmoe.__version__}"

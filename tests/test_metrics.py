@@ -13,34 +13,36 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_metrics import (
+    binned_probability_mi,
+    drop_ratio,
+    expert_path_diversity,
+    inner_balance,
+    joint_histogram,
+    outer_balance,
+    token_drop_ratio,
+)
 from tiny import tiny_config
 
 from rmoe import MoeLM
 from rmoe.metrics import (
     RoutingStats,
-    binned_probability_mi,
     binned_probability_mi_matrix,
-    drop_ratio,
     entropy_from_counts,
-    expert_path_diversity,
     expert_similarity,
     expert_similarity_per_layer,
     gate_entropy,
-    inner_balance,
-    joint_histogram,
     load_coefficient_of_variation,
     load_entropy,
     max_violation,
     mutual_information,
     normalized_mutual_information,
     num_dead_experts,
-    outer_balance,
     router_grad_norms,
     router_logit_variance,
     router_z,
     routing_summary,
     summary_scalars,
-    token_drop_ratio,
     tokens_per_expert,
     top1_expert_ids,
 )

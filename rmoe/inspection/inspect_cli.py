@@ -43,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tokenizer", help="override the tokenizer (default: the run's).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu).")
-    parser.deprecate("--html", "--out")  # the old name of --out, for one release
     return parser
 
 

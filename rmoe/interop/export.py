@@ -35,7 +35,7 @@ from typing import Any
 
 from rmoe.checkpoints import check_can_create, describe_os_error, weights_digests
 from rmoe.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
-from rmoe.errors import RmoeError, ToolArgumentParser, resolve_positional
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.inference import EXPORT_KEY, LoadedModel, export_metadata, load_model, non_causal_reason
 from rmoe.interop.qwen2_moe import native_model_type, to_hf_model
 
@@ -414,9 +414,10 @@ def push_to_hub(out: Path, repo_id: str, private: bool = False) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ToolArgumentParser(prog="rmoe export", description="Export a checkpoint to a transformers directory.")
-    p.add_argument("--ckpt", help="the model: a checkpoint (<run>/checkpoints/*.ckpt) or an export directory.")
-    p.add_argument("--out", help="output directory (new or empty).")
-    p.add_argument("positional", nargs="*", metavar="MODEL OUT", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument(
+        "--ckpt", required=True, help="the model: a checkpoint (<run>/checkpoints/*.ckpt) or an export directory."
+    )
+    p.add_argument("--out", required=True, help="output directory (new or empty).")
     p.add_argument("--tokenizer", help="override the tokenizer (default: the run's).")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory.")
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload the directory to this Hub repository.")
@@ -428,7 +429,6 @@ def main(argv: list[str]) -> None:
     """``rmoe export --ckpt MODEL --out DIR [--push-to-hub REPO]``; RmoeError for bad input (exit 2 in ``rmoe``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    resolve_positional(parser, args, ("ckpt", "out"), "rmoe export --ckpt MODEL --out DIR")
     out, kind = export_model(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
     how = "native transformers model" if kind != "remote_code" else "custom code, load with trust_remote_code=True"
     print(f"rmoe export: wrote {out} ({kind}: {how})")

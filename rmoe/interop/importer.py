@@ -28,7 +28,7 @@ import yaml
 
 from rmoe.checkpoints import AtomicCheckpointIO, check_can_create, describe_os_error
 from rmoe.data.tokenizer import HfTokenizer, build_tokenizer
-from rmoe.errors import RmoeError, ToolArgumentParser, resolve_positional
+from rmoe.errors import RmoeError, ToolArgumentParser
 from rmoe.interop.qwen2_moe import from_hf_config, load_hf_weights, read_hf_checkpoint
 from rmoe.model.decoder import MoeLM
 
@@ -138,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a local transformers Qwen2-MoE / Qwen3-MoE directory into an rmoe checkpoint.",
     )
     p.add_argument("hf_dir", help="directory written by save_pretrained (config.json + safetensors).")
-    p.add_argument("--out", help="output run directory (new or empty).")
-    p.add_argument("positional", nargs="?", metavar="OUT", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--out", required=True, help="output run directory (new or empty).")
     p.add_argument("--tokenizer", help="tokenizer directory or name (default: the one in hf_dir).")
     p.add_argument("--context-length", type=int, help="context to record (default: max_position_embeddings).")
     return p
@@ -149,7 +148,5 @@ def main(argv: list[str]) -> None:
     """``rmoe import HF_DIR --out DIR``; RmoeError for bad input (exit 2 in ``rmoe``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.positional = [args.positional] if args.positional else []
-    resolve_positional(parser, args, ("out",), "rmoe import HF_DIR --out DIR")
     path = import_model(args.hf_dir, args.out, tokenizer=args.tokenizer, context_length=args.context_length)
     print(f"rmoe import: wrote {path} (analyse: rmoe analyze --ckpt {path}; generate: rmoe generate --ckpt {path} ...)")

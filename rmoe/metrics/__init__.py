@@ -1,9 +1,9 @@
 """Routing metrics as pure functions on tensors, plus a streaming accumulator.
 
-- :mod:`rmoe.metrics.load`: expert loads, CV, MaxVio, dead experts, load entropy, drop ratios.
-- :mod:`rmoe.metrics.gates`: per-token gate entropy, inner/outer balance, router z, top-1 expert.
+- :mod:`rmoe.metrics.load`: expert loads, CV, MaxVio, dead experts, load entropy.
+- :mod:`rmoe.metrics.gates`: per-token gate entropy, top-k scores, router z, top-1 expert.
 - :mod:`rmoe.metrics.information`: entropy/MI from counts, top-1 MI between layers, the RMoE
-  paper's binned-probability MI matrix, expert-path diversity.
+  paper's binned-probability MI matrix, expert-path keys.
 - :mod:`rmoe.metrics.expert_similarity`: the RMoE paper's expert similarity.
 - :mod:`rmoe.metrics.gradients`: router gradient norms per loss.
 - :mod:`rmoe.metrics.specialization`: OLMoE's vocabulary specialisation, expert co-activation and
@@ -20,8 +20,6 @@ Everything runs under ``torch.no_grad()`` and never modifies its inputs.
 from rmoe.metrics.expert_similarity import expert_similarity, expert_similarity_per_layer
 from rmoe.metrics.gates import (
     gate_entropy,
-    inner_balance,
-    outer_balance,
     router_logit_variance,
     router_z,
     top1_expert_ids,
@@ -29,22 +27,17 @@ from rmoe.metrics.gates import (
 from rmoe.metrics.gradients import router_grad_norms, router_grad_norms_by_loss, router_parameters
 from rmoe.metrics.information import (
     NUM_PROB_BINS,
-    binned_probability_mi,
     binned_probability_mi_matrix,
     consecutive_joint_histograms,
     entropy_from_counts,
-    expert_path_diversity,
-    joint_histogram,
     mutual_information,
     normalized_mutual_information,
 )
 from rmoe.metrics.load import (
-    drop_ratio,
     load_coefficient_of_variation,
     load_entropy,
     max_violation,
     num_dead_experts,
-    token_drop_ratio,
     tokens_per_expert,
 )
 from rmoe.metrics.stats import RoutingStats, routing_summary, summary_scalars
@@ -52,24 +45,18 @@ from rmoe.metrics.stats import RoutingStats, routing_summary, summary_scalars
 __all__ = [
     "NUM_PROB_BINS",
     "RoutingStats",
-    "binned_probability_mi",
     "binned_probability_mi_matrix",
     "consecutive_joint_histograms",
-    "drop_ratio",
     "entropy_from_counts",
-    "expert_path_diversity",
     "expert_similarity",
     "expert_similarity_per_layer",
     "gate_entropy",
-    "inner_balance",
-    "joint_histogram",
     "load_coefficient_of_variation",
     "load_entropy",
     "max_violation",
     "mutual_information",
     "normalized_mutual_information",
     "num_dead_experts",
-    "outer_balance",
     "router_grad_norms",
     "router_grad_norms_by_loss",
     "router_logit_variance",
@@ -77,7 +64,6 @@ __all__ = [
     "router_z",
     "routing_summary",
     "summary_scalars",
-    "token_drop_ratio",
     "tokens_per_expert",
     "top1_expert_ids",
 ]

@@ -126,10 +126,8 @@ def averaged_neuron_similarity(gate_up_proj_E2FD: torch.Tensor, down_proj_EDF: t
 def linear_sum_assignment_max(score_NN: np.ndarray) -> np.ndarray:
     """The permutation ``p`` maximising ``sum_i score[i, p[i]]`` (the assignment problem), exactly.
 
-    The Hungarian algorithm in its O(N^3) shortest-augmenting-path form (Kuhn-Munkres with
-    potentials, as in Jonker & Volgenant 1987), rows added one at a time, each inner step a numpy
-    operation over the columns. Equal to ``scipy.optimize.linear_sum_assignment(score,
-    maximize=True)[1]`` up to ties (tested); scipy's compiled version is used when it is installed.
+    scipy's ``linear_sum_assignment`` (the shortest-augmenting-path Hungarian algorithm of Crouse,
+    IEEE TAES 2016), maximising.
 
     Args:
         score_NN: A square matrix of finite scores.
@@ -137,50 +135,9 @@ def linear_sum_assignment_max(score_NN: np.ndarray) -> np.ndarray:
     Returns:
         ``p`` (N,) int64: row i is matched to column p[i].
     """
-    try:
-        from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment
 
-        return np.asarray(linear_sum_assignment(score_NN, maximize=True)[1], dtype=np.int64)
-    except ImportError:
-        return _hungarian_max(score_NN)
-
-
-def _hungarian_max(score_NN: np.ndarray) -> np.ndarray:
-    """:func:`linear_sum_assignment_max` without scipy (minimises ``-score``)."""
-    cost = -np.asarray(score_NN, dtype=np.float64)
-    n = cost.shape[0]
-    u, v = np.zeros(n + 1), np.zeros(n + 1)  # row / column potentials; index 0 is a virtual column
-    match = np.zeros(n + 1, dtype=np.int64)  # match[j] = row (1-based) matched to column j, 0: free
-    for i in range(1, n + 1):
-        match[0] = i
-        j0 = 0
-        min_v = np.full(n + 1, np.inf)  # shortest reduced distance to each column
-        way = np.zeros(n + 1, dtype=np.int64)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = match[j0]
-            reduced = cost[i0 - 1] - u[i0] - v[1:]  # (n,) over columns 1..n
-            free = ~used[1:]
-            better = free & (reduced < min_v[1:])
-            min_v[1:][better] = reduced[better]
-            way[1:][better] = j0
-            masked = np.where(free, min_v[1:], np.inf)
-            j1 = int(np.argmin(masked)) + 1
-            delta = masked[j1 - 1]
-            u[match[used]] += delta
-            v[used] -= delta
-            min_v[1:][free] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:  # augment along the alternating path
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    perm = np.empty(n, dtype=np.int64)
-    perm[match[1:] - 1] = np.arange(n)
-    return perm
+    return np.asarray(linear_sum_assignment(score_NN, maximize=True)[1], dtype=np.int64)
 
 
 def kendall_tau(permutation_N: np.ndarray) -> float:

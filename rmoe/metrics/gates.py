@@ -35,43 +35,6 @@ def sorted_top_scores(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inner_balance(probs_TE: torch.Tensor) -> torch.Tensor:
-    """Per-token "inner balance": top-1 score / top-2 score (>= 1; 1 = the two tie).
-
-    RMoE paper (Qiu et al., arXiv 2408.06793), Table 8, which reports its median over tokens.
-    The scores are the full-softmax probabilities ``probs_TE``, not the renormalised combine
-    weights (the ratio is the same for softmax routers, but reading ``probs_TE`` keeps it defined
-    for every router). +inf where the top-2 probability underflows to 0.
-
-    Args:
-        probs_TE: (T, E) router probabilities, E >= 2.
-
-    Returns:
-        (T,) fp32 ratios.
-    """
-    top_T2 = sorted_top_scores(probs_TE, 2)
-    return top_T2[:, 0] / top_T2[:, 1]
-
-
-@torch.no_grad()
-def outer_balance(probs_TE: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Per-token "outer balance": the sum of the top-k router probabilities, in (0, 1].
-
-    RMoE paper (Qiu et al., arXiv 2408.06793), Table 8 (median over tokens): how much of the
-    router's mass the chosen experts get. Read from the full softmax ``probs_TE``: the
-    renormalised combine weights always sum to 1 under ``norm_topk_prob``, so they cannot show it.
-
-    Args:
-        probs_TE: (T, E) router probabilities.
-        top_k: K, the number of experts each token is routed to.
-
-    Returns:
-        (T,) fp32 sums.
-    """
-    return sorted_top_scores(probs_TE, top_k).sum(dim=-1)
-
-
-@torch.no_grad()
 def router_z(logits_TE: torch.Tensor) -> torch.Tensor:
     """Per-token ``z = logsumexp_e(logits)``, the quantity the ST-MoE router z-loss squares.
 

@@ -89,12 +89,6 @@ def normalized_mutual_information(joint_XY: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def joint_histogram(x_T: torch.Tensor, y_T: torch.Tensor, num_x: int, num_y: int) -> torch.Tensor:
-    """Counts of the pairs ``(x_t, y_t)``: an (num_x, num_y) int64 contingency table."""
-    return torch.bincount(x_T * num_y + y_T, minlength=num_x * num_y).view(num_x, num_y)
-
-
-@torch.no_grad()
 def consecutive_joint_histograms(top1_LT: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Joint histograms of consecutive layers' top-1 expert ids: (L-1, E, E) int64.
 
@@ -228,29 +222,6 @@ def binned_probability_mi_matrix(
     return binned_mi_from_log_count_sums(binned_log_count_sums(probs_LTE, num_bins), T, E)
 
 
-@torch.no_grad()
-def binned_probability_mi(
-    probs_a_TE: torch.Tensor, probs_b_TE: torch.Tensor, num_bins: int = NUM_PROB_BINS
-) -> torch.Tensor:
-    """Per-token binned-probability MI between two layers (see :func:`binned_probability_mi_matrix`).
-
-    Args:
-        probs_a_TE: (T, E) probabilities of one layer.
-        probs_b_TE: (T, E) probabilities of another layer.
-        num_bins: Bins over [0, 1].
-
-    Returns:
-        (T,) fp64 per-token MI (nats); its mean is the matrix entry.
-    """
-    E = probs_a_TE.shape[-1]
-    bins_2TE = bin_probabilities(torch.stack([probs_a_TE.float(), probs_b_TE.float()]), num_bins)
-    eq_2TEE = bins_2TE[..., :, None] == bins_2TE[..., None, :]
-    log_n_a_T = eq_2TEE[0].sum(-1).double().log().sum(-1)
-    log_n_b_T = eq_2TEE[1].sum(-1).double().log().sum(-1)
-    log_n_ab_T = (eq_2TEE[0] & eq_2TEE[1]).sum(-1).double().log().sum(-1)
-    return (math.log(E) - (log_n_a_T + log_n_b_T - log_n_ab_T) / E).clamp_min(0.0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Expert paths through the depth
 # ----------------------------------------------------------------------------------------------
@@ -280,23 +251,3 @@ def unique_with_counts(keys: torch.Tensor, counts: torch.Tensor | None = None) -
     unique_keys, inverse = torch.unique(keys, dim=0 if keys.dim() == 2 else None, return_inverse=True)
     totals = torch.zeros(unique_keys.shape[0], dtype=torch.int64, device=keys.device)
     return unique_keys, totals.index_add_(0, inverse, counts.long())
-
-
-@torch.no_grad()
-def expert_path_diversity(top1_LT: torch.Tensor, num_experts: int) -> tuple[int, float]:
-    """Number of distinct expert paths and the plug-in entropy (nats) of the path distribution.
-
-    The expert-selection diversity through the depth (cf. the RMoE paper, Qiu et al., arXiv
-    2408.06793, Sec. 5, which argues that the recurrent router diversifies expert selection): a
-    token's path is the tuple of its top-1 expert ids over all MoE layers. One path: entropy 0;
-    at most ``min(T, E^L)`` paths and ``ln min(T, E^L)`` nats.
-
-    Args:
-        top1_LT: (L, T) top-1 expert ids per layer.
-        num_experts: E.
-
-    Returns:
-        (number of distinct paths, path entropy).
-    """
-    _, counts_N = unique_with_counts(path_keys(top1_LT, num_experts))
-    return int(counts_N.numel()), float(entropy_from_counts(counts_N))

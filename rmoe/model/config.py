@@ -161,10 +161,8 @@ class ModelConfig:
                 f"model.arch.mlp_only_layers has {bad_layers}, outside the layer range 0..{self.num_layers - 1}."
             )
         if self.expert_backend not in EXPERT_BACKENDS:
-            renamed = " (`loop` is now called `sliced`)" if self.expert_backend == "loop" else ""
             raise RmoeError(
-                f"model.arch.expert_backend={self.expert_backend!r}; expected one of: "
-                f"{', '.join(EXPERT_BACKENDS)}{renamed}."
+                f"model.arch.expert_backend={self.expert_backend!r}; expected one of: {', '.join(EXPERT_BACKENDS)}."
             )
         if self.expert_backend == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
             raise RmoeError(

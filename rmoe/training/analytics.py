@@ -90,13 +90,7 @@ class RoutingAnalytics(L.Callback):
 
     Cost: per logged training step, two partial backward passes (to the router parameters, about
     one step's time in all) and one metrics pass; per validation, one metrics update per batch
-    and two small figures (~0.2 s). Measured on CPU (1 thread, 200 steps) at the default
-    ``every_n_steps=100``: 1.4-1.6% of the fit time of ``configs/base.yaml`` (validation every
-    100 steps), 3.5% of ``base.yaml + quick.yaml`` (validation every 60 steps, where the figures
-    dominate); at ``every_n_steps=25``: 3.7-3.9% and 5.3-5.9%. The specialisation and co-activation
-    (``specialization``) add about 0.3% of ``base.yaml``'s fit time (13 ms per logged step, 16 ms
-    per validation batch, one figure per validation, timed against the training step of the same
-    model, 1 thread).
+    and a few small figures. docs/speed.md measures it against the fit time.
 
     Only rank 0 writes. Without a :class:`~lightning.pytorch.loggers.TensorBoardLogger` (or for a
     model without MoE layers) the callback warns once and does nothing.

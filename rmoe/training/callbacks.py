@@ -116,7 +116,7 @@ class SaveTokenizer(L.Callback):
     """Writes the data module's tokenizer into ``<log_dir>/tokenizer`` so a run is self-contained.
 
     Runs on every process: ``trainer.log_dir`` is a collective (a broadcast from rank 0), so reading
-    it on rank 0 alone would leave rank 0 waiting for the other processes forever (issue 10);
+    it on rank 0 alone would leave rank 0 waiting for the other processes forever;
     only global rank 0 writes.
     """
 
