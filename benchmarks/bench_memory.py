@@ -125,12 +125,12 @@ def _measure_child(spec_json: str) -> None:
     def run(module: MoeLMModule, batch: torch.Tensor, steps: int) -> None:
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
         for _ in range(steps):
-            loss = module._losses(batch)["loss"]
+            loss = module._losses(batch)[0]["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            module.last_step = None
+            del loss
 
     spec = json.loads(spec_json)
     arch = ModelConfig(**spec["arch"])

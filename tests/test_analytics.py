@@ -33,9 +33,10 @@ from rmoe.figures import compare
 from rmoe.metrics import gate_entropy, router_parameters
 from rmoe.metrics.stats import PER_LAYER_KEYS, PER_PAIR_KEYS
 from rmoe.model.config import ModelConfig
-from rmoe.runs import find_runs, layer_series, read_scalars, to_jsonable
-from rmoe.training.analytics import RoutingAnalytics, custom_scalars_layout, flatten_hparams
+from rmoe.runs import find_runs, flatten_hparams, layer_series, read_scalars, to_jsonable
+from rmoe.training.analytics import RoutingAnalytics
 from rmoe.training.module import MoeLMModule
+from rmoe.training.tensorboard import custom_scalars_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_LAYERS = 2
@@ -243,26 +244,38 @@ def tiny_module(**kwargs) -> MoeLMModule:
     return MoeLMModule(arch, **kwargs)
 
 
+def attach(module: MoeLMModule, step: int) -> SimpleNamespace:
+    """A stand-in trainer at ``step`` for a module's and a callback's hooks called by hand."""
+    trainer = SimpleNamespace(global_step=step, world_size=1, is_global_zero=True)
+    module._trainer = trainer
+    return trainer
+
+
 @pytest.mark.parametrize("aux_loss_coef", [0.01, 0.0])
 def test_grad_norms_are_autograd_grad_per_layer_and_leave_training_alone(aux_loss_coef):
+    """The step measures the norms when asked and returns them with its routing; the callback logs
+    them from the outputs: equal to a plain autograd.grad, and the step's own gradients unchanged."""
     batch = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
     module = tiny_module(aux_loss_coef=aux_loss_coef, z_loss_coef=0.0)
+    module.router_grad_norms_every = 5
     callback = RoutingAnalytics(every_n_steps=5)
     callback._logger = RecordingLogger()
-    trainer = SimpleNamespace(global_step=10, is_global_zero=True)
+    trainer = attach(module, 10)
 
     reference = {n: p.clone() for n, p in module.named_parameters()}
-    loss = module._losses(batch)["loss"]
     params = router_parameters(module.model)
-    expected = torch.autograd.grad(module.last_step.lm_loss, list(params.values()), retain_graph=True)
+    expected = torch.autograd.grad(module._losses(batch)[0]["lm_loss"], list(params.values()))
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    outputs = module.training_step(batch, 0)
+    assert all(p.grad is None for p in module.parameters())
+    outputs["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    assert not any(r.logits_TE.requires_grad for r in outputs["routing"])  # handed over detached
     if aux_loss_coef:
-        callback.on_before_backward(trainer, module, loss)
+        callback.on_train_batch_end(trainer, module, outputs, batch, 0)
     else:
         with pytest.warns(UserWarning, match="balance loss has no gradient"):
-            callback.on_before_backward(trainer, module, loss)
-    assert all(p.grad is None for p in module.parameters())
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+            callback.on_train_batch_end(trainer, module, outputs, batch, 0)
 
     logged = callback._logger.metrics[10]
     for moe_index, decoder_layer in enumerate([0, 2]):  # layer 1 is dense: MoE layers are 0 and 2
@@ -276,13 +289,19 @@ def test_grad_norms_are_autograd_grad_per_layer_and_leave_training_alone(aux_los
     # the same step without the callback: identical gradients
     clean = tiny_module(aux_loss_coef=aux_loss_coef, z_loss_coef=0.0)
     assert all(torch.equal(p, reference[n]) for n, p in clean.named_parameters())
-    clean._losses(batch)["loss"].backward()
+    attach(clean, 10)
+    clean_outputs = clean.training_step(batch, 0)
+    assert "router_grad_norms" not in clean_outputs  # not asked for
+    clean_outputs["loss"].backward()
     for name, p in clean.named_parameters():
         if p.grad is not None:
             assert torch.equal(p.grad, grads[name]), name
 
-    trainer.global_step = 11  # not a multiple of every_n_steps: nothing
-    callback.on_before_backward(trainer, module, module._losses(batch)["loss"])
+    trainer = attach(module, 11)  # not a multiple of every_n_steps: nothing measured, nothing logged
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    outputs = module.training_step(batch, 0)
+    assert "router_grad_norms" not in outputs
+    callback.on_train_batch_end(trainer, module, outputs, batch, 0)
     assert list(callback._logger.metrics) == [10]
 
 
@@ -299,10 +318,13 @@ def test_without_tensorboard_logger_it_warns_once_and_does_nothing():
         callback.setup(trainer, module, "validate")
     assert not caught  # once per callback
     assert not callback.enabled
-    loss = module._losses(torch.randint(0, 64, (2, 9)))["loss"]
-    callback.on_before_backward(trainer, module, loss)
+    batch = torch.randint(0, 64, (2, 9))
+    routing = {"routing": module._losses(batch)[1]}
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    callback.on_train_batch_end(trainer, module, routing, batch, 0)
+    assert module.router_grad_norms_every == 0  # the module is not asked to measure anything
     callback.on_validation_epoch_start(trainer, module)
-    callback.on_validation_batch_end(trainer, module, None, None, 0)
+    callback.on_validation_batch_end(trainer, module, routing, batch, 0)
     callback.on_validation_epoch_end(trainer, module)
     assert callback.seconds_spent == 0.0
 
@@ -350,7 +372,7 @@ def test_flatten_hparams_keeps_scalars_only():
 
 
 def test_hparam_metrics_fall_back_to_the_train_loss_without_validation():
-    from rmoe.training.analytics import hparam_metrics
+    from rmoe.training.tensorboard import hparam_metrics
 
     val = {"moe/val/top1_mi/mean": 0.25, "moe/val/load_cv/layer_0": 9.0}
     assert hparam_metrics({"val/loss": torch.tensor(2.0), "val/bpb": 3.0, "train/loss": 1.0}, val) == {
@@ -362,15 +384,21 @@ def test_hparam_metrics_fall_back_to_the_train_loss_without_validation():
 
 
 def test_routing_histograms_are_exact_counts():
+    """Router probabilities counted over the stream; gate entropy binned from RoutingStats' token
+    sample (its one accumulator), which holds every token below max_samples."""
+    from rmoe.metrics import RoutingStats
     from rmoe.routers import topk_softmax
 
     g = torch.Generator().manual_seed(0)
     routing = [topk_softmax(torch.randn(50, 4, generator=g) * 3, 2, True) for _ in range(2)]
     hist = RoutingHistograms(num_experts=4, num_bins=10).update(routing).update(routing)
-    out = hist.compute()
+    summary = RoutingStats(4, top_k=2, max_samples=1000).update(routing).update(routing).compute()
+    out = hist.compute(summary)
     probs = torch.cat([routing[0].probs_TE, routing[0].probs_TE])
     assert torch.equal(out["router_probs"]["counts"][0], torch.histc(probs, bins=10, min=0, max=1).long())
     entropy = gate_entropy(probs)
+    expected = torch.histc(entropy, bins=10, min=0, max=math.log(4)).long()
+    assert torch.equal(out["gate_entropy"]["counts"][0], expected)
     assert out["gate_entropy"]["num"].tolist() == [100, 100]
     assert out["gate_entropy"]["sum"][0] == pytest.approx(float(entropy.double().sum()))
     assert out["gate_entropy"]["max"][0] == pytest.approx(float(entropy.max()))
@@ -400,7 +428,8 @@ stats = all_reduce_stats(RoutingStats(4, top_k=2, max_samples=None).update(layer
 hist = RoutingHistograms(4, num_bins=10).update(layers(rank))
 hist.all_reduce()
 if rank == 0:
-    torch.save({"summary": stats.compute(), "hist": hist.compute()}, out_file)
+    summary = stats.compute()
+    torch.save({"summary": summary, "hist": hist.compute(summary)}, out_file)
 dist.destroy_process_group()
 """
 
@@ -434,7 +463,7 @@ def test_validation_stats_combine_across_processes(tmp_path):
             worker.kill()
     combined = torch.load(out, weights_only=False)
     reference = RoutingStats(4, top_k=2, max_samples=None).update(random_layers(0)).update(random_layers(1)).compute()
-    hist = RoutingHistograms(4, num_bins=10).update(random_layers(0)).update(random_layers(1)).compute()
+    hist = RoutingHistograms(4, num_bins=10).update(random_layers(0)).update(random_layers(1)).compute(reference)
     for key in ("tokens_per_expert", "load_cv", "top1_mi", "binned_prob_mi", "gate_entropy_median"):
         assert torch.allclose(combined["summary"][key].double(), reference[key].double(), atol=1e-6), key
     assert combined["summary"]["num_paths"] == reference["num_paths"]

@@ -269,7 +269,7 @@ def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 def _aux_and_grads(module, batch: torch.Tensor, sum_over_ranks) -> tuple[torch.Tensor, list[torch.Tensor]]:
     module.zero_grad()
-    aux = module._losses(batch, sum_over_ranks)["aux_loss"]
+    aux = module._losses(batch, sum_over_ranks)[0]["aux_loss"]
     aux.backward()
     return aux.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None]
 

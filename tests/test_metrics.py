@@ -571,7 +571,7 @@ def test_every_declared_routing_metric_is_computed_and_logged():
 def test_a_metric_is_one_declaration(monkeypatch):
     """Appending one Metric to the catalog is all it takes: accumulated, logged, charted, in HParams."""
     from rmoe.metrics import catalog
-    from rmoe.training.analytics import custom_scalars_layout, hparam_metrics
+    from rmoe.training.tensorboard import custom_scalars_layout, hparam_metrics
 
     top1 = catalog.Metric(
         "top1_prob_mean",

@@ -1,4 +1,4 @@
-"""A model's loss and every routing metric over a stream of batches, with exact histograms.
+"""A model's loss and every routing metric over a stream of batches, with per-layer histograms.
 
 :func:`evaluate_routing` is what ``rmoe analyze`` computes on a checkpoint; :class:`RoutingHistograms`
 and :func:`all_reduce_stats` are shared with the live training callback
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rmoe.errors import RmoeError
 from rmoe.evaluation.expert_analyses import DEFAULT_MAX_EXPERT_TOKENS, ExpertOutputStats, weight_analyses
-from rmoe.metrics import RoutingStats, expert_similarity_per_layer, gate_entropy
+from rmoe.metrics import RoutingStats, expert_similarity_per_layer
 from rmoe.metrics.specialization import TokenExpertStats
 from rmoe.syncs import all_reduce_, to_host
 
@@ -35,19 +35,56 @@ DEFAULT_MAX_BATCHES = 20
 NUM_HIST_BINS = 50
 
 
-HISTOGRAMS = ("router_probs", "gate_entropy")
-
-
 _SAMPLE_KEYS = ("gate_entropy_sample", "inner_balance_sample", "outer_balance_sample")
 
 
-class RoutingHistograms:
-    """Exact per-layer histograms of the router probabilities and of the gate entropy over a stream.
+def _empty_state(num_layers: int, num_bins: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    f64 = {"dtype": torch.float64, "device": device}
+    return {
+        "counts_LB": torch.zeros(num_layers, num_bins, dtype=torch.int64, device=device),
+        "sum_L": torch.zeros(num_layers, **f64),
+        "sum_squares_L": torch.zeros(num_layers, **f64),
+        "min_L": torch.full((num_layers,), math.inf, **f64),
+        "max_L": torch.full((num_layers,), -math.inf, **f64),
+    }
 
-    Router probabilities: all T x E entries of ``probs_TE`` of a layer, B equal bins over [0, 1].
-    Gate entropy: one value per token (:func:`rmoe.metrics.gate_entropy`, nats), B bins over
-    [0, ln E]. Besides the counts it keeps what TensorBoard's raw histogram needs (count, sum, sum
-    of squares, min, max per layer). Everything adds up across processes (:meth:`all_reduce`).
+
+def _add(state: dict[str, torch.Tensor], values_LN: torch.Tensor, lo: float, hi: float) -> None:
+    """Bin each layer's values (L, N) into ``state`` (B equal bins over [lo, hi], the ends clamped)."""
+    L, B = state["counts_LB"].shape
+    bins_LN = ((values_LN - lo) * (B / (hi - lo))).floor().long().clamp_(0, B - 1)
+    bins_LN += torch.arange(L, device=bins_LN.device)[:, None] * B
+    state["counts_LB"] += torch.bincount(bins_LN.flatten(), minlength=L * B).view(L, B).to(state["counts_LB"].device)
+    values_LN = values_LN.double().to(state["sum_L"].device)
+    state["sum_L"] += values_LN.sum(dim=1)
+    state["sum_squares_L"] += values_LN.square().sum(dim=1)
+    torch.minimum(state["min_L"], values_LN.amin(dim=1), out=state["min_L"])
+    torch.maximum(state["max_L"], values_LN.amax(dim=1), out=state["max_L"])
+
+
+def _raw_histogram(state: dict[str, torch.Tensor], edges: torch.Tensor) -> dict[str, Any]:
+    counts_LB = state["counts_LB"].cpu()
+    return {
+        "edges": edges.clone(),
+        "counts": counts_LB,
+        "num": counts_LB.sum(dim=1),
+        "sum": state["sum_L"].cpu(),
+        "sum_squares": state["sum_squares_L"].cpu(),
+        "min": state["min_L"].cpu(),
+        "max": state["max_L"].cpu(),
+    }
+
+
+class RoutingHistograms:
+    """Per-layer histograms of the router probabilities and of the gate entropy.
+
+    Router probabilities: all T x E entries of ``probs_TE`` of a layer, counted exactly over the
+    stream (:meth:`update`), B equal bins over [0, 1]; too many values to sample. Gate entropy:
+    one value per token (nats), B bins over [0, ln E], binned at :meth:`compute` from the token
+    sample that :class:`~rmoe.metrics.RoutingStats` already keeps for the medians (every token up
+    to its ``max_samples``, a uniform sample beyond): one accumulator per statistic. Besides the
+    counts each histogram has what TensorBoard's raw histogram needs (count, sum, sum of squares,
+    min, max per layer). The probability counts add up across processes (:meth:`all_reduce`).
 
     Args:
         num_experts: E.
@@ -61,77 +98,41 @@ class RoutingHistograms:
         self.edges = {
             name: torch.linspace(lo, hi, num_bins + 1, dtype=torch.float64) for name, (lo, hi) in self._range.items()
         }
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything."""
         self.num_layers: int | None = None
-        self._state: dict[str, dict[str, torch.Tensor]] = {}
-
-    def _init_state(self, num_layers: int, device: torch.device) -> None:
-        L, B = num_layers, self.num_bins
-        self.num_layers = L
-        f64 = {"dtype": torch.float64, "device": device}
-        self._state = {
-            name: {
-                "counts_LB": torch.zeros(L, B, dtype=torch.int64, device=device),
-                "sum_L": torch.zeros(L, **f64),
-                "sum_squares_L": torch.zeros(L, **f64),
-                "min_L": torch.full((L,), math.inf, **f64),
-                "max_L": torch.full((L,), -math.inf, **f64),
-            }
-            for name in HISTOGRAMS
-        }
+        self._probs: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def update(self, routing: Sequence[RoutingOutput]) -> RoutingHistograms:
-        """Add one forward pass's routing (one :class:`RoutingOutput` per MoE layer); returns self."""
+        """Add one forward pass's router probabilities (one :class:`RoutingOutput` per MoE layer); returns self."""
         if not routing:
             return self
         probs_LTE = torch.stack([r.probs_TE.detach().float() for r in routing])
         if self.num_layers is None:
-            self._init_state(len(routing), probs_LTE.device)
+            self.num_layers = len(routing)
+            self._probs = _empty_state(len(routing), self.num_bins, probs_LTE.device)
         elif self.num_layers != len(routing):
             raise ValueError(f"RoutingHistograms got {len(routing)} MoE layers after {self.num_layers}")
-        self._add("router_probs", probs_LTE.flatten(1))
-        self._add("gate_entropy", gate_entropy(probs_LTE))
+        _add(self._probs, probs_LTE.flatten(1), *self._range["router_probs"])
         return self
-
-    def _add(self, name: str, values_LN: torch.Tensor) -> None:
-        s = self._state[name]
-        L, B = values_LN.shape[0], self.num_bins
-        lo, hi = self._range[name]
-        bins_LN = ((values_LN - lo) * (B / (hi - lo))).floor().long().clamp_(0, B - 1)
-        bins_LN += torch.arange(L, device=bins_LN.device)[:, None] * B
-        s["counts_LB"] += torch.bincount(bins_LN.flatten(), minlength=L * B).view(L, B).to(s["counts_LB"].device)
-        values_LN = values_LN.double()
-        s["sum_L"] += values_LN.sum(dim=1).to(s["sum_L"].device)
-        s["sum_squares_L"] += values_LN.square().sum(dim=1).to(s["sum_L"].device)
-        torch.minimum(s["min_L"], values_LN.amin(dim=1).to(s["min_L"].device), out=s["min_L"])
-        torch.maximum(s["max_L"], values_LN.amax(dim=1).to(s["max_L"].device), out=s["max_L"])
 
     def all_reduce(self) -> None:
         """Sum (counts, sums) / min / max every tensor across processes, in place (no-op when
         ``torch.distributed`` is not initialised). Every process must have seen at least one batch."""
-        for state in self._state.values():
-            for key, tensor in state.items():
-                all_reduce_([tensor], {"min_L": dist.ReduceOp.MIN, "max_L": dist.ReduceOp.MAX}.get(key))
+        for key, tensor in self._probs.items():
+            all_reduce_([tensor], {"min_L": dist.ReduceOp.MIN, "max_L": dist.ReduceOp.MAX}.get(key))
 
-    def compute(self) -> dict[str, dict[str, Any]]:
+    def compute(self, summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """``{name: {"edges": (B+1,), "counts": (L, B), "num", "sum", "sum_squares", "min", "max": (L,)}}``
-        as CPU tensors, for ``name`` in ``router_probs``, ``gate_entropy``; {} before any update."""
+        as CPU tensors: ``router_probs`` (after an update) and ``gate_entropy`` from
+        ``summary["gate_entropy_sample"]`` (N, L), the :meth:`RoutingStats.compute` of the same stream."""
         out: dict[str, dict[str, Any]] = {}
-        for name, s in self._state.items():
-            counts_LB = s["counts_LB"].cpu()
-            out[name] = {
-                "edges": self.edges[name].clone(),
-                "counts": counts_LB,
-                "num": counts_LB.sum(dim=1),
-                "sum": s["sum_L"].cpu(),
-                "sum_squares": s["sum_squares_L"].cpu(),
-                "min": s["min_L"].cpu(),
-                "max": s["max_L"].cpu(),
-            }
+        if self._probs:
+            out["router_probs"] = _raw_histogram(self._probs, self.edges["router_probs"])
+        sample_NL = summary.get("gate_entropy_sample")
+        if sample_NL is not None and sample_NL.numel():
+            state = _empty_state(sample_NL.shape[1], self.num_bins)
+            _add(state, sample_NL.T.float().cpu(), *self._range["gate_entropy"])
+            out["gate_entropy"] = _raw_histogram(state, self.edges["gate_entropy"])
         return out
 
 
@@ -245,7 +246,7 @@ def evaluate_routing(
         summary = stats.compute()
         metrics.update({k: v for k, v in summary.items() if k not in _SAMPLE_KEYS})
         metrics["expert_similarity"] = expert_similarity_per_layer(model)
-        metrics["histograms"] = histograms.compute()
+        metrics["histograms"] = histograms.compute(summary)
         metrics["top_k"] = config.top_k
         if expert_analyses:
             tokens = token_stats.compute()

@@ -135,6 +135,12 @@ class RoutingOutput:
     keep_TK: torch.Tensor | None = None
     slot_logits_TN: torch.Tensor | None = None
 
+    def detach(self) -> RoutingOutput:
+        """The same decisions with every tensor detached from the autograd graph (what a step hands
+        to callbacks: they read the routing after the backward has freed the graph)."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return RoutingOutput(*(None if t is None else t.detach() for t in values))
+
 
 @dataclass(frozen=True)
 class Causality:

@@ -32,7 +32,6 @@ Tags (``l`` = MoE layer index in depth order, ``{split}`` = ``train``, ``val`` o
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -46,47 +45,46 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from rmoe.errors import RmoeError
 from rmoe.evaluation.routing_eval import RoutingHistograms, all_reduce_stats, routing_to_host
-from rmoe.figures import coactivation_figure, figure, figure_to_rgb
-from rmoe.metrics import (
-    RoutingStats,
-    expert_similarity_per_layer,
-    router_parameters,
-    summary_scalars,
-)
+from rmoe.metrics import RoutingStats, expert_similarity_per_layer, router_parameters, summary_scalars
 from rmoe.metrics.catalog import metrics
-from rmoe.metrics.gradients import router_grad_norm_tensors
 from rmoe.metrics.specialization import DEFAULT_MIN_COUNT, TokenExpertStats
 from rmoe.routers.base import RoutingOutput
-from rmoe.runs import flatten_hparams
-from rmoe.tags import PREFIX, layer_label, layer_tag, series
+from rmoe.tags import layer_label, layer_tag, series
 from rmoe.training.module import MoeLMModule
+from rmoe.training.tensorboard import (
+    custom_scalars_layout,
+    hparam_metrics,
+    run_hparams,
+    write_heatmaps,
+    write_histograms,
+)
 
 SPECIALIZATION_KEYS = tuple(m.name for m in metrics(source="specialization", flag="live"))
 """Per-layer scalars of :class:`~rmoe.metrics.specialization.TokenExpertStats` logged live."""
-
-Scalar = bool | int | float | str
 
 
 class RoutingAnalytics(L.Callback):
     """Logs every MoE layer's routing metrics to TensorBoard (see the module docstring for the tags).
 
     Training: on the steps where ``global_step % every_n_steps == 0`` (first micro-batch of the
-    step, global rank 0 only; its own batch, not all-reduced), the metrics of that step's routing
-    (:class:`~rmoe.metrics.RoutingStats` of ``pl_module.last_step.routing``, detached, under
-    ``torch.no_grad()``), the expert similarity of the weights, and the norms of the router
-    parameters' gradients from the LM loss and from the balance loss separately (RMoE paper,
-    Qiu et al., arXiv 2408.06793, Table 11; ``torch.autograd.grad`` on the router parameters only,
-    with ``retain_graph``, in ``on_before_backward``: no ``.grad`` is touched and the step's own
-    gradients are bit-identical). Not with compiled layers (``model.compile=true``): there a
+    step, global rank 0 only; its own batch, not all-reduced), the metrics of the routing the
+    step returns in its outputs (``training_step``'s ``"routing"``, detached), the expert
+    similarity of the weights the step ran with, and the norms of the router parameters' gradients
+    from the LM loss and from the balance loss separately (RMoE paper, Qiu et al., arXiv
+    2408.06793, Table 11). The module measures those in ``training_step`` while the graph is
+    alive, when this callback asks (``MoeLMModule.router_grad_norms_every``), with
+    ``torch.autograd.grad`` on the router parameters only: no ``.grad`` is touched and the step's
+    own gradients are bit-identical. Not with compiled layers (``model.compile=true``): there a
     second traversal of the compiled backward fails or corrupts the step's gradients, so the
     norms are turned off with a warning.
 
-    Validation / test: a :class:`~rmoe.metrics.RoutingStats` over every batch of the pass, whose
-    counts are all-reduced across processes (path counts and samples gathered) before rank 0
-    logs them at the pass's end; also histograms of gate entropy and router probabilities per
-    layer and the layer x expert load and layer x layer binned-MI heat maps. The sanity check is
-    skipped. At each validation end of ``fit``, the HParams session is written (first time) or
-    its metrics updated.
+    Validation / test: a :class:`~rmoe.metrics.RoutingStats` over the routing every batch of the
+    pass returns (``validation_step``'s outputs), whose counts are all-reduced across processes
+    (path counts and samples gathered) before rank 0 logs them at the pass's end; also histograms
+    of gate entropy and router probabilities per layer (:class:`RoutingHistograms`) and the layer x
+    expert load and layer x layer binned-MI heat maps (:mod:`rmoe.training.tensorboard` writes
+    them). The sanity check is skipped. At each validation end of ``fit``, the HParams session is
+    written (first time) or its metrics updated.
 
     Cost: per logged training step, two partial backward passes (to the router parameters, about
     one step's time in all) and one metrics pass; per validation, one metrics update per batch
@@ -127,7 +125,8 @@ class RoutingAnalytics(L.Callback):
         self.max_samples = max_samples
         self.specialization = specialization
         self.specialization_min_count = specialization_min_count
-        self._train_batch: torch.Tensor | None = None
+        self._train_step: int | None = None  # the optimiser step being logged, from its first micro-batch
+        self._similarity_L: torch.Tensor | None = None  # expert similarity of the weights that step ran with
         self._sharded = False  # set at setup (FSDP); False when the hooks are called without a Trainer
         self._logger: TensorBoardLogger | None = None
         self._warned: set[str] = set()
@@ -167,6 +166,10 @@ class RoutingAnalytics(L.Callback):
             message = "router gradient norms are off with compiled layers (model.compile=true)"
             self._warn_once("compile", f"RoutingAnalytics: {message}: a compiled backward cannot safely run twice.")
             self.grad_norms = False
+        if self.grad_norms and not router_parameters(pl_module.model):
+            self._warn_once("params", "RoutingAnalytics: the router has no trainable parameters; no grad norms.")
+            self.grad_norms = False
+        pl_module.router_grad_norms_every = self.every_n_steps if self.grad_norms else 0
         if trainer.is_global_zero:
             splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
             log_dir = str(self._logger.log_dir)
@@ -190,72 +193,66 @@ class RoutingAnalytics(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Keep a reference to the batch of a logged step: its token ids, for the specialisation."""
+        """On the first micro-batch of a logged step: note the step, and measure the expert similarity
+        of the weights it runs with (on the device; it reaches the host with the routing)."""
         step = trainer.global_step
-        logged = self.enabled and self.specialization and trainer.is_global_zero and step % self.every_n_steps == 0
-        self._train_batch = batch if logged and step != self._last_train_step else None
+        logged = self.enabled and trainer.is_global_zero and step % self.every_n_steps == 0
+        self._train_step = step if logged and step != self._last_train_step else None
+        if self._train_step is not None and not self._sharded:
+            with torch.no_grad():
+                self._similarity_L = expert_similarity_per_layer(pl_module.model, host=False)
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        step = trainer.global_step
-        if not self.enabled or not trainer.is_global_zero or step % self.every_n_steps or step == self._last_train_step:
-            return
-        record = pl_module.last_step
-        if record is None or not record.routing:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step, self._train_step = self._train_step, None
+        routing = outputs.get("routing") if isinstance(outputs, Mapping) else None
+        if step is None or not routing:
             return
         start = time.perf_counter()
         self._last_train_step = step
-        norms: dict[str, torch.Tensor] = self._grad_norms(pl_module, record) if self.grad_norms else {}
+        norms = self._grad_norm_tags(pl_module, outputs.get("router_grad_norms") or {})
+        similarity_L, self._similarity_L = self._similarity_L, None
         with torch.no_grad():
-            similarity_L = torch.zeros(0) if self._sharded else expert_similarity_per_layer(pl_module.model, host=False)
-            batch = self._train_batch if isinstance(self._train_batch, torch.Tensor) else torch.zeros(0)
-            stacked = torch.stack(list(norms.values())) if norms else torch.zeros(0)
+            tokens_in = batch if self.specialization and isinstance(batch, torch.Tensor) else torch.zeros(0)
+            extra = [
+                torch.stack(list(norms.values())) if norms else torch.zeros(0),
+                similarity_L if similarity_L is not None else torch.zeros(0),
+                tokens_in,
+            ]
             # everything this step logs reaches the host in one transfer; the metrics run there
-            routing, (stacked, similarity_L, batch) = routing_to_host(record.routing, [stacked, similarity_L, batch])
-            metrics: dict[str, float] = dict(zip(norms, stacked.tolist(), strict=True))
+            routing, (stacked, similarity_L, tokens_in) = routing_to_host(routing, extra)
+            scalars: dict[str, float] = dict(zip(norms, stacked.tolist(), strict=True))
             stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
-            metrics.update(summary_scalars(stats.update(routing).compute(), prefix=series("train")))
-            metrics.update(
+            summary = stats.update(routing).compute()
+            scalars.update(summary_scalars(summary, prefix=series("train")))
+            scalars.update(
                 {layer_tag(series("train", "expert_similarity"), l): float(v) for l, v in enumerate(similarity_L)}
             )
             if similarity_L.numel():
-                metrics[series("train", "expert_similarity", "mean")] = float(similarity_L.mean())
-            tokens = self._token_stats(pl_module, batch if batch.numel() else None, routing)
+                scalars[series("train", "expert_similarity", "mean")] = float(similarity_L.mean())
+            tokens = self._token_stats(pl_module, tokens_in if tokens_in.numel() else None, routing)
             if tokens is not None:
                 spec = tokens.compute(min_count=self.specialization_min_count, num_pairs=0)
-                metrics.update(self._specialization_scalars(spec, "train"))
-            self._train_batch = None
-            self._logger.log_metrics(metrics, step=step)
+                scalars.update(self._specialization_scalars(spec, "train"))
+            self._logger.log_metrics(scalars, step=step)
             if self.histograms:
-                self._write_histograms("train", _histograms(pl_module).update(routing), step)
+                histograms = RoutingHistograms(pl_module.arch.num_experts).update(routing).compute(summary)
+                write_histograms(self._logger.experiment, "train", histograms, step)
         self.seconds_spent += time.perf_counter() - start
 
-    def _grad_norms(self, pl_module: L.LightningModule, record: Any) -> dict[str, torch.Tensor]:
-        """``moe/train/router_grad_norm_{lm,balance}/...`` as device scalars; the balance part is left
-        out (warned once) when its coefficients are 0 or it has no gradient path to the routers."""
-        if not isinstance(record.lm_loss, torch.Tensor) or not record.lm_loss.requires_grad:
-            return {}
-        if not router_parameters(pl_module.model):
-            self._warn_once("params", "RoutingAnalytics: the router has no trainable parameters; no grad norms.")
-            self.grad_norms = False
-            return {}
-        coefs = (pl_module.aux_loss_coef, pl_module.z_loss_coef)
-        balance = record.balance_loss
-        if not any(coefs) or not isinstance(balance, torch.Tensor) or not balance.requires_grad:
+    def _grad_norm_tags(
+        self, pl_module: L.LightningModule, norms: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``moe/train/router_grad_norm_{lm,balance}/{layer_l,shared,total}`` for the step's norms
+        (keyed ``{loss}/{group}`` with decoder-layer groups); warns once when the balance loss gave none."""
+        if norms and not any(key.startswith("balance/") for key in norms):
             message = "the balance loss has no gradient (coefficients 0): only the LM loss's router grad norms"
             self._warn_once("balance", f"RoutingAnalytics: {message} are logged.")
-            balance = None
-        try:
-            norms = router_grad_norm_tensors(pl_module.model, {"lm": record.lm_loss, "balance": balance})
-        except RuntimeError as err:  # e.g. a compiled graph that cannot be traversed twice
-            self._warn_once("grad", f"RoutingAnalytics: router gradient norms are off for this run ({err}).")
-            self.grad_norms = False
-            return {}
         moe_index = {layer_label(d): layer_label(l) for l, d in enumerate(pl_module.arch.moe_layers)}
         out: dict[str, torch.Tensor] = {}
         for key, value in norms.items():
             loss_name, group = key.split("/", 1)
-            if loss_name == "balance" and balance is None:
-                continue
             out[series("train", f"router_grad_norm_{loss_name}", moe_index.get(group, group))] = value
         return out
 
@@ -277,7 +274,7 @@ class RoutingAnalytics(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_update(pl_module, batch)
+        self._eval_update(pl_module, outputs, batch)
 
     def on_test_batch_end(
         self,
@@ -288,7 +285,7 @@ class RoutingAnalytics(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_update(pl_module, batch)
+        self._eval_update(pl_module, outputs, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_log(trainer, "val")
@@ -301,18 +298,19 @@ class RoutingAnalytics(L.Callback):
         if self.enabled and not trainer.sanity_checking:
             stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
             tokens = TokenExpertStats(pl_module.arch.vocab_size, pl_module.arch.num_experts)
-            self._eval = (stats, _histograms(pl_module) if self.histograms else None, tokens)
+            histograms = RoutingHistograms(pl_module.arch.num_experts) if self.histograms else None
+            self._eval = (stats, histograms, tokens)
 
-    def _eval_update(self, pl_module: L.LightningModule, batch: Any = None) -> None:
-        record = pl_module.last_step
-        if self._eval is None or record is None or not record.routing:
+    def _eval_update(self, pl_module: L.LightningModule, outputs: Any, batch: Any = None) -> None:
+        routing = outputs.get("routing") if isinstance(outputs, Mapping) else None
+        if self._eval is None or not routing:
             return
         start = time.perf_counter()
         stats, histograms, tokens = self._eval
         with torch.no_grad():
             # one transfer per batch; the accumulators live on the host
             extra = [batch] if isinstance(batch, torch.Tensor) else []
-            routing, extra = routing_to_host(record.routing, extra)
+            routing, extra = routing_to_host(routing, extra)
             batch = extra[0] if extra else batch
             stats.update(routing)
             if histograms is not None:
@@ -375,36 +373,11 @@ class RoutingAnalytics(L.Callback):
         if split == "val":
             self._last_val_scalars = scalars
         if histograms is not None:
-            self._write_histograms(split, histograms, step)
+            write_histograms(self._logger.experiment, split, histograms.compute(summary), step)
         if self.images:
-            for kind, tag in (("load", "load_heatmap"), ("binned_prob_mi", "binned_prob_mi_heatmap")):
-                fig = figure(kind, summary, title=f"{split} step {step}: " + _TITLES[kind], fast=True)
-                image = figure_to_rgb(fig)
-                self._logger.experiment.add_image(series(split, tag), image, step, dataformats="HWC")
-            if spec is not None:
-                fig = coactivation_figure(spec["coactivation"], title=f"{split} step {step}: co-activation", fast=True)
-                image = figure_to_rgb(fig)
-                self._logger.experiment.add_image(series(split, "coactivation_heatmap"), image, step, dataformats="HWC")
+            coactivation = spec["coactivation"] if spec is not None else None
+            write_heatmaps(self._logger.experiment, split, summary, coactivation, step)
         self.seconds_spent += time.perf_counter() - start
-
-    def _write_histograms(self, split: str, histograms: Any, step: int) -> None:
-        experiment = self._logger.experiment
-        for name, hist in histograms.compute().items():
-            limits = hist["edges"][1:].tolist()
-            for l, counts_B in enumerate(hist["counts"]):
-                if int(hist["num"][l]) == 0:
-                    continue
-                experiment.add_histogram_raw(
-                    layer_tag(series(split, f"{name}_hist"), l),
-                    min=float(hist["min"][l]),
-                    max=float(hist["max"][l]),
-                    num=int(hist["num"][l]),
-                    sum=float(hist["sum"][l]),
-                    sum_squares=float(hist["sum_squares"][l]),
-                    bucket_limits=limits,
-                    bucket_counts=counts_B.tolist(),
-                    global_step=step,
-                )
 
     # ------------------------------------------------------------------------------------------
     # HParams
@@ -436,9 +409,6 @@ class RoutingAnalytics(L.Callback):
         self._last_val_scalars = {}
 
 
-_TITLES = {"load": "expert load / mean load", "binned_prob_mi": "binned router-prob. MI (nats)"}
-
-
 def is_compiled(pl_module: L.LightningModule) -> bool:
     """Whether the module or any submodule runs through ``torch.compile`` (``nn.Module.compile`` or
     an ``OptimizedModule`` wrapper), or will (``MoeLMModule(compile=True)`` compiles at fit start)."""
@@ -456,79 +426,3 @@ def eval_log_step(trainer: L.Trainer) -> int:
     training batch just before the pass (``global_step - 1``: validation runs before the counter
     moves on)."""
     return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
-
-
-def detached(routing: RoutingOutput) -> RoutingOutput:
-    """The same routing with every tensor detached from the autograd graph."""
-    return RoutingOutput(
-        **{
-            f.name: (v.detach() if isinstance(v := getattr(routing, f.name), torch.Tensor) else v)
-            for f in dataclasses.fields(routing)
-        }
-    )
-
-
-def _histograms(pl_module: L.LightningModule) -> Any:
-    return RoutingHistograms(pl_module.arch.num_experts)
-
-
-def custom_scalars_layout(splits: tuple[str, ...] = ("train", "val")) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalars layout: category ``moe ({split})``, one multiline chart per live
-    metric of :data:`rmoe.metrics.catalog.METRICS` logged for that split, holding every layer (tags
-    are regular expressions), and the router gradient norms for training."""
-    layout: dict[str, dict[str, list[Any]]] = {}
-    for split in splits:
-        root = series(split)
-        charts = {
-            m.name: ["Multiline", [rf"^{root}/{m.name}$" if m.kind == "scalar" else rf"^{root}/{m.name}/"]]
-            for m in metrics(flag="live")
-            if split in m.splits and m.name != "num_tokens"
-        }
-        if split == "train":
-            for loss in ("lm", "balance"):
-                charts[f"router_grad_norm_{loss}"] = ["Multiline", [rf"^{root}/router_grad_norm_{loss}/"]]
-            charts["router_grad_norm (total)"] = ["Multiline", [rf"^{root}/router_grad_norm_(lm|balance)/total$"]]
-        layout[f"{PREFIX} ({split})"] = charts
-    return layout
-
-
-def hparam_metrics(callback_metrics: Mapping[str, Any], val_scalars: Mapping[str, float]) -> dict[str, float]:
-    """The HParams tab's metrics: ``hp/val_loss``, ``hp/val_bpb``, ``hp/val_ppl`` (``hp/train_loss``
-    when there was no validation) and ``hp/<metric>`` = layer mean over the last validation of every
-    metric declared with ``hparam=True`` in the catalog."""
-    out: dict[str, float] = {}
-    for tag in ("val/loss", "val/bpb", "val/ppl") if "val/loss" in callback_metrics else ("train/loss",):
-        if tag in callback_metrics:
-            out[f"hp/{tag.replace('/', '_')}"] = float(callback_metrics[tag])
-    for key in (m.name for m in metrics(flag="hparam")):  # read at each call: the catalog is the one list
-        value = val_scalars.get(series("val", key, "mean"))
-        if value is not None:
-            out[f"hp/{key}"] = value
-    return out
-
-
-def run_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Scalar]:
-    """The run's scalar hyperparameters for the HParams tab: the module's (``model.arch.*``,
-    ``model.optim.*``, ``model.aux_loss_coef``, ...), the data module's (``data.*``) and a few of
-    the trainer's (``trainer.*``)."""
-    hparams = dict(pl_module.hparams)
-    for name in ("arch", "optim"):  # arguments left at None have live defaults on the module
-        if hparams.get(name) is None and getattr(pl_module, name, None) is not None:
-            hparams[name] = getattr(pl_module, name)
-    params = flatten_hparams(hparams, "model")
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None:
-        params.update(flatten_hparams(dict(getattr(datamodule, "hparams", {})), "data"))
-    params.update(
-        flatten_hparams(
-            {
-                "max_steps": trainer.max_steps,
-                "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                "precision": str(trainer.precision),
-                "gradient_clip_val": trainer.gradient_clip_val,
-                "world_size": trainer.world_size,
-            },
-            "trainer",
-        )
-    )
-    return params

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rmoe.errors import RmoeError, check_field_types
+from rmoe.metrics.gradients import router_grad_norm_tensors
 from rmoe.metrics.language import language_metrics
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
@@ -83,21 +84,6 @@ class OptimConfig:
                 raise RmoeError(f"model.optim.{key}={getattr(self, key)!r} is invalid; expected {expected}.")
 
 
-@dataclass
-class StepRecord:
-    """What the last training/eval step computed, for callbacks (routing analytics).
-
-    Attributes:
-        routing: Per MoE layer, the router's decisions (still attached to the graph in training).
-        lm_loss: The language-modelling loss.
-        balance_loss: The balancing part of the loss (coefficient-weighted aux + z losses).
-    """
-
-    routing: list[RoutingOutput]
-    lm_loss: torch.Tensor
-    balance_loss: torch.Tensor
-
-
 class MoeLMModule(L.LightningModule):
     """Trains :class:`~rmoe.model.decoder.MoeLM` on batches of token blocks (B, S+1).
 
@@ -160,7 +146,11 @@ class MoeLMModule(L.LightningModule):
         self.model = MoeLM(arch)
         self.tokens_seen = 0
         self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss (optim.skip_nonfinite_steps)
-        self.last_step: StepRecord | None = None
+        # Set by RoutingAnalytics(grad_norms=True): every this many optimiser steps (0: never), the
+        # first micro-batch's training_step on global rank 0 also measures the router gradient norms
+        # per loss, while the graph is alive, and returns them with the step's outputs.
+        self.router_grad_norms_every = 0
+        self._grad_norms_step = -1  # the last step they were measured at
         self._step_counts_LE: torch.Tensor | None = None  # global_batch: expert counts of this step so far
         self._step_loss_sums: torch.Tensor | None = None  # TRAIN_LOSSES summed over this step's micro-batches
         self._finite_losses: deque[tuple[int, float]] = deque(maxlen=5)  # (step, train/loss), last finite steps
@@ -240,8 +230,8 @@ class MoeLMModule(L.LightningModule):
 
     def _losses(
         self, batch: torch.Tensor, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """LM, balance and total losses of a batch (B, S+1).
+    ) -> tuple[dict[str, torch.Tensor], list[RoutingOutput]]:
+        """LM, balance and total losses of a batch (B, S+1), and the routing of every MoE layer.
 
         Args:
             batch: Token blocks; inputs ``[:, :-1]``, targets ``[:, 1:]``.
@@ -256,8 +246,8 @@ class MoeLMModule(L.LightningModule):
         aux_loss, z_loss = average_over_layers(out.routing, self.arch.num_experts, fraction_LE)
         aux_loss, z_loss = aux_loss.to(lm_loss.device), z_loss.to(lm_loss.device)
         balance_loss = self.aux_loss_coef * aux_loss + self.z_loss_coef * z_loss
-        self.last_step = StepRecord(out.routing, lm_loss, balance_loss)
-        return {"loss": lm_loss + balance_loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss}
+        losses = {"loss": lm_loss + balance_loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss}
+        return {**losses, "balance_loss": balance_loss}, out.routing
 
     @torch.no_grad()
     def _step_fractions(
@@ -274,14 +264,28 @@ class MoeLMModule(L.LightningModule):
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum_(tensor.clone())
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, Any]:
+        """The loss to back-propagate (``"loss"``) and, for callbacks (the ``outputs`` of
+        ``on_train_batch_end``): ``"routing"``, every MoE layer's :class:`RoutingOutput` (detached),
+        and on the steps :attr:`router_grad_norms_every` asks for, ``"router_grad_norms"``
+        (:func:`~rmoe.metrics.gradients.router_grad_norm_tensors` of the LM loss and of the balance
+        loss, device scalars; the balance part only when it has a gradient)."""
         global_batch = self.aux_loss_scope == "global_batch"
-        losses = self._losses(batch, self._sum_over_ranks if global_batch else None)
+        losses, routing = self._losses(batch, self._sum_over_ranks if global_batch else None)
         self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
         values = torch.stack([losses["lm_loss"], losses["aux_loss"], losses["z_loss"], losses["loss"]]).detach()
         self._step_loss_sums = values if self._step_loss_sums is None else self._step_loss_sums + values
         self._step_micro_batches += 1
-        return losses["loss"]
+        out: dict[str, Any] = {"loss": losses["loss"], "routing": [r.detach() for r in routing]}
+        step = self.trainer.global_step
+        every = self.router_grad_norms_every
+        if every and step % every == 0 and step != self._grad_norms_step and self.trainer.is_global_zero:
+            self._grad_norms_step = step
+            balance = losses["balance_loss"]
+            weighted = (self.aux_loss_coef or self.z_loss_coef) and balance.requires_grad  # else no gradient
+            named = {"lm": losses["lm_loss"], **({"balance": balance} if weighted else {})}
+            out["router_grad_norms"] = router_grad_norm_tensors(self.model, named)
+        return out
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The end of an optimiser step's backward: its losses and gradient norm, checked and logged.
@@ -425,20 +429,22 @@ class MoeLMModule(L.LightningModule):
         for device_grads in _by_device(grads).values():
             torch._foreach_mul_(device_grads, coef.to(device_grads[0].device))
 
-    def _eval_step(self, batch: torch.Tensor, split: str) -> None:
-        losses = self._losses(batch)
+    def _eval_step(self, batch: torch.Tensor, split: str) -> dict[str, Any]:
+        """Logs the batch's losses; returns ``{"routing": ...}`` for callbacks (``on_validation_batch_end``)."""
+        losses, routing = self._losses(batch)
         n = batch[:, 1:].numel()  # token-weighted mean over the split
         tokens, batches = self._evaluated.get(split, (0, 0))
         self._evaluated[split] = (tokens + n, batches + 1)
         self.log(f"{split}/loss", losses["lm_loss"], batch_size=n, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/aux_loss", losses["aux_loss"], batch_size=n, sync_dist=True)
         self.log(f"{split}/z_loss", losses["z_loss"], batch_size=n, sync_dist=True)
+        return {"routing": routing}
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
 
     def _log_derived(self, split: str) -> None:
         """Perplexity and bits per byte from the epoch's token-weighted mean loss."""
