@@ -3,7 +3,7 @@
 ``python benchmarks/bench_memory.py`` runs each shape in a fresh process (two training steps of
 ``MoeLMModule``: loss, backward, gradient clipping, fused AdamW) and prints the peak RSS growth next
 to :func:`rmoe.training.memory.estimate_step_bytes`. The model is ``configs/base.yaml``'s
-(read from the file) with the overrides of each row; ``deep_cpu`` is ``configs/experiment/deep_cpu.yaml``'s
+(read from the file) with the overrides of each row; ``deep_cpu`` is ``configs/size/deep_cpu.yaml``'s
 shape. ``rmoe fit`` refuses a step whose estimate exceeds the free memory and warns above
 ``estimate x UNDERESTIMATE`` (the largest measured / estimated ratio of this table).
 """

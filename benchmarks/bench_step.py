@@ -60,8 +60,8 @@ SHAPES = {
 }  # fmt: skip
 """``small``: the issue's small shape (4 layers, d=128, 8 experts of 176, top-2, 12 x 64 tokens);
 ``base.yaml``: ``configs/base.yaml``'s model and batch (16 x 256 tokens); ``table1_cpu``: the
-Table-1 replica's size (``configs/experiment/cpu_size.yaml``); ``medium``: the paper's medium model
-(``configs/experiment/medium_gpu.yaml``, p=128) with 2 of its 48 sequences per step, to fit a CPU.
+Table-1 replica's size (``configs/size/cpu.yaml``); ``medium``: the paper's medium model
+(``configs/size/medium_gpu.yaml``, p=128) with 2 of its 48 sequences per step, to fit a CPU.
 The GRU state is p=32 unless the shape says ``state_dim``."""
 
 CATEGORIES = ("expert matmuls", "attention", "other matmuls", "dispatch", "router softmax/top-k", "optimizer", "other")

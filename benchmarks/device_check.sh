@@ -6,7 +6,7 @@
 #                   (loss, gradient norm and every gradient equal; benchmarks/router_check.py);
 #   block_bf16      the MoE block in bf16 against the dense MLP and transformers' eager and grouped_mm
 #                   experts (issue 15's three shapes), block_gpu_shape one GPU-sized fine-grained shape;
-#   train_moe       configs/gpu.yaml's model, bf16-mixed, compiled layers, grouped_mm, with validation
+#   train_moe       configs/size/gpu.yaml's model, bf16-mixed, compiled layers, grouped_mm, with validation
 #                   and the routing analytics on: tokens/s, MFU, val/loss (DDP over every visible GPU);
 #   train_dense     the same run with the dense MLP of the same active parameters (the step-time ratio).
 #

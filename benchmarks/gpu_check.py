@@ -2,11 +2,11 @@
 
 On a GPU machine (every visible GPU; DDP when there are several)::
 
-    python benchmarks/gpu_check.py                    # base.yaml + gpu.yaml model, 300 steps
+    python benchmarks/gpu_check.py                    # base.yaml + size/gpu.yaml model, 300 steps
     python benchmarks/gpu_check.py --steps 100 trainer.devices=1
     python benchmarks/gpu_check.py --cpu              # the reduced CPU mode (what the tests run)
 
-It trains ``configs/base.yaml`` + ``configs/gpu.yaml`` (~70M parameters, 16 experts, top-2) on the
+It trains ``configs/base.yaml`` + ``configs/size/gpu.yaml`` (~70M parameters, 16 experts, top-2) on the
 embedded byte-level corpus with ``bf16-mixed``, compiled layers (``model.compile=true``) and the
 ``grouped_mm`` expert backend, with validation (3 times) and the routing analytics on and no
 checkpoints, then prints the median of
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/ are read 
 
 def fit_args(cpu: bool, steps: int, num_devices: int, overrides: list[str]) -> list[str]:
     """The ``rmoe fit`` arguments of the check."""
-    size = "configs/quick.yaml" if cpu else "configs/gpu.yaml"
+    size = "configs/quick.yaml" if cpu else "configs/size/gpu.yaml"
     args = ["--config", str(ROOT / "configs/base.yaml"), "--config", str(ROOT / size)]
     throughput = "{class_path: rmoe.training.callbacks.TokenThroughput, init_args: {window: 10}}"
     analytics = (

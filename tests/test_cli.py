@@ -209,12 +209,12 @@ def test_bad_data_files_are_named(kind, tmp_path, capsys):
 
 
 def test_deep_cpu_config_trains_with_the_paper_gru_router_and_logs_the_logit_scale(tmp_path):
-    """configs/experiment/deep_cpu.yaml (12 layers) with configs/router/gru.yaml, 3 steps through the CLI."""
+    """configs/size/deep_cpu.yaml (12 layers) with configs/router/gru.yaml, 3 steps through the CLI."""
     args = [
         *BASE_CONFIGS,
         *(
             "--config",
-            str(ROOT / "configs/experiment/deep_cpu.yaml"),
+            str(ROOT / "configs/size/deep_cpu.yaml"),
             "--config",
             str(ROOT / "configs/router/gru.yaml"),
         ),

@@ -467,8 +467,8 @@ def test_paper_sweeps_expand_to_the_expected_runs(name, capsys, monkeypatch):
     runs = sweep.expand(parsed)
     assert parsed.name == name and len(runs) == PAPER_SWEEPS[name]
     assert len({run.name for run in runs}) == len(runs)
-    size = {"table1_deep_cpu": "deep_cpu"}.get(name, "cpu_size" if name.endswith("_cpu") else "medium_gpu")
-    assert f"configs/experiment/{size}.yaml" in parsed.configs
+    size = {"table1_deep_cpu": "deep_cpu"}.get(name, "cpu" if name.endswith("_cpu") else "medium_gpu")
+    assert f"configs/size/{size}.yaml" in parsed.configs
     # same token budget in every run: no grid value touches the steps, the batch or the block
     for labels in parsed.grid.values():
         for value in labels.values():
@@ -495,12 +495,30 @@ def test_other_sweep_files_expand(path, capsys, monkeypatch):
 
 
 def test_config_folders_hold_one_kind_of_file():
-    """configs/sweeps/ holds sweep files (a ``grid:``), configs/experiment/ ``rmoe fit`` override files."""
-    for path in SWEEPS.glob("*.yaml"):
-        assert "grid" in (yaml.safe_load(path.read_text()) or {}), path
-    for path in (ROOT / "configs/experiment").glob("*.yaml"):
-        assert "grid" not in (yaml.safe_load(path.read_text()) or {}), path
-    assert not (ROOT / "configs/paper").exists()
+    """Each folder of configs/ holds what its name says: sweeps/ grids, size/ model sizes (no grid, no
+    callbacks: base.yaml has the one list), arch/ model.arch keys, data/ data keys, strategy/
+    trainer.strategy, router/ model keys."""
+    configs = ROOT / "configs"
+    assert {p.name for p in configs.iterdir() if p.is_dir()} == {"sweeps", "size", "router", "arch", "data", "strategy"}
+    assert sorted(p.name for p in configs.glob("*.yaml")) == ["base.yaml", "quick.yaml"]
+    allowed = {
+        "arch": {"model": {"arch"}},
+        "data": {"data": None},
+        "strategy": {"trainer": {"strategy"}},
+        "router": {"model": None},
+    }
+    for path in configs.glob("*/*.yaml"):
+        config = yaml.safe_load(path.read_text()) or {}
+        folder = path.parent.name
+        assert ("grid" in config) == (folder == "sweeps"), path
+        if folder in allowed:
+            assert set(config) <= set(allowed[folder]), path
+            for key, inner in allowed[folder].items():
+                assert inner is None or set(config.get(key, {})) <= inner, path
+    callbacks = [
+        p for p in configs.rglob("*.yaml") if "callbacks" in (yaml.safe_load(p.read_text()) or {}).get("trainer", {})
+    ]
+    assert callbacks == [configs / "base.yaml"]
 
 
 RUN_FOLDER_NAMES = {

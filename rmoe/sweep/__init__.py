@@ -5,7 +5,7 @@ overrides every run gets::
 
     name: table1_cpu
     root: runs/sweeps/table1_cpu          # one TensorBoard root: all curves overlay
-    configs: [configs/base.yaml, configs/experiment/cpu_size.yaml, configs/data/shared_text.yaml]
+    configs: [configs/base.yaml, configs/size/cpu.yaml, configs/data/shared_text.yaml]
     grid:                                  # cartesian product, in this order
       router: {linear: configs/router/linear.yaml, gru: configs/router/gru.yaml}
       seed: {s0: "seed_everything=0", s1: "seed_everything=1"}
