@@ -1,19 +1,10 @@
 """``rmoe analyze``: the routing analysis of a trained checkpoint, offline.
 
-``rmoe analyze --ckpt runs/base/version_0/checkpoints/last.ckpt --split val --out analysis/base``
-runs the checkpoint's model over (part of) a data split and writes ``metrics.json`` (every routing
-metric of :class:`rmoe.metrics.RoutingStats`, per layer, matrices as nested lists, plus the loss
-and bits per byte of the split, expert similarity and per-layer histograms) and PNG figures
-(:mod:`rmoe.figures`): the cross-layer binned-probability MI heat map and the gate-entropy
-densities per layer of the RMoE paper's analysis (Qiu et al., arXiv 2408.06793, Sec. 5 and
-App. A.4), the layer x expert load heat map and the expert similarity per layer (App. A.4.3); and
-what the experts do (:mod:`rmoe.evaluation.expert_analyses`): OLMoE's vocabulary specialisation,
-co-activation and router saturation across the run's checkpoints (arXiv 2409.02060), and the
-analyses of "A Closer Look into Mixture-of-Experts" (arXiv 2406.18219).
-
-The computation is :func:`rmoe.evaluation.routing_eval.evaluate_routing`; this module loads the
-checkpoint (a Lightning checkpoint of :class:`~rmoe.training.module.MoeLMModule`), rebuilds its
-data, adds the language-model metrics and writes the results.
+``rmoe analyze --ckpt runs/base/version_0/checkpoints/last.ckpt --split val --out analysis/base`` runs the
+model over (part of) a data split and writes ``metrics.json`` and the PNG figures of :mod:`rmoe.figures` (the
+analyses of RMoE, arXiv 2408.06793, Sec. 5 and App. A.4; OLMoE, arXiv 2409.02060; "A Closer Look", arXiv
+2406.18219). The computation is :func:`rmoe.evaluation.routing_eval.evaluate_routing`; this module loads the
+checkpoint, rebuilds its data, adds the language-model metrics and writes the results.
 """
 
 from __future__ import annotations
@@ -58,14 +49,10 @@ def analyze_checkpoint(
     """Load a checkpoint written by ``rmoe fit``, rebuild its data and analyse its routing on a split.
 
     Args:
-        ckpt: A Lightning checkpoint of :class:`~rmoe.training.module.MoeLMModule`.
         config: YAML config file(s) whose ``data:`` sections (merged in order) build the
-            :class:`~rmoe.data.TextDataModule`. Default: the run's ``config.yaml``
-            (``<run>/config.yaml`` for ``<run>/checkpoints/x.ckpt``), else the data settings
-            saved in the checkpoint.
+            :class:`~rmoe.data.TextDataModule`. Default: ``<run>/config.yaml`` for
+            ``<run>/checkpoints/x.ckpt``, else the data settings saved in the checkpoint.
         split: ``train`` (shuffled blocks, as in training), ``val`` or ``test``.
-        max_batches: Batches of the split to use (None: all).
-        device: Where to run the model (``cpu``, ``cuda``, ...).
         data_overrides: ``TextDataModule`` arguments replacing the config's (e.g. ``cache_dir``).
         expert_analyses: See :func:`evaluate_routing`; also labels the most specialised token ids.
         saturation: OLMoE's router saturation of other checkpoints against this one, on the first
@@ -73,16 +60,11 @@ def analyze_checkpoint(
             step, this one's step excluded), or a list of checkpoint files; False: none.
 
     Returns:
-        :func:`evaluate_routing`'s metrics plus ``ppl``, ``bpb`` (bits per UTF-8 byte of the
-        split's text), ``split``, ``checkpoint``, ``global_step``, ``router`` and ``hparams``
-        (the flattened, scalar hyperparameters of the model and data); with ``saturation`` and
+        :func:`evaluate_routing`'s metrics plus ``ppl``, ``bpb``, ``split``, ``checkpoint``,
+        ``global_step``, ``router``, ``hparams`` (flattened, scalar, of the model and data) and, with
         another checkpoint, ``router_saturation``: ``{"steps": [C], "final_step", "checkpoints",
-        "saturation": (C, L)}`` in step order.
-
-    Raises:
-        RmoeError: Missing or unreadable checkpoint or config, unknown split, bad data settings.
+        "saturation": (C, L)}`` in step order. RmoeError for a bad checkpoint, config, split or data settings.
     """
-
     if split not in SPLITS:
         raise RmoeError(f"--split={split!r} is not a split; expected one of: {', '.join(SPLITS)}.")
     if max_batches is not None and max_batches < 1:
@@ -144,7 +126,6 @@ def _saturation_checkpoints(
 
 def _saturation(model: Any, others: list[tuple[int, Path]], batches: list[torch.Tensor], device: str) -> dict[str, Any]:
     """Router saturation of each other checkpoint against ``model`` on the same batches."""
-
     final_ids = routed_expert_ids(model, batches, device)
     rows, steps, names = [], [], []
     for step, path in others:
@@ -166,15 +147,13 @@ SUMMARY_COLUMNS = (
     "bpb",
     *(f"{m.name}_offdiag" if m.kind == "matrix" else m.name for m in metrics(flag="summary")),
 )
-"""Columns of :func:`summary_rows`: the language-model metrics, then every metric declared with
-``summary=True`` in :data:`rmoe.metrics.catalog.METRICS`. Per-layer metrics are averaged over
-layers (pairs for MI; the three expert matrices too for the neuron-level and gate-embedding
-columns); a matrix metric gives the mean of its off-diagonal entries (``<name>_offdiag``)."""
+"""Columns of :func:`summary_rows`: the language-model metrics, then the metrics declared with ``summary=True``
+(a matrix metric gives the mean of its off-diagonal entries, ``<name>_offdiag``)."""
 
 
 def summary_rows(metrics_by_run: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run for a comparison table: ``run``, ``router``, ``step`` and :data:`SUMMARY_COLUMNS`
-    (layer means; ``binned_prob_mi_offdiag`` is the mean off-diagonal entry of the MI matrix)."""
+    """One row per run for a comparison table: ``run``, ``router``, ``step`` and :data:`SUMMARY_COLUMNS`,
+    averaged over everything but the run (layers, pairs, expert matrices)."""
     rows = []
     for label, m in metrics_by_run.items():
         row: dict[str, Any] = {"run": label, "router": m.get("router"), "step": m.get("global_step")}
@@ -194,11 +173,7 @@ def summary_rows(metrics_by_run: Mapping[str, Mapping[str, Any]]) -> list[dict[s
 
 def write_analysis(metrics: Mapping[str, Any], out: str | os.PathLike[str], *, dpi: int = 110) -> list[Path]:
     """Write ``metrics.json`` and, for MoE models, one PNG per kind of :data:`FIGURES` and of
-    :data:`~rmoe.figures.EXPERT_FIGURES` (those the metrics hold) into ``out``.
-
-    Returns:
-        The paths written (``metrics.json`` first).
-    """
+    :data:`~rmoe.figures.EXPERT_FIGURES` (those the metrics hold) into ``out``; returns the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(metrics, out / "metrics.json")]
@@ -261,11 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    """``rmoe analyze ...``: analyse a checkpoint's routing on a split and write the results.
-
-    Raises:
-        RmoeError: For any bad input (the ``rmoe`` entry point prints it and exits with 2).
-    """
+    """``rmoe analyze ...``; raises RmoeError for any bad input (the ``rmoe`` entry point prints it)."""
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {}
     for item in args.data:

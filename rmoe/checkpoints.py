@@ -1,31 +1,23 @@
 """Reading and writing checkpoints safely: one place that says what is wrong with a model file.
 
-Every command that reads a model (``fit``/``validate``/``test --ckpt``, ``model.init_from``,
-``analyze``, ``inspect``, ``generate``, ``export``, ``import``) goes through :func:`read_checkpoint`
-or :func:`verify_weights_files`, so a truncated file, a bit flip, a text file, a checkpoint of
-another program or a damaged ``model.safetensors`` ends in one paragraph naming the file and
-the fault (exit 2 from ``rmoe``), never in torch's zip-reader traceback or, worse, in a model
-that loads silently with damaged weights.
+Every command that reads a model goes through :func:`read_checkpoint` or :func:`verify_weights_files`, so a
+truncated file, a bit flip, a text file, another program's checkpoint or a damaged ``model.safetensors``
+ends in one paragraph naming the file and the fault, never in a traceback or a silently damaged model.
+torch's zip reader does not verify the archive's CRCs (a flipped bit loads as a wrong weight):
+:func:`verify_archive` does, with :mod:`zipfile`. safetensors files have no checksum: ``rmoe export``
+records each one's SHA-256 in ``config.json``.
 
-Writing: :class:`AtomicCheckpointIO` is the trainer's checkpoint writer (installed by the
-``rmoe`` command): a checkpoint is written to a temporary name in the same folder, flushed to
-disk and renamed over the final name, so a process killed while saving, or a full disk, leaves
-the previous ``last.ckpt`` / ``best-*.ckpt`` intact and no truncated file under a checkpoint's name.
-
-Why each check: torch's zip reader does not verify the archive's CRCs (a flipped bit in a tensor
-loads as a wrong weight, NaN losses and NUL bytes generated); :func:`verify_archive` does, with
-:mod:`zipfile`, which reads the file once (about 1 s per GB). safetensors files have no checksum:
-``rmoe export`` records each one's SHA-256 in ``config.json`` and :func:`verify_weights_files`
-checks it.
+Writing: :class:`AtomicCheckpointIO`, the trainer's checkpoint writer, writes to a temporary name and
+renames it over the final one, so a kill or a full disk never leaves a truncated checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +51,11 @@ def _describe_content(head: bytes) -> str:
 def verify_archive(path: str | os.PathLike[str], option: str) -> Path:
     """Check that ``path`` is a complete, undamaged torch zip archive; returns it as a Path.
 
-    Args:
-        path: The file.
-        option: How the user named it (``--ckpt``, ``model.init_from``), for the message.
+    ``option`` is how the user named it (``--ckpt``, ``model.init_from``), for the message.
 
     Raises:
-        RmoeError: No such file, a directory, empty, not a zip archive (text, pickle, other
-            binary), truncated (no central directory), or an entry whose CRC does not match.
+        RmoeError: No such file, a directory, not a zip archive (empty, text, pickle, other binary),
+            truncated, or an entry whose CRC does not match.
     """
     path = Path(path).expanduser()
     where = f"{option} {path}"
@@ -102,9 +92,8 @@ def read_checkpoint(
     """Load a checkpoint of rmoe's ``MoeLMModule`` after :func:`verify_archive`.
 
     Raises:
-        RmoeError: Everything :func:`verify_archive` refuses; a torch file torch cannot load; a
-            torch file that is not a Lightning checkpoint (no ``state_dict``); a Lightning
-            checkpoint of another module (no ``hyper_parameters.arch``).
+        RmoeError: What :func:`verify_archive` refuses; a file torch cannot load; not a Lightning checkpoint
+            (no ``state_dict``); a Lightning checkpoint of another module (no ``hyper_parameters.arch``).
     """
     path = verify_archive(path, option)
     where = f"{option} {path}"
@@ -131,7 +120,7 @@ def read_checkpoint(
 
 
 def sha256_of(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """The hex SHA-256 of a file, read in 4 MiB chunks."""
+    """The hex SHA-256 of a file."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(chunk):
@@ -140,18 +129,13 @@ def sha256_of(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
 
 
 def weights_digests(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """``{file name: SHA-256}`` of the ``*.safetensors`` files of an export folder (what ``rmoe export`` records)."""
+    """``{file name: SHA-256}`` of the ``*.safetensors`` files of an export folder."""
     return {p.name: sha256_of(p) for p in sorted(Path(folder).glob("*.safetensors"))}
 
 
 def verify_weights_files(folder: str | os.PathLike[str], recorded: dict[str, str] | None, option: str) -> None:
-    """Check the safetensors files of an export folder: present, readable, and (when ``rmoe export``
-    recorded their SHA-256 in ``config.json``) unchanged since they were written.
-
-    Raises:
-        RmoeError: A recorded file missing or with another digest, or a safetensors file whose
-            header safetensors cannot read (truncated, not safetensors).
-    """
+    """Check the safetensors files of an export folder: present, readable, and matching the ``recorded``
+    SHA-256 digests if any; RmoeError otherwise."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -195,11 +179,7 @@ def describe_os_error(err: OSError, path: str | os.PathLike[str], doing: str) ->
 
 
 def ensure_writable_dir(path: str | os.PathLike[str], option: str) -> Path:
-    """Create ``path`` (and its parents) if needed and check that files can be created in it.
-
-    Raises:
-        RmoeError: Naming ``option`` and the path, when it is a file, or cannot be created or written.
-    """
+    """Create ``path`` (and its parents) if needed and check that files can be created in it (else RmoeError)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise RmoeError(f"{option} {path} is an existing file; expected a directory (new or empty).")
@@ -214,13 +194,8 @@ def ensure_writable_dir(path: str | os.PathLike[str], option: str) -> Path:
 
 
 def check_can_create(path: str | os.PathLike[str], option: str) -> Path:
-    """Check, without creating anything, that ``path`` (a folder to write) can be created or written:
-    it is not a file and its nearest existing ancestor is a writable folder.
-
-    Raises:
-        RmoeError: Naming ``option``, the path and why (a file in the way, no write permission, a
-            read-only file system).
-    """
+    """Check, without creating anything, that the folder ``path`` can be created or written: it is not a
+    file and its nearest existing ancestor is a writable folder (else RmoeError saying why)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise RmoeError(f"{option} {path} is an existing file; expected a directory (new or empty).")
@@ -253,7 +228,7 @@ def nonfinite_entries(state_dict: dict[str, Any]) -> list[str]:
 
 
 def disk_nearly_full(path: str | os.PathLike[str], margin: int = 1 << 20) -> bool:
-    """Whether the file system of ``path`` has less than ``margin`` bytes (1 MiB) left for this user."""
+    """Whether the file system of ``path`` has less than ``margin`` bytes left for this user."""
     try:
         stat = os.statvfs(path)
     except (OSError, AttributeError):
@@ -261,21 +236,10 @@ def disk_nearly_full(path: str | os.PathLike[str], margin: int = 1 << 20) -> boo
     return stat.f_bavail * stat.f_frsize < margin
 
 
-def _remove_quietly(paths: Iterable[Path]) -> None:
-    for p in paths:
-        try:
-            p.unlink()
-        except OSError:
-            pass
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint writer, made atomic: ``path.tmp-<pid>`` is written, flushed and
-    fsynced, then renamed over ``path`` (a rename within a folder is atomic on POSIX and Windows).
-
-    A failure while writing (a full disk, a kill) leaves the previous file under ``path`` as it
-    was; the temporary file is removed when Python still runs. An :class:`OSError` becomes an
-    :class:`RmoeError` naming the checkpoint and the cause.
+    """Lightning's torch checkpoint writer, made atomic: ``path.tmp-<pid>`` is written, fsynced, then renamed
+    over ``path``, so a failure while writing leaves the previous file as it was. An :class:`OSError`
+    becomes an :class:`RmoeError` naming the checkpoint and the cause.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -299,7 +263,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException as err:
             # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos"): ask the file system
             full = disk_nearly_full(final.parent)
-            _remove_quietly([temporary])
+            with contextlib.suppress(OSError):
+                temporary.unlink()
             if isinstance(err, OSError):
                 raise RmoeError(describe_os_error(err, final, "write the checkpoint")) from None
             if full and isinstance(err, RuntimeError):

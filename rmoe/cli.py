@@ -1,12 +1,8 @@
 """The ``rmoe`` command: Lightning's CLI over YAML configs, with clear errors.
 
-Why LightningCLI (with ``parser_mode="omegaconf"``): it gives, from the type hints and docstrings
-of ``MoeLMModule``, ``TextDataModule`` and ``Trainer``, everything the project needs without
-custom code: ``fit``/``validate``/``test`` subcommands, several ``--config`` files merged in order
-(a base plus small override files), ``--key=value`` and ``key=value`` dot-list overrides, omegaconf
-``${...}`` interpolation, type checking and unknown-key errors, ``--print_config``, the resolved
-config saved in every run directory (``config.yaml``, which re-runs as is), and ``--ckpt_path``
-resume.
+LightningCLI (``parser_mode="omegaconf"``) derives from the type hints and docstrings of ``MoeLMModule``,
+``TextDataModule`` and ``Trainer``: fit/validate/test, ``--config`` files merged in order, ``key=value`` overrides,
+``${...}`` interpolation, type and unknown-key errors, ``--print_config``, each run's resolved ``config.yaml``, resume.
 """
 
 from __future__ import annotations
@@ -36,8 +32,7 @@ _UNKNOWN = (
 
 
 class RmoeArgumentParser(LightningArgumentParser):
-    """Reports a bad key or value in one paragraph (the key, the nearest valid keys) and exits 2,
-    instead of printing the whole usage."""
+    """Reports a bad key or value in one paragraph (with the nearest valid keys) and exits 2, without the usage."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
@@ -63,8 +58,8 @@ _TYPE_ERROR = re.compile(r"Expected a <class '(?P<type>\w+)'>\. Got value: (?P<v
 
 
 def _type_error_message(message: str) -> str | None:
-    """jsonargparse's nested type error (``Parser key "model.optim": Does not validate ... Parser key "lr":
-    Expected a <class 'float'>. Got value: inf ...``) as one sentence naming the whole key."""
+    """jsonargparse's nested type error (``Parser key "model.optim": ... Parser key "lr": Expected a <class
+    'float'>. Got value: inf``) as one sentence naming the whole key."""
     keys, wrong = _PARSER_KEY.findall(message), _TYPE_ERROR.search(message)
     if not keys or wrong is None:
         return None
@@ -100,11 +95,6 @@ DESCRIPTION = (
 _MISSING = object()
 
 
-def _model_override_keys(args: Any) -> list[str]:
-    """The ``model.*`` keys set on the command line (``--model.a.b=v`` or ``--model.a.b v``)."""
-    return _override_keys(args, "model")
-
-
 def _override_keys(args: Any, group: str) -> list[str]:
     """The ``<group>.*`` keys set on the command line (``--group.a.b=v`` or ``--group.a.b v``)."""
     if not isinstance(args, list):
@@ -134,21 +124,18 @@ def _assign(config: Any, key: str, value: Any) -> None:
 class RmoeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """fit, validate and test (Lightning's ``predict`` is not offered: the module defines no prediction)."""
+        """fit, validate and test (no ``predict``: the module defines no prediction)."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
-        self._model_overrides = _model_override_keys(args)
+        self._model_overrides = _override_keys(args, "model")
         self._data_overrides = _override_keys(args, "data")
 
     def _parse_ckpt_path(self) -> None:
-        """``fit --ckpt``: the given config runs, once :func:`rmoe.training.resume.check_resume_config`
-        has refused any change the run cannot take (architecture, tokenizer, block size). ``validate`` /
-        ``test``: Lightning fills the model's config from the checkpoint's hyperparameters, over
-        everything else; a ``model.*`` key given on the command line wins over them here, so that
-        ``rmoe test --ckpt ... model.arch.router_options.eval_routing=topk`` evaluates with it
-        instead of silently restoring the trained value. The saved config records what ran."""
+        """``fit --ckpt``: the given config runs, once :func:`rmoe.training.resume.check_resume_config` accepts it.
+        ``validate`` / ``test``: Lightning fills the model's config from the checkpoint's hyperparameters; a
+        ``model.*`` key given on the command line wins over them (e.g. ``model.arch.router_options.eval_routing``)."""
         from rmoe.checkpoints import read_checkpoint
 
         subcommand = self.config.get("subcommand")
@@ -186,9 +173,7 @@ class RmoeCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The trainer, with :class:`~rmoe.training.callbacks.StepProgressBar` and
-        :class:`~rmoe.training.callbacks.MoeModelSummary` in place of Lightning's default bar and summary,
-        unless the config has its own (or turns them off)."""
+        """The trainer, with rmoe's progress bar, model summary and run callbacks unless the config has its own."""
         from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
         from rmoe.checkpoints import AtomicCheckpointIO
@@ -230,10 +215,8 @@ class RmoeCLI(LightningCLI):
             raise
 
     def _give_back_claimed_folders(self, subcommand: str) -> None:
-        """A command that failed before it did anything removes the run folder it claimed, so that the next
-        run gets this version number and no half-written folder looks like a run: ``fit`` that failed
-        before its first optimiser step, ``validate`` / ``test`` that failed at all. A resumed run's
-        folder is never claimed, so never removed."""
+        """Remove the run folder claimed by a command that failed before it did anything (``fit`` before its first
+        optimiser step, ``validate`` / ``test`` at all), so no half-written folder looks like a run."""
         import shutil
 
         trainer = getattr(self, "trainer", None)
@@ -247,8 +230,7 @@ class RmoeCLI(LightningCLI):
                 print(f"rmoe: removed {folder}: the {subcommand} failed before it did anything", file=sys.stderr)
 
     def _fit_safety_callbacks(self) -> list[Any]:
-        """What every ``rmoe fit`` gets: a stop in order on a signal, and ``last.ckpt`` every
-        ``checkpoint_every_minutes`` of training (:class:`rmoe.training.interrupt.Interruption`)."""
+        """Every ``rmoe fit`` stops in order on a signal and writes ``last.ckpt`` every ``checkpoint_every_minutes``."""
         from rmoe.training.interrupt import Interruption
 
         minutes = float(self.config[self.subcommand].get("checkpoint_every_minutes") or 0)
@@ -257,13 +239,10 @@ class RmoeCLI(LightningCLI):
         return [Interruption(every_minutes=minutes)]
 
     def _check_device_and_precision(self, trainer: Any) -> None:
-        """Refuse a precision or expert backend this machine cannot run
-        (:func:`rmoe.training.precision.check_device_and_precision`)."""
-        from rmoe.training.precision import check_device_and_precision
+        """Refuse a precision or expert backend this machine cannot run."""
+        from rmoe.training.precision import check_device_and_precision, compute_dtype
 
         device = trainer.strategy.root_device
-        from rmoe.training.precision import compute_dtype
-
         requested = self.config[self.subcommand].get("trainer", {}).get("precision")
         if requested is not None and compute_dtype(requested) != compute_dtype(trainer.precision):
             raise RmoeError(
@@ -277,8 +256,7 @@ class RmoeCLI(LightningCLI):
         check_device_and_precision(self.model.arch, device, trainer.precision, compile=self.model.compile_layers)
 
     def _check_step_memory(self, trainer: Any) -> None:
-        """Refuse a training step the machine cannot hold (:func:`rmoe.training.memory.check_step_memory`):
-        on CPU every process of this machine (``trainer.num_devices``) needs its own step."""
+        """Refuse a training step the machine cannot hold; on CPU each of ``trainer.num_devices`` runs one."""
         from rmoe.training.memory import check_step_memory
 
         device = trainer.strategy.root_device
@@ -296,9 +274,8 @@ class RmoeCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """A ``model.init_from`` that does not exist, is damaged or is not an rmoe checkpoint fails here,
-        before anything is built or written (:func:`rmoe.checkpoints.read_checkpoint`; ``--ckpt`` is
-        checked earlier, in :meth:`_parse_ckpt_path`)."""
+        """A bad ``model.init_from`` fails here, before anything is built or written (``--ckpt``: in
+        :meth:`_parse_ckpt_path`)."""
         from rmoe.checkpoints import read_checkpoint
 
         ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
@@ -320,9 +297,8 @@ class RmoeCLI(LightningCLI):
             self._evaluate_in_run_dir(Path(ckpt_path))
 
     def _data_of_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Evaluate on the data the checkpoint was trained with: every key of :data:`CHECKPOINT_DATA_KEYS` the
-        config sets otherwise takes the checkpoint's value, saying so, unless it was given on the command
-        line (then it is used, with a note that the model was trained with another)."""
+        """Evaluate on the checkpoint's data: each :data:`CHECKPOINT_DATA_KEYS` key takes the checkpoint's value,
+        with a note, unless given on the command line."""
         saved = checkpoint.get("datamodule_hyper_parameters") or {}
         data = self.config[self.subcommand].get("data")
         if data is None:
@@ -354,13 +330,8 @@ class RmoeCLI(LightningCLI):
         return init_args
 
     def _evaluate_in_run_dir(self, ckpt_path: Path) -> None:
-        """``rmoe validate`` / ``rmoe test`` of a run's own checkpoint write inside that run:
-        ``<run>/validate/version_<n>/`` (``<run>/test/...``), not a new ``version_<n>`` next to the run.
-
-        Applies when the checkpoint is ``<save_dir>/<name>/version_<k>/checkpoints/*.ckpt`` and the
-        config's TensorBoard logger has no fixed version (a config that sets one, as ``rmoe sweep``
-        does, writes where it says). Each evaluation gets its own ``version_<n>`` there.
-        """
+        """Evaluating a run's own checkpoint writes to ``<run>/validate|test/version_<n>/``, not next to the run
+        (only when the config's TensorBoard logger has no fixed version)."""
         run_dir = run_folder_of_checkpoint(ckpt_path)
         init_args = self._tensorboard_init_args()
         if run_dir is None or init_args is None:
@@ -372,14 +343,9 @@ class RmoeCLI(LightningCLI):
         print(f"rmoe {self.subcommand}: writing to {run_dir / self.subcommand}/", file=sys.stderr)
 
     def _continue_in_run_dir(self, ckpt_path: Path) -> None:
-        """Resuming a run's own checkpoint continues in the run's directory, not in a new ``version_<n+1>``.
-
-        When ``--ckpt`` is ``<save_dir>/<name>/version_<k>/checkpoints/*.ckpt`` and the config's
-        TensorBoard logger writes to ``<save_dir>/<name>`` with no fixed version (the run's own
-        ``config.yaml``), the logger's version becomes ``version_<k>``: the events and checkpoints of
-        the resumed part land next to the first part's, so TensorBoard shows one run. The first part's
-        ``config.yaml`` is kept; the resumed part's resolved config is ``config.resume-<n>.yaml``.
-        """
+        """Resuming a run's own checkpoint continues in its ``version_<k>`` (TensorBoard shows one run) when the
+        config's logger writes to the run's parent with no fixed version. Each resumed part saves its config as
+        ``config.resume-<n>.yaml`` beside the first part's ``config.yaml``."""
         run_dir = run_folder_of_checkpoint(ckpt_path)
         init_args = self._tensorboard_init_args()
         if run_dir is None or init_args is None:
@@ -387,7 +353,6 @@ class RmoeCLI(LightningCLI):
         save_dir = Path(init_args.get("save_dir") or "lightning_logs")
         if (save_dir / (init_args.get("name") or "lightning_logs")).resolve() == run_dir.parent:
             init_args["version"] = run_dir.name
-            # the first part's config.yaml stays as it was; each resumed part saves its own next to it
             part = 1 + len(list(run_dir.glob("config.resume-*.yaml")))
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{part}.yaml"}
 
@@ -399,13 +364,11 @@ CHECKPOINT_DATA_KEYS = ("source", "train_files", "val_files", "test_files", "tok
 
 _PLAIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
                      "single_device")  # fmt: skip
-"""Strategies that write checkpoints with a ``CheckpointIO`` plugin (FSDP and model parallel write sharded
-checkpoints with torch.distributed.checkpoint instead)."""
+"""Strategies that write checkpoints with a ``CheckpointIO`` plugin (FSDP writes with torch.distributed.checkpoint)."""
 
 
 def _atomic_io_applies(strategy: Any, plugins: Any) -> bool:
-    """Whether the trainer gets :class:`~rmoe.checkpoints.AtomicCheckpointIO`: a plain strategy given by name
-    and no checkpoint writer of the config's own."""
+    """Whether the trainer gets :class:`~rmoe.checkpoints.AtomicCheckpointIO`: a plain strategy, no own writer."""
     from lightning.fabric.plugins import CheckpointIO
 
     plugin_list = plugins if isinstance(plugins, list) else [plugins] if plugins else []
@@ -417,14 +380,12 @@ def _atomic_io_applies(strategy: Any, plugins: Any) -> bool:
 
 
 _LIGHTNING_OPTIONS = {"--ckpt": "--ckpt_path", "--ckpt-path": "--ckpt_path", "--print-config": "--print_config"}
-"""fit/validate/test: the project's spellings (``--ckpt``, as every command that reads a model; hyphens,
-as the other subcommands) -> Lightning's."""
+"""fit/validate/test: the project's spellings (as in the other subcommands) -> Lightning's."""
 
 
 def normalize_args(argv: list[str]) -> list[str]:
-    """Accept omegaconf-style ``model.arch.router=gru`` overrides as well as ``--model.arch.router=gru``,
-    and the project's ``--ckpt`` / ``--print-config`` for Lightning's ``--ckpt_path`` / ``--print_config``
-    (Lightning's own ``--ckpt_path`` is refused, naming ``--ckpt``: one spelling in every command)."""
+    """Accept ``model.arch.router=gru`` for ``--model.arch.router=gru``, and ``--ckpt`` / ``--print-config`` for
+    Lightning's options (whose ``--ckpt_path`` is refused: one spelling in every command)."""
     out = []
     for arg in argv:
         name, sep, value = arg.partition("=")
@@ -456,8 +417,7 @@ class _DropLightningChatter(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Drop :class:`_DropLightningChatter`'s lines from the loggers Lightning emits them on (idempotent);
-    every other message, warning and error still shows."""
+    """Drop :class:`_DropLightningChatter`'s lines from Lightning's loggers (idempotent)."""
     for name in (
         "lightning.pytorch.utilities.rank_zero",  # rank_zero_info of Lightning's trainer and connectors
         "lightning.fabric.utilities.rank_zero",
@@ -479,14 +439,8 @@ def _option_value(argv: list[str], names: tuple[str, ...]) -> str | None:
 
 
 def with_checkpoint_config(argv: list[str]) -> list[str]:
-    """``rmoe validate|test --ckpt C`` without ``--config``: evaluate with the checkpoint's own settings.
-
-    The run's saved ``config.yaml`` (``<run>/config.yaml`` for ``<run>/checkpoints/C``) is used as
-    the config, so the data, block size and logger are the training run's; the evaluation then
-    writes into ``<run>/validate|test/version_<n>``. A checkpoint outside a run folder takes the
-    data settings the checkpoint saved (``datamodule_hyper_parameters``) and writes next to it.
-    Without either the command refuses instead of evaluating on the defaults.
-    """
+    """``rmoe validate|test --ckpt C`` without ``--config``: use the run's ``config.yaml``, else the data settings
+    saved in the checkpoint (writing next to it); refuse without either rather than evaluate on the defaults."""
     if argv[:1] not in (["validate"], ["test"]) or any(a in ("--config", "-c") or a.startswith("--config=")
                                                        for a in argv):  # fmt: skip
         return argv
@@ -519,8 +473,7 @@ _SEED_RANGE = (0, 2**32 - 1)
 
 
 def check_values(config: Any) -> None:
-    """The ranges of the top-level and trainer options Lightning does not check itself (the model's and
-    the data's are checked by their own classes), in one paragraph naming the key."""
+    """Check the ranges of the top-level and trainer options Lightning does not check itself."""
     seed = config.get("seed_everything")
     if not isinstance(seed, bool) and seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
         raise RmoeError(f"seed_everything={seed} is invalid; expected an integer in [0, {_SEED_RANGE[1]}] (or true).")
@@ -547,8 +500,7 @@ def check_values(config: Any) -> None:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Each ``--config`` file exists, is UTF-8 text and holds a YAML mapping (``trainer:``, ``model:``, ...);
-    otherwise one paragraph naming the file (jsonargparse would raise UnicodeDecodeError or TypeError)."""
+    """Each ``--config`` file exists, is UTF-8 text and holds a YAML mapping (else jsonargparse gives a traceback)."""
     import yaml
 
     for i, arg in enumerate(argv):
@@ -618,12 +570,11 @@ _TOOLS = {
     "report": "rmoe.report",
     "routers": "rmoe.router_catalog",
 }
-"""Subcommands that are plain argparse programs: name -> module with ``main(argv)``, imported when
-used. A ``main`` that returns a non-zero exit code (``sweep``, ``report``) ends ``rmoe`` with it."""
+"""Plain argparse subcommands: name -> module with ``main(argv)``, whose non-zero return is the exit code."""
 
 
 def _user_error(err: BaseException | None) -> BaseException | None:
-    """The :class:`RmoeError` or Lightning misconfiguration in ``err``'s chain of ``raise ... from`` causes, if any."""
+    """The :class:`RmoeError` or Lightning misconfiguration in ``err``'s chain of causes, if any."""
     while err is not None and not isinstance(err, (RmoeError, MisconfigurationException)):
         err = err.__cause__
     return err

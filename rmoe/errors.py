@@ -1,9 +1,5 @@
-"""User-facing errors.
-
-Everything a user can get wrong (a config value, a data file, a name) raises :class:`RmoeError`
-with one paragraph that names the key, file or value and what was expected. The ``rmoe`` command
-turns it into a message and exit code 2 instead of a traceback.
-"""
+"""User-facing errors: :class:`RmoeError`, one paragraph naming the key, file or value and what was expected,
+which the ``rmoe`` command prints with exit code 2 instead of a traceback."""
 
 from __future__ import annotations
 
@@ -26,15 +22,9 @@ def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
 
 
 class ToolArgumentParser(argparse.ArgumentParser):
-    """The argument parser of every ``rmoe`` subcommand that is not Lightning's (analyze, inspect,
-    generate, export, import, sweep, report).
-
-    - A bad argument raises :class:`RmoeError` (one paragraph, exit 2 from ``rmoe``) instead of
-      printing the usage and exiting.
-    - No abbreviations (``allow_abbrev=False``): ``--prompt`` is not silently read as ``--prompt-file``.
-    - Long options are spelled with hyphens (``--max-tokens``); the underscore spelling of the same
-      option (``--max_tokens``, the spelling of fit/validate/test) is accepted too.
-    """
+    """The argument parser of the ``rmoe`` subcommands that are not Lightning's: a bad argument raises
+    :class:`RmoeError`; no abbreviations (``--prompt`` is not ``--prompt-file``); ``--max_tokens`` (the spelling of
+    fit/validate/test) is accepted for ``--max-tokens``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -61,9 +51,8 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
 
 def check_field_types(obj: Any, prefix: str) -> None:
-    """Raise :class:`RmoeError` naming ``<prefix>.<field>`` for a dataclass field whose value is not of its
-    declared scalar type (``int``, ``float``, ``bool``, ``str``, optionally ``| None``): a YAML ``null``, a
-    string or a boolean where a number belongs would otherwise fail later with a ``TypeError``."""
+    """Raise :class:`RmoeError` naming ``<prefix>.<field>`` for a dataclass field whose value is not of its declared
+    scalar type (optionally ``| None``), rather than a later ``TypeError``."""
     import dataclasses
     import typing
 

@@ -1,17 +1,15 @@
-"""Figures of the routing and expert analyses, as matplotlib ``Figure`` objects.
+"""Figures of the routing and expert analyses, as matplotlib ``Figure`` objects (no pyplot state, so safe in
+callbacks and scripts).
 
-No pyplot state, so they are safe in callbacks and scripts. Each takes a metrics dict (what
-``rmoe analyze`` writes to ``metrics.json``, :meth:`rmoe.metrics.RoutingStats.compute`, or their
-tensors) and returns a ``Figure``; ``compare_*`` put several runs side by side, as
-``notebooks/routing_analysis.ipynb`` does. It imports nothing from rmoe but a constant of
-:mod:`rmoe.metrics`, so the training callback, ``rmoe analyze``, reports and notebooks all draw
-with the same code.
+Each takes a metrics dict (``metrics.json`` of ``rmoe analyze``, :meth:`rmoe.metrics.RoutingStats.compute`,
+or their tensors) and returns a ``Figure``; ``compare_*`` put several runs side by side. It imports from rmoe
+only a constant of :mod:`rmoe.metrics`, so the training callback, ``rmoe analyze`` and notebooks share it.
 
-Routing figures (:data:`FIGURES`): the cross-layer binned-probability MI heat map and the
-gate-entropy densities per layer of the RMoE paper's analysis (Qiu et al., arXiv 2408.06793,
-Sec. 5 and App. A.4), the layer x expert load heat map and the expert similarity per layer
-(App. A.4.3). Expert figures (:data:`EXPERT_FIGURES`): OLMoE's co-activation and router saturation
-(arXiv 2409.02060) and the "Closer Look" analyses (arXiv 2406.18219).
+Routing figures (:data:`FIGURES`): the cross-layer binned-probability MI heat map and the gate-entropy
+densities per layer of the RMoE paper (Qiu et al., arXiv 2408.06793, Sec. 5 and App. A.4), the layer x expert
+load heat map and the expert similarity per layer (App. A.4.3). Expert figures (:data:`EXPERT_FIGURES`):
+OLMoE's co-activation and router saturation (arXiv 2409.02060) and the "Closer Look" analyses
+(arXiv 2406.18219).
 
 Shape legend: E experts, L MoE layers.
 """
@@ -45,8 +43,8 @@ def _is_2d(value: Any) -> bool:
 
 
 def _figure(num_panels: int, panel_size: tuple[float, float], fast: bool = False) -> tuple[Figure, list[Axes]]:
-    """A row of panels; ``fast`` skips the constrained layout (its text measuring is most of the
-    drawing time) for fixed margins, at a lower resolution."""
+    """A row of panels; ``fast``: fixed margins at a lower resolution instead of the constrained layout
+    (whose text measuring is most of the drawing time)."""
     from matplotlib.figure import Figure
 
     size = (panel_size[0] * num_panels, panel_size[1])
@@ -60,7 +58,7 @@ def _figure(num_panels: int, panel_size: tuple[float, float], fast: bool = False
 
 
 def figure_to_rgb(fig: Figure) -> np.ndarray:
-    """Render a figure to an (H, W, 3) uint8 array (Agg, no pyplot), e.g. for ``SummaryWriter.add_image``."""
+    """Render a figure to an (H, W, 3) uint8 array (Agg, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
@@ -81,10 +79,8 @@ def draw_matrix(
     cmap: str = "viridis",
     fmt: str = "{:.2f}",
 ) -> None:
-    """A heat map with a colour bar, values written in the cells when it is small enough to read.
-
-    ``vcenter`` centres a diverging colour map on that value (e.g. 1 = balanced load).
-    """
+    """A heat map with a colour bar, values written in the cells when it is small enough to read;
+    ``vcenter`` centres a diverging colour map on that value (e.g. 1 = balanced load)."""
     from matplotlib.colors import Normalize, TwoSlopeNorm
 
     m = as_array(matrix)
@@ -183,10 +179,8 @@ def _layer_colors(n: int) -> list[Any]:
 
 
 def figure(kind: str, metrics: Mapping[str, Any], title: str = "", fast: bool = False) -> Figure:
-    """One run's figure: ``kind`` in :data:`FIGURES` (``binned_prob_mi``, ``load``, ``gate_entropy``,
-    ``expert_similarity``), from a metrics dict (:func:`analyze_checkpoint`, ``metrics.json``,
-    or :meth:`RoutingStats.compute` for the first two). ``fast``: fixed margins and 80 dpi, about
-    twice as quick to draw (what the training callback uses)."""
+    """One run's figure of :data:`FIGURES` from a metrics dict (:meth:`RoutingStats.compute` suffices for
+    ``binned_prob_mi`` and ``load``). ``fast``: fixed margins and 80 dpi, quicker to draw (training callback)."""
     if kind == "expert_similarity":
         return compare_expert_similarity({title or "model": metrics})
     L = int(metrics.get("num_layers") or len(as_array(metrics["binned_prob_mi"])))
@@ -204,12 +198,8 @@ def figure(kind: str, metrics: Mapping[str, Any], title: str = "", fast: bool = 
 
 
 def compare(kind: str, metrics_by_run: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """Several runs' figures side by side (one panel per run, common colour scale for heat maps).
-
-    Args:
-        kind: One of :data:`FIGURES`.
-        metrics_by_run: Run label -> metrics dict (e.g. ``metrics.json`` of ``rmoe analyze``).
-    """
+    """Several runs' figures of :data:`FIGURES` side by side, one panel per run label (common colour scale
+    for heat maps)."""
     if kind == "expert_similarity":
         return compare_expert_similarity(metrics_by_run)
     runs = list(metrics_by_run.items())
@@ -237,15 +227,8 @@ def compare(kind: str, metrics_by_run: Mapping[str, Mapping[str, Any]]) -> Figur
 def compare_expert_similarity(metrics_by_run: Mapping[str, Mapping[str, Any]]) -> Figure:
     """Expert similarity per layer (RMoE paper, App. A.4.3), grouped bars: one bar per run per layer."""
     fig, (ax,) = _figure(1, (max(4.5, 1.2 * len(metrics_by_run) + 3.0), 3.4))
-    width = 0.8 / max(len(metrics_by_run), 1)
-    num_layers = 0
-    for i, (label, m) in enumerate(metrics_by_run.items()):
-        sims = as_array(m["expert_similarity"])
-        num_layers = max(num_layers, len(sims))
-        ax.bar(np.arange(len(sims)) + (i - (len(metrics_by_run) - 1) / 2) * width, sims, width, label=label)
-    ax.set_xticks(range(num_layers))
-    ax.set(title="expert similarity (mean cosine)", xlabel="MoE layer", ylabel="similarity")
-    ax.legend(fontsize=7)
+    sims = {label: m["expert_similarity"] for label, m in metrics_by_run.items()}
+    _bars(ax, sims, "expert similarity (mean cosine)", "similarity")
     return fig
 
 
@@ -297,7 +280,7 @@ def _panels(matrices: list[Any], titles: list[str], *, suptitle: str, fast: bool
 
 def coactivation_figure(coactivation_LEE: Any, title: str = "co-activation N(i,j)/N(i)", fast: bool = False) -> Figure:
     """OLMoE's co-activation heat maps, one panel per layer (row i: given expert i, the share of its
-    tokens also routed to expert j). ``fast``: as :func:`figure` (the training callback)."""
+    tokens also routed to expert j). ``fast``: as :func:`figure`."""
     m = [as_array(x) for x in coactivation_LEE]
     titles = [f"layer {l}" for l in range(len(m))]
     return _panels(m, titles, suptitle=title, fast=fast, xlabel="expert j", ylabel="expert i", vmin=0.0)

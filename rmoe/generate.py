@@ -4,26 +4,22 @@
 
 Decoding (:func:`generate`):
 
-1. Each prompt is encoded (``--unconditional`` adds an empty prompt that starts from ``<eos>``, the
-   document separator the model was trained to continue from; an empty prompt given as text is
-   refused, it is usually an unset shell variable) and the batch is **left**-padded with the pad id; the attention
-   mask hides the padding and positions are counted over real tokens only, so each row gets the
-   logits it would get alone.
-2. One forward over the prompts fills the :class:`~rmoe.model.decoder.KVCache`; every later step
-   feeds one token per row (``use_cache=False``: the whole sequence again, for comparison).
-3. The next token is the argmax (``temperature == 0``) or a sample from
-   ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and then to the
-   smallest set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al., "The Curious
-   Case of Neural Text Degeneration", arXiv 1904.09751), in the order transformers applies them.
-   Ids the tokenizer cannot produce (the model's vocabulary is rounded up to a multiple of 64) are
-   never chosen.
-4. A row that produced ``<eos>`` is finished (``stop_at_eos``): it gets padding afterwards, and
-   decoding stops when all rows are finished or after ``max_new_tokens``.
+1. The prompts are **left**-padded; the attention mask hides the padding and positions count real tokens
+   only, so each row gets the logits it would get alone. ``--unconditional`` adds an empty prompt that
+   starts from ``<eos>``, the document separator; an empty prompt given as text (an unset shell variable?)
+   is refused.
+2. One forward over the prompts fills the :class:`~rmoe.model.decoder.KVCache`; every later step feeds one
+   token per row (``use_cache=False``: the whole sequence again, for comparison).
+3. The next token is the argmax (``temperature == 0``) or a sample from ``softmax(logits / temperature)``
+   restricted to the ``top_k`` most likely tokens, then to the ``top_p`` nucleus (Holtzman et al.,
+   arXiv 1904.09751), in transformers' order. Ids the tokenizer lacks (the vocabulary is rounded up to a
+   multiple of 64) are never chosen.
+4. A row that produced ``<eos>`` is finished (``stop_at_eos``) and gets padding afterwards; decoding stops
+   when all rows are finished or after ``max_new_tokens``.
 
-Context: a prompt longer than the trained context (``data.block_size``) is refused (or, with
-``truncate_prompt``, cut to its last ``context - max_new_tokens`` tokens, at least half the context,
-with a warning, so that the tokens asked for still fit), and ``max_new_tokens`` is lowered with a
-warning so that no position beyond the trained context is generated.
+Context: a prompt longer than the trained context (``data.block_size``) is refused, or with
+``truncate_prompt`` cut to its last ``context - max_new_tokens`` tokens (at least half the context), with a
+warning; ``max_new_tokens`` is lowered with a warning so that nothing is generated beyond the trained context.
 """
 
 from __future__ import annotations
@@ -49,17 +45,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class SamplingConfig:
-    """How the next token is chosen.
-
-    Args:
-        max_new_tokens: Tokens to generate per prompt at most.
-        temperature: 0 for greedy decoding, else the softmax temperature.
-        top_k: Sample among the k most likely tokens (0: all).
-        top_p: Sample from the smallest set of tokens whose probability reaches top_p (1: all).
-        seed: Seed of the sampling generator (None: nondeterministic).
-        stop_at_eos: A row ends when it produces the end-of-document token.
-        use_cache: Decode with the KV cache (False: a full forward per token, the reference).
-    """
+    """How the next token is chosen: greedy (``temperature`` 0) or sampled among the ``top_k`` most likely
+    tokens (0: all) within the ``top_p`` nucleus (1: all). ``seed`` None: nondeterministic;
+    ``use_cache`` False: a full forward per token, the reference."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -82,13 +70,8 @@ class SamplingConfig:
 
 @dataclass
 class StepRouting:
-    """The experts of one generated token in every MoE layer.
-
-    Attributes:
-        expert_ids_LK: (MoE layers, K) chosen experts.
-        weights_LK: Their combine weights.
-        kept_LK: False where a capacity router dropped the pair (all True otherwise).
-    """
+    """The experts of one generated token in every MoE layer: ids, combine weights, and ``kept_LK`` False
+    where a capacity router dropped the pair; (MoE layers, K) each."""
 
     expert_ids_LK: torch.Tensor
     weights_LK: torch.Tensor
@@ -97,13 +80,8 @@ class StepRouting:
 
 @dataclass
 class Generation:
-    """The result of :func:`generate` for one prompt.
-
-    Attributes:
-        prompt_ids: The prompt's ids as fed to the model.
-        new_ids: The generated ids (ending with ``<eos>`` when it stopped there).
-        routing: Per generated token, its routing (only with ``record_routing``).
-    """
+    """One prompt's result of :func:`generate`: the prompt's ids as fed, the generated ids (ending with
+    ``<eos>`` when it stopped there) and, with ``record_routing``, each generated token's routing."""
 
     prompt_ids: list[int]
     new_ids: list[int]
@@ -111,8 +89,8 @@ class Generation:
 
 
 def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and then outside the top-p nucleus (as transformers'
-    ``TopKLogitsWarper`` and ``TopPLogitsWarper``: at least one token always survives)."""
+    """Set to -inf every logit outside the top-k, then outside the top-p nucleus (as transformers'
+    ``TopKLogitsWarper`` and ``TopPLogitsWarper``: at least one token survives)."""
     if top_k > 0 and top_k < logits_BV.shape[-1]:
         kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
@@ -150,20 +128,13 @@ def generate(
     record_routing: bool = False,
     on_step: Callable[[list[int | None]], None] | None = None,
 ) -> list[Generation]:
-    """Continue every prompt (see the module docstring for the steps).
+    """Continue every (non-empty) prompt, as the module docstring describes; one :class:`Generation` each.
 
     Args:
-        model: The decoder (put in eval mode here).
-        prompts: Token ids of each prompt (each non-empty).
-        sampling: Decoding settings.
-        eos_id: End-of-document id (stops a row when ``stop_at_eos``).
         pad_id: Id used for left padding and after a row finished.
         num_valid_ids: Ids ``>=`` this are never generated (the tokenizer's vocabulary size).
         record_routing: Keep each generated token's experts per MoE layer.
         on_step: Called after each step with each row's new id (None for a finished row).
-
-    Returns:
-        One :class:`Generation` per prompt, in order.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise RmoeError("every prompt needs at least one token.")
@@ -233,12 +204,8 @@ def _record(results: list[Generation], routing: list, unfinished_B: torch.Tensor
 
 
 def check_encodable(text: str, tokenizer: Tokenizer, source: str) -> None:
-    """Refuse a text with characters the tokenizer cannot encode (a WordPiece or SentencePiece
-    tokenizer maps them to its unknown token: the model would read something else than the text).
-
-    Raises:
-        RmoeError: Naming ``source`` and the characters (at most 8, with their code points).
-    """
+    """RmoeError naming ``source`` if ``text`` has characters the tokenizer cannot encode (a WordPiece or
+    SentencePiece tokenizer maps them to its unknown token: the model would read another text)."""
     bad = tokenizer.unencodable(text)
     if bad:
         shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad[:8]) + (" ..." if len(bad) > 8 else "")
@@ -347,12 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], out: TextIO | None = None) -> None:
-    """``rmoe generate ...`` (see :func:`build_parser`); RmoeError for bad input (exit 2 in ``rmoe``)."""
+    """``rmoe generate ...``; RmoeError for bad input (exit 2 in ``rmoe``)."""
     from rmoe.inference import load_model, non_causal_reason
 
     out = out or sys.stdout
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)  # prompts may come after options
+    args = build_parser().parse_intermixed_args(argv)  # prompts may come after options
     texts = list(args.prompts)
     for name in args.prompt_file:
         try:

@@ -1,10 +1,8 @@
 """Loading a trained model for use: from an ``rmoe fit`` checkpoint or an ``rmoe export`` directory.
 
-:func:`load_model` returns the model (eval mode), its tokenizer and its trained context length,
-with one-paragraph :class:`~rmoe.errors.RmoeError` messages for everything a user can get wrong
-(no such file, not an rmoe checkpoint, a checkpoint of another architecture, an unknown tokenizer,
-a directory that is not an rmoe export). :func:`non_causal_reason` says when a router cannot
-decode token by token.
+:func:`load_model` returns the model (eval mode), its tokenizer and its trained context length, or an
+:class:`~rmoe.errors.RmoeError` for everything a user can get wrong (no such file, not an rmoe checkpoint,
+another architecture, an unknown tokenizer, a directory that is not an rmoe export).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
 
 EXPORT_KEY = "rmoe"
-"""The key of ``config.json`` under which ``rmoe export`` writes our own metadata (see :func:`export_metadata`)."""
+"""The key of ``config.json`` under which ``rmoe export`` writes :func:`export_metadata`."""
 EXPORT_FORMAT = 1
 
 
@@ -33,14 +31,13 @@ class LoadedModel:
     """A model ready to generate with.
 
     Attributes:
-        model: The decoder, in eval mode.
-        tokenizer: Its tokenizer (None when loaded ``with_tokenizer=False``).
-        context_length: The sequence length it was trained on (``data.block_size``); None if unknown.
-        source: The checkpoint file or export directory it came from.
-        hparams: What the checkpoint says about its training (``model`` and ``data`` sections, the
-            global step), for the model card; {} for export directories.
-        checkpoint: The checkpoint's contents as read (once), for a ``*.ckpt``; None for an export.
-        run_folder: The ``rmoe fit`` run folder the checkpoint is in (``version_<k>``), else None.
+        tokenizer: None when loaded ``with_tokenizer=False``.
+        context_length: The trained sequence length (``data.block_size``); None if unknown.
+        source: The checkpoint file or export directory.
+        hparams: The checkpoint's ``model`` and ``data`` sections and global step, for the model card; {}
+            for an export.
+        checkpoint: The checkpoint's contents as read (once); None for an export.
+        run_folder: The ``rmoe fit`` run folder (``version_<k>``) of the checkpoint, else None.
     """
 
     model: MoeLM
@@ -59,13 +56,9 @@ class LoadedModel:
 def non_causal_reason(config: ModelConfig) -> str | None:
     """Why ``config``'s router cannot decode token by token (None: it can).
 
-    Decoding runs in evaluation mode and routes each new token alone (with the KV cache) or with
-    the tokens before it (without), so it reproduces the evaluation forward exactly when the
-    router is causal in evaluation: every token's routing depends on its own hidden state (and,
-    for RMoE, the same token's router state from the previous layer) only. Each router declares
-    that (:meth:`rmoe.routers.Router.causality`, proven by the router tests); expert choice,
-    Sinkhorn routing, Soft MoE and capacity drops are not causal, except in evaluation for the
-    routers that offer ``eval_routing: topk`` (S-BASE style) when it is set.
+    Decoding routes each new token alone (KV cache) or with the tokens before it, so it reproduces the
+    evaluation forward only if the router is causal in evaluation (:meth:`rmoe.routers.Router.causality`):
+    expert choice, Sinkhorn routing, Soft MoE and capacity drops are not, unless ``eval_routing: topk``.
     """
     reason = config.causality().evaluation
     return f"router {config.router!r} is not causal in evaluation: {reason}" if reason else None
@@ -79,20 +72,14 @@ def load_model(
     key: str = "--ckpt",
     with_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a checkpoint of ``rmoe fit`` (``*.ckpt``) or a directory written by ``rmoe export``: the one
-    way every command (and ``model.init_from``) reads a trained model, reading the file once.
+    """Load a checkpoint of ``rmoe fit`` (``*.ckpt``) or an ``rmoe export`` directory, reading the file once:
+    how every command (and ``model.init_from``) reads a trained model.
 
     Args:
-        path: The checkpoint file or export directory.
-        tokenizer: Override the tokenizer (``byte``, a tokenizer directory, a transformers name).
-            Default: the run's ``tokenizer/`` folder next to ``checkpoints/``, else the checkpoint's
-            ``data.tokenizer``; for an export directory, the tokenizer saved in it.
-        device: Where to put the model.
+        tokenizer: Override the tokenizer (``byte``, a tokenizer directory, a transformers name). Default:
+            the run's ``tokenizer/`` folder, else the checkpoint's ``data.tokenizer``; for an export, its own.
         key: The option or config key the path came from, for messages.
-        with_tokenizer: False: do not build the tokenizer (``LoadedModel.tokenizer`` is None).
-
-    Raises:
-        RmoeError: See the module docstring.
+        with_tokenizer: False: do not build the tokenizer.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -156,8 +143,8 @@ def export_metadata(config: ModelConfig, context_length: int | None, tokenizer: 
 
 
 def check_model_path(path: str | os.PathLike[str], key: str = "--ckpt") -> None:
-    """What :func:`load_model` checks of a path before it builds a model (exists; a readable checkpoint, or an
-    export folder with its metadata and intact weights), for a command that must fail before it writes."""
+    """The checks :func:`load_model` makes before it builds a model, for a command that must fail before it
+    writes."""
     from rmoe.checkpoints import read_checkpoint
 
     path = Path(path).expanduser()
@@ -202,16 +189,14 @@ def _load_export(path: Path, tokenizer: str | None, key: str, with_tokenizer: bo
 
     meta, model_type = _export_meta(path, key)
     config_file, weights_file = path / "config.json", path / "model.safetensors"
-
     config = _model_config(meta["arch"], str(config_file))
     if model_type in SUPPORTED_MODEL_TYPES:  # a native transformers export: read by transformers itself
         model = MoeLM(config)
         load_hf_weights(model, read_hf_checkpoint(path).state_dict(), str(path))
-    else:
+    else:  # remote code: our names under the wrapper's `model.` prefix
         from safetensors.torch import load_file
 
         weights = load_file(str(weights_file))
-        # remote code: our names under the wrapper's `model.` prefix
         model = _build(config, {k.removeprefix("model."): v for k, v in weights.items()}, str(weights_file))
     context = meta.get("context_length")
     built = _tokenizer(tokenizer or str(path)) if with_tokenizer else None

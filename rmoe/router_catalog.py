@@ -1,7 +1,6 @@
 """``rmoe routers [NAME]``: the registered routers, and one router's options with their docs.
 
-Everything printed is read from the router classes (their docstrings, ``Options`` dataclasses,
-causality and costs), so a router added to :mod:`rmoe.routers` is listed without a line here.
+Everything printed is read from the router classes, so a new router is listed without a line here.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ _ENTRY = re.compile(r"^(\s*)(\w+): (.*)$")
 
 
 def option_docs(options_class: type) -> dict[str, str]:
-    """Each option's text from the ``Args:`` sections of ``options_class`` and its bases (the most
-    derived class that documents an option wins)."""
+    """Each option's text from the ``Args:`` sections of ``options_class`` and its bases (most derived wins)."""
     docs: dict[str, str] = {}
     for klass in reversed(options_class.__mro__):
         docs.update(_args_section(klass.__dict__.get("__doc__") or ""))

@@ -1,17 +1,11 @@
 """Reading runs back: run directories, their TensorBoard scalars, checkpoints and ``metrics.json``.
 
-A *run directory* is what ``rmoe fit`` writes under the TensorBoard logger's ``log_dir``
-(``runs/<name>/version_<n>/``): ``events.out.tfevents.*``, ``config.yaml``, ``hparams.yaml``,
-``checkpoints/*.ckpt``. A *sweep root* (``rmoe sweep``) holds one folder per run of its grid,
-``<root>/<run>/``, with the fit's run directory :data:`FIT_DIR`, the test's :data:`TEST_DIR` (and
-:data:`CAUSAL_TEST_DIR` for a router that is not causal in evaluation), the
-log :data:`LOG_FILE`, the plan :data:`PLAN_FILE` and, once finished, the marker
-:data:`MARKER_FILE`; the root keeps a copy of the grid, :data:`SWEEP_COPY`.
+A *run directory* is what ``rmoe fit`` writes (``runs/<name>/version_<n>/``: event files, ``config.yaml``,
+``hparams.yaml``, ``checkpoints/*.ckpt``). A *sweep root* (``rmoe sweep``) holds one folder per run of its grid,
+``<root>/<run>/``, with the files named below, and a copy of the grid, :data:`SWEEP_COPY`.
 
-This module is the one place that names those files and reads event files: ``rmoe sweep``,
-``rmoe report``, :mod:`rmoe.analysis`, ``notebooks/routing_analysis.ipynb`` and the benchmarks use
-it. It only reads (except :func:`write_json`) and imports nothing from ``rmoe`` but
-:mod:`rmoe.errors`.
+The one place that names those files and reads event files; it only reads (but :func:`write_json`) and imports
+from ``rmoe`` only its leaf modules.
 """
 
 from __future__ import annotations
@@ -35,44 +29,28 @@ from rmoe.errors import RmoeError
 from rmoe.tags import parse_layer_tag
 
 EVENTS_GLOB = "events.out.tfevents.*"
-"""The TensorBoard event files of a run directory."""
 
-# The folder of one sweep run, ``<root>/<run>/`` (written by ``rmoe sweep``, read by ``rmoe report``)
-FIT_DIR = "version_0"
-"""The ``rmoe fit`` run directory (the logger's ``version`` is set so the path is deterministic)."""
-TEST_DIR = "test"
-"""The ``rmoe test`` run directory (the logger's ``version``) of the run's best or last checkpoint."""
-CAUSAL_TEST_DIR = "test_causal"
-"""The ``rmoe test`` of the same checkpoint with the router's causal evaluation
-(``ModelConfig.causal_evaluation_options``), for a run whose router is not causal in evaluation."""
-LOG_FILE = "stdout.log"
-"""Everything the run printed, appended to on each attempt."""
-PLAN_FILE = "run.json"
-"""What the run is: its grid labels and command lines."""
-RUN_LOCK = "running.lock"
-"""Locked (``flock``) by the sweep process running the run, so a second sweep on the same root
-leaves it alone; the lock goes with the process, however it ends."""
-FOLLOW_UP_PLAN = "run.follow-up.json"
-"""The plan of a stage added to a finished run (its :data:`PLAN_FILE` stays as it finished); removed once done."""
-MARKER_FILE = "done.json"
-"""Written once fit (and test) succeeded: the run is finished."""
-SWEEP_COPY = "sweep.yaml"
-"""The sweep root's copy of the grid (keys and labels in order)."""
-STATUS_FILE = "status.json"
-"""In a run's log folder: whether it is running, finished, failed or interrupted (``RunStatus``)."""
-RESUME_CHECKPOINT = "resume"
-"""``checkpoints/resume.ckpt``: the periodic checkpoint a sweep run resumes from."""
+# The files of one sweep run folder, ``<root>/<run>/``
+FIT_DIR = "version_0"  # the fit's run directory (the logger's version is fixed)
+TEST_DIR = "test"  # the test of the run's best or last checkpoint
+CAUSAL_TEST_DIR = "test_causal"  # the same test with the router's causal evaluation, for a non-causal router
+LOG_FILE = "stdout.log"  # everything the run printed, appended to on each attempt
+PLAN_FILE = "run.json"  # the run's grid labels and command lines
+RUN_LOCK = "running.lock"  # flock-ed while a sweep process runs the run: a second sweep leaves it alone
+FOLLOW_UP_PLAN = "run.follow-up.json"  # a stage added to a finished run (its PLAN_FILE stays); removed once done
+MARKER_FILE = "done.json"  # written once fit (and test) succeeded
+SWEEP_COPY = "sweep.yaml"  # the sweep root's copy of the grid (keys and labels in order)
+STATUS_FILE = "status.json"  # in a run's log folder: running, finished, failed or interrupted (RunStatus)
+RESUME_CHECKPOINT = "resume"  # checkpoints/resume.ckpt: the periodic checkpoint a sweep run resumes from
 
 
 @dataclass
 class RunDir:
-    """One training run's directory and what identifies it (read back from disk; a run a sweep plans
-    is :class:`rmoe.sweep.spec.GridRun`).
+    """One training run's directory, read back from disk.
 
     Attributes:
         path: The run directory (``<save_dir>/<name>/version_<n>``).
-        label: A short name for plots: the router (``model.arch.router`` of ``config.yaml``) plus
-            the directory's name and version when several runs share a router.
+        label: A short name for plots: the router, plus the directory's name and version when runs share one.
         config: The run's resolved ``config.yaml`` ({} if absent).
     """
 
@@ -86,11 +64,7 @@ class RunDir:
         return str(self.config.get("model", {}).get("arch", {}).get("router", "?"))
 
     def checkpoint(self, name: str = "last.ckpt") -> Path:
-        """The checkpoint ``name`` of this run, else its best (``best-*.ckpt``), else any ``*.ckpt``.
-
-        Raises:
-            RmoeError: If the run has no checkpoint.
-        """
+        """The checkpoint ``name`` of this run, else its best (``best-*.ckpt``), else any; RmoeError if none."""
         directory = self.path / "checkpoints"
         for candidate in [directory / name, *sorted(directory.glob("best-*.ckpt")), *sorted(directory.glob("*.ckpt"))]:
             if candidate.is_file():
@@ -99,20 +73,10 @@ class RunDir:
 
 
 def find_runs(patterns: str | Iterable[str]) -> list[RunDir]:
-    """Run directories matching glob patterns (``os.pathsep`` or comma separated in one string).
+    """Run directories matching glob patterns (e.g. ``"runs/quick/version_*"`` or ``"runs/a,runs/b"``), sorted.
 
-    A match counts as a run if it holds a TensorBoard event file or a ``checkpoints/`` folder; a
-    match that is a parent of runs (e.g. ``runs/quick``) stands for every run below it.
-
-    Args:
-        patterns: E.g. ``"runs/quick/version_*"`` or ``"runs/a,runs/b"``; ``~`` is expanded.
-
-    Returns:
-        The runs, sorted by path, labelled by router (see :class:`RunDir`).
-
-    Raises:
-        RmoeError: If nothing matches.
-    """
+    A match is a run if it holds an event file or a ``checkpoints/`` folder; a parent of runs (``runs/quick``)
+    stands for every run below it. Raises RmoeError if nothing matches."""
     if isinstance(patterns, str):
         patterns = [p for p in re.split(rf"[,{re.escape(os.pathsep)}]", patterns) if p.strip()]
     found: set[Path] = set()
@@ -144,8 +108,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def run_folder_of_checkpoint(ckpt: str | os.PathLike[str]) -> Path | None:
-    """``<save_dir>/<name>/version_<k>`` for a checkpoint in the ``checkpoints/`` folder of a run written by
-    ``rmoe fit``, else None: the one definition of a checkpoint's run folder."""
+    """``<save_dir>/<name>/version_<k>`` for a checkpoint in a run's ``checkpoints/`` folder, else None."""
     path = Path(ckpt).resolve()
     run = path.parent.parent
     return run if path.parent.name == "checkpoints" and re.fullmatch(r"version_\d+", run.name) else None
@@ -160,23 +123,15 @@ def run_dir_of_checkpoint(ckpt: str | os.PathLike[str]) -> Path:
 def read_events(
     directory: str | os.PathLike[str], pattern: str | None = None
 ) -> dict[str, list[tuple[int, float, float]]]:
-    """Every scalar series of a directory's event files: ``{tag: [(step, value, wall_time), ...]}``.
+    """Every scalar series of a directory's event files (not sub-directories), unsampled and sorted by step:
+    ``{tag: [(step, value, wall_time), ...]}``, only tags matching ``pattern`` (``re.search``) if given.
 
-    Reads all ``events.out.tfevents.*`` files of the directory (not sub-directories) with
-    TensorBoard's ``EventAccumulator`` (no sampling: every point is kept); later files win where
-    a (tag, step) repeats (a resumed run re-logs the steps after its checkpoint), and each series
-    is sorted by step. A directory without event files gives ``{}``.
-
-    Args:
-        directory: The run directory.
-        pattern: Keep only tags matching this regular expression (``re.search``).
-    """
+    Later files win where a (tag, step) repeats: a resumed run re-logs the steps after its checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     regex = re.compile(pattern) if pattern else None
     series: dict[str, dict[int, tuple[float, float]]] = {}
     for events in sorted(Path(directory).glob(EVENTS_GLOB)):
-        # scalars only: every point of them, as little as possible of the rest
         guidance = {"scalars": 0, "images": 1, "histograms": 1, "tensors": 1}
         accumulator = EventAccumulator(str(events), size_guidance=guidance)
         accumulator.Reload()
@@ -189,24 +144,13 @@ def read_events(
 
 
 def read_scalars(run_dir: str | os.PathLike[str], pattern: str | None = None) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run's TensorBoard event files: ``{tag: [(step, value), ...]}``.
-
-    :func:`read_events` without the wall times.
-
-    Args:
-        run_dir: The run directory.
-        pattern: Keep only tags matching this regular expression (``re.search``).
-    """
+    """:func:`read_events` without the wall times: ``{tag: [(step, value), ...]}``."""
     return {tag: [(s, v) for s, v, _ in points] for tag, points in read_events(run_dir, pattern).items()}
 
 
 def find_sweep_runs(root: str | os.PathLike[str]) -> list[tuple[Path, dict[str, str]]]:
-    """The run folders under a sweep root with their grid labels, in sweep order.
-
-    A run folder is a child of ``root`` with a :data:`PLAN_FILE` (written by ``rmoe sweep``) or with
-    ``version_*`` event directories; without the plan its labels are ``{"run": <folder name>}``.
-    Runs are ordered as the labels are in the root's :data:`SWEEP_COPY` when there is one, else by name.
-    """
+    """The run folders under a sweep root (with a :data:`PLAN_FILE` or ``version_*`` event folders) with their
+    grid labels (``{"run": <folder name>}`` without a plan), in the order of :data:`SWEEP_COPY`, else by name."""
     root = Path(root)
     found = []
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -229,8 +173,7 @@ def _label_order(root: Path) -> dict[str, dict[str, int]]:
 
 
 def fit_dir(run_folder: str | os.PathLike[str]) -> Path | None:
-    """The fit's run directory of a sweep run folder: ``<run>/version_0``, else the newest
-    ``version_*`` holding events, else None."""
+    """A sweep run's fit directory: ``<run>/version_0``, else the newest ``version_*`` with events, else None."""
     run_folder = Path(run_folder)
     candidates = [p for p in run_folder.glob("version_*") if any(p.glob(EVENTS_GLOB))]
     if (run_folder / FIT_DIR) in candidates:
@@ -241,12 +184,8 @@ def fit_dir(run_folder: str | os.PathLike[str]) -> Path | None:
 def layer_series(
     scalars: Mapping[str, list[tuple[int, float]]], prefix: str
 ) -> dict[str, tuple[list[int], list[float]]]:
-    """The per-layer series under ``prefix`` (e.g. ``moe/val/gate_entropy_mean``), by layer label.
-
-    Returns:
-        ``{"0": (steps, values), "1": ...}`` for tags ``{prefix}/layer_0`` ..., and ``"0_1"`` ... for
-        consecutive-layer tags ``{prefix}/layer_0_1``; in layer order.
-    """
+    """The per-layer series under ``prefix`` (e.g. ``moe/val/gate_entropy_mean``) in layer order:
+    ``{"0": (steps, values), ...}`` for ``{prefix}/layer_0``, ``"0_1"`` for consecutive-layer tags."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for tag, points in scalars.items():
         parsed = parse_layer_tag(tag)
@@ -286,8 +225,7 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def fit_status(run_dir: Path) -> dict[str, Any]:
-    """The newest :data:`STATUS_FILE` under a run folder (``{}`` when there is none): ``state`` (running,
-    finished, failed, interrupted), ``global_step``, and ``error`` / ``signal`` where they apply."""
+    """The newest fit :data:`STATUS_FILE` under a run folder (``{}`` if none): ``state``, ``global_step``, ..."""
     found = sorted(Path(run_dir).rglob(STATUS_FILE), key=lambda p: p.stat().st_mtime)
     for path in reversed(found):
         try:
@@ -303,12 +241,8 @@ Scalar = bool | int | float | str
 
 
 def flatten_hparams(value: Any, prefix: str = "") -> dict[str, Scalar]:
-    """Nested hyperparameters (dicts, dataclasses, Namespaces) -> ``{"a.b.c": scalar}``.
-
-    Keeps bool, int, float and str; short lists of those become their JSON text; None, private
-    keys (``_instantiator``) and other objects are left out, so TensorBoard's HParams tab can show
-    every value.
-    """
+    """Nested hyperparameters (dicts, dataclasses, Namespaces) -> ``{"a.b.c": scalar}`` for TensorBoard's HParams
+    tab: scalars, short lists of scalars as JSON text; None, private keys and other objects are left out."""
     out: dict[str, Scalar] = {}
 
     def visit(key: str, v: Any) -> None:

@@ -1,29 +1,18 @@
 """Host synchronisations: moving device values to the host in one transfer, and counting the rest.
 
-A CUDA program runs ahead of the GPU until the host needs a value the GPU has not produced yet: a
-Python number from a tensor (``.item()``, ``.tolist()``, ``bool()``, ``float()``), an operation
-whose output shape depends on the data (``nonzero``, boolean indexing, ``unique``, ``bincount``,
-``masked_select``, ``repeat_interleave`` without ``output_size``), a copy to the host (``.cpu()``,
-``.numpy()``), or a tensor made from host data on the device (``torch.tensor(x,
-device="cuda")``: torch copies from pageable memory and then waits for the stream). Each one stalls
-the queue of launched kernels, and on CPU each costs nothing, which is why they are counted rather
-than timed.
+The host waits for the GPU when it needs a value: a Python number (``.item()``, ``.tolist()``, ``bool()``), an
+output shape that depends on the data (``nonzero``, boolean indexing, ``unique``, ``bincount``, ``masked_select``,
+``repeat_interleave`` without ``output_size``), a copy to the host (``.cpu()``, ``.numpy()``), or host data copied
+to the device (``torch.tensor(x, device="cuda")``). On CPU these cost nothing, so they are counted, not timed.
 
-* :func:`to_host` moves any number of device tensors to the host as ONE transfer (their bytes
-  packed into one buffer), the only way rmoe's training loop reads device values.
-* :class:`HostSyncCounter` counts every synchronisation of a stretch of code on any device, CPU
-  included, with the line it comes from: a ``TorchDispatchMode`` for the operators, wrappers of the
-  ``Tensor`` methods and factories that move data between host and device without an operator on
-  CPU, and a record of which tensors live on the host.
+* :func:`to_host` moves device tensors to the host in ONE transfer; the training loop reads device values only so.
+* :class:`HostSyncCounter` counts every synchronisation of a stretch of code, on any device, with its source line.
 
-On CPU every tensor is on the host, so the counter plays the device's part. Tensors that existed
-before it started (parameters, buffers, the batch) and everything computed from them are "device"
-tensors. Tensors made on the default device (``torch.tensor``, ``torch.zeros``, ``torch.arange``...
-without a ``device``, or with the string ``"cpu"``), by :func:`to_host` or ``.cpu()``, and
-everything computed from those alone are "host" tensors, and reading one is free. A host tensor's
-``.device`` is a marked ``cpu`` device while the counter runs, so ``torch.zeros(...,
-device=host_tensor.device)`` is a host tensor too; any other device object (``x.device`` of a
-device tensor, Lightning's ``self.device``) is the device's.
+On CPU the counter plays the device's part. Tensors that existed before it started (parameters, the batch) and
+everything computed from them are "device" tensors. Tensors made on the default device (``torch.zeros`` ... without
+a ``device``, or with ``"cpu"``), by :func:`to_host` or ``.cpu()``, and everything computed from those alone are
+"host" tensors, free to read. A host tensor's ``.device`` is a marked ``cpu`` device while the counter runs, so
+``torch.zeros(..., device=host_tensor.device)`` is a host tensor too; any other device object is the device's.
 """
 
 from __future__ import annotations
@@ -46,11 +35,8 @@ aten = torch.ops.aten
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors on the host (same shapes and dtypes, contiguous), copied in ONE transfer.
-
-    Their bytes are packed into one device buffer, copied once and split again on the host; host
-    tensors are returned as they are. On CPU nothing is copied but the packing.
-    """
+    """The tensors on the host (same shapes and dtypes, contiguous): their bytes packed into one device buffer,
+    copied once and split on the host. Host tensors are returned as they are."""
     tensors = [t.detach() for t in tensors]
     on_device = [i for i, t in enumerate(tensors) if t.device.type != "cpu" or _device_to_counters(t)]
     out = [t.contiguous() for t in tensors]
@@ -75,9 +61,8 @@ def _device_to_counters(tensor: torch.Tensor) -> bool:
 
 
 def all_reduce_(tensors: Sequence[torch.Tensor], op: Any = None) -> None:
-    """All-reduce host or device tensors in place across processes (SUM unless ``op``); a no-op without
-    an initialised process group of more than one process. NCCL reduces CUDA tensors only: host
-    tensors go through the current CUDA device there."""
+    """All-reduce host or device tensors in place across processes (SUM unless ``op``); a no-op on one process.
+    NCCL reduces CUDA tensors only: host tensors go through the current CUDA device there."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     op = dist.ReduceOp.SUM if op is None else op
@@ -92,11 +77,8 @@ def all_reduce_(tensors: Sequence[torch.Tensor], op: Any = None) -> None:
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
-    """Average a device tensor over every process, in place, and return it (unchanged on one process).
-
-    ``torch.distributed.all_reduce`` alone: Lightning's ``strategy.reduce`` puts a barrier before it,
-    which under NCCL makes the host wait for the GPU at every call.
-    """
+    """Average a device tensor over every process, in place, and return it. Not Lightning's ``strategy.reduce``:
+    its barrier makes the host wait for the GPU under NCCL."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
@@ -113,11 +95,8 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 class HostCopy:
     """A copy of a device tensor to the host that does not wait for the device: read it a step later.
 
-    On CUDA the copy goes into pinned memory with ``non_blocking=True`` and an event marks its end;
-    :meth:`tolist` waits for that event, which has long completed when the copy was made an
-    optimiser step earlier (reading it in the step that made it would be a synchronisation: use
-    :func:`to_host` there, so that it is counted). On CPU it is a plain copy.
-    """
+    On CUDA: a non-blocking copy into pinned memory and an event that :meth:`tolist` waits for, long done a step
+    later (in the same step, use :func:`to_host`, which is counted). On CPU: a plain copy."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
@@ -166,8 +145,8 @@ _REAL_DEVICE = torch._C.TensorBase.device.__get__
 
 @dataclass(frozen=True)
 class SyncEvent:
-    """One host synchronisation: what (``kind``: the operator or method), why, and where (``where``:
-    ``folder/file.py:line in function`` of the innermost caller outside torch and this module)."""
+    """One host synchronisation: ``kind`` (operator or method), ``reason``, and ``where`` (``folder/file.py:line in
+    function`` of the innermost caller outside torch and this module)."""
 
     kind: str
     reason: str
@@ -183,14 +162,10 @@ def _caller() -> str:
 
 
 class HostSyncCounter(TorchDispatchMode):
-    """``with HostSyncCounter() as syncs: ...`` records every host synchronisation in ``syncs.events``
-    (see the module docstring for what counts and how host tensors are told from device tensors).
+    """``with HostSyncCounter() as syncs: ...`` records every host synchronisation in ``syncs.events``.
 
-    A host tensor made while no counter is active looks like a device tensor to a later one: to count
-    chosen stretches of a long run (a training step, a validation batch), keep one counter active
-    from the start and switch ``recording`` on for the stretches. ``summary()`` counts the events by
-    place.
-    """
+    A host tensor made while no counter is active looks like a device tensor to a later one: to count stretches of
+    a long run, keep one counter active from the start and switch ``recording`` on for the stretches."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -246,8 +221,7 @@ class HostSyncCounter(TorchDispatchMode):
         setattr(owner, name, wrapper)
 
     def _host_device(self, device: Any) -> bool:
-        """Whether a ``device`` argument means the host: None (the default device), ``"cpu"`` written as
-        a string, or the ``.device`` of a host tensor; any other device object is the device's."""
+        """Whether a ``device`` argument means the host: None, a ``"cpu"`` string, or a host tensor's ``.device``."""
         return device is None or device is _HOST_DEVICE or (isinstance(device, str) and device.startswith("cpu"))
 
     def __enter__(self) -> HostSyncCounter:

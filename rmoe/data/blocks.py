@@ -1,16 +1,12 @@
 """Tokenise documents and pack them into fixed-length blocks, cached as Arrow files by ``datasets``.
 
-The token stream of a split is every document's ids followed by ``<eos>``, so consecutive
-documents are separated by exactly one ``<eos>``. The stream is cut into blocks of
-``block_size + 1`` tokens with stride ``block_size``: block ``i`` is
-``stream[i * block_size : (i + 1) * block_size + 1]``, so consecutive blocks share one boundary
-token and, with input = ``block[:-1]`` and target = ``block[1:]``, every token after the first is
-a target exactly once. The tail that does not fill a block is dropped (for every split, so eval
-blocks all have the same length and no padding or masking is needed).
+A split's token stream is every document's ids followed by one ``<eos>``. Block ``i`` is
+``stream[i * block_size : (i + 1) * block_size + 1]`` (stride ``block_size``), so with input = ``block[:-1]``
+and target = ``block[1:]`` every token after the first is a target exactly once. The tail that does not fill a
+block is dropped in every split, so no padding or masking is needed.
 
-Both steps run as ``Dataset.map`` with an explicit ``cache_file_name``: ``tokens.arrow`` (one row
-per document) and ``blocks-{block_size}.arrow`` (one row per block); ``datasets`` writes them
-atomically and loads them back memory-mapped.
+Both steps are ``Dataset.map`` with an explicit ``cache_file_name`` (``tokens.arrow``, one row per document;
+``blocks-{block_size}.arrow``, one row per block), written atomically and loaded back memory-mapped.
 """
 
 from __future__ import annotations
@@ -29,14 +25,7 @@ from rmoe.data.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class SplitStats:
-    """Sizes of one split.
-
-    Attributes:
-        num_documents: Documents in the split.
-        num_bytes: UTF-8 bytes of the documents' text.
-        num_tokens: Tokens in the stream, including one ``<eos>`` per document.
-        num_blocks: Packed blocks (the tail of the stream that does not fill a block is dropped).
-    """
+    """Sizes of one split: documents, UTF-8 bytes, tokens (one ``<eos>`` per document included), blocks."""
 
     num_documents: int
     num_bytes: int
@@ -66,10 +55,7 @@ def token_dtype(vocab_size: int) -> str:
 
 
 def pack(stream: np.ndarray, block_size: int) -> np.ndarray:
-    """Blocks ``(N, block_size + 1)`` of ``stream`` with stride ``block_size``; the tail is dropped.
-
-    Returns a read-only strided view (no copy).
-    """
+    """Blocks ``(N, block_size + 1)`` of ``stream`` with stride ``block_size``, tail dropped: a read-only view."""
     num_blocks = max((len(stream) - 1) // block_size, 0)
     if num_blocks == 0:
         return np.empty((0, block_size + 1), dtype=stream.dtype)
@@ -85,13 +71,7 @@ def _list_feature(dtype: str, length: int = -1) -> Any:
 
 
 def tokenize_documents(documents: Any, tokenizer: Tokenizer, path: Path, batch_size: int = 256) -> Any:
-    """Tokenise every document and append ``<eos>``; cached at ``path`` (reused if it exists).
-
-    Args:
-        documents: ``datasets.Dataset`` with a ``text`` column.
-        tokenizer: The tokenizer.
-        path: The Arrow cache file.
-        batch_size: Documents per ``encode_batch`` call.
+    """Tokenise every document of a ``text`` dataset, cached at ``path`` (reused if it exists).
 
     Returns:
         A dataset with columns ``ids`` (the document's ids then ``<eos>``) and ``num_bytes``.
@@ -147,11 +127,8 @@ class _Packer:
 
 
 def pack_tokens(tokens: Any, block_size: int, path: Path, batch_size: int = 1000) -> Any:
-    """Pack a ``tokenize_documents`` result into blocks; cached at ``path`` (reused if it exists).
-
-    Returns:
-        A dataset with one column ``input_ids`` of ``block_size + 1`` ids per row.
-    """
+    """Pack a ``tokenize_documents`` result into an ``input_ids`` column of ``block_size + 1`` ids per row;
+    cached at ``path`` (reused if it exists)."""
     import datasets
 
     dtype = tokens.features["ids"].feature.dtype

@@ -1,16 +1,11 @@
 """Corpora: where the documents of the train / val / test splits come from.
 
-A corpus is cheap to construct (it only lists and checks its inputs, so bad input fails early)
-and loads its text lazily in :meth:`Corpus.load`. Every corpus returns, for each split, a
-``datasets.Dataset`` with one ``text`` column, one row per document. ``identity(split)`` is a
-small JSON-able description that changes whenever the split's text could change; it keys the
-caches, so editing a validation file does not invalidate the training split's cache.
+Constructing a corpus only lists and checks its inputs (bad input fails early); :meth:`Corpus.load` reads the
+text: per split, a ``datasets.Dataset`` with one ``text`` column, one row per document. ``identity(split)`` keys
+the caches per split, so editing a validation file does not invalidate the training split's cache.
 
-Sources:
-
-* ``stdlib``: the running interpreter's standard library ``.py`` files (no network needed).
-* ``files``: local UTF-8 text files, one document per file.
-* hub presets (:data:`PRESETS`): ``wikitext-103``, ``enwik8``, ``tinystories`` (need network once).
+Sources: ``stdlib`` (the interpreter's standard library ``.py`` files, no network), ``files`` (local UTF-8
+text files, one document per file) and the hub presets of :data:`PRESETS` (network needed once).
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ from typing import Any
 from rmoe.errors import RmoeError, check_choice
 
 SPLITS = ("train", "val", "test")
-# What datasets.load_dataset calls our splits.
 HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 # Share of the text carved out of the training text for each eval split that has no files of its own.
 CARVED_FRACTION = 0.05
@@ -45,11 +39,8 @@ class Corpus(ABC):
 
     @abstractmethod
     def load(self, hub_cache: Path) -> dict[str, Any]:
-        """Load the documents: a ``datasets.Dataset`` with a ``text`` column for each of :data:`SPLITS`.
-
-        Args:
-            hub_cache: Cache directory for ``datasets.load_dataset``.
-        """
+        """A ``datasets.Dataset`` with a ``text`` column for each of :data:`SPLITS`; ``hub_cache`` is
+        ``datasets.load_dataset``'s cache directory."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,10 +54,7 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 
 
 def stdlib_split(relative_path: str) -> str:
-    """The split of a stdlib file: a stable hash of its relative POSIX path, 90% / 5% / 5%.
-
-    sha256, not Python's ``hash()``, which is randomised per process.
-    """
+    """The split of a stdlib file, 90% / 5% / 5% by sha256 of its relative POSIX path (``hash()`` is randomised)."""
     bucket = int.from_bytes(hashlib.sha256(relative_path.encode("utf-8")).digest()[:8], "big") % 100
     if bucket < 90:
         return "train"
@@ -74,11 +62,8 @@ def stdlib_split(relative_path: str) -> str:
 
 
 def list_stdlib_files(root: Path) -> list[str]:
-    """Relative POSIX paths of the ``.py`` files under ``root``, sorted, test suites excluded.
-
-    A directory is skipped when its name is in :data:`STDLIB_EXCLUDED_DIRS` or starts with
-    ``config-`` (the build configuration directory).
-    """
+    """Sorted relative POSIX paths of the ``.py`` files under ``root``, skipping :data:`STDLIB_EXCLUDED_DIRS`
+    and ``config-*`` (build configuration) directories."""
     found = []
     for directory, subdirectories, files in os.walk(root):
         subdirectories[:] = sorted(
@@ -90,11 +75,8 @@ def list_stdlib_files(root: Path) -> list[str]:
 
 
 class StdlibCorpus(Corpus):
-    """The Python standard library's own source: one document per ``.py`` file.
-
-    Files are split by :func:`stdlib_split` of their relative path, so the split is the same on
-    every machine with the same Python. Empty files, whitespace-only files and files that are not
-    valid UTF-8 are skipped. Within a split, documents are in sorted path order.
+    """The Python standard library's source, one document per ``.py`` file, split by :func:`stdlib_split`
+    (the same on every machine with the same Python), in sorted path order; blank or non-UTF-8 files are skipped.
     """
 
     def __init__(self, root: str | None = None) -> None:
@@ -110,13 +92,8 @@ class StdlibCorpus(Corpus):
 
     def identity(self, split: str) -> dict[str, Any]:
         """The root, the split rule and the path, size and mtime of every file of the split."""
-        return {
-            "kind": "stdlib",
-            "root": str(self.root),
-            "split": split,
-            "split_rule": "sha256-90-5-5",
-            "files": self._file_stats[split].hexdigest(),
-        }
+        files = self._file_stats[split].hexdigest()
+        return {"kind": "stdlib", "root": str(self.root), "split": split, "split_rule": "sha256-90-5-5", "files": files}
 
     def split_files(self, split: str) -> list[str]:
         """Relative paths of the files of ``split`` (before skipping empty or non-UTF-8 files)."""
@@ -167,11 +144,7 @@ def resolve_files(key: str, patterns: Sequence[str]) -> list[Path]:
 
 
 def check_text_file(key: str, path: Path, chunk_size: int = 1 << 24) -> str:
-    """Check that ``path`` is valid UTF-8 and return the sha256 of its bytes.
-
-    Raises:
-        RmoeError: The file is not valid UTF-8 (naming the byte offset).
-    """
+    """The sha256 of ``path``'s bytes; RmoeError (naming the byte offset) if it is not valid UTF-8."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     digest = hashlib.sha256()
     offset = 0
@@ -203,19 +176,11 @@ def check_not_all_empty(key: str, paths: Sequence[Path]) -> None:
 
 
 def split_text(documents: Sequence[str], fractions: Sequence[float]) -> list[list[str]]:
-    """Cut the concatenated ``documents`` into consecutive parts with the given shares of characters.
+    """Cut the concatenated ``documents`` into consecutive parts with the given shares (summing to 1) of characters.
 
-    Each cut moves forward to just after the next newline, so no line is broken, or, in a document
-    with no newline after the cut (one long line), to just after the next whitespace, or else stays
-    where it is; a document that straddles a cut becomes two documents. Concatenating all parts gives
-    back the concatenated documents.
-
-    Args:
-        documents: The texts, in order.
-        fractions: Share of each part; they should sum to 1.
-
-    Returns:
-        One list of documents per part (possibly empty for tiny inputs).
+    Each cut moves forward to just after the next newline (in one long line: the next whitespace, else it stays);
+    a document that straddles a cut becomes two. The parts, concatenated, give back the input. Returns one list of
+    documents per part (possibly empty for tiny inputs).
     """
     total = sum(len(document) for document in documents)
     bounds, cumulative = [], 0.0
@@ -246,14 +211,12 @@ def split_text(documents: Sequence[str], fractions: Sequence[float]) -> list[lis
 
 
 class FilesCorpus(Corpus):
-    """Local UTF-8 text files, one document per file (``load_dataset("text", sample_by="document")``).
+    """Local UTF-8 text files, one document per file (``load_dataset("text", sample_by="document")``), with
+    line endings normalised to ``\\n``.
 
-    Line endings are normalised to ``\\n`` (Python's universal newlines). When ``val_files`` or
-    ``test_files`` are missing, that split is carved out of the END of the training text: the
-    train files' text (in the given order) is cut into train / val / test at 90% / 95% of its
-    characters (train / val or train / test at 95% when only one is missing), each cut moved
-    forward to the next line break. Caps (``max_*_bytes``) are applied after carving, so they
-    never change which text is held out.
+    A missing ``val_files`` / ``test_files`` split is carved out of the END of the training text (in file order):
+    cuts at 90% / 95% of its characters (95% when only one is missing), moved forward to a line break. Caps
+    (``max_*_bytes``) apply after carving, so they never change which text is held out.
     """
 
     def __init__(
@@ -321,13 +284,10 @@ class HubPreset:
     """A corpus on the Hugging Face hub.
 
     Attributes:
-        path: Dataset repository.
-        config: Dataset configuration name.
         to_splits: Turns the loaded ``DatasetDict`` into our three splits of documents.
-        description: One line for help texts.
         revision: Git revision to load (``None``: the default branch).
-        fallback_revision: Revision tried when loading ``revision`` fails (script datasets that
-            ``datasets>=4`` cannot run are often available as parquet on ``refs/convert/parquet``).
+        fallback_revision: Tried when ``revision`` fails (script datasets that ``datasets>=4`` cannot run are
+            often available as parquet on ``refs/convert/parquet``).
     """
 
     path: str
@@ -435,14 +395,14 @@ class HubCorpus(Corpus):
 
     def identity(self, split: str) -> dict[str, Any]:
         """The preset's repository, configuration and revision (a changed hub dataset needs a new cache_dir)."""
-        preset = self.preset
+        p = self.preset
         return {
             "kind": "hub",
             "split": split,
             "preset": self.name,
-            "path": preset.path,
-            "config": preset.config,
-            "revision": preset.revision,
+            "path": p.path,
+            "config": p.config,
+            "revision": p.revision,
         }
 
     def load(self, hub_cache: Path) -> dict[str, Any]:
@@ -464,9 +424,6 @@ class HubCorpus(Corpus):
         )
 
 
-# --------------------------------------------------------------------------------------------
-
-
 SOURCES = ("stdlib", "files", *PRESETS)
 
 
@@ -476,23 +433,13 @@ def build_corpus(
     val_files: Sequence[str] | None = None,
     test_files: Sequence[str] | None = None,
 ) -> Corpus:
-    """The corpus named ``source``; checks its inputs (files exist, are non-empty UTF-8).
-
-    Raises:
-        RmoeError: Unknown source, bad files, or files given to a source that does not read them.
-    """
+    """The corpus named ``source``, its inputs checked; RmoeError for an unknown source, bad files, or files
+    given to a source that does not read them."""
     check_choice("data.source", source, SOURCES)
     if source == "files":
         return FilesCorpus(train_files, val_files, test_files)
-    given = [
-        key
-        for key, value in (
-            ("data.train_files", train_files),
-            ("data.val_files", val_files),
-            ("data.test_files", test_files),
-        )
-        if value
-    ]
+    files = {"data.train_files": train_files, "data.val_files": val_files, "data.test_files": test_files}
+    given = [key for key, value in files.items() if value]
     if given:
         raise RmoeError(
             f"{', '.join(given)} only apply to data.source='files', but data.source={source!r}; "
@@ -504,12 +451,7 @@ def build_corpus(
 
 
 def take_prefix(documents: Any, max_bytes: int | None) -> Any:
-    """The first ``max_bytes`` UTF-8 bytes of the documents (the last one cut at a character boundary).
-
-    Args:
-        documents: A ``datasets.Dataset`` with a ``text`` column.
-        max_bytes: The cap; ``None`` returns ``documents`` unchanged.
-    """
+    """The first ``max_bytes`` UTF-8 bytes (None: all) of a ``text`` dataset, cut at a character boundary."""
     if max_bytes is None:
         return documents
     from datasets import Dataset

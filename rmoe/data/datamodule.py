@@ -1,9 +1,8 @@
 """The LightningDataModule: a corpus, a tokenizer and cached packed blocks for train / val / test.
 
-``__init__`` only checks the arguments and builds the tokenizer (nothing is written), so bad
-input fails before any work and ``vocab_size`` is known at once. ``prepare_data`` (one process
-per node) downloads, trains the BPE and tokenises; ``setup`` (every process) loads the cached
-blocks. Cache layout under ``cache_dir``::
+``__init__`` only checks the arguments and builds the tokenizer (bad input fails before any work; ``vocab_size``
+is known at once). ``prepare_data`` (one process per node) downloads, trains the BPE and tokenises; ``setup``
+(every process) loads the cached blocks. Cache layout under ``cache_dir``::
 
     hf-datasets/                      datasets.load_dataset's cache (hub presets, text files)
     tokenizers/bpe-<key>/             trained BPE tokenizers
@@ -12,15 +11,12 @@ blocks. Cache layout under ``cache_dir``::
     splits/<split>-<key>/blocks-<B>.json        SplitStats, written last: marks the entry complete
     splits/<split>-<key>/sha256.json            the sha256 of each Arrow file, checked before it is used
 
-``<key>`` hashes everything that changes the token stream of the split: the split's corpus
-identity (sha256 of the split's files for ``files``, plus the train files' for carved splits;
-path, size and mtime of the split's files for ``stdlib``; the preset for hub sources), the split,
-its byte cap and the tokenizer's fingerprint (its full serialised vocabulary and rules). The
-block size is in the file name, so changing it only re-packs the cached tokens.
+``<key>`` hashes everything that changes the split's token stream: the corpus identity, the split, its byte cap
+and the tokenizer's fingerprint. The block size is in the file name, so changing it only re-packs the tokens.
 
-A damaged entry (a truncated or bit-flipped Arrow file, a stats file that is not JSON, a file
-missing) is found before it is read, said in a warning naming the folder, deleted and rebuilt: the
-cache holds only what can be derived again. The same holds for a trained BPE tokenizer's folder.
+A damaged entry (truncated or bit-flipped Arrow file, stats that are not JSON, a missing file) is found before
+it is read, warned about, deleted and rebuilt: the cache holds only what can be derived again. The same holds
+for a trained BPE tokenizer's folder.
 """
 
 from __future__ import annotations
@@ -43,10 +39,9 @@ from rmoe.data.sampler import ResumableDataLoader, ResumableShuffleSampler
 from rmoe.data.tokenizer import META_FILE, MIN_BPE_VOCAB_SIZE, BpeTokenizer, Tokenizer, build_tokenizer
 from rmoe.errors import RmoeError
 
-# Bump when the cached format or the meaning of a cache key changes.
-CACHE_FORMAT = 2  # 2: sha256.json in every split entry
-# The model's vocabulary is the tokenizer's rounded up to a multiple of this (e.g. 258 -> 320,
-# 50257 -> 50304): matmuls with aligned sizes are faster on GPUs; the extra ids never occur.
+CACHE_FORMAT = 2  # bump when the cached format or the meaning of a cache key changes
+# The model's vocabulary is the tokenizer's rounded up to a multiple of this (258 -> 320): aligned matmuls are
+# faster on GPUs; the extra ids never occur.
 VOCAB_MULTIPLE = 64
 DEFAULT_BPE_VOCAB_SIZE = 4096
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
@@ -61,8 +56,7 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()[:20]
 
 
-DIGESTS_FILE = "sha256.json"
-"""In every split entry of the cache: ``{file name: sha256}`` of its Arrow files."""
+DIGESTS_FILE = "sha256.json"  # in every split entry: {file name: sha256} of its Arrow files
 
 
 def _file_sha256(path: Path) -> str:
@@ -115,14 +109,13 @@ def _check_positive(key: str, value: int | None, allow_none: bool = False) -> No
 class TextDataModule(L.LightningDataModule):
     """Language-modelling data: documents -> tokens -> packed blocks of ``block_size + 1`` ids.
 
-    Batches are ``LongTensor`` of shape ``(batch_size, block_size + 1)``: inputs ``[:, :-1]``,
-    targets ``[:, 1:]``. Training batches are shuffled with a generator seeded by ``seed`` and the
-    last partial batch is dropped; eval batches are in order and the last partial batch is kept.
-    See :mod:`rmoe.data.blocks` for the packing and :mod:`rmoe.data.corpus` for the splits.
+    Batches are ``LongTensor`` ``(batch_size, block_size + 1)``: inputs ``[:, :-1]``, targets ``[:, 1:]``.
+    Training batches are shuffled (seeded by ``seed``), the last partial one dropped; eval batches are in order,
+    the last partial one kept.
 
     Attributes:
-        vocab_size: Size of the model's vocabulary: the tokenizer's (for ``bpe``: ``bpe_vocab_size``)
-            rounded up to a multiple of 64. Known right after ``__init__``.
+        vocab_size: The model's vocabulary: the tokenizer's (``bpe``: ``bpe_vocab_size``) rounded up to a
+            multiple of 64; known right after ``__init__``.
     """
 
     def __init__(
@@ -145,26 +138,15 @@ class TextDataModule(L.LightningDataModule):
         """Check the arguments and build the tokenizer; nothing is read from the corpus or written yet.
 
         Args:
-            source: ``"stdlib"`` (the Python standard library's source files, split 90/5/5 by a hash
-                of the file path), ``"files"`` (``train_files`` etc.), or a hub preset:
-                ``"wikitext-103"``, ``"enwik8"``, ``"tinystories"`` (need network the first time).
-            train_files: For ``source="files"``: UTF-8 text files or globs, one document per file.
-            val_files: For ``source="files"``: validation files; if omitted, carved out of the end
-                of the training text (see ``test_files``).
-            test_files: For ``source="files"``: test files. Missing eval splits are carved out of the
-                end of the training text: with neither, train / val / test are the first 90%, the
-                next 5% and the last 5% of its characters; with one given, the other is the last
-                5%. Cuts move forward to a line break.
-            tokenizer: ``"byte"`` (UTF-8 bytes + ``<eos>``, ``<pad>``), ``"bpe"`` (byte-level BPE
-                trained on the train split), or a transformers tokenizer name or local directory
-                (also a tokenizer directory written by ``save_tokenizer``).
-            bpe_vocab_size: Vocabulary size of the trained BPE (only for ``tokenizer="bpe"``).
+            source: ``"stdlib"``, ``"files"`` or a hub preset (``"wikitext-103"``, ``"enwik8"``,
+                ``"tinystories"``; network needed the first time); see :mod:`rmoe.data.corpus`.
+            train_files, val_files, test_files: For ``source="files"``: UTF-8 text files or globs, one document
+                per file; a missing eval split is carved out of the end of the training text.
+            tokenizer: ``"byte"``, ``"bpe"`` (trained on the train split), or a transformers tokenizer name or
+                local directory (also one written by ``save_tokenizer``).
             block_size: Tokens of context per training example.
-            batch_size: Training batch size.
             eval_batch_size: Validation/test batch size (default: ``batch_size``).
-            num_workers: DataLoader worker processes.
-            max_train_bytes: Use only the first this many UTF-8 bytes of the train split.
-            max_eval_bytes: Use only the first this many UTF-8 bytes of the val and test splits.
+            max_train_bytes, max_eval_bytes: Use only the first this many UTF-8 bytes of the train / eval splits.
             cache_dir: Cache directory (default: ``$RMOE_CACHE`` or ``~/.cache/rmoe``).
             seed: Seed of the training shuffle.
         """
@@ -364,10 +346,8 @@ class TextDataModule(L.LightningDataModule):
         return self._stats[split]
 
     def bytes_per_token(self, split: str) -> float:
-        """UTF-8 bytes of the split's text per token of its stream (``<eos>`` tokens included).
-
-        Bits per byte = loss in nats/token / (ln 2 * bytes_per_token). Available after ``setup``.
-        """
+        """UTF-8 bytes per token (``<eos>`` included) of ``split``, after ``setup``; bits/byte = nats/token /
+        (ln 2 * this)."""
         return self.split_stats(split).bytes_per_token
 
     # ----------------------------------------------------------------------------------------
@@ -393,9 +373,8 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def _train_batches_done(self, epoch: int) -> int:
-        """Batches of ``epoch`` this process already trained on: non-zero only right after resuming
-        mid-epoch from a checkpoint, where it makes the run continue with the very next batch.
-        Derived from the restored optimiser step count (checkpoints are taken at step boundaries)."""
+        """Batches of ``epoch`` this process already trained on, from the restored optimiser step (non-zero only
+        right after resuming mid-epoch, so the run continues with the very next batch)."""
         trainer = self.trainer
         if trainer is None:
             return 0

@@ -1,14 +1,10 @@
 """A shuffling sampler and a data loader that make resume exact, on one process or many.
 
-Each epoch's order is a permutation drawn from ``seed + epoch`` (nothing depends on how many
-epochs a generator went through before), each process takes every ``num_replicas``-th index
-(``DistributedSampler``'s sharding, so Lightning keeps it as is under DDP), and when training
-resumes from a checkpoint taken mid-epoch the batches the run already consumed are skipped, so
-the first batch after a resume is the one the uninterrupted run would have seen.
-
-:class:`ResumableDataLoader` says so to Lightning: it is ``Stateful`` (``state_dict`` /
-``load_state_dict``), so its position is saved in every checkpoint and checked on resume, and
-Lightning does not warn that the loader is not resumable.
+Each epoch's order is a permutation drawn from ``seed + epoch`` alone; each process takes every
+``num_replicas``-th index (``DistributedSampler``'s sharding, so Lightning keeps it under DDP); after a
+mid-epoch resume the batches already consumed are skipped, so the next batch is the one the uninterrupted run
+would have seen. :class:`ResumableDataLoader` is ``Stateful``, so Lightning saves its position in every
+checkpoint (and does not warn that the loader is not resumable).
 """
 
 from __future__ import annotations
@@ -26,13 +22,10 @@ class ResumableShuffleSampler(DistributedSampler):
     """Seeded per-epoch shuffle that skips the batches already consumed in the current epoch.
 
     Args:
-        dataset_size: Number of examples.
         batch_size: Per-process batch size (the skip is counted in batches).
-        seed: Shuffle seed.
-        batches_done: Called when an epoch's iteration starts, with the epoch; returns how many
-            batches of that epoch this process already trained on (0 except right after a resume).
-        num_replicas: Number of processes (default: the process group's size, or 1).
-        rank: This process (default: its rank in the process group, or 0).
+        batches_done: ``epoch -> batches of it this process already trained on`` (0 except right after a
+            resume), called when an epoch's iteration starts.
+        num_replicas, rank: Default: the process group's size and rank, or 1 and 0.
     """
 
     def __init__(
@@ -66,13 +59,11 @@ class ResumableShuffleSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a :class:`ResumableShuffleSampler` whose position is part of the checkpoint.
 
-    ``state_dict()`` is the sampler's position: the epoch, the batches of it this process has
-    trained on, and what that count depends on (seed, per-process batch size, processes).
-    Lightning saves it with every checkpoint and hands it back to ``load_state_dict`` on resume;
-    the skip itself is still derived from the restored optimiser step (``batches_done``), so a
-    checkpoint without this state (older runs) resumes the same way. A saved position that differs
-    from the derived one (another batch size, seed, number of processes or gradient accumulation
-    than the checkpoint's) is an error instead of a silently different run.
+    ``state_dict()`` is the epoch, the batches of it this process trained on, and what that count depends on
+    (seed, per-process batch size, processes). The skip itself comes from the restored optimiser step
+    (``batches_done``), so a checkpoint without this state resumes the same way; ``load_state_dict`` only checks
+    it, and a mismatch (another batch size, seed, process count or gradient accumulation) is an error instead of
+    a silently different run.
     """
 
     sampler: ResumableShuffleSampler
@@ -96,8 +87,7 @@ class ResumableDataLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Check the checkpoint's position against the one this run derives (called by Lightning on
-        resume, after the step count is restored and before the first batch)."""
+        """Check the checkpoint's position against this run's (Lightning calls it once the step is restored)."""
         now = self._position(int(state.get("epoch", 0)))
         if any(state.get(key) != value for key, value in now.items()):
             raise RmoeError(

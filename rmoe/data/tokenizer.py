@@ -1,13 +1,8 @@
 """Tokenizers: raw UTF-8 bytes, a byte-level BPE trained on the corpus, or any transformers tokenizer.
 
-All three share the small :class:`Tokenizer` interface the data pipeline needs: ``vocab_size``,
-``eos_id``, ``encode`` / ``encode_batch`` / ``decode``, ``save`` and a ``fingerprint`` that
-changes whenever the mapping from text to ids could change (it keys the token cache).
-
-A saved tokenizer directory holds ``rmoe_tokenizer.json`` (which kind it is) next to the
-tokenizer's own files, so :func:`build_tokenizer` can load it back from the directory. Saved BPE
-and transformers tokenizers are also ordinary ``transformers`` tokenizer directories, loadable
-with ``AutoTokenizer.from_pretrained``.
+A saved tokenizer directory holds ``rmoe_tokenizer.json`` (its kind) next to the tokenizer's own files, so
+:func:`build_tokenizer` loads it back; saved BPE and transformers tokenizers also load with
+``AutoTokenizer.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -32,12 +27,11 @@ MIN_BPE_VOCAB_SIZE = 258
 
 
 class Tokenizer(ABC):
-    """Text <-> token ids, with an end-of-document id used to separate documents.
+    """Text <-> token ids, with an end-of-document id ``eos_id`` placed after every document.
 
     Attributes:
         kind: ``"byte"``, ``"bpe"`` or ``"hf"``.
-        vocab_size: Number of ids the tokenizer can produce (every id is ``< vocab_size``).
-        eos_id: Id placed after every document.
+        vocab_size: Every id is ``< vocab_size``.
         pad_id: Id for padding (never produced by ``encode``).
     """
 
@@ -59,8 +53,8 @@ class Tokenizer(ABC):
         """Text of ``ids``; special ids are skipped."""
 
     def unencodable(self, text: str) -> list[str]:
-        """The distinct characters of ``text`` this tokenizer cannot encode (it maps them to an unknown
-        token), in order of appearance; ``[]`` for the byte-level tokenizers, which encode any text."""
+        """The distinct characters of ``text`` mapped to an unknown token, in order of appearance (``[]`` for
+        the byte-level tokenizers)."""
         return []
 
     @abstractmethod
@@ -105,11 +99,8 @@ class ByteTokenizer(Tokenizer):
 
 
 class BpeTokenizer(Tokenizer):
-    """A byte-level BPE (GPT-2 style pre-tokenisation) from the ``tokenizers`` library.
-
-    ``<eos>`` and ``<pad>`` are ids 0 and 1; the 256 byte symbols are always in the vocabulary,
-    so any text can be encoded.
-    """
+    """A byte-level BPE (GPT-2 style pre-tokenisation) from ``tokenizers``: ``<eos>`` and ``<pad>`` are ids 0
+    and 1, and the 256 byte symbols are always in the vocabulary, so any text can be encoded."""
 
     kind = "bpe"
 
@@ -122,13 +113,8 @@ class BpeTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BpeTokenizer:
-        """Train on ``texts`` (deterministic for the same texts in the same order).
-
-        Args:
-            texts: Training documents.
-            vocab_size: Size of the vocabulary including the byte alphabet and the two specials;
-                the result can be smaller when the text has too few distinct pairs to merge.
-        """
+        """Train on ``texts`` (deterministic for the same texts in the same order). ``vocab_size`` includes the
+        byte alphabet and the two specials; the result can be smaller when there are too few pairs to merge."""
         from tokenizers import Tokenizer as Backend
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -189,15 +175,13 @@ class BpeTokenizer(Tokenizer):
 class HfTokenizer(Tokenizer):
     """A ``transformers`` tokenizer loaded with ``AutoTokenizer.from_pretrained``.
 
-    ``eos_id`` is the tokenizer's ``eos_token``; a tokenizer without one (BERT, for example) gets
-    ``<eos>`` added as a new special token, so ``vocab_size`` (``len(tokenizer)``) grows by one.
-    ``pad_id`` is the pad token, or ``eos_id`` when there is none.
+    A tokenizer without an ``eos_token`` (BERT, for example) gets ``<eos>`` added, so ``vocab_size``
+    (``len(tokenizer)``) grows by one. ``pad_id`` is the pad token, else ``eos_id``.
     """
 
     kind = "hf"
 
     def __init__(self, name: str, backend: Any) -> None:
-        """Wrap a loaded ``transformers`` tokenizer ``backend`` that was loaded from ``name``."""
         self.name = name
         self.backend = backend
         if backend.eos_token_id is None:
@@ -245,8 +229,7 @@ class HfTokenizer(Tokenizer):
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
     def unencodable(self, text: str) -> list[str]:
-        """Characters that the tokenizer turns into its unknown token (WordPiece, SentencePiece without
-        byte fallback): each distinct non-space character of ``text`` is encoded on its own."""
+        """Encodes each distinct non-space character on its own (WordPiece, SentencePiece without byte fallback)."""
         unk = self.backend.unk_token_id
         if unk is None:
             return []
@@ -275,16 +258,8 @@ def _looks_like_path(name: str) -> bool:
 
 
 def build_tokenizer(name: str, train_texts: Iterable[str] | None = None, bpe_vocab_size: int = 4096) -> Tokenizer:
-    """Build a tokenizer by name.
-
-    Args:
-        name: ``"byte"``; ``"bpe"`` (trained on ``train_texts``); a directory written by
-            :meth:`Tokenizer.save`; or a ``transformers`` tokenizer name or local path.
-        train_texts: Documents to train the BPE on (only for ``"bpe"``).
-        bpe_vocab_size: Vocabulary size of the BPE (only for ``"bpe"``).
-
-    Returns:
-        The tokenizer.
+    """The tokenizer ``name``: ``"byte"``; ``"bpe"`` (trained on ``train_texts`` with ``bpe_vocab_size``); a
+    directory written by :meth:`Tokenizer.save`; or a ``transformers`` tokenizer name or local path.
 
     Raises:
         RmoeError: ``"bpe"`` without texts, or a tokenizer that cannot be loaded.

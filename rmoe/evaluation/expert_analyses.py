@@ -1,19 +1,8 @@
-"""What the experts do, on a model: OLMoE's specialisation, co-activation and router saturation
-(Muennighoff et al., arXiv 2409.02060, Sec. 5) and the analyses of "A Closer Look into
-Mixture-of-Experts in Large Language Models" (Lo et al., arXiv 2406.18219) (their figures: :mod:`rmoe.figures`).
+"""What the experts do: the analyses of :mod:`rmoe.metrics.specialization` (OLMoE, arXiv 2409.02060, Sec. 5)
+and :mod:`rmoe.metrics.closer_look` ("A Closer Look into MoE", arXiv 2406.18219), run on a
+:class:`~rmoe.model.decoder.MoeLM`.
 
-The metric definitions are pure functions in :mod:`rmoe.metrics.specialization` and
-:mod:`rmoe.metrics.closer_look`; this module runs them on a :class:`~rmoe.model.decoder.MoeLM`:
-
-- :class:`ExpertOutputStats` (dynamic): forward hooks on every MoE block record its input, run
-  all E experts on it and accumulate the score-rank vs output-norm-rank counts and the expert
-  output similarity (the hooks read, never change, the forward; no RNG);
-- :func:`weight_analyses` (static): neuron-level expert similarity (averaged and Hungarian-
-  reordered, with Kendall's tau) and the gate-embedding similarity with its R^2 against them;
-- :func:`router_saturation_between`: OLMoE's router saturation of one checkpoint against another.
-
-``rmoe analyze`` (:mod:`rmoe.analyze`) puts all of it in ``metrics.json`` and draws
-:data:`rmoe.figures.EXPERT_FIGURES`. Shape legend: T tokens, E experts, L MoE layers, M expert matrices.
+Shape legend: T tokens, E experts, L MoE layers, M expert matrices.
 """
 
 from __future__ import annotations
@@ -59,14 +48,9 @@ def _offdiag_mean(m_EE: torch.Tensor) -> float:
 class ExpertOutputStats:
     """The dynamic Closer-Look analyses over a stream of forward passes, through forward hooks.
 
-    Use as a context manager around the forward passes: while active, each MoE block's input
-    ``x_TD`` and routing are read after the block ran, every expert is applied to the first
-    ``max_tokens`` tokens seen (:func:`~rmoe.metrics.closer_look.all_expert_outputs`), and the
-    rank counts (router probabilities vs output norms) and output similarity are accumulated.
-
-    Args:
-        model: The model (its MoE blocks get the hooks).
-        max_tokens: Stop recording after this many tokens per layer.
+    As a context manager around the forward passes: each MoE block's input ``x_TD`` and routing are read
+    (never changed) after the block ran, every expert is run on the first ``max_tokens`` tokens per
+    layer, and the rank counts (router probabilities vs output norms) and output similarity accumulated.
     """
 
     def __init__(self, model: MoeLM, max_tokens: int = DEFAULT_MAX_EXPERT_TOKENS) -> None:
@@ -106,11 +90,10 @@ class ExpertOutputStats:
         return hook
 
     def compute(self) -> dict[str, Any]:
-        """``score_norm_rank_counts`` (L, E, E), ``score_norm_rank_diagonal`` (L,) (share of the
-        (token, expert) pairs whose score rank equals their norm rank), ``score_norm_top1_agreement``
-        (L,) (how often the top-scored expert has the largest output norm; 1/E by chance),
-        ``expert_output_similarity`` (L, E, E) (mean over tokens), ``expert_output_similarity_mean``
-        (L,) (its off-diagonal mean) and ``expert_output_tokens`` (L,)."""
+        """``score_norm_rank_counts`` (L, E, E), ``score_norm_rank_diagonal`` (L,) (share of pairs whose score
+        rank equals their norm rank), ``score_norm_top1_agreement`` (L,) (1/E by chance),
+        ``expert_output_similarity`` (L, E, E) (mean over tokens), its off-diagonal mean
+        ``expert_output_similarity_mean`` (L,) and ``expert_output_tokens`` (L,)."""
         T_L = self.num_tokens_L.clamp(min=1)
         counts = self.rank_counts_LEE
         similarity_LEE = self.output_similarity_sum_LEE / T_L.double()[:, None, None]
@@ -126,11 +109,9 @@ class ExpertOutputStats:
 
 
 def gate_embeddings(router: torch.nn.Module, num_experts: int) -> torch.Tensor | None:
-    """The router's gate embeddings: its one 2-D parameter or buffer with E rows (linear, random and
-    expert choice: ``weight`` (E, D); MLP: ``out_proj`` (E, H); cosine / X-MoE: the expert
-    embeddings; LocMoE: its keys; RMoE: the head ``G_i`` (E, p)); None when there is no such
-    matrix (HyperRouter generates its weights) or more than one (RMoE with ``state_dim`` equal to
-    E, whose projector is then (E, D) too): the analysis is left out (NaN) rather than guessed."""
+    """The router's gate embeddings: its one 2-D parameter or buffer with E rows (e.g. linear ``weight``
+    (E, D), RMoE's head ``G_i`` (E, p)). None when there is no such matrix (HyperRouter) or more than one
+    (RMoE with ``state_dim`` = E): the analysis is left out (NaN) rather than guessed."""
     found = [
         t
         for _, t in (*router.named_parameters(), *router.named_buffers())
@@ -141,15 +122,10 @@ def gate_embeddings(router: torch.nn.Module, num_experts: int) -> torch.Tensor |
 
 @torch.no_grad()
 def weight_analyses(model: MoeLM, *, reorder: bool = True) -> dict[str, Any]:
-    """The static Closer-Look analyses of every MoE layer.
-
-    Returns:
-        ``neuron_similarity_avg`` (L, M, E, E) (averaged neurons, :data:`MATRICES` order: up, gate,
-        down) and its off-diagonal means ``neuron_similarity_avg_mean`` (L, M); with ``reorder``
-        ``neuron_similarity_reordered`` (L, M, E, E), ``neuron_kendall_tau`` (L, M, E, E) and their
-        off-diagonal means; ``gate_embedding_similarity`` (L, E, E) (NaN where the router has no
-        gate embedding) and ``gate_embedding_r2`` (L, M): the squared Pearson correlation of the
-        gate-embedding similarities with each averaged-neuron similarity (the paper's Table 3).
+    """The static Closer-Look analyses of every MoE layer: ``neuron_similarity_avg`` (L, M, E, E) and with
+    ``reorder`` ``neuron_similarity_reordered``, ``neuron_kendall_tau`` (same shape), each with its
+    off-diagonal means ``*_mean`` (L, M); ``gate_embedding_similarity`` (L, E, E) (NaN without gate
+    embeddings) and ``gate_embedding_r2`` (L, M) against each averaged-neuron similarity (Table 3).
     """
     out: dict[str, list[Any]] = {
         "neuron_similarity_avg": [],

@@ -1,8 +1,5 @@
-"""A model's loss and every routing metric over a stream of batches, with per-layer histograms.
-
-:func:`evaluate_routing` is what ``rmoe analyze`` computes on a checkpoint; :class:`RoutingHistograms`
-and :func:`all_reduce_stats` are shared with the live training callback
-(:mod:`rmoe.training.analytics`), which reduces the same accumulators across processes.
+"""A model's loss and every routing metric over a stream of batches (:func:`evaluate_routing`, what ``rmoe
+analyze`` computes), with per-layer histograms; the accumulators are shared with the training callback.
 
 Shape legend: T tokens, E experts, L MoE layers, B histogram bins.
 """
@@ -30,11 +27,7 @@ if TYPE_CHECKING:
 
 
 DEFAULT_MAX_BATCHES = 20
-
-
 NUM_HIST_BINS = 50
-
-
 _SAMPLE_KEYS = ("gate_entropy_sample", "inner_balance_sample", "outer_balance_sample")
 
 
@@ -76,19 +69,11 @@ def _raw_histogram(state: dict[str, torch.Tensor], edges: torch.Tensor) -> dict[
 
 
 class RoutingHistograms:
-    """Per-layer histograms of the router probabilities and of the gate entropy.
+    """Per-layer histograms, with what TensorBoard's raw histogram needs (count, sum, sum of squares, min, max).
 
-    Router probabilities: all T x E entries of ``probs_TE`` of a layer, counted exactly over the
-    stream (:meth:`update`), B equal bins over [0, 1]; too many values to sample. Gate entropy:
-    one value per token (nats), B bins over [0, ln E], binned at :meth:`compute` from the token
-    sample that :class:`~rmoe.metrics.RoutingStats` already keeps for the medians (every token up
-    to its ``max_samples``, a uniform sample beyond): one accumulator per statistic. Besides the
-    counts each histogram has what TensorBoard's raw histogram needs (count, sum, sum of squares,
-    min, max per layer). The probability counts add up across processes (:meth:`all_reduce`).
-
-    Args:
-        num_experts: E.
-        num_bins: B.
+    Router probabilities: all T x E entries per layer (too many to sample), counted exactly over the
+    stream in B bins over [0, 1]. Gate entropy (nats): B bins over [0, ln E], binned at :meth:`compute`
+    from the token sample that :class:`~rmoe.metrics.RoutingStats` keeps for the medians.
     """
 
     def __init__(self, num_experts: int, num_bins: int = NUM_HIST_BINS) -> None:
@@ -116,15 +101,14 @@ class RoutingHistograms:
         return self
 
     def all_reduce(self) -> None:
-        """Sum (counts, sums) / min / max every tensor across processes, in place (no-op when
-        ``torch.distributed`` is not initialised). Every process must have seen at least one batch."""
+        """Sum / min / max the tensors across processes in place (no-op without ``torch.distributed``).
+        Every process must have seen at least one batch."""
         for key, tensor in self._probs.items():
             all_reduce_([tensor], {"min_L": dist.ReduceOp.MIN, "max_L": dist.ReduceOp.MAX}.get(key))
 
     def compute(self, summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """``{name: {"edges": (B+1,), "counts": (L, B), "num", "sum", "sum_squares", "min", "max": (L,)}}``
-        as CPU tensors: ``router_probs`` (after an update) and ``gate_entropy`` from
-        ``summary["gate_entropy_sample"]`` (N, L), the :meth:`RoutingStats.compute` of the same stream."""
+        as CPU tensors: ``router_probs`` and ``gate_entropy`` from the same stream's ``summary``."""
         out: dict[str, dict[str, Any]] = {}
         if self._probs:
             out["router_probs"] = _raw_histogram(self._probs, self.edges["router_probs"])
@@ -143,9 +127,8 @@ ROUTING_TENSORS = ("logits_TE", "probs_TE", "weights_TK", "expert_ids_TK", "keep
 def routing_to_host(
     routing: Sequence[RoutingOutput], extra: Sequence[torch.Tensor] = ()
 ) -> tuple[list[RoutingOutput], list[torch.Tensor]]:
-    """Every MoE layer's routing (detached, :data:`ROUTING_TENSORS` only) and any other tensors, on the
-    host in ONE transfer (:func:`rmoe.syncs.to_host`): the metrics then read them without making the
-    host wait for the device again."""
+    """Every MoE layer's routing (:data:`ROUTING_TENSORS` only) and any other tensors, on the host in ONE
+    transfer, so the metrics never make the host wait for the device again."""
     from rmoe.routers.base import RoutingOutput
 
     fields = [[getattr(r, name) for name in ROUTING_TENSORS] for r in routing]
@@ -159,10 +142,9 @@ def routing_to_host(
 
 
 def all_reduce_stats(stats: RoutingStats) -> RoutingStats:
-    """Combine every process's :class:`RoutingStats` (SUM all-reduce of its count tensors, gather of
-    path counts and samples); returns the combined stats on every process (rank 0's is complete).
-    A no-op without an initialised ``torch.distributed`` process group of more than one process.
-    Every process must have updated its stats at least once."""
+    """Combine every process's :class:`RoutingStats` (all-reduce of its counts, gather of paths and samples)
+    and return them (only rank 0's are complete); a no-op for one process. Every process must have updated
+    its stats at least once."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
     all_reduce_(list(stats.state_tensors().values()))
@@ -189,29 +171,21 @@ def evaluate_routing(
     max_expert_tokens: int = DEFAULT_MAX_EXPERT_TOKENS,
     reorder_neurons: bool = True,
 ) -> dict[str, Any]:
-    """Run a model over token blocks and gather its loss and every routing metric.
+    """Run a model (put in eval mode) over token blocks (B, S+1) and gather its loss and every routing metric.
 
     Args:
-        model: The model (``MoeLMModule.model``), put in eval mode here.
-        batches: Batches of token blocks (B, S+1) (inputs ``[:, :-1]``, targets ``[:, 1:]``).
-        max_batches: Stop after this many batches (None: all).
-        device: Where to run.
         max_samples: Reservoir size of the per-token medians (:class:`RoutingStats`).
-        expert_analyses: Also OLMoE's specialisation and co-activation
-            (:class:`~rmoe.metrics.specialization.TokenExpertStats`) and the "Closer Look" analyses
-            (:class:`~rmoe.evaluation.expert_analyses.ExpertOutputStats` on the first ``max_expert_tokens``
-            tokens, :func:`~rmoe.evaluation.expert_analyses.weight_analyses`).
-        max_expert_tokens: Tokens on which all E experts are run.
-        reorder_neurons: Include the Hungarian-reordered neuron similarity (E(E-1)/2 x 3
-            assignment problems of size F per layer).
+        expert_analyses: Also OLMoE's specialisation and co-activation and the "Closer Look" analyses
+            (all E experts run on the first ``max_expert_tokens`` tokens).
+        reorder_neurons: Include the Hungarian-reordered neuron similarity (E(E-1)/2 x 3 assignment
+            problems of size F per layer).
 
     Returns:
-        ``loss`` (token-weighted mean cross entropy, nats), ``num_batches``, ``num_eval_tokens``;
-        for MoE models also every key of :meth:`RoutingStats.compute` except the token samples,
-        ``expert_similarity`` (L,) and ``histograms`` (see :meth:`RoutingHistograms.compute`),
-        ``top_k``, and with ``expert_analyses`` the keys of :meth:`TokenExpertStats.compute`
-        (without the raw counts), :meth:`ExpertOutputStats.compute` and :func:`weight_analyses`.
-        Tensors stay tensors (see :func:`rmoe.runs.to_jsonable`).
+        ``loss`` (token-weighted mean cross entropy, nats), ``num_batches``, ``num_eval_tokens``; for MoE
+        models also the keys of :meth:`RoutingStats.compute` except the token samples, ``expert_similarity``
+        (L,), ``histograms``, ``top_k``, and with ``expert_analyses`` those of
+        :meth:`TokenExpertStats.compute` (without the raw counts), :meth:`ExpertOutputStats.compute` and
+        :func:`weight_analyses`, as tensors.
     """
     model.eval().to(device)
     config = model.config
@@ -237,11 +211,7 @@ def evaluate_routing(
                 token_stats.update(inputs, out.routing)
     if num_batches == 0:
         raise RmoeError("the split gave no batch to analyse (is it empty, or --max-batches 0?).")
-    metrics: dict[str, Any] = {
-        "loss": loss_sum / num_tokens,
-        "num_batches": num_batches,
-        "num_eval_tokens": num_tokens,
-    }
+    metrics: dict[str, Any] = {"loss": loss_sum / num_tokens, "num_batches": num_batches, "num_eval_tokens": num_tokens}
     if stats.num_layers is not None:
         summary = stats.compute()
         metrics.update({k: v for k, v in summary.items() if k not in _SAMPLE_KEYS})

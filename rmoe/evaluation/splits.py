@@ -1,6 +1,5 @@
-"""A checkpoint's data split, rebuilt as its run built it: the run's ``config.yaml`` (or other
-config files, or the data settings saved in the checkpoint), then ``TextDataModule`` set up for
-``train``, ``val`` or ``test``. Used by ``rmoe analyze`` and ``rmoe inspect``."""
+"""A checkpoint's data split, rebuilt as its run built it (from the run's ``config.yaml``, other config files
+or the data settings saved in the checkpoint). Used by ``rmoe analyze`` and ``rmoe inspect``."""
 
 from __future__ import annotations
 
@@ -25,17 +24,8 @@ def split_datamodule(
     data_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The checkpoint's :class:`~rmoe.data.TextDataModule`, set up for ``split``, and its arguments.
-
-    Args:
-        ckpt: The checkpoint file (its run's ``config.yaml`` is the default data config).
-        checkpoint: Its loaded content (for ``datamodule_hyper_parameters``).
-        split: ``train``, ``val`` or ``test``.
-        vocab_size: The model's vocabulary, which the data's must equal.
-        config, data_overrides: As :func:`rmoe.analyze.analyze_checkpoint`'s.
-
-    Raises:
-        RmoeError: Unknown split, missing config, settings that do not fit, another vocabulary.
-    """
+    ``vocab_size`` is the model's, which the data's must equal; ``config`` and ``data_overrides`` as
+    :func:`rmoe.analyze.analyze_checkpoint`'s."""
     from rmoe.data import TextDataModule
 
     if split not in SPLITS:

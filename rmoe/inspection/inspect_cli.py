@@ -1,5 +1,4 @@
-"""The command line of ``rmoe inspect``: :func:`build_parser`, :func:`inspect` (load, tokenise,
-route) and :func:`main` (print the report, write the page with ``--out FILE.html``)."""
+"""The command line of ``rmoe inspect``."""
 
 from __future__ import annotations
 
@@ -103,10 +102,7 @@ def inspect(args: argparse.Namespace) -> tuple[TextRouting, list[Any], str]:
 
 def main(argv: list[str]) -> None:
     """``rmoe inspect ...``: print the routing of a text and, with ``--out``, write the HTML page.
-
-    Raises:
-        RmoeError: For any bad input (the ``rmoe`` entry point prints it and exits with 2).
-    """
+    RmoeError for bad input (exit 2 in ``rmoe``)."""
     from rmoe.checkpoints import check_can_create, describe_os_error
 
     args = build_parser().parse_args(argv)

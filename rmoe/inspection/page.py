@@ -1,13 +1,10 @@
 """The HTML page of ``rmoe inspect``: one self-contained file (inline CSS, JS and data; nothing is
 fetched at view time).
 
-The page is made of three files next to this module, read with :mod:`importlib.resources`:
-``page.html`` (the template: ``{{title}}``, ``{{meta}}``, ``{{css}}``, ``{{data}}`` and ``{{js}}``
-are filled in one pass), ``page.css`` (its style sheet) and ``page.js`` (its script, which renders
-the JSON of :func:`page_data` from the ``<script id="rmoe-data">`` element: the text coloured by
-each token's top expert in a chosen layer, a layer switch, hover or click for a token's experts and
-weights in every layer, and per expert its top tokens; ``#layer=1&token=3`` in the address selects
-a layer and pins a token).
+It is built from the template ``page.html`` (placeholders ``{{title}}``, ``{{meta}}``, ``{{css}}``,
+``{{data}}``, ``{{js}}``), ``page.css`` and ``page.js``, which renders the JSON of :func:`page_data`: the text
+coloured by each token's top expert in a chosen layer, a layer switch, hover or click for a token's experts
+and weights in every layer, and per expert its top tokens (``#layer=1&token=3`` selects a layer and a token).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 @cache
 def _asset(name: str) -> str:
-    """The text of ``page.html``, ``page.css`` or ``page.js`` (package data of ``rmoe.inspection``)."""
+    """The text of ``page.html``, ``page.css`` or ``page.js``."""
     return resources.files("rmoe.inspection").joinpath(name).read_text(encoding="utf-8")
 
 
@@ -58,7 +55,7 @@ def page_data(routing: TextRouting, summary: list[Any], *, title: str, meta: str
 
 
 def render_html(data: dict[str, Any]) -> str:
-    """A self-contained page (inline CSS, JS and data; nothing fetched at view time)."""
+    """The page's HTML."""
     values = {
         "title": html.escape(data["title"]),
         "meta": html.escape(data["meta"]),

@@ -1,9 +1,8 @@
 """Tokens as readable text: each token as the text it adds and a label of its own.
 
-A byte of a multi-byte UTF-8 character (byte tokenizer) shows the character on its first byte
-(``é[1/2]``, then ``é[2/2]`` with no text); a BPE piece that is not valid UTF-8 on its own shows
-its bytes (``<0xE2 0x80>``); control characters are escaped (``\\n``, ``<0x07>``), special tokens
-are ``<eos>``, ``<pad>``.
+A byte of a multi-byte UTF-8 character (byte tokenizer) shows the character on its first byte (``é[1/2]``,
+then ``é[2/2]`` with no text); a BPE piece that is not valid UTF-8 on its own shows its bytes
+(``<0xE2 0x80>``); control characters are escaped (``\\n``, ``<0x07>``); specials are ``<eos>``, ``<pad>``.
 """
 
 from __future__ import annotations
@@ -18,12 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Piece:
-    """One token for display.
-
-    Attributes:
-        text: What the token adds to the running text ("" for a continuation byte of a character).
-        label: A readable name of the token alone (spaces as ``␣``, ``\\n``, ``é[2/2]``, ``<0xFF>``).
-    """
+    """One token for display: ``text`` is what it adds to the running text ("" for a continuation byte),
+    ``label`` a readable name of the token alone (spaces as ``␣``, ``\\n``, ``é[2/2]``, ``<0xFF>``)."""
 
     text: str
     label: str
@@ -68,8 +63,7 @@ def _utf8_length(lead: int) -> int:
 
 
 def byte_pieces(ids: Sequence[int], specials: dict[int, str]) -> list[Piece]:
-    """Pieces of byte-tokenizer ids: each complete UTF-8 character is shown on its first byte
-    (``é[1/2]``, then ``é[2/2]`` with no text), stray bytes as ``<0xHH>``, specials by name."""
+    """Pieces of byte-tokenizer ids (see the module docstring); stray bytes as ``<0xHH>``."""
     pieces: list[Piece | None] = [None] * len(ids)
     i = 0
     while i < len(ids):

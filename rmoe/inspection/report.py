@@ -18,13 +18,8 @@ def _pairs_text(pairs: list[tuple[int, float, bool]]) -> str:
 
 
 def format_report(
-    routing: TextRouting,
-    summary: list[Any],
-    *,
-    table_tokens: int = DEFAULT_TABLE_TOKENS,
-    header: str = "",
+    routing: TextRouting, summary: list[Any], *, table_tokens: int = DEFAULT_TABLE_TOKENS, header: str = ""
 ) -> str:
-    """The terminal report: per layer each expert's top tokens and contexts, then the per-token table."""
     lines = [header] if header else []
     for l, experts in enumerate(summary):
         lines.append(f"\n== MoE layer {l} (decoder layer {routing.layer_indices[l]}) ==")

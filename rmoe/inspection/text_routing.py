@@ -1,9 +1,7 @@
 """The routing of one text through every MoE layer (:func:`route_text`) and, per expert, its most
 frequent tokens and a few contexts (:func:`expert_summary`).
 
-The model sees each chunk of at most ``context_length`` tokens as one sequence of a batch of one,
-so capacity routers route it as they would a batch of that many tokens. Pairs a capacity router
-dropped (LocMoE; ``keep_TK`` False) are kept as dropped; for expert choice, whose
+Pairs a capacity router dropped (``keep_TK`` False) are kept as dropped; for expert choice, whose
 ``expert_ids_TK`` lists all E experts, only the experts that took a token count.
 
 Shape legend: T tokens, K chosen experts per token, L MoE layers, V vocabulary.
@@ -36,13 +34,10 @@ class TextRouting:
 
     Attributes:
         token_ids: (T,) int64.
-        pieces: One :class:`Piece` per token.
-        expert_ids_LTK, weights_LTK: Chosen experts and combine weights per MoE layer.
+        expert_ids_LTK, weights_LTK: Chosen experts and combine weights.
         keep_LTK: False where a capacity router dropped the pair (all True without capacity).
-        num_experts: E.
         layer_indices: The decoder layer of each MoE layer.
-        expert_choice: Whether ``expert_ids_TK`` lists all E experts (expert choice): then an
-            unkept pair means "not chosen", not "dropped".
+        expert_choice: ``expert_ids_TK`` lists all E experts: an unkept pair means "not chosen", not "dropped".
     """
 
     token_ids: torch.Tensor
@@ -95,11 +90,10 @@ class TextRouting:
 def route_text(
     model: MoeLM, tokenizer: Tokenizer, token_ids: Sequence[int], context_length: int | None = None
 ) -> TextRouting:
-    """Run ``model`` on ``token_ids`` in chunks of at most ``context_length`` tokens (one sequence each)
-    and gather every MoE layer's routing.
+    """Run ``model`` on ``token_ids`` and gather every MoE layer's routing.
 
-    Raises:
-        RmoeError: Empty input, or a model without MoE layers.
+    Each chunk of at most ``context_length`` tokens is one sequence of a batch of one, so capacity routers
+    route it as they would a batch of that many tokens. RmoeError for empty input or no MoE layer.
     """
     config = model.config
     if not config.moe_layers:

@@ -2,23 +2,18 @@
 
 ``rmoe export --ckpt runs/base/version_0/checkpoints/last.ckpt --out exported/base [--push-to-hub user/name]``
 
-What is written (always: ``config.json``, ``model.safetensors``, ``generation_config.json``, the
-tokenizer's files, ``README.md``, a model card with the training config and results):
+Always written: ``config.json``, ``model.safetensors``, ``generation_config.json``, the tokenizer's files and
+``README.md`` (a model card with the training config and results). By router:
 
-* **linear router** (no options): a native ``Qwen2MoeForCausalLM`` (``Qwen3MoeForCausalLM`` for
-  ``qk_norm`` models), no custom code; ``AutoModelForCausalLM.from_pretrained(dir)``.
-* **every other causal router** (RMoE's GRU and its variants, MLP, cosine, X-MoE, hyper, random,
-  bias-balanced, LocMoE without drops): ``modeling_rmoe.py`` / ``configuration_rmoe.py`` with an
-  ``auto_map``, loaded with ``trust_remote_code=True``. The model code is rmoe's own: the source
-  files of ``rmoe.model`` and ``rmoe.routers`` (and what they import from rmoe) are copied next
-  to it as flat ``rmoe_*.py`` modules with their ``rmoe.`` imports rewritten to relative ones
-  (:func:`bundle_sources`), so loading needs no rmoe and computes exactly what rmoe computes.
-* **non-causal routers** (expert choice, LocMoE with drops) are refused: their training forward
-  routes each token using later tokens, which no decoder can reproduce token by token.
+* ``linear`` (no options): a native ``Qwen2MoeForCausalLM`` (``Qwen3MoeForCausalLM`` with ``qk_norm``).
+* every other causal router: ``modeling_rmoe.py`` / ``configuration_rmoe.py`` with an ``auto_map``
+  (``trust_remote_code=True``) next to rmoe's own model sources, copied as flat ``rmoe_*.py`` modules with
+  relative imports (:func:`bundle_sources`): loading needs no rmoe and computes exactly what rmoe computes.
+* non-causal routers (expert choice, LocMoE with drops) are refused: their training forward routes each
+  token using later tokens, which no decoder can reproduce token by token.
 
-Both kinds keep our own metadata under ``config.json["rmoe"]`` (the full ``ModelConfig`` and the
-trained context), which is how ``rmoe generate`` loads an export directory back. The byte
-tokenizer is written as a transformers fast tokenizer with the same ids (:func:`byte_tokenizer_fast`).
+Both keep our metadata (the full ``ModelConfig``, the trained context) under ``config.json["rmoe"]``, from
+which ``rmoe generate`` loads an export back.
 """
 
 from __future__ import annotations
@@ -57,15 +52,10 @@ def _module_file(module: str) -> Path:
     return Path(spec.origin)
 
 
-def _is_package(module: str) -> bool:
-    return _module_file(module).name == "__init__.py"
-
-
 def _rewrite(module: str, source: str) -> tuple[str, set[str]]:
-    """``source`` of ``module`` with every ``from rmoe... import`` made relative to the flat bundle.
-
-    Returns the new source and the rmoe modules it needs. ``from pkg import submodule`` (a
-    registration import) becomes ``from .pkg_submodule import __name__ as _pkg_submodule``.
+    """``(source, needed)``: ``source`` with every ``from rmoe... import`` made relative to the flat bundle,
+    and the rmoe modules it needs. ``from pkg import submodule`` (a registration import) becomes
+    ``from .pkg_submodule import __name__ as _pkg_submodule``.
     """
     tree = ast.parse(source)
     lines = source.splitlines(keepends=True)
@@ -90,11 +80,10 @@ def _rewrite(module: str, source: str) -> tuple[str, set[str]]:
         if node.module == "rmoe":
             raise RuntimeError(f"{module}: `from rmoe import ...` cannot be bundled; import from the defining module")
         indent = " " * node.col_offset
-        new_lines = []
-        plain = []
+        new_lines, plain = [], []
         for alias in node.names:
             submodule = f"{node.module}.{alias.name}"
-            if _is_package(node.module) and importlib.util.find_spec(submodule) is not None:
+            if _module_file(node.module).name == "__init__.py" and importlib.util.find_spec(submodule) is not None:
                 needed.add(submodule)
                 flat = bundle_module_name(submodule)
                 new_lines.append(f"{indent}from .{flat} import __name__ as _{flat}  # registers\n")
@@ -137,8 +126,7 @@ def bundle_sources(roots: tuple[str, ...] = BUNDLE_ROOTS) -> dict[str, str]:
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (Radford et al. 2019, ``encoder.py``), the
-    alphabet of ``tokenizers``' ByteLevel pre-tokenizer."""
+    """GPT-2's reversible byte -> printable character map, the alphabet of the ByteLevel pre-tokenizer."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = {}, 0
@@ -152,8 +140,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_tokenizer_fast(tokenizer: Tokenizer) -> Any:
-    """A transformers ``PreTrainedTokenizerFast`` with the ids of rmoe's byte tokenizer (byte b -> id b,
-    ``<eos>`` 256, ``<pad>`` 257): a ByteLevel BPE without merges over the 256 byte symbols."""
+    """rmoe's byte tokenizer (byte b -> id b, ``<eos>`` 256, ``<pad>`` 257) as a ``PreTrainedTokenizerFast``:
+    a ByteLevel BPE without merges over the 256 byte symbols."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -168,11 +156,10 @@ def byte_tokenizer_fast(tokenizer: Tokenizer) -> Any:
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """The tokenizer as transformers files (``AutoTokenizer.from_pretrained(out)``) plus rmoe's meta file.
+    """The tokenizer as transformers files plus rmoe's meta file.
 
-    It pads on the left (``padding_side: left`` in ``tokenizer_config.json``): a decoder-only model
-    continues the end of each prompt, so a batch of prompts of different lengths must be padded
-    before them, and transformers' default (right) would make batched ``generate`` wrong.
+    It pads on the left: a decoder continues the end of each prompt, so transformers' default (right)
+    would make batched ``generate`` wrong.
     """
     if tokenizer.kind == "byte":
         byte_tokenizer_fast(tokenizer).save_pretrained(str(out))
@@ -187,12 +174,11 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 def export_model(
     model_path: str | Path, out: str | Path, *, tokenizer: str | None = None, overwrite: bool = False
 ) -> tuple[Path, str]:
-    """Export a checkpoint (or re-export an export directory) to ``out``; returns ``(out, kind)`` with
-    kind ``"qwen2_moe"``, ``"qwen3_moe"`` (native) or ``"remote_code"``.
+    """Export a checkpoint (or an export directory) to ``out``; returns ``(out, kind)``, kind ``"qwen2_moe"``,
+    ``"qwen3_moe"`` (native) or ``"remote_code"``.
 
     Raises:
-        RmoeError: Non-causal router, an ``out`` that exists and is not empty (without ``overwrite``),
-            and everything :func:`~rmoe.inference.load_model` refuses.
+        RmoeError: Non-causal router, a non-empty ``out`` (without ``overwrite``), what ``load_model`` refuses.
     """
     out = Path(out)
     replaced = _files_to_replace(out, Path(model_path), overwrite)
@@ -218,7 +204,7 @@ def export_model(
 
 
 def _write_export(loaded: LoadedModel, out: Path) -> str:
-    """Write every file of the export into the (existing, empty) folder ``out``; returns its kind."""
+    """Write the export into the existing, empty folder ``out``; returns its kind."""
     config = loaded.model.config
     tok = loaded.tokenizer
     meta = export_metadata(config, loaded.context_length, tok)
@@ -245,8 +231,7 @@ def _write_export(loaded: LoadedModel, out: Path) -> str:
 def _files_to_replace(out: Path, source: Path, overwrite: bool) -> list[Path]:
     """The files of an earlier export in ``out`` that ``--overwrite`` replaces ([] for a new or empty ``out``).
 
-    ``--overwrite`` deletes only what ``rmoe export`` wrote there itself (the list it recorded in
-    ``config.json``): a folder holding anything else (a run, its checkpoints, the source model) is refused.
+    Only the files ``rmoe export`` recorded in ``config.json`` are deleted: a folder holding anything else is refused.
     """
     if out.exists() and not out.is_dir():
         raise RmoeError(f"--out {out} is an existing file; expected a directory (new or empty) for the export.")
@@ -310,8 +295,7 @@ def _write_remote_code(loaded: LoadedModel, out: Path, meta: dict[str, Any], spe
 
 
 def _write_generation_config(out: Path, tok: Tokenizer, model_vocab_size: int) -> None:
-    """Greedy by default, stops at ``<eos>``, and never emits the ids the tokenizer does not have
-    (the vocabulary is rounded up to a multiple of 64), as ``rmoe generate`` does."""
+    """As ``rmoe generate``: greedy, stops at ``<eos>``, never emits the ids the tokenizer lacks."""
     from transformers import GenerationConfig
 
     unused = list(range(tok.vocab_size, model_vocab_size))
@@ -324,7 +308,7 @@ def _write_generation_config(out: Path, tok: Tokenizer, model_vocab_size: int) -
 
 
 def _training_results(source: Path) -> dict[str, float]:
-    """Final ``val/*`` and ``test/*`` loss/bpb/ppl of the checkpoint's run (TensorBoard events), if any."""
+    """Final ``val/*`` and ``test/*`` loss/bpb/ppl of the checkpoint's run, if any."""
     from rmoe.runs import EVENTS_GLOB, read_scalars, run_dir_of_checkpoint
 
     run_dir = run_dir_of_checkpoint(source)
@@ -390,7 +374,6 @@ def model_card(loaded: LoadedModel, kind: str) -> str:
         step = loaded.hparams.get("global_step")
         lines += [f"Checkpoint at optimiser step {step}." if step is not None else "", "", "```json"]
         lines += [json.dumps({k: v for k, v in loaded.hparams.items() if k != "global_step"}, indent=2, default=str)]
-        lines += ["```", ""]
     else:
         lines += [
             "Model architecture (`ModelConfig`):",
@@ -398,7 +381,7 @@ def model_card(loaded: LoadedModel, kind: str) -> str:
             "```json",
             json.dumps(dataclasses.asdict(config), indent=2),
         ]
-        lines += ["```", ""]
+    lines += ["```", ""]
     return "\n".join(lines)
 
 
@@ -427,8 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     """``rmoe export --ckpt MODEL --out DIR [--push-to-hub REPO]``; RmoeError for bad input (exit 2 in ``rmoe``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out, kind = export_model(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
     how = "native transformers model" if kind != "remote_code" else "custom code, load with trust_remote_code=True"
     print(f"rmoe export: wrote {out} ({kind}: {how})")

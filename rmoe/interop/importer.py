@@ -2,17 +2,10 @@
 
 ``rmoe import path/to/Qwen1.5-MoE-A2.7B --out imported/qwen [--tokenizer DIR] [--context-length N]``
 
-writes ``OUT/checkpoints/imported.ckpt`` (a Lightning checkpoint of
-:class:`~rmoe.training.module.MoeLMModule`, as ``rmoe fit`` writes, at step 0), ``OUT/tokenizer/``
-and ``OUT/config.yaml`` (the model and data sections), so that
-
-* ``rmoe analyze --ckpt OUT/checkpoints/imported.ckpt --split val`` analyses its routing,
-* ``rmoe generate --ckpt OUT/checkpoints/imported.ckpt "..."`` generates, and
-* ``MoeLMModule.load_from_checkpoint(...)`` then ``Trainer.fit`` fine-tunes it.
-
-The weights are read by transformers (:func:`~rmoe.interop.qwen2_moe.read_hf_checkpoint`) and
-mapped by :mod:`rmoe.interop.qwen2_moe` (the linear router; Qwen3 as ``qk_norm``); the import is
-checked by comparing both models' logits on a few tokens before anything is written.
+writes ``OUT/checkpoints/imported.ckpt`` (a step-0 Lightning checkpoint of ``MoeLMModule``, as ``rmoe fit``
+writes), ``OUT/tokenizer/`` and ``OUT/config.yaml`` (model and data sections), which ``rmoe analyze``,
+``rmoe generate`` and fine-tuning read like any run. The weights are read by transformers and mapped by
+:mod:`rmoe.interop.qwen2_moe`; both models' logits on a few tokens are compared before anything is written.
 """
 
 from __future__ import annotations
@@ -38,14 +31,9 @@ CHECKPOINT_NAME = "imported.ckpt"
 def import_model(
     hf_dir: str | Path, out: str | Path, *, tokenizer: str | None = None, context_length: int | None = None
 ) -> Path:
-    """Convert ``hf_dir`` into an rmoe run directory ``out``; returns the checkpoint path.
-
-    Args:
-        hf_dir: A local directory written by ``save_pretrained`` (``config.json`` + safetensors).
-        out: New (or empty) output directory.
-        tokenizer: The tokenizer (default: the one in ``hf_dir``).
-        context_length: The context to record as ``data.block_size`` (default: the config's
-            ``max_position_embeddings``).
+    """Convert ``hf_dir`` (written by ``save_pretrained``) into a new or empty run directory ``out``; returns the
+    checkpoint path. ``tokenizer`` defaults to the one in ``hf_dir``; ``context_length`` (recorded as
+    ``data.block_size``) to the config's ``max_position_embeddings``.
 
     Raises:
         RmoeError: Unsupported architecture or features, unreadable weights, no tokenizer, the
@@ -83,7 +71,7 @@ def import_model(
 
 
 def _write_run(out: Path, hf_dir: Path, hf: Any, model: MoeLM, config: Any, tok: Any, context: int) -> Path:
-    """Write the run folder of an import: tokenizer, checkpoint (atomically), config.yaml."""
+    """Write the tokenizer, the checkpoint (atomically) and config.yaml."""
     import lightning
 
     from rmoe.training.module import OptimConfig
@@ -146,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     """``rmoe import HF_DIR --out DIR``; RmoeError for bad input (exit 2 in ``rmoe``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     path = import_model(args.hf_dir, args.out, tokenizer=args.tokenizer, context_length=args.context_length)
     print(f"rmoe import: wrote {path} (analyse: rmoe analyze --ckpt {path}; generate: rmoe generate --ckpt {path} ...)")

@@ -1,17 +1,14 @@
-"""Adapter between rmoe's :class:`~rmoe.model.decoder.MoeLM` and transformers' ``Qwen2MoeForCausalLM``
-/ ``Qwen3MoeForCausalLM``.
+"""Adapter between rmoe's :class:`~rmoe.model.decoder.MoeLM` and transformers' ``Qwen2MoeForCausalLM`` /
+``Qwen3MoeForCausalLM``.
 
-Our parameter names mirror transformers' under a ``model.`` prefix, with one difference: our
-router is ``mlp.router`` (a pluggable component) where transformers has ``mlp.gate``. The whole
-mapping is :func:`to_hf_name` / :func:`from_hf_name`; the same names hold for Qwen3-MoE, whose
-``self_attn.q_norm`` / ``k_norm`` are ours too. Only the ``linear`` router (without a logit bias or bias
-balancing) has a transformers counterpart. A model with ``qk_norm`` maps to Qwen3-MoE (which has
-no q/k/v bias and no shared expert), one without to Qwen2-MoE.
+Parameter names are transformers' under a ``model.`` prefix, except that our router is ``mlp.router`` where
+transformers has ``mlp.gate`` (:func:`to_hf_name` / :func:`from_hf_name`). Only the ``linear`` router without
+a logit bias or bias balancing has a transformers counterpart; a model with ``qk_norm`` maps to Qwen3-MoE
+(no q/k/v bias, no shared expert), one without to Qwen2-MoE.
 
-Config names (transformers -> rmoe): ``num_hidden_layers`` -> ``num_layers``,
-``num_experts_per_tok`` -> ``top_k``, ``rope_parameters["rope_theta"]`` -> ``rope_theta``,
-Qwen3's ``attention_bias`` -> ``qkv_bias`` (only false: Qwen3's bias also sits on ``o_proj``,
-which we do not have); the rest keep their names.
+Config names (transformers -> rmoe): ``num_hidden_layers`` -> ``num_layers``, ``num_experts_per_tok`` ->
+``top_k``, ``rope_parameters["rope_theta"]`` -> ``rope_theta``, Qwen3's ``attention_bias`` -> ``qkv_bias``
+(only false: Qwen3's bias also sits on ``o_proj``, which we do not have); the rest keep their names.
 """
 
 from __future__ import annotations
@@ -50,10 +47,8 @@ def from_hf_name(name: str) -> str:
 def native_model_type(config: ModelConfig) -> str | None:
     """``"qwen2_moe"`` or ``"qwen3_moe"`` if transformers has this exact architecture natively, else None.
 
-    Native means: the ``linear`` router without a logit bias or bias balancing (transformers' gate has
-    no bias, and balancing changes the top-k, which its router does not do; ``init`` does not matter
-    once trained) and, for ``qk_norm`` models, Qwen3's constraints (no q/k/v
-    bias, no shared expert).
+    transformers' gate has no bias and its top-k is not bias-balanced; Qwen3 has no q/k/v bias and no shared
+    expert.
     """
     if config.router != "linear":
         return None
@@ -174,8 +169,7 @@ def to_hf_state_dict(model: MoeLM) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """transformers' weights under our names, without what we do not have (Qwen2-MoE's empty shared
-    expert, a tied head)."""
+    """transformers' weights under our names, without Qwen2-MoE's empty shared expert and a tied head."""
     state = {from_hf_name(k): v for k, v in state_dict.items()}
     if config.shared_expert_intermediate_size == 0:  # transformers' empty (width 0) shared expert
         state = {k: v for k, v in state.items() if ".shared_expert" not in k}
@@ -200,10 +194,8 @@ def load_hf_weights(model: MoeLM, state_dict: dict[str, torch.Tensor], source: s
 def empty_shared_expert_is_quiet() -> Iterator[None]:
     """Silence torch's "Initializing zero-element tensors is a no-op" while transformers builds a Qwen2-MoE.
 
-    transformers' ``Qwen2MoeSparseMoeBlock`` always builds a shared expert; a model without one
-    (``shared_expert_intermediate_size: 0``) gets ``nn.Linear``s of width 0, whose init torch warns
-    about (with a stray source line, ``init.kaiming_uniform_(...)``). Nothing is wrong and the user
-    can do nothing about it; every other warning still shows.
+    ``Qwen2MoeSparseMoeBlock`` always builds a shared expert: without one it gets width-0 ``nn.Linear``s,
+    whose init torch warns about although nothing is wrong.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
@@ -228,11 +220,8 @@ def to_hf_model(model: MoeLM, **config_overrides: Any) -> PreTrainedModel:
 
 
 def read_hf_checkpoint(path: str | os.PathLike[str]) -> PreTrainedModel:
-    """A local Qwen2-MoE / Qwen3-MoE directory loaded by transformers (fp32, on CPU, no network).
-
-    transformers itself reads the files, so every layout it supports works: its fused expert
-    tensors or the per-expert ``experts.{e}.gate_proj`` layout of the published Qwen checkpoints
-    (which ``save_pretrained`` also writes), sharded or not.
+    """A local Qwen2-MoE / Qwen3-MoE directory loaded by transformers (fp32, on CPU, no network), so every
+    layout it reads works (fused or per-expert tensors, sharded or not).
 
     Raises:
         RmoeError: Not a directory with a ``config.json`` of a supported ``model_type``, or weights

@@ -1,29 +1,13 @@
-"""Routing metrics as pure functions on tensors, plus a streaming accumulator.
-
-- :mod:`rmoe.metrics.load`: expert loads, CV, MaxVio, dead experts, load entropy.
-- :mod:`rmoe.metrics.gates`: per-token gate entropy, top-k scores, router z, top-1 expert.
-- :mod:`rmoe.metrics.information`: entropy/MI from counts, top-1 MI between layers, the RMoE
-  paper's binned-probability MI matrix, expert-path keys.
-- :mod:`rmoe.metrics.expert_similarity`: the RMoE paper's expert similarity.
-- :mod:`rmoe.metrics.gradients`: router gradient norms per loss.
-- :mod:`rmoe.metrics.specialization`: OLMoE's vocabulary specialisation, expert co-activation and
-  router saturation, and :class:`~rmoe.metrics.specialization.TokenExpertStats` (many batches).
-- :mod:`rmoe.metrics.closer_look`: the analyses of "A Closer Look into Mixture-of-Experts in Large
-  Language Models" (score vs output-norm ranks, expert output similarity, neuron-level weight
-  similarity with Hungarian matching and Kendall's tau, gate-embedding similarity).
-- :mod:`rmoe.metrics.stats`: :func:`routing_summary` (one forward) and :class:`RoutingStats`
-  (many batches, mergeable across processes).
+"""Routing metrics as pure functions on tensors (:mod:`~rmoe.metrics.load`, :mod:`~rmoe.metrics.gates`,
+:mod:`~rmoe.metrics.information`, :mod:`~rmoe.metrics.expert_similarity`, :mod:`~rmoe.metrics.gradients`,
+OLMoE's :mod:`~rmoe.metrics.specialization`, :mod:`~rmoe.metrics.closer_look`), declared in
+:mod:`~rmoe.metrics.catalog` and accumulated over batches by :mod:`~rmoe.metrics.stats`.
 
 Everything runs under ``torch.no_grad()`` and never modifies its inputs.
 """
 
 from rmoe.metrics.expert_similarity import expert_similarity, expert_similarity_per_layer
-from rmoe.metrics.gates import (
-    gate_entropy,
-    router_logit_variance,
-    router_z,
-    top1_expert_ids,
-)
+from rmoe.metrics.gates import gate_entropy, router_logit_variance, router_z, top1_expert_ids
 from rmoe.metrics.gradients import router_grad_norms, router_grad_norms_by_loss, router_parameters
 from rmoe.metrics.information import (
     NUM_PROB_BINS,

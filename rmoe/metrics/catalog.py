@@ -1,24 +1,12 @@
-"""Every routing metric, declared once: its name, shape, how it is accumulated and where it is shown.
+"""Every metric, declared once in :data:`METRICS`: its name, shape, how it is accumulated and where it is shown.
 
-One :class:`Metric` per entry of :data:`METRICS`. Everything else is derived from the list:
+:class:`rmoe.metrics.RoutingStats` computes the ``source="routing"`` metrics; :func:`rmoe.metrics.summary_scalars`
+and the training callback log them as ``moe/{split}/{name}/layer_{l}`` (``kind="layer"``), ``.../layer_{l}_{l+1}``
+(``"pair"``), diagonal / off-diagonal / adjacent means (``"matrix"``) or ``moe/{split}/{name}`` (``"scalar"``).
 
-- :class:`rmoe.metrics.RoutingStats` accumulates and computes the metrics whose ``source`` is
-  ``"routing"`` (their sums all-reduce across processes; the reservoir sample and the path
-  counts are gathered);
-- :func:`rmoe.metrics.summary_scalars` and the training callback (:mod:`rmoe.training.analytics`)
-  log them as ``moe/{split}/{name}/layer_{l}`` (``kind="layer"``), ``.../layer_{l}_{l+1}``
-  (``"pair"``), the diagonal / off-diagonal / adjacent means (``"matrix"``) or ``moe/{split}/{name}``
-  (``"scalar"``), plus ``/mean``, with one custom-scalars chart per metric;
-- ``hparam=True``: the layer mean of the last validation is ``hp/{name}`` in the HParams tab;
-- ``report=True``: a column of ``rmoe report`` (from the ``moe/val/{name}/layer_*`` tags);
-- ``summary=True``: a column of :func:`rmoe.analyze.summary_rows` (``rmoe analyze`` results
-  side by side).
-
-Adding a routing metric: its function (in :mod:`rmoe.metrics.gates`, ``load`` or ``information``),
-one :class:`Metric` here, and its known-answer test. A metric that is the mean over tokens of a
-per-token value needs only ``per_token`` (RoutingStats keeps the float64 sum per layer; ``finish``
-maps the mean to the reported value); one that is a median of a per-token value, ``sample``; one
-read from the shared count statistics (:data:`STATISTICS`), ``from_state``.
+Adding a routing metric: its function (in :mod:`rmoe.metrics.gates`, ``load`` or ``information``), one
+:class:`Metric` here with one of ``per_token`` (a mean over tokens), ``sample`` (a median) or ``from_state``
+(read from :data:`STATISTICS`), and its known-answer test.
 
 Shape legend: T tokens, E experts, K chosen experts, L MoE layers, P = L - 1 consecutive pairs.
 """
@@ -57,8 +45,8 @@ Source = Literal["routing", "specialization", "weights", "experts"]
 
 
 class RoutingBatch:
-    """One forward pass's routing (one :class:`RoutingOutput` per MoE layer), with the values
-    several metrics share computed once, on first use. fp32, on the routing's device."""
+    """One forward pass's routing (one :class:`RoutingOutput` per MoE layer), with the values several
+    metrics share computed once, on first use (fp32, on the routing's device)."""
 
     def __init__(self, routing: Sequence[RoutingOutput], num_experts: int, top_k: int | None, num_bins: int) -> None:
         self.routing = routing
@@ -97,11 +85,8 @@ class RoutingBatch:
 
     @cached_property
     def balances_LT(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inner balance, outer balance) per token, from one top-k over all layers.
-
-        Inner: top-1 / top-2 probability; outer: the sum of the top-K probabilities (K = ``top_k``,
-        or each layer's ``expert_ids_TK.shape[1]``).
-        """
+        """(inner, outer) balance per token: top-1 / top-2 probability, and the sum of the top-K
+        probabilities (K = ``top_k``, or each layer's ``expert_ids_TK.shape[1]``)."""
         probs_LTE = self.probs_LTE
         L, T, E = probs_LTE.shape
         ks = [self.top_k or r.expert_ids_TK.shape[1] for r in self.routing]
@@ -119,8 +104,8 @@ class RoutingBatch:
 
 @dataclass(frozen=True)
 class Statistic:
-    """A count or sum over tokens that :class:`~rmoe.metrics.RoutingStats` keeps (adds up across
-    batches and processes). ``shape`` is a string of the letters L, E, P (e.g. ``"LE"``)."""
+    """A count or sum over tokens that :class:`~rmoe.metrics.RoutingStats` keeps (adds up across batches
+    and processes). ``shape`` is a string of the letters L, E, P (e.g. ``"LE"``)."""
 
     name: str
     shape: str
@@ -139,24 +124,19 @@ class Accumulated:
 
 @dataclass(frozen=True)
 class Metric:
-    """One routing metric (see the module docstring).
+    """One metric (see the module docstring).
 
     Attributes:
         name: Its key in the summaries and its TensorBoard tag (``moe/{split}/{name}/...``).
         kind: ``layer`` (L,), ``pair`` (L-1,) between layers l and l+1, ``matrix`` (L, L), ``scalar``.
-        description: One line for docs and reports.
-        source: What computes it: ``routing`` (:class:`~rmoe.metrics.RoutingStats`),
-            ``specialization`` (:class:`~rmoe.metrics.specialization.TokenExpertStats`),
-            ``weights`` (the expert weights, training only) or ``experts`` (``rmoe analyze`` only).
-        per_token: For ``routing`` metrics that are a mean over tokens: the (L, T) values.
-        finish: Maps that mean (L,) float64 to the metric (default: as is, in fp32).
+        source: What computes it: ``routing`` (:class:`~rmoe.metrics.RoutingStats`), ``specialization``
+            (:class:`~rmoe.metrics.specialization.TokenExpertStats`), ``weights`` (the expert weights,
+            training only) or ``experts`` (``rmoe analyze`` only).
+        per_token: For a mean over tokens: the (L, T) values; ``finish`` maps the mean (L,) float64.
         sample: For medians: the (L, T) per-token values kept in the reservoir sample.
-        from_state: For metrics read from :data:`STATISTICS`.
         hparam: In the HParams tab (``hp/{name}``, layer mean of the last validation).
-        report: A column of ``rmoe report``.
-        summary: A column of :func:`rmoe.analyze.summary_rows`.
-        live: Logged by the training callback (False: ``rmoe analyze`` only).
-        splits: The live splits it is logged for.
+        report: A column of ``rmoe report``; summary: of :func:`rmoe.analyze.summary_rows`.
+        live: Logged by the training callback (False: ``rmoe analyze`` only), for ``splits``.
     """
 
     name: str
@@ -217,8 +197,7 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("top1_joint_PEE", "PEE", torch.int64, lambda b: consecutive_joint_histograms(b.top1_LT, b.num_experts)),
     Statistic("binned_log_count_sum_LL", "LL", torch.float64, lambda b: binned_log_count_sums(b.probs_LTE, b.num_bins)),
 )
-"""The shared count statistics of :class:`~rmoe.metrics.RoutingStats` (besides ``num_tokens`` and
-each ``per_token`` metric's sum)."""
+"""The shared count statistics of :class:`~rmoe.metrics.RoutingStats` (besides ``num_tokens`` and sums)."""
 
 
 def _load(a: Accumulated) -> torch.Tensor:
@@ -281,18 +260,8 @@ METRICS: tuple[Metric, ...] = (
         "median entropy of the router probabilities (nats)",
         sample=lambda b: b.gate_entropy_LT,
     ),
-    Metric(
-        "inner_balance_median",
-        "layer",
-        "median top-1 / top-2 probability",
-        sample=lambda b: b.balances_LT[0],
-    ),
-    Metric(
-        "outer_balance_median",
-        "layer",
-        "median sum of the top-K probabilities",
-        sample=lambda b: b.balances_LT[1],
-    ),
+    Metric("inner_balance_median", "layer", "median top-1 / top-2 probability", sample=lambda b: b.balances_LT[0]),
+    Metric("outer_balance_median", "layer", "median sum of the top-K probabilities", sample=lambda b: b.balances_LT[1]),
     Metric(
         "router_z_mean",
         "layer",

@@ -16,32 +16,16 @@ from rmoe.syncs import to_host
 def expert_similarity(
     gate_up_proj_E2FD: torch.Tensor, down_proj_EDF: torch.Tensor, *, include_diagonal: bool = True
 ) -> torch.Tensor:
-    """Mean pairwise cosine similarity of the experts of one layer, as in the RMoE paper.
+    """Mean pairwise cosine similarity of the experts of one layer (RMoE paper, Qiu et al., arXiv 2408.06793,
+    App. A.4.3), as the authors' ``get_similarities`` (github.com/qiuzh20/RMoE, ``analysis_weights.ipynb``).
 
-    Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts", arXiv 2408.06793, App. A.4.3
-    ("expert similarity"), following the authors' analysis code (github.com/qiuzh20/RMoE,
-    ``analysis/analysis_megatron/analysis_weights.ipynb``, ``get_similarities`` for the SwiGLU
-    experts): each of an expert's weight matrices is averaged over the FFN hidden dimension F
-    (the "hidden dimension" the paper averages over is the expert's inner width, not the model
-    width D), giving one D-vector per matrix: gate ``w1`` and up ``w3`` (our ``gate_up_proj``
-    halves, (E, F, D) each, averaged over F) and down ``w2`` (our ``down_proj`` (E, D, F),
-    averaged over F). Each vector is L2-normalised, the E x E Gram matrices of the three are
-    formed, and their entries averaged.
-
-    Scale: the authors concatenate the three unit vectors, so their Gram entries are the *sum* of
-    three cosines (diagonal 3); we divide by 3 so the result is a mean cosine in [-1, 1] (identical
-    experts give 1). Reduction: the authors take the mean of the whole E x E matrix, diagonal
-    included (``include_diagonal=True``, the default, for comparability: paper value = 3 x ours);
-    ``include_diagonal=False`` averages the E(E-1) off-diagonal entries only (0 for orthogonal
-    experts, whereas the full mean is then 1/E).
-
-    Args:
-        gate_up_proj_E2FD: (E, 2F, D), gate rows first (``GroupedExperts.gate_up_proj``).
-        down_proj_EDF: (E, D, F) (``GroupedExperts.down_proj``).
-        include_diagonal: Average the whole Gram matrix (paper) or only its off-diagonal entries.
-
-    Returns:
-        A 0-d fp32 tensor on the weights' device.
+    Each weight matrix (gate ``w1``, up ``w3``, down ``w2``) is averaged over the expert's inner width F
+    (the paper's "hidden dimension", not D) to one D-vector per expert; the three vectors are
+    L2-normalised and the E x E Gram matrices of the three averaged. The authors concatenate the unit
+    vectors (Gram entries a *sum* of three cosines); we divide by 3 for a mean cosine in [-1, 1].
+    ``include_diagonal=True`` (default) averages the whole Gram matrix as the authors do (paper value =
+    3 x ours); False averages the E(E-1) off-diagonal entries only (0 for orthogonal experts, not 1/E).
+    ``gate_up_proj_E2FD`` has the gate rows first. Returns a 0-d fp32 tensor on the weights' device.
     """
     E, two_F, _ = gate_up_proj_E2FD.shape
     gate_EFD, up_EFD = gate_up_proj_E2FD.float().split(two_F // 2, dim=1)
@@ -57,12 +41,8 @@ def expert_similarity(
 
 @torch.no_grad()
 def expert_similarity_per_layer(model: nn.Module, *, include_diagonal: bool = True, host: bool = True) -> torch.Tensor:
-    """:func:`expert_similarity` of every MoE layer of a model, in depth order: (L,) fp32, on the host
-    (one transfer), or with ``host=False`` on the weights' device.
-
-    Finds the routed experts as the modules with 3-D ``gate_up_proj`` (E, 2F, D) and ``down_proj``
-    (E, D, F) parameters (``rmoe.model.moe.GroupedExperts``), in registration (= depth) order.
-    """
+    """:func:`expert_similarity` of every MoE layer, in depth order: (L,) fp32 on the host (one transfer),
+    or with ``host=False`` on the weights' device. Experts are the modules with a 3-D ``gate_up_proj``."""
     values = [
         expert_similarity(m.gate_up_proj, m.down_proj, include_diagonal=include_diagonal)
         for m in model.modules()

@@ -16,12 +16,8 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters of the routers, by name: those of every :class:`~rmoe.routers.Router`
-    module (``layers.{i}.mlp.router.*``) and of the module its router class shares across layers
-    (``Router.shared``, held once by the decoder as ``shared_router.*``, e.g. RMoE's GRU cell),
-    each counted once. Found by type, not by name. Frozen routers (buffers, or ``requires_grad``
-    False) contribute nothing.
-    """
+    """Trainable parameters of the routers, by name: those of every :class:`~rmoe.routers.Router` module and
+    of the module shared across layers (``Router.shared``, e.g. RMoE's GRU cell), each once; found by type."""
     routers = [m for m in model.modules() if isinstance(m, Router)]
     shared = {id(r.shared) for r in routers if r.shared is not None}
     out: dict[str, nn.Parameter] = {}
@@ -38,14 +34,9 @@ def router_group(name: str) -> str:
 
 
 def router_grad_norms_by_loss(model: nn.Module, losses: Mapping[str, torch.Tensor | None]) -> dict[str, float]:
-    """L2 norm of d(loss)/d(router parameters) for each loss separately, without touching ``.grad``.
-
-    :func:`router_grad_norm_tensors`, read on the host in one transfer.
-
-    Returns:
-        Flat dict ``"{loss}/total"``, ``"{loss}/shared"`` (parameters shared across layers, 0 if
-        none) and ``"{loss}/layer_{i}"`` (i = decoder layer index of each MoE layer's router).
-    """
+    """L2 norm of d(loss)/d(router parameters) for each loss separately, without touching ``.grad``:
+    ``"{loss}/total"``, ``"{loss}/shared"`` (0 if nothing is shared) and ``"{loss}/layer_{i}"`` (i =
+    decoder layer index), read on the host in one transfer."""
     norms = router_grad_norm_tensors(model, losses)
     return dict(zip(norms, to_host([torch.stack(list(norms.values()))])[0].tolist(), strict=True)) if norms else {}
 
@@ -53,15 +44,9 @@ def router_grad_norms_by_loss(model: nn.Module, losses: Mapping[str, torch.Tenso
 def router_grad_norm_tensors(model: nn.Module, losses: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
     """:func:`router_grad_norms_by_loss` as 0-d fp32 tensors on the parameters' device (no host sync).
 
-    Uses ``torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)``, so the
-    graph survives for the training step's own backward and no ``.grad`` is accumulated. A loss
-    that is None or does not require grad (e.g. a balance loss with coefficient 0 on a detached
-    value) gives zeros. Call it on the bare model (not a DDP wrapper): the gradients are the
-    local process's, not all-reduced.
-
-    Args:
-        model: The model (e.g. ``rmoe.model.decoder.MoeLM``).
-        losses: Name -> scalar loss, e.g. ``{"lm": lm_loss, "balance": aux_loss}``.
+    ``retain_graph=True`` keeps the graph for the training step's own backward. A loss that is None or
+    does not require grad gives zeros. Call it on the bare model (not a DDP wrapper): the gradients are
+    the local process's, not all-reduced.
     """
     params = router_parameters(model)
     names = list(params)
@@ -84,21 +69,9 @@ def router_grad_norm_tensors(model: nn.Module, losses: Mapping[str, torch.Tensor
 
 
 def router_grad_norms(model: nn.Module, lm_loss: torch.Tensor, balance_loss: torch.Tensor | None) -> dict[str, float]:
-    """Router gradient norms from the LM loss and from the balance loss, separately.
-
-    The RMoE paper (Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts", arXiv
-    2408.06793, Table 11) compares the router's gradient norm from the language-modelling loss
-    with that from the load-balancing loss, to show how much of the router's training signal
-    each provides. See :func:`router_grad_norms_by_loss` for the keys (``lm/...``, ``balance/...``).
-
-    Args:
-        model: The model.
-        lm_loss: The language-modelling loss (scalar, with graph).
-        balance_loss: The balance loss *as added to the total* (scalar, with graph), or None.
-
-    Returns:
-        Flat dict of norms (python floats).
-    """
+    """Router gradient norms from the LM loss and from the balance loss *as added to the total* (or None),
+    keys ``lm/...`` and ``balance/...`` of :func:`router_grad_norms_by_loss`: how much of the router's
+    training signal each provides (RMoE paper, arXiv 2408.06793, Table 11)."""
     return router_grad_norms_by_loss(model, {"lm": lm_loss, "balance": balance_loss})
 
 

@@ -1,8 +1,7 @@
-"""Cross-layer information metrics: entropies, mutual information, the RMoE paper's binned-
-probability MI matrix, and the diversity of expert paths through the depth.
+"""Cross-layer information metrics: entropies, mutual information, the RMoE paper's binned-probability MI
+matrix, and expert paths through the depth.
 
-Shape legend: T tokens, E experts, L MoE layers, N distinct items (paths). Entropies and MI are in
-nats. Every function runs under ``torch.no_grad()`` and leaves its inputs untouched.
+Shape legend: T tokens, E experts, L MoE layers, N distinct items (paths). Entropies and MI are in nats.
 """
 
 from __future__ import annotations
@@ -18,25 +17,13 @@ NUM_PROB_BINS = 100
 _MAX_CODE = 2**62  # mixed-radix path codes stay below this (int64 with room to spare)
 
 
-# ----------------------------------------------------------------------------------------------
 # Plug-in entropy and mutual information from counts
-# ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def entropy_from_counts(counts_N: torch.Tensor) -> torch.Tensor:
-    """Plug-in (maximum-likelihood) Shannon entropy ``-sum p ln p`` of the empirical distribution
-    ``p = counts / sum(counts)``, over the last dim (leading batch dims allowed); ``0 ln 0 = 0``.
-
-    Computed as ``ln n - sum c ln c / n`` in fp64 (exact for integer counts; Cover & Thomas,
-    "Elements of Information Theory", Eq. 2.1). 0 for an empty histogram.
-
-    Args:
-        counts_N: (..., N) non-negative counts.
-
-    Returns:
-        (...,) fp64 entropies.
-    """
+    """Plug-in Shannon entropy ``-sum p ln p`` of ``p = counts / sum(counts)`` over the last dim, (...,) fp64;
+    0 for an empty histogram. Computed as ``ln n - sum c ln c / n`` (Cover & Thomas, Eq. 2.1)."""
     counts = counts_N.double()
     total = counts.sum(dim=-1)
     c_log_c = torch.special.xlogy(counts, counts).sum(dim=-1)
@@ -46,20 +33,9 @@ def entropy_from_counts(counts_N: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mutual_information(joint_XY: torch.Tensor) -> torch.Tensor:
-    """Plug-in mutual information ``I(X;Y) = H(X) + H(Y) - H(X,Y)`` from a joint histogram.
-
-    The maximum-likelihood estimate from the empirical joint distribution (Cover & Thomas,
-    "Elements of Information Theory", Eq. 2.45). Biased upwards for finite samples: for
-    independent X, Y its expectation is about ``(|X| - 1)(|Y| - 1) / (2 n)`` nats (Miller 1955;
-    Panzeri & Treves 1996, "Analytical estimates of limited sampling biases in different
-    information measures", Network 7). Clamped at 0 against rounding.
-
-    Args:
-        joint_XY: (..., X, Y) counts (leading batch dims allowed).
-
-    Returns:
-        (...,) fp64 MI in nats.
-    """
+    """Plug-in mutual information ``I(X;Y) = H(X) + H(Y) - H(X,Y)`` of (..., X, Y) counts, (...,) fp64 nats
+    (Cover & Thomas, Eq. 2.45), clamped at 0 against rounding. Biased upwards: for independent X, Y its
+    expectation is about ``(|X| - 1)(|Y| - 1) / (2 n)`` (Miller 1955; Panzeri & Treves 1996, Network 7)."""
     h_x = entropy_from_counts(joint_XY.sum(dim=-1))
     h_y = entropy_from_counts(joint_XY.sum(dim=-2))
     h_xy = entropy_from_counts(joint_XY.flatten(-2))
@@ -68,20 +44,10 @@ def mutual_information(joint_XY: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def normalized_mutual_information(joint_XY: torch.Tensor) -> torch.Tensor:
-    """NMI ``2 I(X;Y) / (H(X) + H(Y))`` in [0, 1] (the arithmetic-mean normalisation).
+    """NMI ``2 I(X;Y) / (H(X) + H(Y))`` in [0, 1] of (..., X, Y) counts, (...,) fp64.
 
-    Strehl & Ghosh, "Cluster Ensembles", JMLR 3 (2002), discuss the sqrt normalisation; the
-    arithmetic one is scikit-learn's default ``normalized_mutual_info_score`` (Vinh, Epps & Bailey,
-    "Information Theoretic Measures for Clusterings Comparison", JMLR 11 (2010), NMI_sum). Chosen
-    because it stays defined when only one side is constant (then I = 0 and NMI = 0); when both
-    sides are constant (H(X) = H(Y) = 0) the two labelings agree trivially and NMI = 1, as in
-    scikit-learn.
-
-    Args:
-        joint_XY: (..., X, Y) counts.
-
-    Returns:
-        (...,) fp64 NMI.
+    The arithmetic-mean normalisation (scikit-learn's default; Vinh, Epps & Bailey, JMLR 11, 2010, NMI_sum)
+    stays defined when one side is constant (NMI = 0); both constant gives 1, as in scikit-learn.
     """
     h_sum = entropy_from_counts(joint_XY.sum(dim=-1)) + entropy_from_counts(joint_XY.sum(dim=-2))
     mi = mutual_information(joint_XY)
@@ -90,10 +56,8 @@ def normalized_mutual_information(joint_XY: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def consecutive_joint_histograms(top1_LT: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Joint histograms of consecutive layers' top-1 expert ids: (L-1, E, E) int64.
-
-    Entry ``[l, a, b]`` counts the tokens whose top-1 expert is a at MoE layer l and b at l+1.
-    """
+    """Joint histograms of consecutive layers' top-1 expert ids, (L-1, E, E) int64: ``[l, a, b]`` counts the
+    tokens whose top-1 expert is a at MoE layer l and b at l+1."""
     L, _ = top1_LT.shape
     E = num_experts
     if L < 2:
@@ -103,18 +67,13 @@ def consecutive_joint_histograms(top1_LT: torch.Tensor, num_experts: int) -> tor
     return torch.bincount(codes, minlength=(L - 1) * E * E).view(L - 1, E, E)
 
 
-# ----------------------------------------------------------------------------------------------
 # The RMoE paper's binned-probability MI (App. A.4.2)
-# ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def bin_probabilities(probs_TE: torch.Tensor, num_bins: int = NUM_PROB_BINS) -> torch.Tensor:
-    """Equal-width bin index of each probability over [0, 1]: ``min(floor(p * bins), bins - 1)``.
-
-    Bin b covers ``[b / bins, (b + 1) / bins)``; the last bin is closed so p = 1 falls in it
-    (``numpy.histogram``'s convention). Returns int64 of the input's shape.
-    """
+    """Equal-width bin index (int64) of each probability over [0, 1]: ``min(floor(p * bins), bins - 1)``
+    (the last bin is closed, as in ``numpy.histogram``)."""
     return (probs_TE.float() * num_bins).floor().long().clamp(0, num_bins - 1)
 
 
@@ -130,25 +89,13 @@ def _byte_counts(words: torch.Tensor) -> torch.Tensor:
 def binned_log_count_sums(
     probs_LTE: torch.Tensor, num_bins: int = NUM_PROB_BINS, max_chunk_bytes: int = 1 << 25
 ) -> torch.Tensor:
-    """Sufficient statistic of the binned-probability MI matrix: ``S[i, j] = sum_t sum_e ln n_ij(t, e)``.
+    """Sufficient statistic of the binned-probability MI matrix, (L, L) fp64 symmetric:
+    ``S[i, j] = sum_t sum_e ln n_ij(t, e)``, where ``n_ij(t, e)`` counts the experts f whose probability is
+    in the same bin as expert e's at layer i *and* at layer j. Sums over batches add up.
 
-    ``n_ij(t, e)`` is the number of experts f whose probability falls in the same bin as expert
-    e's at layer i *and* at layer j (for token t). Sums over batches add up, so
-    :class:`rmoe.metrics.RoutingStats` accumulates S and converts it with
-    :func:`binned_mi_from_log_count_sums`.
-
-    Vectorised without any (T, bins, bins) histogram: the (T, E, E) bool matrix "f shares e's bin"
-    of each layer is reinterpreted as int64 words (8 experts per word, one byte each), so the
-    joint "same bin at i and at j" is one AND per word and ``n_ij`` a byte count. Tokens are
-    processed in chunks of about ``max_chunk_bytes`` bytes of those matrices.
-
-    Args:
-        probs_LTE: (L, T, E) router probabilities of L layers.
-        num_bins: Bins over [0, 1].
-        max_chunk_bytes: Memory bound of the intermediate matrices.
-
-    Returns:
-        (L, L) fp64, symmetric.
+    No (T, bins, bins) histogram: each layer's (T, E, E) bool matrix "f shares e's bin" is viewed as int64
+    words (one byte per expert), so "same bin at i and at j" is one AND per word and ``n_ij`` a byte count.
+    ``max_chunk_bytes`` bounds the memory of those matrices.
     """
     bins_LTE = bin_probabilities(probs_LTE, num_bins)
     bins_LTE = bins_LTE.to(torch.uint8 if num_bins <= 256 else torch.int32)  # cheaper comparisons
@@ -177,10 +124,8 @@ def binned_log_count_sums(
 def binned_mi_from_log_count_sums(sums_LL: torch.Tensor, num_tokens: int, num_experts: int) -> torch.Tensor:
     """Token-averaged binned MI matrix from :func:`binned_log_count_sums` over ``num_tokens`` tokens.
 
-    With E samples per token, the plug-in entropies are ``H_i(t) = ln E - (1/E) sum_e ln n_ii(t, e)``
-    and ``H_ij(t) = ln E - (1/E) sum_e ln n_ij(t, e)``, so the mean over tokens of
-    ``I_ij(t) = H_i + H_j - H_ij`` is ``ln E - (S_ii + S_jj - S_ij) / (T E)``; the diagonal is the
-    mean entropy of a layer's binned vector.
+    With E samples per token, ``H_i(t) = ln E - (1/E) sum_e ln n_ii(t, e)`` (likewise ``H_ij``), so the mean
+    of ``I_ij(t) = H_i + H_j - H_ij`` is ``ln E - (S_ii + S_jj - S_ij) / (T E)``.
     """
     diag_L = sums_LL.diagonal()
     mi_LL = math.log(num_experts) - (diag_L[:, None] + diag_L[None, :] - sums_LL) / (num_tokens * num_experts)
@@ -192,48 +137,31 @@ def binned_mi_from_log_count_sums(sums_LL: torch.Tensor, num_tokens: int, num_ex
 def binned_probability_mi_matrix(
     probs: Sequence[torch.Tensor] | torch.Tensor, num_bins: int = NUM_PROB_BINS
 ) -> torch.Tensor:
-    """The RMoE paper's cross-layer mutual information of router probabilities, as an L x L matrix.
+    """The RMoE paper's cross-layer MI of router probabilities (Qiu et al., arXiv 2408.06793, App. A.4.2, the
+    heat map of Sec. 5): (L, L) fp64 nats, symmetric, on the inputs' device.
 
-    Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts", arXiv 2408.06793, App. A.4.2
-    (the MI heat map of its Sec. 5): each token's probability vector is discretised into 100
-    equal-width bins over [0, 1], the MI between two layers' binned vectors is estimated, and the
-    result is averaged over tokens. Interpretation implemented here: for one token t, the E
-    binned probabilities of layer i and of layer j are E paired samples ``(x_e, y_e)``, e = 1..E;
-    ``I_ij(t)`` is the plug-in MI of their E-sample joint histogram (as
-    ``sklearn.metrics.mutual_info_score(x, y)`` would compute it, in nats); the matrix entry is
-    the mean of ``I_ij(t)`` over tokens. The matrix is symmetric and its diagonal is the mean
-    plug-in entropy of a layer's binned vector (``I(X;X) = H(X)``); every entry is at most ln E.
-    With only E samples per token the plug-in MI is strongly biased upwards (two independent
-    random layers with E = 8 score about 1.3 nats against a diagonal of about 1.66): compare
-    entries across layers, routers and checkpoints, not against 0.
-
-    Vectorised as described in :func:`binned_log_count_sums` (no (T, 100, 100) histogram).
+    Probabilities are binned into ``num_bins`` (the paper: 100) equal-width bins over [0, 1]. Our reading of
+    the paper: for one token, the E binned probabilities of layers i and j are E paired samples
+    ``(x_e, y_e)``; ``I_ij(t)`` is the plug-in MI of their joint histogram (as ``sklearn``'s
+    ``mutual_info_score``); the entry is its mean over tokens. The diagonal is the mean binned entropy;
+    every entry is at most ln E. With only E samples per token the estimate is strongly biased upwards
+    (independent random layers score well above 0): compare entries, not against 0.
 
     Args:
-        probs: L tensors (T, E) (one per MoE layer, e.g. ``[r.probs_TE for r in routing]``) or one
-            (L, T, E) tensor.
-        num_bins: Bins over [0, 1] (the paper: 100).
-
-    Returns:
-        (L, L) fp64 MI matrix (nats), on the inputs' device.
+        probs: L tensors (T, E) (e.g. ``[r.probs_TE for r in routing]``) or one (L, T, E) tensor.
     """
     probs_LTE = probs if isinstance(probs, torch.Tensor) else torch.stack([p.float() for p in probs])
     _, T, E = probs_LTE.shape
     return binned_mi_from_log_count_sums(binned_log_count_sums(probs_LTE, num_bins), T, E)
 
 
-# ----------------------------------------------------------------------------------------------
 # Expert paths through the depth
-# ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def path_keys(top1_LT: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """A hashable key per token for its path: the tuple of its top-1 experts over the L layers.
-
-    The mixed-radix code ``sum_l id_l E^(L-1-l)`` (T,) int64 when ``E^L <= 2^62``; otherwise (too
-    many layers for an int64) the rows themselves, (T, L), to be made unique with ``dim=0``.
-    """
+    """A key per token for its path (its top-1 experts over the L layers): the mixed-radix code
+    ``sum_l id_l E^(L-1-l)`` (T,) int64 when ``E^L <= 2^62``, else the rows (T, L) (unique with ``dim=0``)."""
     L, T = top1_LT.shape
     if num_experts**L > _MAX_CODE:
         return top1_LT.T.contiguous()

@@ -1,8 +1,5 @@
-"""Language-model metrics from a mean cross entropy: the one place for loss -> perplexity -> bits per byte.
-
-``loss`` is the token-weighted mean cross entropy in nats. Bits per byte divide by ln 2 and by the
-mean number of UTF-8 bytes per token of the split (``TextDataModule.bytes_per_token``), so runs
-with different tokenizers compare.
+"""Language-model metrics from ``loss``, the token-weighted mean cross entropy in nats. Bits per byte divide by
+the split's UTF-8 bytes per token (``TextDataModule.bytes_per_token``), so runs with different tokenizers compare.
 """
 
 from __future__ import annotations

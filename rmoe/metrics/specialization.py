@@ -1,12 +1,9 @@
-"""What the experts specialise in, following OLMoE's analysis (Muennighoff et al., "OLMoE: Open
-Mixture-of-Experts Language Models", arXiv 2409.02060, Sec. 5): vocabulary specialisation,
-expert co-activation and router saturation, as pure functions on tensors, plus
-:class:`TokenExpertStats`, which accumulates the counts they need over many batches.
+"""OLMoE's analyses of expert specialisation (Muennighoff et al., arXiv 2409.02060, Sec. 5): vocabulary
+specialisation, expert co-activation and router saturation, plus :class:`TokenExpertStats`, which accumulates
+their counts over many batches.
 
-Shape legend: T tokens, K chosen experts per token, E experts, V vocabulary (token ids),
-L MoE layers. A (token, expert) pair counts when the expert is among the token's chosen experts
-and, for capacity routers, was kept (``keep_TK``); dropped pairs count nowhere.
-Every function runs under ``torch.no_grad()`` and leaves its inputs untouched.
+Shape legend: T tokens, K chosen experts per token, E experts, V vocabulary (token ids), L MoE layers.
+Pairs dropped by a capacity (``keep_TK`` False) count nowhere.
 """
 
 from __future__ import annotations
@@ -22,8 +19,7 @@ if TYPE_CHECKING:
     from rmoe.routers.base import RoutingOutput
 
 DEFAULT_MIN_COUNT = 10
-"""Token ids seen fewer times are left out of the specialisation summaries (a token seen once is
-trivially 'fully specialised' to its top-1 expert)."""
+"""Token ids seen fewer times are left out of the summaries (a token seen once is trivially 'fully specialised')."""
 
 
 def _kept_ids(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> torch.Tensor:
@@ -39,18 +35,7 @@ def token_expert_counts(
     num_experts: int,
     keep_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``counts_VE[v, e]``: how many occurrences of token id v were routed to expert e (kept pairs).
-
-    Args:
-        token_ids_T: The input token id of each routed token (T,).
-        expert_ids_TK: Chosen experts (T, K).
-        vocab_size: V.
-        num_experts: E.
-        keep_TK: Optional capacity mask (False: dropped, not counted).
-
-    Returns:
-        (V, E) int64; row v sums to K times the occurrences of v (less the dropped pairs).
-    """
+    """``counts_VE[v, e]`` (int64): how many occurrences of token id v were routed to expert e (kept pairs)."""
     E = num_experts
     ids_TK = _kept_ids(expert_ids_TK, keep_TK, E)
     flat = token_ids_T.reshape(-1, 1).long() * (E + 1) + ids_TK
@@ -59,18 +44,11 @@ def token_expert_counts(
 
 @torch.no_grad()
 def vocabulary_specialization(counts_VE: torch.Tensor, occurrences_V: torch.Tensor) -> torch.Tensor:
-    """OLMoE's vocabulary specialisation (arXiv 2409.02060, Sec. 5, "domain and vocabulary
-    specialization"): for token id x and expert e, ``N_k^(e)(x) / N(x)``, the share of x's
-    occurrences that have e among their top-k experts.
+    """OLMoE's vocabulary specialisation (arXiv 2409.02060, Sec. 5): for token id x and expert e,
+    ``N_k^(e)(x) / N(x)``, the share of x's occurrences that have e among their top-k experts.
 
-    Args:
-        counts_VE: :func:`token_expert_counts` (summed over batches).
-        occurrences_V: N(x), occurrences of each token id (not multiplied by K).
-
-    Returns:
-        ``specialization_VE`` in [0, 1] (fp64), NaN for ids never seen. 1 means every occurrence of
-        x went to e; a row sums to K (less drops). A router that sends token id t to expert
-        ``t mod E`` (K = 1) gives exactly 1 at ``(t, t mod E)`` and 0 elsewhere.
+    ``occurrences_V`` is N(x), not multiplied by K. Returns ``specialization_VE`` in [0, 1] (fp64), NaN for
+    ids never seen; a row sums to K (less drops).
     """
     n_V1 = occurrences_V.double().reshape(-1, 1)
     return torch.where(n_V1 > 0, counts_VE.double() / n_V1.clamp(min=1), torch.full_like(n_V1, float("nan")))
@@ -80,13 +58,10 @@ def vocabulary_specialization(counts_VE: torch.Tensor, occurrences_V: torch.Tens
 def specialization_summary(
     counts_VE: torch.Tensor, occurrences_V: torch.Tensor, *, min_count: int = DEFAULT_MIN_COUNT
 ) -> torch.Tensor:
-    """One number per layer: the occurrence-weighted mean, over token ids seen at least
-    ``min_count`` times, of the token's largest :func:`vocabulary_specialization` share,
-    ``sum_x max_e N_k^(e)(x) / sum_x N(x)``.
+    """The occurrence-weighted mean, over token ids seen at least ``min_count`` times, of each token's
+    largest :func:`vocabulary_specialization` share: ``sum_x max_e N_k^(e)(x) / sum_x N(x)``, 0-d fp64.
 
-    1: every token id always goes to one same expert (full vocabulary specialisation); a router
-    that ignores the token (uniformly random top-k) gives about K/E. 0-d fp64 tensor (NaN if no
-    token id has ``min_count`` occurrences).
+    1: every token id always goes to one expert; a router that ignores the token gives about K/E.
     """
     n_V = occurrences_V.double()
     frequent_V = n_V >= max(min_count, 1)
@@ -100,12 +75,8 @@ def specialization_summary(
 def top_specialized_pairs(
     counts_VE: torch.Tensor, occurrences_V: torch.Tensor, *, num_pairs: int = 20, min_count: int = DEFAULT_MIN_COUNT
 ) -> list[dict[str, float | int]]:
-    """The most specialised (expert, token id) pairs: highest share first, ties by count, among
-    token ids seen at least ``min_count`` times.
-
-    Returns:
-        Up to ``num_pairs`` dicts ``{"expert", "token_id", "share", "count", "occurrences"}``.
-    """
+    """Up to ``num_pairs`` most specialised (expert, token id) pairs among token ids seen at least ``min_count``
+    times, highest share first (ties by count): dicts ``{"expert", "token_id", "share", "count", "occurrences"}``."""
     share_VE = vocabulary_specialization(counts_VE, occurrences_V)
     frequent_V = occurrences_V >= max(min_count, 1)
     share_VE = torch.where(frequent_V[:, None], share_VE, torch.full_like(share_VE, -1.0)).nan_to_num(-1.0)
@@ -134,8 +105,8 @@ def top_specialized_pairs(
 def coactivation_counts(
     expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``joint_EE[i, j]``: tokens for which experts i and j were both chosen (and kept); the
-    diagonal holds each expert's load. (E, E) int64, symmetric."""
+    """``joint_EE[i, j]`` (int64): tokens for which experts i and j were both chosen and kept; the diagonal
+    holds each expert's load."""
     E = num_experts
     ids_TK = _kept_ids(expert_ids_TK, keep_TK, E)
     onehot_TE = torch.zeros(ids_TK.shape[0], E + 1, dtype=torch.int64, device=ids_TK.device)
@@ -146,15 +117,10 @@ def coactivation_counts(
 
 @torch.no_grad()
 def coactivation_rate(joint_EE: torch.Tensor) -> torch.Tensor:
-    """OLMoE's expert co-activation (arXiv 2409.02060, Sec. 5, Fig. "co-activation"): the share of
-    the tokens routed to expert i that were also routed to expert j, ``N(i, j) / N(i)``.
+    """OLMoE's expert co-activation (arXiv 2409.02060, Sec. 5): the share of the tokens routed to expert i
+    that were also routed to expert j, ``N(i, j) / N(i)``, from :func:`coactivation_counts`.
 
-    Args:
-        joint_EE: :func:`coactivation_counts` (summed over batches).
-
-    Returns:
-        (E, E) fp64, row i = expert i; the diagonal is set to NaN (an expert with itself), rows of
-        idle experts are NaN. With top-k each row sums to K - 1 (less drops); K = 1 gives 0 everywhere.
+    Returns (E, E) fp64; the diagonal and the rows of idle experts are NaN. Each row sums to K - 1 (less drops).
     """
     joint = joint_EE.double()
     load_E1 = joint.diagonal().reshape(-1, 1)
@@ -164,30 +130,16 @@ def coactivation_rate(joint_EE: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def router_saturation(expert_ids_a_TK: torch.Tensor, expert_ids_b_TK: torch.Tensor) -> torch.Tensor:
-    """OLMoE's router saturation (arXiv 2409.02060, Sec. 5, "router saturation"):
-    ``1/N sum_i |E_i^(t) ∩ E_i^(T)| / k``, the overlap of the top-k sets that checkpoint t and the
-    final checkpoint T choose for the same N tokens.
-
-    Args:
-        expert_ids_a_TK: Experts chosen by one checkpoint (T, K).
-        expert_ids_b_TK: Those chosen by the other on the same tokens (T, K).
-
-    Returns:
-        0-d fp64 in [0, 1]: 1 for identical choices (in any order), 0 for disjoint ones.
-    """
+    """OLMoE's router saturation (arXiv 2409.02060, Sec. 5): ``1/N sum_i |E_i^(t) ∩ E_i^(T)| / k``, the
+    overlap of the top-k sets two checkpoints choose for the same N tokens, 0-d fp64 in [0, 1]."""
     K = expert_ids_a_TK.shape[1]
     same_TKK = expert_ids_a_TK[:, :, None] == expert_ids_b_TK[:, None, :]
     return same_TKK.any(dim=2).sum(dim=1).double().mean() / K
 
 
 class TokenExpertStats:
-    """Accumulates, per MoE layer, the (token id, expert) counts and the expert co-activation counts
-    over a stream of batches, in O(L V E + L E^2) memory; mergeable across processes.
-
-    Args:
-        vocab_size: V (the model's vocabulary).
-        num_experts: E.
-    """
+    """Accumulates, per MoE layer, the (token id, expert) and co-activation counts over a stream of batches,
+    in O(L V E + L E^2) memory; mergeable across processes."""
 
     def __init__(self, vocab_size: int, num_experts: int) -> None:
         self.vocab_size = vocab_size
@@ -222,10 +174,9 @@ class TokenExpertStats:
             all_reduce_([self.counts_LVE, self.joint_LEE, self.occurrences_V])
 
     def compute(self, *, min_count: int = DEFAULT_MIN_COUNT, num_pairs: int = 20) -> dict[str, Any]:
-        """``vocab_specialization`` (L,), ``coactivation`` (L, E, E) rates, ``coactivation_max`` (L,)
-        (the largest off-diagonal rate), ``top_specialized`` (per layer, :func:`top_specialized_pairs`),
-        ``token_expert_counts`` (L, V, E) and ``token_occurrences`` (V,), as CPU tensors; {} before
-        any update."""
+        """``vocab_specialization`` (L,), ``coactivation`` (L, E, E), ``coactivation_max`` (L,) (the largest
+        off-diagonal rate), ``top_specialized`` (per layer), ``token_expert_counts`` (L, V, E) and
+        ``token_occurrences`` (V,), as CPU tensors; {} before any update."""
         if self.counts_LVE is None:
             return {}
         counts_LVE, occurrences_V = self.counts_LVE.cpu(), self.occurrences_V.cpu()

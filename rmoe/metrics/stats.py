@@ -1,13 +1,9 @@
-"""All routing metrics of a model at once: :func:`routing_summary` for one forward pass and
-:class:`RoutingStats`, which accumulates the same metrics over many batches in bounded memory.
+"""All routing metrics at once: :func:`routing_summary` for one forward pass, :class:`RoutingStats` over many
+batches in bounded memory. The metrics are declared in :mod:`rmoe.metrics.catalog`; this module only accumulates.
 
-Shape legend: T tokens, E experts, K chosen experts per token, L MoE layers (index l = position
-in ``MoeLMOutput.routing``, i.e. the l-th MoE layer in depth order), P = L - 1 consecutive pairs,
-N sampled tokens, V per-token values (gate entropy, inner balance, outer balance).
-
-Every metric is declared once in :mod:`rmoe.metrics.catalog` (its definition lives in
-:mod:`rmoe.metrics.load`, :mod:`rmoe.metrics.gates` or :mod:`rmoe.metrics.information`); this
-module only batches and accumulates what the declarations ask for.
+Shape legend: T tokens, E experts, K chosen experts per token, L MoE layers (l = index in
+``MoeLMOutput.routing``, depth order), P = L - 1 consecutive pairs, N sampled tokens, V per-token values
+(gate entropy, inner balance, outer balance).
 """
 
 from __future__ import annotations
@@ -60,37 +56,27 @@ PER_PAIR_KEYS = _groups().keys("pair")
 
 
 class RoutingStats:
-    """Streaming accumulator of the routing metrics over batches (bounded memory, mergeable).
+    """Streaming, mergeable accumulator of the routing metrics over batches, in bounded memory.
 
-    Holds, per MoE layer: expert loads (E ints, kept pairs), the number of routed pairs and of
-    fully dropped tokens, the top-1 histogram, sums of gate entropy and router z; per pair of
-    consecutive layers the E x E joint histogram of top-1 ids (exact MI from counts); the L x L
-    sufficient statistic of the binned-probability MI (a running mean over tokens); the counts
-    of each distinct expert path; and a uniform reservoir sample (Vitter's Algorithm R, "Random
-    sampling with a reservoir", ACM TOMS 11, 1985) of at most ``max_samples`` tokens' per-layer
-    gate entropy, inner balance and outer balance, for medians and histograms.
+    Keeps the count statistics of :data:`~rmoe.metrics.catalog.STATISTICS` and the float64 sums of the
+    mean metrics (all in :meth:`state_tensors`), the counts of each distinct expert path, and a uniform
+    reservoir sample (Vitter's Algorithm R, ACM TOMS 11, 1985) of at most ``max_samples`` tokens' V
+    per-token values, for medians and histograms.
 
-    Every count and sum is in :meth:`state_tensors` and adds up across processes. Multi-process
-    use: ``all_reduce(SUM)`` each tensor of :meth:`state_tensors` in place, then gather the other
-    processes' objects (``torch.distributed.all_gather_object``) and fold them in with
-    ``merge(other, reducible=False)``, which merges only the path counts and the samples. The
-    single-process :meth:`merge` (default) adds everything.
+    Multi-process: ``all_reduce(SUM)`` each tensor of :meth:`state_tensors` in place, gather the other
+    processes' objects (``all_gather_object``) and fold them in with ``merge(other, reducible=False)``.
 
-    Exactness: counts-based metrics (loads, CV, MaxVio, dead experts, entropies, drop ratios, top-1
-    MI/NMI, paths) equal those of :func:`routing_summary` on the concatenated batches exactly;
-    means and the binned MI equal them up to float summation order; medians are exact while the
-    number of tokens seen is at most ``max_samples`` (then estimates from the sample). Path
-    counts take O(distinct paths) memory, at most ``min(E^L, tokens seen)``; past ``max_paths``
-    distinct paths the path metrics stop updating and report the tokens they cover
-    (``path_num_tokens``, ``paths_truncated``).
+    Exactness against :func:`routing_summary` on the concatenated batches: counts-based metrics are
+    exact; means and the binned MI up to float summation order; medians while at most ``max_samples``
+    tokens were seen (then sample estimates). Past ``max_paths`` distinct paths the path metrics stop
+    updating (``path_num_tokens``, ``paths_truncated``).
 
     Args:
-        num_experts: E.
         top_k: K of the outer balance; None reads each layer's ``expert_ids_TK.shape[1]``.
-        max_samples: Reservoir size; None keeps every token (what :func:`routing_summary` uses).
+        max_samples: Reservoir size; None keeps every token.
         max_paths: Cap on the number of distinct paths tracked; None for no cap.
         num_bins: Bins over [0, 1] of the binned-probability MI (the RMoE paper: 100).
-        seed: Seed of the reservoir's random numbers (reproducible samples).
+        seed: Seed of the reservoir's random numbers.
     """
 
     def __init__(
@@ -123,9 +109,6 @@ class RoutingStats:
         self._paths = PathCounts(self.max_paths)
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    # ------------------------------------------------------------------------------------------
-    # State
-
     def _init_state(self, num_layers: int, device: torch.device) -> None:
         sizes = {"L": num_layers, "E": self.num_experts, "P": max(num_layers - 1, 0)}
         self.num_layers = num_layers
@@ -136,8 +119,7 @@ class RoutingStats:
             self._state[m.sum_key] = torch.zeros(num_layers, dtype=torch.float64, device=device)
 
     def to_host_(self) -> RoutingStats:
-        """Move everything to the host, in place (before pickling: device tensors would be unpickled
-        onto the device they came from); returns self."""
+        """Move everything to the host in place (before pickling: device tensors unpickle onto their device)."""
         self._state = {name: t.cpu() for name, t in self._state.items()}
         if self._sample_NVL is not None:
             self._sample_NVL = self._sample_NVL.cpu()
@@ -145,19 +127,12 @@ class RoutingStats:
         return self
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The live count and sum tensors (all add up across processes: ``all_reduce`` with SUM in
-        place). Empty before the first :meth:`update`."""
+        """The live count and sum tensors (SUM-reducible across processes); empty before :meth:`update`."""
         return self._state
-
-    # ------------------------------------------------------------------------------------------
-    # Update
 
     @torch.no_grad()
     def update(self, routing: Sequence[RoutingOutput]) -> RoutingStats:
-        """Add one forward pass's routing (one :class:`RoutingOutput` per MoE layer, depth order).
-
-        Nothing for a dense model (empty list). Returns self.
-        """
+        """Add one forward pass's routing (one :class:`RoutingOutput` per MoE layer; [] for dense); returns self."""
         if not routing:
             return self
         batch = RoutingBatch(routing, self.num_experts, self.top_k, self.num_bins)
@@ -204,18 +179,10 @@ class RoutingStats:
         device = self._sample_NVL.device
         self._sample_NVL[slot_A[last].to(device)] = values_NVL[row_A[last].to(values_NVL.device)].to(device)
 
-    # ------------------------------------------------------------------------------------------
-    # Merge
-
     @torch.no_grad()
     def merge(self, other: RoutingStats, *, reducible: bool = True) -> RoutingStats:
-        """Fold another accumulator (same E and bins) into this one; returns self.
-
-        Args:
-            other: The other accumulator (unchanged).
-            reducible: Also add :meth:`state_tensors`. False after those were already all-reduced:
-                then only the path counts and the samples are merged.
-        """
+        """Fold another accumulator (same E and bins, left unchanged) into this one; returns self.
+        ``reducible=False`` (after :meth:`state_tensors` were all-reduced) merges only the paths and samples."""
         if other.num_layers is None:
             return self
         if other.num_experts != self.num_experts or other.num_bins != self.num_bins:
@@ -254,31 +221,14 @@ class RoutingStats:
         pick_theirs = torch.randperm(theirs.shape[0], generator=self._generator)[:num_theirs].to(mine.device)
         self._sample_NVL = torch.cat([mine[pick_mine], theirs[pick_theirs]])
 
-    # ------------------------------------------------------------------------------------------
-    # Results
-
     @torch.no_grad()
     def compute(self) -> dict[str, Any]:
-        """All metrics from what was accumulated, as python numbers and small CPU tensors.
+        """All metrics as python numbers and small CPU tensors (ValueError before any MoE update).
 
-        Keys (l = MoE layer index in depth order; "(L,)" = one value per MoE layer):
-
-        - ``num_tokens``, ``num_layers``, ``num_experts`` (int)
-        - load: ``tokens_per_expert`` (L, E) int64, ``load_cv``, ``load_max_vio``,
-          ``num_dead_experts`` (int64), ``load_entropy`` (normalised), ``drop_ratio``,
-          ``token_drop_ratio`` - each (L,)
-        - per token: ``gate_entropy_mean``, ``router_z_mean`` (exact means), ``router_logit_std``
-          (RMS over tokens of each token's logit std over experts, exact), ``gate_entropy_median``,
-          ``inner_balance_median``, ``outer_balance_median`` (from the sample) - each (L,);
-          ``gate_entropy_sample``, ``inner_balance_sample``, ``outer_balance_sample`` (N, L) fp32
-          for histograms; ``num_sampled_tokens`` (int)
-        - across layers: ``top1_entropy`` (L,) (entropy of the top-1 histogram), ``top1_mi`` and
-          ``top1_nmi`` (L-1,) between layers l and l+1, ``binned_prob_mi`` (L, L) (RMoE App. A.4.2)
-        - paths: ``num_paths`` (int), ``path_entropy`` (float, nats), ``path_num_tokens`` (int),
-          ``paths_truncated`` (bool)
-
-        Raises:
-            ValueError: Before any :meth:`update` with a non-empty routing.
+        Keys: ``num_tokens``, ``num_layers``, ``num_experts``; ``tokens_per_expert`` (L, E) int64; every
+        routing metric of the catalog ((L,) per layer, (L-1,) per pair, (L, L) matrix, or a scalar); the
+        token samples ``gate_entropy_sample``, ``inner_balance_sample``, ``outer_balance_sample`` (N, L)
+        fp32 and ``num_sampled_tokens``; ``path_num_tokens``, ``paths_truncated``.
         """
         if self.num_layers is None:
             raise ValueError("RoutingStats.compute before any update with MoE layers")
@@ -326,11 +276,9 @@ class RoutingStats:
 class PathCounts:
     """Exact counts of distinct expert paths (keys of :func:`rmoe.metrics.information.path_keys`).
 
-    New batches' (keys, counts) wait in a list and are folded into the sorted unique table only
-    when they add up to the table's size (at least ``flush_size``), so the cost per update stays
-    amortised O(log n) instead of a full re-sort of every path seen. With ``max_paths``, the batch
-    that would take the table past it is not counted and counting stops (``truncated``);
-    ``num_tokens`` says how many tokens the counts cover.
+    Batches wait in a list until they add up to the table's size (at least ``flush_size``), so updates
+    cost amortised O(log n) instead of a re-sort of every path seen. The batch that would take the table
+    past ``max_paths`` is not counted and counting stops (``truncated``); ``num_tokens`` are covered.
     """
 
     def __init__(self, max_paths: int | None, flush_size: int = 1 << 16) -> None:
@@ -346,7 +294,7 @@ class PathCounts:
 
     @property
     def size(self) -> int:
-        """Distinct paths in the table (pending batches not yet folded in)."""
+        """Distinct paths in the table (without pending batches)."""
         return 0 if self._keys is None else int(self._keys.shape[0])
 
     def add(self, keys: torch.Tensor, counts_N: torch.Tensor, num_tokens: int) -> None:
@@ -406,32 +354,16 @@ class PathCounts:
 def routing_summary(
     routing: Sequence[RoutingOutput], num_experts: int, *, top_k: int | None = None, num_bins: int = NUM_PROB_BINS
 ) -> dict[str, Any]:
-    """Every per-layer and cross-layer routing metric of one forward pass (all tokens kept).
-
-    Args:
-        routing: ``MoeLMOutput.routing`` (one :class:`RoutingOutput` per MoE layer, depth order);
-            tensors on any device, left untouched.
-        num_experts: E.
-        top_k: K of the outer balance; None reads ``expert_ids_TK.shape[1]`` (pass the model's
-            ``top_k`` for expert-choice routing, whose ``expert_ids_TK`` lists all E experts).
-        num_bins: Bins of the binned-probability MI (the RMoE paper: 100).
-
-    Returns:
-        The dict of :meth:`RoutingStats.compute` (same keys), python numbers and CPU tensors.
-    """
+    """:meth:`RoutingStats.compute` of one forward pass's ``MoeLMOutput.routing`` (all tokens kept). Pass the
+    model's ``top_k`` for expert-choice routing, whose ``expert_ids_TK`` lists all E experts."""
     stats = RoutingStats(num_experts, top_k=top_k, max_samples=None, max_paths=None, num_bins=num_bins)
     return stats.update(routing).compute()
 
 
 def summary_scalars(summary: dict[str, Any], prefix: str = "routing") -> dict[str, float]:
-    """Flatten a summary into ``{name: float}`` for a logger.
-
-    Per-layer values become ``{prefix}/{key}/layer_{l}`` plus ``{prefix}/{key}/mean``; consecutive-
-    pair values ``{prefix}/{key}/layer_{l}_{l+1}`` plus the mean; the binned MI matrix gives the
-    mean of its off-diagonal (``binned_prob_mi/offdiag_mean``), of its first off-diagonal
-    (``binned_prob_mi/adjacent_mean``) and of its diagonal (``binned_prob_mi/diag_mean``); path
-    metrics stay scalars. Loads per expert and the token samples are left out (log them as
-    histograms).
+    """Flatten a summary into ``{name: float}`` for a logger: ``{prefix}/{key}/layer_{l}`` (or
+    ``layer_{l}_{l+1}`` for pairs) plus ``/mean``; a matrix gives ``/diag_mean``, ``/offdiag_mean`` and
+    ``/adjacent_mean`` (first off-diagonal); scalars stay scalars. Loads and token samples are left out.
     """
     g = _groups()
     out: dict[str, float] = {}

@@ -1,11 +1,8 @@
 """Typed model configuration, validated on construction.
 
-The field names follow transformers' ``Qwen2MoeConfig`` where the concept is the same
-(``hidden_size``, ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``,
-``mlp_only_layers``...), so the adapter in :mod:`rmoe.interop.qwen2_moe` is one small mapping.
-The Qwen3-MoE architecture (transformers' ``Qwen3MoeForCausalLM``) is the option set
-``qk_norm: true, qkv_bias: false, shared_expert_intermediate_size: 0`` (``configs/arch/qwen3_moe.yaml``),
-with ``head_dim`` when the head width is not ``hidden_size / num_attention_heads``.
+Field names follow transformers' ``Qwen2MoeConfig`` where the concept is the same, so the adapter in
+:mod:`rmoe.interop.qwen2_moe` is one small mapping. Qwen3-MoE is ``qk_norm: true, qkv_bias: false,
+shared_expert_intermediate_size: 0`` (``configs/arch/qwen3_moe.yaml``), with ``head_dim`` where needed.
 """
 
 from __future__ import annotations
@@ -36,28 +33,25 @@ class ModelConfig:
         rope_theta: Base of the rotary position embedding.
         rms_norm_eps: Epsilon of every RMSNorm.
         qkv_bias: Bias on the q/k/v projections (Qwen2 uses it; Qwen3 does not).
-        qk_norm: Per-head RMSNorm (weights of size ``head_dim``) on the queries and keys before the
-            rotary embedding, as in Qwen3 (transformers' ``Qwen3MoeAttention.q_norm`` / ``k_norm``).
-        head_dim: Width Dh of each attention head; 0 means ``hidden_size // num_attention_heads``
-            (Qwen3 models set it explicitly, e.g. 128 at width 2048 with 32 heads).
+        qk_norm: Per-head RMSNorm on the queries and keys before the rotary embedding, as in Qwen3.
+        head_dim: Width Dh of each attention head; 0 means ``hidden_size // num_attention_heads``.
         tie_word_embeddings: Share the input embedding with the LM head.
         intermediate_size: Width of the SwiGLU MLP in dense (non-MoE) layers.
         num_experts: Number of routed experts E.
         top_k: Experts per token K (``num_experts_per_tok`` in transformers).
         moe_intermediate_size: Width F of each routed SwiGLU expert.
         norm_topk_prob: Renormalise the top-k probabilities to sum to 1.
-        shared_expert_intermediate_size: Width of the always-on shared expert (0: none). Its output
-            is scaled by ``sigmoid(Linear(D -> 1))`` as in Qwen2-MoE.
+        shared_expert_intermediate_size: Width of the always-on shared expert (0: none), gated by
+            ``sigmoid(Linear(D -> 1))`` as in Qwen2-MoE.
         decoder_sparse_step: Layer i is an MoE layer when ``(i + 1) % decoder_sparse_step == 0``.
         mlp_only_layers: Layer indices that use a dense MLP whatever ``decoder_sparse_step`` says.
         router: Registered router name (``rmoe routers`` lists them).
         router_options: Options of that router (``rmoe routers NAME`` lists them with their docs).
-        expert_backend: How experts run: ``grouped_mm`` (one fused grouped matmul per projection,
-            CUDA), ``sliced`` (one sort, then a matmul on each expert's contiguous slice of the
-            sorted tokens with a hand-written backward), ``tiled`` (the same matmuls, each expert's
-            rows gathered just before them: no (T*K, D) copies; for many experts per token on CPU)
-            or ``auto`` (``grouped_mm`` where its fused kernel exists; on CPU ``tiled`` when the
-            (T*K, D) copies would reach 16 MiB, else ``sliced``). ``loop`` was ``sliced``'s old name.
+        expert_backend: How experts run: ``grouped_mm`` (one fused grouped matmul per projection, CUDA),
+            ``sliced`` (a matmul on each expert's contiguous slice of the sorted tokens, hand-written backward),
+            ``tiled`` (the same, each expert's rows gathered just before: no (T*K, D) copies) or ``auto``
+            (``grouped_mm`` where its fused kernel is proven; on CPU ``tiled`` when the copies would reach
+            16 MiB, else ``sliced``).
         initializer_range: Std of the normal init; residual output projections are further scaled
             by ``1/sqrt(2 * num_layers)`` (GPT-2) unless ``scale_residual_init`` is false.
         scale_residual_init: See ``initializer_range``.
@@ -192,12 +186,8 @@ class ModelConfig:
         return self._router_context.causality()
 
     def causal_evaluation_options(self) -> dict[str, Any] | None:
-        """The ``router_options`` to set so that evaluation is causal, training unchanged.
-
-        ``{}`` when evaluation already is causal; None when it is not and the router offers no
-        causal evaluation (``Router.causal_evaluation``; Soft MoE). Raises if the router's
-        offer does not make its own declaration causal (a router bug, caught by the tests).
-        """
+        """The ``router_options`` that make evaluation causal, training unchanged: ``{}`` when it already is;
+        None when the router offers none (``Router.causal_evaluation``). Raises if the offer is not causal."""
         if self.causality().evaluation is None:
             return {}
         offer = self._router_context.router_class.causal_evaluation
@@ -218,10 +208,9 @@ ARCH_KEYS_OF_EXECUTION = ("expert_backend",)
 
 
 def arch_differences(saved: Any, given: Any, saved_name: str, given_name: str) -> list[str]:
-    """``model.arch.<key>: <saved> <saved_name>, <given> <given_name>`` for every key whose value differs
-    between two architectures (ModelConfig objects or dicts), leaving out :data:`ARCH_KEYS_OF_EXECUTION`
-    and a vocabulary size of 0 or None (not known yet: the data module sets it); router names are
-    compared after resolving aliases (``gru`` is ``recurrent``)."""
+    """``model.arch.<key>: <saved> <saved_name>, <given> <given_name>`` for every key that differs between two
+    architectures (ModelConfig objects or dicts), except :data:`ARCH_KEYS_OF_EXECUTION`, an unknown (0 or None)
+    vocabulary size and router aliases."""
     a, b = (dataclasses.asdict(x) if dataclasses.is_dataclass(x) else dict(x) for x in (saved, given))
     out = []
     for key in sorted(set(a) | set(b)):

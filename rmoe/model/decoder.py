@@ -1,10 +1,10 @@
 """The decoder LM: embedding -> L x [attention, MoE or dense MLP] -> RMSNorm -> head.
 
-Qwen2-MoE architecture (pre-norm RMSNorm, rotary embeddings, grouped-query attention with q/k/v
-bias), or Qwen3-MoE's (``qk_norm``: per-head q/k RMSNorm, no bias). The decoder threads an opaque
-router state from each MoE layer to the next; it never looks inside it. For decoding, a
-:class:`KVCache` holds each layer's keys and values (the only state across positions). Shapes:
-B batch, S new positions, K cached + new positions, D width, H heads, G key/value heads, Dh head dim.
+Qwen2-MoE architecture (pre-norm RMSNorm, rotary embeddings, grouped-query attention with q/k/v bias), or
+Qwen3-MoE's (``qk_norm``: per-head q/k RMSNorm, no bias). The decoder threads an opaque router state from each MoE
+layer to the next. For decoding, a :class:`KVCache` holds each layer's keys and values (the only state across
+positions). Shapes: B batch, S new positions, K cached + new positions, D width, H heads, G key/value heads,
+Dh head dim.
 """
 
 from __future__ import annotations
@@ -47,11 +47,8 @@ def rotary_cos_sin(
 
 
 def rotary_cos_sin_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each ``(*positions.shape, Dh)``, at arbitrary integer positions (fp32).
-
-    The same numbers as transformers' default ``RotaryEmbedding``: ``inv_freq_j = theta^(-2j/Dh)``,
-    angle ``position * inv_freq`` duplicated over both halves (rotate-half layout).
-    """
+    """cos and sin, each ``(*positions.shape, Dh)``, at arbitrary integer positions (fp32), as transformers'
+    default ``RotaryEmbedding``: ``inv_freq_j = theta^(-2j/Dh)``, angle ``position * inv_freq`` over both halves."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -67,17 +64,14 @@ def apply_rotary(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 class KVCache:
     """Keys and values of every attention layer, for incremental decoding.
 
-    Per layer two buffers ``(B, G, capacity, Dh)`` that grow by doubling, so appending one token is
-    a copy of that token only. The method names and signatures are those of transformers'
-    ``Cache`` (``update(key, value, layer_idx)``, ``get_seq_length()``), so
-    :class:`Attention` also accepts a transformers ``DynamicCache`` (the exported remote code
-    relies on it) and a ``KVCache`` can be handed to code written for transformers.
+    Per layer two buffers ``(B, G, capacity, Dh)`` that grow by doubling, so appending a token copies that token
+    only. The methods are those of transformers' ``Cache`` (``update(key, value, layer_idx)``,
+    ``get_seq_length()``), so :class:`Attention` also accepts a ``DynamicCache`` (the exported remote code relies
+    on it).
 
-    Only attention has state across positions. The routers have none: every router routes each
-    token from its own hidden state, and RMoE's recurrent router recurs over *depth* (its state
-    goes from one MoE layer to the next within a forward call, for the same token), so a decoding
-    step recomputes it for the new token only; ``tests/test_generate.py`` proves cached and full
-    logits equal for every causal router.
+    Only attention has state across positions: routers route each token from its own hidden state, and RMoE's
+    router recurs over *depth* (layer to layer within a forward call, for the same token), so a decoding step
+    recomputes it for the new token only.
     """
 
     def __init__(self) -> None:
@@ -147,8 +141,8 @@ class Attention(nn.Module):
         Args:
             x_BSD: Normalised input of the new positions.
             cos, sin: Rotary tables broadcastable to (B, H, S, Dh).
-            mask_B1SK: Boolean, True where query s may attend to key k (K = cached + S); None means
-                plain causal attention over these S positions (training, or a prompt without padding).
+            mask_B1SK: Boolean, True where query s may attend to key k (K = cached + S); None: plain causal
+                attention over these S positions.
             cache: Keys and values of earlier positions, appended to in place.
         """
         B, S, _ = x_BSD.shape
@@ -203,18 +197,14 @@ def attention_mask_and_positions(
     """The boolean attention mask (B, 1, S, K) and position ids of S new tokens after K - S cached ones.
 
     Args:
-        attention_mask_BK: 1 for real tokens, 0 for (left) padding, over all K = cached + new
-            positions (transformers' 2-D ``attention_mask``); None: no padding.
-        num_new: S.
-        num_cached: Positions already in the cache.
-        device: Where the tensors go.
+        attention_mask_BK: 1 for real tokens, 0 for (left) padding, over all K = cached + new positions
+            (transformers' 2-D ``attention_mask``); None: no padding.
 
     Returns:
-        ``(mask_B1SK, positions)``: mask None when plain causal attention is exact (no padding,
-        nothing cached); positions (S,) without padding, else (B, S) counted over real tokens only
-        (``cumsum(mask) - 1``, as transformers does), so a left-padded prompt gets the positions it
-        would have alone. Each query always sees itself, so a padding row is never all masked
-        (which would give NaN); padding outputs are never read.
+        ``(mask_B1SK, positions)``: mask None when plain causal attention is exact (no padding, nothing cached);
+        positions (S,) without padding, else (B, S) counted over real tokens only (``cumsum(mask) - 1``, as
+        transformers does), so a left-padded prompt gets the positions it would have alone. Each query always sees
+        itself, so a padding row is never all masked (which would give NaN); padding outputs are never read.
     """
     K = num_cached + num_new
     if attention_mask_BK is None:
@@ -237,8 +227,7 @@ def attention_mask_and_positions(
 
 @dataclass
 class MoeLMOutput:
-    """Logits (B, S, V), per MoE layer in depth order the router's decisions, and the KV cache
-    (the one passed in, now holding these positions too; None without one)."""
+    """Logits (B, S, V), the routers' decisions per MoE layer in depth order, and the KV cache passed in (if any)."""
 
     logits: torch.Tensor
     routing: list[RoutingOutput]
@@ -295,19 +284,13 @@ class MoeLM(nn.Module):
         cache: KVCache | None = None,
         position_ids_BS: torch.Tensor | None = None,
     ) -> MoeLMOutput:
-        """Logits of every position.
-
-        1. Embed the S tokens; rotary tables at their positions.
-        2. Each layer: attention (over the cached positions too, when ``cache`` is given), then its
-           MoE block, whose router takes the previous MoE layer's router state (per token, over depth).
-        3. Final RMSNorm and LM head.
+        """Logits of every position; each MoE layer's router takes the previous MoE layer's router state.
 
         Args:
             input_ids_BS: Token ids of the new positions.
             attention_mask_BK: Optional 1/0 mask over cached + new positions (0: left padding).
-            cache: Optional :class:`KVCache` (or a transformers ``Cache``): keys and values of the
-                earlier positions; the new ones are appended. Training passes none of these and
-                takes the plain causal path.
+            cache: Optional :class:`KVCache` (or a transformers ``Cache``) of the earlier positions; the new ones
+                are appended. Training passes none of these and takes the plain causal path.
             position_ids_BS: Optional explicit positions (default: from the mask, else consecutive).
         """
         B, S = input_ids_BS.shape

@@ -11,8 +11,8 @@ from rmoe.routers import RoutingOutput, tokens_per_expert
 
 
 def expert_counts(routing: RoutingOutput, num_experts: int) -> torch.Tensor:
-    """Number of routed (token, expert) assignments per expert before any capacity drop, shape
-    ``(E,)``, fp32, no gradient, on the probabilities' device (:func:`rmoe.routers.tokens_per_expert`)."""
+    """Routed (token, expert) assignments per expert before any capacity drop: ``(E,)`` fp32, no gradient, on the
+    probabilities' device."""
     return tokens_per_expert(routing.expert_ids_TK.to(routing.probs_TE.device), num_experts).float()
 
 
@@ -21,21 +21,17 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """Switch/GShard auxiliary loss of one MoE layer, normalised so perfect balance gives 1.0.
 
-    ``E * sum_e f_e * P_e`` (Switch Transformer, Fedus et al., arXiv 2101.03961, Eqs. 4-6), with
-    ``f_e`` the fraction of the T*K routed (token, expert) assignments that went to expert e
-    (normalised by top-k, so ``sum_e f_e = 1``) and ``P_e`` the mean router probability of e.
-    Uniform routing gives exactly 1.0 for any K; all tokens on one expert gives E.
-    Only ``P_e`` carries gradient (``f_e`` comes from a top-k).
+    ``E * sum_e f_e * P_e`` (Switch Transformer, Fedus et al., arXiv 2101.03961, Eqs. 4-6), with ``f_e`` the
+    fraction of the T*K routed assignments that went to expert e (so ``sum_e f_e = 1``) and ``P_e`` the mean router
+    probability of e. Uniform routing gives 1.0 for any K, all tokens on one expert E. Only ``P_e`` carries gradient.
 
-    ``fraction_E`` replaces the local ``f_e`` of this batch: the global-batch loss of Qiu et al.,
-    "Demons in the Detail: On Implementing Load Balancing Loss for Training Specialized
-    Mixture-of-Expert Models" (arXiv 2501.11873), passes the fractions counted over every
-    data-parallel rank (and micro-batch), while ``P_e`` stays this batch's mean. Averaging the
-    ranks' losses then gives exactly ``E * sum_e f_e^global * P_e^global`` (equal batch sizes).
+    ``fraction_E`` replaces this batch's ``f_e``: the global-batch loss of Qiu et al., "Demons in the Detail: On
+    Implementing Load Balancing Loss for Training Specialized Mixture-of-Expert Models" (arXiv 2501.11873), passes
+    the fractions counted over every data-parallel rank and micro-batch, while ``P_e`` stays this batch's mean;
+    averaging the ranks' losses gives exactly ``E * sum_e f_e^global * P_e^global`` (equal batch sizes).
 
-    transformers' ``load_balancing_loss_func`` differs in two ways: it divides the counts by T (not
-    T*K), so a balanced layer scores K rather than 1, and it pools the assignments of all layers
-    before taking the product, whereas we take the product per layer and average over layers.
+    transformers' ``load_balancing_loss_func`` divides the counts by T (a balanced layer scores K, not 1) and pools
+    all layers before the product; here the product is per layer, averaged over layers.
     """
     if fraction_E is None:
         counts_E = expert_counts(routing, num_experts)
@@ -52,11 +48,8 @@ def router_z_loss(routing: RoutingOutput) -> torch.Tensor:
 def average_over_layers(
     routing: list[RoutingOutput], num_experts: int, fraction_LE: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean load-balancing loss, mean z-loss) over the MoE layers; zeros for a dense model.
-
-    ``fraction_LE``: per MoE layer, the expert fractions ``f_e`` to use instead of each batch's own
-    (see :func:`load_balancing_loss`); ``None`` is the usual micro-batch loss.
-    """
+    """(mean load-balancing loss, mean z-loss) over the MoE layers; zeros for a dense model. ``fraction_LE``: per
+    MoE layer, the ``f_e`` to use instead of each batch's own (see :func:`load_balancing_loss`)."""
     if not routing:
         zero = torch.zeros(())
         return zero, zero

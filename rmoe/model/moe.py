@@ -1,17 +1,14 @@
 """Sparse MoE block: a router, grouped SwiGLU experts with sort-based dispatch, a shared expert.
 
-Shape legend: T tokens, D model width, F expert width, E experts, K top-k, S = T*K routed
-(token, expert) pairs, N <= S of them kept (a capacity router may drop some).
+Shape legend: T tokens, D model width, F expert width, E experts, K top-k, S = T*K routed (token, expert) pairs,
+N <= S of them kept (a capacity router may drop some).
 
-Dispatch: the T*K pairs are sorted by expert id so every expert's tokens are one contiguous group;
-each projection is then ONE grouped matmul over the groups (``torch.nn.functional.grouped_mm``,
-no host sync at all, where its fused kernel is proven: bf16 on Hopper) or, elsewhere (CPU, fp32,
-other GPUs), plain matmuls on contiguous slices after a single host read of the group sizes per layer
-(never one sync per expert), with a hand-written backward: :class:`_SlicedExperts` gathers the
-(S, D) expert inputs once, :class:`_TiledExperts` gathers each expert's rows just before its
-matmuls and never holds an (S, D) copy (faster once those copies outgrow the cache). Every expert
-takes part, with a zero gradient if it got no token, so every expert weight is in the autograd
-graph and DDP needs no ``find_unused_parameters``.
+Dispatch: the pairs are sorted by expert id so every expert's tokens are one contiguous group; each projection is
+then ONE ``F.grouped_mm`` over the groups (no host sync; where its fused kernel is proven: bf16 on Hopper) or,
+elsewhere, plain matmuls on contiguous slices after one host read of the group sizes per layer, with a hand-written
+backward: :class:`_SlicedExperts` gathers the (S, D) expert inputs once, :class:`_TiledExperts` gathers each
+expert's rows just before its matmuls (no (S, D) copy). Every expert takes part, with a zero gradient if it got no
+token, so DDP needs no ``find_unused_parameters``.
 """
 
 from __future__ import annotations
@@ -41,18 +38,13 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# On CPU, ``auto`` takes ``tiled`` once the (S, D) copies that ``sliced`` makes reach this size (half
-# the 32 MiB L3 of the machine the rule was measured on; see the README's speed section).
+# On CPU, ``auto`` takes ``tiled`` once the (S, D) copies of ``sliced`` reach this size (half a 32 MiB L3).
 TILED_MIN_BYTES = 16 * 2**20
 
 
 def grouped_mm_stride_problem(dtype: torch.dtype, hidden_size: int, expert_size: int) -> str | None:
-    """Why ``F.grouped_mm`` cannot take these widths (None: it can).
-
-    Its operands and gradients must have 16-byte row strides (the kernel and torch's fallback both
-    check it): rows of ``hidden_size`` (x, the output, the weights' inner dimension) and of
-    ``expert_size`` (the activations) must be whole multiples of 16 bytes in the compute dtype.
-    """
+    """Why ``F.grouped_mm`` cannot take these widths (None: it can): its operands and gradients need 16-byte row
+    strides, so rows of ``hidden_size`` and of ``expert_size`` must be multiples of 16 bytes in the compute dtype."""
     multiple = max(1, 16 // dtype.itemsize)
     if hidden_size % multiple == 0 and expert_size % multiple == 0:
         return None
@@ -65,12 +57,10 @@ def grouped_mm_stride_problem(dtype: torch.dtype, hidden_size: int, expert_size:
 def grouped_mm_unavailable(device: torch.device, dtype: torch.dtype, hidden_size: int, expert_size: int) -> str | None:
     """Why ``auto`` does not take ``grouped_mm`` here (None: it does).
 
-    ``auto`` takes it only where its fused kernel is known right and fast: torch's CUTLASS kernel
-    in bf16 on compute capability 9.x (Hopper), at widths with 16-byte strides. Elsewhere torch
-    runs a fallback that copies the offsets to the host at every call (six syncs per layer, forward
-    and backward) and loops over the groups, which ``sliced`` does with one. Blackwell (10.x) has
-    the kernel, but torch has open reports of wrong gradients for experts that get no token
-    (pytorch issue 172439): it waits for a device check that proves it.
+    Only torch's CUTLASS kernel in bf16 on compute capability 9.x (Hopper), at 16-byte strides, is known right and
+    fast. Elsewhere torch's fallback copies the offsets to the host at every call (six syncs per layer) and loops
+    over the groups, which ``sliced`` does with one sync. Blackwell (10.x) has the kernel, but with reported wrong
+    gradients for experts that get no token (pytorch issue 172439): it waits for a device check.
     """
     if not hasattr(F, "grouped_mm"):
         return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
@@ -95,11 +85,9 @@ def resolve_expert_backend(
 ) -> str:
     """The backend that runs: ``requested``, or for ``auto`` the fast one for this device and dtype.
 
-    ``auto``: ``grouped_mm`` where :func:`grouped_mm_unavailable` says its fused kernel is right and
-    fast; on CPU ``tiled`` when the (S, D) copies of ``sliced`` would be at least
-    :data:`TILED_MIN_BYTES`, else ``sliced``; ``sliced`` on other GPUs (deterministic there, unlike
-    ``tiled``'s ``index_add_``), saying once per process why not ``grouped_mm``. A forced
-    ``grouped_mm`` at widths it cannot take is a :class:`~rmoe.errors.RmoeError`.
+    ``auto``: ``grouped_mm`` unless :func:`grouped_mm_unavailable` says why not; on CPU ``tiled`` when the (S, D)
+    copies of ``sliced`` would reach :data:`TILED_MIN_BYTES`, else ``sliced``; ``sliced`` on other GPUs
+    (deterministic, unlike ``tiled``'s ``index_add_``), warning once per reason.
     """
     if requested == "grouped_mm":
         problem = grouped_mm_stride_problem(dtype, hidden_size, expert_size)
@@ -135,7 +123,6 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def _resolve_backend(self, x_TD: torch.Tensor, num_pairs: int) -> str:
-        """The backend this call runs (:func:`resolve_expert_backend`)."""
         D, F_ = self.gate_up_proj.shape[-1], self.down_proj.shape[-1]
         return resolve_expert_backend(self.backend, x_TD.device, self._compute_dtype(x_TD), D, F_, num_pairs)
 
@@ -156,10 +143,8 @@ class GroupedExperts(nn.Module):
         weights_TK: torch.Tensor,
         keep_TK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` over the kept pairs: (T, D).
-
-        Any rows can be routed this way (tokens, or the slots of a router that owns its dispatch).
-        """
+        """``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` over the kept pairs: (T, D). Any rows can be
+        routed this way (tokens, or the slots of a router that owns its dispatch)."""
         E = self.num_experts
         if keep_TK is not None:  # dropped pairs get the id E: sorted last, never computed
             expert_ids_TK = expert_ids_TK.masked_fill(~keep_TK, E)
@@ -202,9 +187,9 @@ class GroupedExperts(nn.Module):
         x_SD = x_TD[order_S // K]
         valid_S = None
         if has_drops:
-            # grouped_mm leaves the rows past the last group (the dropped pairs, sorted last) uninitialised
-            # in its output AND in its input gradient (documented, pytorch issue 193633): mask both ends,
-            # with where (a NaN in the rows not taken stays out, in the forward and in the backward).
+            # grouped_mm leaves the rows past the last group (dropped pairs, sorted last) uninitialised in its output
+            # AND its input gradient (documented; pytorch issue 193633): mask both with where, so a NaN there
+            # stays out of the forward and the backward.
             valid_S = torch.arange(order_S.numel(), device=x_TD.device) < offsets_E[-1]
             x_SD = torch.where(valid_S[:, None], x_SD, 0.0)
         # grouped_mm is not autocast-aware: the weights are cast by hand to the compute dtype.
@@ -234,17 +219,13 @@ class _SlicedExperts(torch.autograd.Function):
     ``apply(x_TD, weights_TK, gate_up_E2FD, down_EDF, order_S, counts_E) -> out_TD``, with
     ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])``. Why not plain autograd:
 
-    * a weight gradient through ``weight[e]`` allocates and adds a full (E, ...) zero tensor per
-      expert and projection (``select_backward``), E^2 traffic; here each expert's matmul writes
-      its slice of one (E, ...) gradient buffer, an idle expert's slice is zeroed (a zero, not a
-      missing, gradient);
-    * every matmul writes into its slice of one preallocated buffer (no ``torch.cat``), the
-      backward reuses its own temporaries in place, and the weighted combine (and its transpose
-      for dx) is one ``embedding_bag``: no (S, D) temporaries for the weights, the un-sort or
-      the sum over K;
-    * gate and up are two (N, F) buffers, not one (N, 2F): same matmuls, but a block half the
-      size, which glibc serves from its heap instead of mapping (and page-faulting) fresh memory
-      every step once it reaches 32 MiB (N = 8192, F = 512 in fp32).
+    * a gradient through ``weight[e]`` adds a full (E, ...) zero tensor per expert and projection
+      (``select_backward``), E^2 traffic; here each expert's matmul writes its slice of one gradient buffer (an idle
+      expert's slice is zeroed: a zero, not a missing, gradient);
+    * every matmul writes into a slice of one preallocated buffer (no ``torch.cat``), the backward reuses its
+      temporaries in place, and the weighted combine (and its transpose for dx) is one ``embedding_bag``;
+    * gate and up are two (N, F) buffers, not one (N, 2F): blocks half the size stay under glibc's 32 MiB mmap
+      threshold, so they are not page-faulted afresh every step.
 
     Saved tensors are never modified, so a second backward (``retain_graph``) is exact.
     """
@@ -341,14 +322,11 @@ class _SlicedExperts(torch.autograd.Function):
 class _TiledExperts(torch.autograd.Function):
     """Same function and arguments as :class:`_SlicedExperts`, without any (S, D) tensor.
 
-    Each expert's rows are gathered from ``x_TD`` just before its two matmuls (a block that is
-    still in cache when they read it) and its output is scaled by the routing weights and added
-    into ``out_TD`` at once (``index_add_``, sequential on CPU, so deterministic there). The
-    backward gathers ``dout`` and ``x`` the same way, and the gradient of the routing weights
-    is taken in the expert width F: ``dout . y = (dout @ W_down) . a``, so no output ``y`` is saved.
-    Saved: ``x_TD`` and the three (N, F) activations. Where the (S, D) copies of ``sliced`` do
-    not fit in the cache (many experts per token, K = 8) this is the faster of the two; with
-    small copies its per-expert gathers and scatters cost more than the one big gather.
+    Each expert's rows are gathered from ``x_TD`` just before its two matmuls (still in cache when they read it),
+    and its weighted output is added into ``out_TD`` at once (``index_add_``, deterministic on CPU). The backward
+    gathers ``dout`` and ``x`` the same way and takes the routing weights' gradient in the expert width F,
+    ``dout . y = (dout @ W_down) . a``, so no output ``y`` is saved. The faster backend when the (S, D) copies of
+    ``sliced`` outgrow the cache (many experts per token); slower with small copies.
     """
 
     @staticmethod
@@ -367,7 +345,6 @@ class _TiledExperts(torch.autograd.Function):
         busy = [e for e, n in enumerate(counts_E) if n]
         token_N = order_S[:N] // K  # (N,) token of each kept pair, grouped by expert
         weight_N = weights_TK.reshape(-1)[order_S[:N]]  # (N,)
-        # per-expert views, made once (split/unbind: one call each, not one slice per expert and use)
         tokens, weights = token_N.split(counts_E), weight_N.split(counts_E)
         gate_w, up_w, down_w = _per_expert_weights(gate_up_E2FD, down_EDF)
         gate_NF, up_NF = x_TD.new_empty(N, F_), x_TD.new_empty(N, F_)
@@ -435,9 +412,7 @@ class _TiledExperts(torch.autograd.Function):
 class SparseMoeBlock(nn.Module):
     """Router + routed experts (+ optional sigmoid-gated shared expert), Qwen2-MoE style.
 
-    The router decides and then applies the experts (``Router.apply_experts``): token-choice and
-    capacity routers take the sorted grouped path of :class:`GroupedExperts`, a router that mixes
-    tokens into slots (Soft MoE) its own; the block never branches on the router.
+    The router decides and applies the experts (``Router.apply_experts``); the block never branches on the router.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, shared_router: nn.Module | None) -> None:

@@ -1,26 +1,17 @@
 """``rmoe report``: results table and plots of a sweep: mean ± std over seeds of each router (or any grid group).
 
-Reads a sweep root written by ``rmoe sweep`` (``<root>/<run>/run.json`` names each run's
-grid labels; ``<run>/version_0/`` holds the fit's TensorBoard events and checkpoints, ``<run>/test/``
-the ``rmoe test`` events) and writes, into ``--out``:
+Reads a sweep root written by ``rmoe sweep`` and writes, into ``--out``:
 
-- ``results.md`` / ``results.csv``: one row per group (by default every grid key but ``seed``):
-  ``n`` (runs with validation results), best ``val/loss``, final ``val/bpb``, ``test/bpb``, final
-  routing metrics (``--metric`` patterns; by default layer means of the last validation's gate
-  entropy, MaxVio and cross-layer top-1 MI, when ``RoutingAnalytics`` logged them), the router's
-  trainable parameters, total and active parameters (rebuilt from the checkpoint's
-  hyper-parameters), the median step time (wall time between logged training steps) and tokens/s,
-  the training steps and tokens; mean ± sample standard deviation (ddof 1) over the group's runs;
-- ``runs.csv``: the same per run, every run found, with ``complete`` = 0 for those left out of the tables;
-- ``val_loss.png`` / ``val_bpb.png``: validation curves, one line per group (the mean over seeds)
-  with a band (min-max over seeds, or ± std);
+- ``results.md`` / ``results.csv``: one row per group (by default every grid key but ``seed``): ``n``, best
+  ``val/loss``, final ``val/bpb``, ``test/bpb``, final routing metrics (``--metric`` patterns; by default layer
+  means of the metrics ``RoutingAnalytics`` logged), router / total / active parameters, median step time,
+  tokens/s, steps and tokens; mean ± sample standard deviation (ddof 1) over the group's runs;
+- ``runs.csv``: the same per run, with ``complete`` = 0 for runs left out of the tables (no ``val/loss``);
+- ``val_loss.png`` / ``val_bpb.png``: validation curves, the mean over seeds per group with a min-max or ± std band;
 - ``final_val_bpb.png``: final validation bpb per group, mean with ± std error bars.
 
-A run without any ``val/loss`` (failed, or not started) is listed as incomplete and left out.
-
-The package: :mod:`rmoe.report.collect` (reading a sweep root's runs through :mod:`rmoe.runs`,
-their final metrics and parameter counts, grouping), :mod:`rmoe.report.paired` (same-seed paired
-comparisons, t-intervals), :mod:`rmoe.report.render` (markdown, CSV, plots) and
+Modules: :mod:`rmoe.report.collect` (reading runs, metrics, parameter counts, grouping),
+:mod:`rmoe.report.paired` (same-seed paired comparisons), :mod:`rmoe.report.render` (markdown, CSV, plots),
 :mod:`rmoe.report.report_cli` (:func:`report` and the command line).
 
 Usage::

@@ -1,8 +1,5 @@
-"""Reading a sweep root for the report: each run's final metrics, curves and parameter counts; groups.
-
-The run folders, their file names and their event files are :mod:`rmoe.runs`'s
-(:func:`~rmoe.runs.find_sweep_runs`, :func:`~rmoe.runs.fit_dir`, :func:`~rmoe.runs.read_events`).
-"""
+"""Reading a sweep root (through :mod:`rmoe.runs`) for the report: each run's final metrics, curves and
+parameter counts; groups."""
 
 from __future__ import annotations
 
@@ -21,10 +18,9 @@ from rmoe.metrics.catalog import metrics
 from rmoe.runs import CAUSAL_TEST_DIR, MARKER_FILE, PLAN_FILE, TEST_DIR, fit_dir, fit_status, read_events
 from rmoe.tags import layer_pattern, series
 
+# Routing-metric patterns: matching tags are grouped by the first capture group (the column) and their final
+# values averaged (over layers); the defaults are the catalog's metrics declared with report=True.
 DEFAULT_METRICS = (layer_pattern("val", [m.name for m in metrics(flag="report")]),)
-"""Routing metrics: the tags matching a pattern are grouped by its first capture group (the column
-name) and their final values averaged (here: over layers, or consecutive layer pairs for the MI).
-The default columns are the metrics declared with ``report=True`` in :data:`rmoe.metrics.catalog.METRICS`."""
 
 SEED_KEY = "seed"
 
@@ -48,8 +44,7 @@ BASE_COLUMNS = (
     Column("test_bpb", "test bpb"),
     Column("causal_test_bpb", "causal test bpb"),
 )
-OPTIONAL_KEYS = ("causal_test_bpb",)
-"""Base columns left out of the tables when no run has them (only routers not causal in evaluation do)."""
+OPTIONAL_KEYS = ("causal_test_bpb",)  # left out of the tables when no run has them
 
 
 def base_columns(runs: Iterable[RunResult]) -> list[Column]:
@@ -67,12 +62,11 @@ COST_COLUMNS = (
     Column("steps", "steps", "int"),
     Column("tokens", "tokens", "params"),
 )
+# 1.0 when the router is not causal in evaluation (``ModelConfig.causality``): its val/test loss reads later
+# tokens and is not comparable with causal models' (marked ``*``).
 NON_CAUSAL_KEY = "non_causal_eval"
-"""1.0 when the run's router is not causal in evaluation (``ModelConfig.causality``): its val/test
-loss reads later tokens through the routing and is not comparable with causal models' (marked ``*``)."""
+# The test bpb comparable across every run: test_bpb of a causal router, else causal_test_bpb (or NaN).
 COMPARABLE_TEST_KEY = "comparable_test_bpb"
-"""The test bpb with causal evaluation, comparable across every run: ``test_bpb`` when the router is
-causal in evaluation, else ``causal_test_bpb`` (NaN when its router offers no causal evaluation)."""
 EXTRA_KEYS = ("final_val_loss", "test_loss", NON_CAUSAL_KEY, COMPARABLE_TEST_KEY)  # in the CSVs only
 
 
@@ -81,13 +75,10 @@ class RunResult:
     """What one run's event files and checkpoint say.
 
     Attributes:
-        name: The run's directory name.
-        path: The run's directory.
         labels: Its grid labels (``{"router": "gru", "seed": "s0"}``), or ``{"run": name}``.
         metrics: Final quantities by column key (NaN when not logged).
         curves: ``tag -> (steps, values)`` for ``val/loss`` and ``val/bpb``.
-        overrides: The ``--set`` overrides the sweep command gave the run (from its ``run.json``),
-            beyond the sweep file's settings.
+        overrides: The ``--set`` overrides the sweep command gave the run (from its ``run.json``).
     """
 
     name: str
@@ -121,8 +112,8 @@ class RunResult:
 
     @property
     def complete(self) -> bool:
-        """Logged a validation and, for a sweep's run (it has ``run.json``), finished (``done.json``):
-        a run still training, or interrupted, would enter the table with a shorter budget."""
+        """Logged a validation and, for a sweep's run, finished (``done.json``): an unfinished run would enter the
+        table with a shorter budget."""
         if (self.path / PLAN_FILE).is_file() and not (self.path / MARKER_FILE).is_file():
             return False
         return math.isfinite(self.metrics.get("best_val_loss", math.nan))
@@ -213,10 +204,7 @@ def read_run(run_dir: Path, labels: Mapping[str, str], metric_patterns: Sequence
 
 
 def step_time_ms(points: Sequence[tuple[int, float, float]]) -> float:
-    """Median wall time per training step (ms) between consecutive logged steps.
-
-    The median leaves out the gaps where validation or checkpointing ran.
-    """
+    """Median wall time per training step (ms) between logged steps (the median skips validation gaps)."""
     rates = [
         (w1 - w0) / (s1 - s0) * 1e3 for (s0, _, w0), (s1, _, w1) in itertools.pairwise(points) if s1 > s0 and w1 >= w0
     ]
@@ -226,11 +214,8 @@ def step_time_ms(points: Sequence[tuple[int, float, float]]) -> float:
 def routing_metrics(
     scalars: Mapping[str, Sequence[tuple[int, float, float]]], patterns: Iterable[str]
 ) -> dict[str, float]:
-    """Final values of the tags matching each pattern, averaged per column (the first capture group).
-
-    A pattern without a group makes one column named after the pattern. Absent tags give no column
-    value (the report leaves it blank).
-    """
+    """Final values of the tags matching each pattern, averaged per column (the first capture group, else the
+    pattern itself); absent tags give no value."""
     found: dict[str, list[float]] = {}
     for pattern in patterns:
         regex = re.compile(pattern)
@@ -256,13 +241,9 @@ def metric_columns(patterns: Iterable[str], runs: Iterable[RunResult]) -> list[C
 def parameter_counts(checkpoint_dir: Path) -> dict[str, float]:
     """Total, active and trainable-router parameter counts of a run, from one of its checkpoints.
 
-    The model is rebuilt (on the meta device: no memory, no init) from the checkpoint's
-    ``hyper_parameters["arch"]`` so tied weights count once and ``MoeLM.num_parameters(active=True)``
-    counts top-k of the experts; router parameters are :func:`rmoe.metrics.router_parameters` (the
-    trainable parameters of every router module and of the module shared across layers, e.g. RMoE's
-    GRU cell; frozen ones, as RandomSMoE's, are not counted). Without a usable config, the counts
-    come from the state dict (unique tensors; no active count; router parameters by the name
-    ``router``, all a state dict has).
+    The model is rebuilt on the meta device from ``hyper_parameters["arch"]``, so tied weights count once and
+    the active count has top-k experts; router parameters are :func:`rmoe.metrics.router_parameters`'s. Without a
+    usable config, the state dict's unique tensors are counted (no active count; router by the name ``router``).
     """
     candidates = [checkpoint_dir / "last.ckpt", *sorted(checkpoint_dir.glob("*.ckpt"))]
     ckpt_path = next((p for p in candidates if p.is_file()), None)

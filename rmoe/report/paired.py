@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 from rmoe.report.collect import SEED_KEY, ReportError, RunResult
 
-# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom; beyond 10 the approximation
-# 1.96 + 2.4 / df is within 1.5% (2.20 vs 2.228 at 10, 2.08 vs 2.086 at 20).
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom; beyond, 1.96 + 2.4 / df is within 1.5%.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
@@ -23,10 +22,9 @@ def t_quantile_95(df: int) -> float:
 class Paired:
     """Same-seed differences ``metric(run) - metric(baseline run)`` for one group of runs.
 
-    Two runs pair when all their labels but ``key`` are equal (so the same seed: same initialisation
-    and data order). The verdict is the paired t-interval's: ``better`` (lower) or ``worse`` when the
-    95% interval of the mean difference excludes 0, otherwise ``indistinguishable``; for a metric that is
-    not a loss (``lower_is_better`` False: a routing metric, a rate) ``lower`` or ``higher``.
+    Runs pair when all their labels but ``key`` are equal (same seed: same initialisation and data order). The
+    verdict is ``better`` / ``worse`` (``lower`` / ``higher`` when not ``lower_is_better``) when the 95%
+    t-interval of the mean difference excludes 0, else ``indistinguishable``.
     """
 
     labels: dict[str, str]
@@ -63,19 +61,13 @@ class Paired:
 
 LOWER_IS_BETTER = frozenset({"best_val_loss", "final_val_loss", "final_val_bpb", "test_bpb", "test_loss",
                              "comparable_test_bpb", "causal_test_bpb", "step_time_ms"})  # fmt: skip
-"""The metrics where a lower value is a better run (the paired verdict says better / worse for them)."""
 
 
 def paired_comparisons(
     runs: Sequence[RunResult], key: str, baseline: str, metric: str = "final_val_bpb"
 ) -> list[Paired]:
-    """For every non-baseline label of ``key``, the same-seed differences against the baseline's runs.
-
-    Groups are the runs' labels without ``seed`` (e.g. ``router=gru, depth=l12``), in first-run order.
-
-    Raises:
-        ReportError: If no run has ``key=baseline``.
-    """
+    """Same-seed differences against the ``key=baseline`` runs (ReportError if none), grouped by the labels but
+    ``seed`` (e.g. ``router=gru, depth=l12``) in first-run order."""
     others = [k for k in dict.fromkeys(k for r in runs for k in r.labels) if k != key]
     base = {tuple(r.labels.get(k) for k in others): r for r in runs if r.labels.get(key) == baseline}
     if not base:

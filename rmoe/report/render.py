@@ -87,8 +87,7 @@ def write_csvs(groups: Sequence[Group], runs: Sequence[RunResult], columns: Sequ
 
 
 def incomplete_table(runs: Sequence[RunResult]) -> str:
-    """One row per run left out of the tables: its labels, what happened (``RunResult.state``), the steps it
-    logged and its best validation loss so far."""
+    """One row per run left out of the tables: labels, ``RunResult.state``, steps, best val loss so far."""
     keys = list(dict.fromkeys(k for r in runs for k in r.labels))
     lines = ["| run | " + " | ".join(keys) + " | state | steps | best val loss so far |",
              "|---|" + "---|" * len(keys) + "---|---:|---:|"]  # fmt: skip
@@ -122,9 +121,8 @@ def markdown_table(groups: Sequence[Group], columns: Sequence[Column]) -> str:
 
 
 def what_ran(groups: Sequence[Group]) -> str:
-    """What the reported runs did, read off the runs themselves (never off the sweep file, whose
-    description may be of another budget): their optimiser steps, the runs per group and the
-    ``--set`` overrides the sweep command gave them."""
+    """The reported runs' steps, runs per group and ``--set`` overrides, read off the runs (the sweep file's
+    description may be of another budget)."""
     runs = [r for g in groups for r in g.runs]
     steps = sorted({int(r.metrics["steps"]) for r in runs if math.isfinite(r.metrics.get("steps", math.nan))})
     sizes = sorted({len(g.runs) for g in groups})

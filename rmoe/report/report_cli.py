@@ -40,16 +40,11 @@ def report(
     paired: tuple[str, str] | None = None,
     paired_metrics: Sequence[str] = ("final_val_bpb",),
 ) -> tuple[list[Group], list[RunResult]]:
-    """Read a sweep root and write the table, CSVs and plots into ``out``.
+    """Read a sweep root and write the table, CSVs and plots into ``out``; returns the groups (complete runs
+    only) and every run read.
 
-    ``only`` keeps the runs with those labels; ``paired = (key, label)`` adds the same-seed
-    comparison of every other ``key`` label against ``label`` (:func:`paired_comparisons`).
-
-    Returns:
-        The groups (complete runs only) and every run read (complete or not).
-
-    Raises:
-        ReportError: If the root holds no run, or a group-by key is no run's label.
+    ``only`` keeps the runs with those labels; ``paired = (key, label)`` adds the same-seed comparison of every
+    other ``key`` label against ``label``. Raises ReportError for an empty root or an unknown group-by key.
     """
     root, out = Path(root), Path(out)
     if not root.is_dir():

@@ -1,6 +1,5 @@
-"""The router registry. Importing this package imports every module of it, and so registers
-every router: a new router is one file here (a class decorated with ``@register_router``), its
-config under ``configs/router/`` and its test; no list to edit."""
+"""The router registry. Importing this package imports every module of it, registering every router: a new
+router is one file here (a class decorated with ``@register_router``), its config and its test; no list to edit."""
 
 from rmoe.routers.base import (
     CAUSAL,

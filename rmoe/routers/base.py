@@ -1,24 +1,18 @@
 """The router contract: the one seam every router goes through.
 
-A router is called once per MoE layer with the layer's normalised input ``x_TD`` and the state
-the previous MoE layer's router returned (``None`` at the first one). It returns the routing for
-this layer and the state for the next. The decoder never looks inside the state and never
-branches on router names, so a router that recurs over depth (RMoE) fits without touching it.
+A router is called once per MoE layer with the layer's normalised input ``x_TD`` and the state the previous MoE
+layer's router returned (``None`` at the first one); it returns this layer's routing and the state for the next.
+The decoder never looks inside the state nor branches on router names, so a router that recurs over depth (RMoE)
+fits without touching it.
 
-Token-choice routers (each token picks its top-k experts) derive from :class:`TokenChoiceRouter`,
-which owns the choice itself (fp32 softmax, top-k, renormalisation) and the options every
-token-choice router shares (:class:`TokenChoiceOptions`: auxiliary-loss-free bias balancing).
+Token-choice routers derive from :class:`TokenChoiceRouter`, which owns the choice (fp32 softmax, top-k,
+renormalisation) and the options they share (:class:`TokenChoiceOptions`). Every router also states:
 
-Two more things every router states, both with a default that fits token choice:
-
-* :meth:`Router.causality` declares whether a token's output can depend on later tokens of the
-  forward call, in training and in evaluation (:class:`Causality`; proven for every registered
-  router by ``tests/test_router_study.py``). The router of the first MoE layer warns once at
-  construction when either mode is not causal.
-* :meth:`Router.apply_experts` runs the experts on the layer's tokens as the routing says. The
-  default is the sorted grouped path of :class:`~rmoe.model.moe.GroupedExperts` (token choice,
-  capacities); a router that mixes tokens into slots (Soft MoE) overrides it. The MoE block calls
-  it without knowing which router it has.
+* :meth:`Router.causality`: whether a token's output can depend on later tokens of the forward call, in training
+  and in evaluation (proven for every router by ``tests/test_router_study.py``; the first MoE layer's router
+  warns once when either is not causal).
+* :meth:`Router.apply_experts`: runs the experts as the routing says; default: the sorted grouped path of
+  :class:`~rmoe.model.moe.GroupedExperts`; a router that mixes tokens into slots (Soft MoE) overrides it.
 
 Shape legend: T tokens (batch x sequence, flattened), D model width, E experts, K top-k.
 """
@@ -46,11 +40,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RouterContext:
-    """All a router is told about the model it routes for (besides each layer's tokens and state).
+    """All a router is told about the model (besides each layer's tokens and state).
 
-    Built once per model, when its ``ModelConfig`` is validated (the one place router options are
-    parsed); routers never see the whole ``ModelConfig``, so they depend on nothing in
-    :mod:`rmoe.model`. The names are those of the ``model.arch`` keys they come from.
+    Built once per model when its ``ModelConfig`` is validated (the one parse of the router options); routers
+    never see the ``ModelConfig``, so they depend on nothing in :mod:`rmoe.model`. Names are the ``model.arch`` keys.
 
     Attributes:
         router_class: The registered router class (``model.arch.router``).
@@ -85,14 +78,9 @@ class RouterContext:
 def tokens_per_expert(
     expert_ids_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Number of routed (token, expert) pairs per expert: ``(E,)`` int64, on the ids' device.
-
-    The one implementation of the count (the balance loss, the metrics, the sorted expert path,
-    capacities and bias balancing all use it). With ``keep_TK`` only the kept pairs count (a
-    dropped pair is not computed by its expert). A ``scatter_add_`` into E + 1 bins (dropped pairs
-    go to the last, which is cut off): fixed output size, so no host synchronisation on CUDA,
-    unlike ``bincount``.
-    """
+    """Number of routed (token, expert) pairs per expert: ``(E,)`` int64, on the ids' device; with ``keep_TK``
+    only the kept pairs. A ``scatter_add_`` into E + 1 bins (dropped pairs go to the last, cut off): fixed output
+    size, so no host sync on CUDA, unlike ``bincount``."""
     ids_S = expert_ids_TK.reshape(-1)
     if keep_TK is not None:
         ids_S = ids_S.masked_fill(~keep_TK.reshape(-1), num_experts)  # out of place
@@ -102,11 +90,8 @@ def tokens_per_expert(
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Tokens an expert may take: ``C = ceil(capacity_factor * T * K / E)``, clamped to [1, T].
-
-    The one definition for every capacity router (LocMoE+, expert choice and its variants):
-    factor 1 gives the experts the compute of top-K token choice with perfect balance.
-    """
+    """Tokens an expert may take: ``C = ceil(capacity_factor * T * K / E)``, clamped to [1, T]. Shared by every
+    capacity router; factor 1 gives the compute of top-K token choice with perfect balance."""
     c = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
     return max(1, min(num_tokens, c))
 
@@ -116,16 +101,15 @@ class RoutingOutput:
     """What a router decides for one MoE layer.
 
     Attributes:
-        logits_TE: Router logits in fp32 (what the z-loss and the metrics read).
-        probs_TE: The router's probability over experts in fp32 (softmax of the logits for
-            softmax routers); the balance loss uses it.
+        logits_TE: Router logits in fp32 (read by the z-loss and the metrics).
+        probs_TE: The router's fp32 probability over experts (softmax of the logits for softmax routers); the
+            balance loss uses it.
         weights_TK: Combine weights of the chosen experts (fp32).
         expert_ids_TK: Chosen expert ids (int64).
-        keep_TK: For routers with a capacity: True where the (token, expert) pair is computed,
-            False where the token was dropped and passes through the residual. None: all kept.
-        slot_logits_TN: For a router that mixes tokens into N slots and owns its dispatch
-            (:meth:`Router.apply_experts`; Soft MoE): the fp32 logits of every token against every
-            slot. None for every other router.
+        keep_TK: Capacity routers: True where the (token, expert) pair is computed, False where it was dropped
+            (the token passes through the residual). None: all kept.
+        slot_logits_TN: For a router that mixes tokens into N slots and owns its dispatch (Soft MoE): the fp32
+            token-slot logits. None otherwise.
     """
 
     logits_TE: torch.Tensor
@@ -136,8 +120,7 @@ class RoutingOutput:
     slot_logits_TN: torch.Tensor | None = None
 
     def detach(self) -> RoutingOutput:
-        """The same decisions with every tensor detached from the autograd graph (what a step hands
-        to callbacks: they read the routing after the backward has freed the graph)."""
+        """The same decisions, detached (callbacks read the routing after the backward freed the graph)."""
         values = (getattr(self, f.name) for f in dataclasses.fields(self))
         return RoutingOutput(*(None if t is None else t.detach() for t in values))
 
@@ -146,11 +129,10 @@ class RoutingOutput:
 class Causality:
     """Whether a router's output for a token can depend on later tokens of the same forward call.
 
-    A router is causal in a mode when every token's routing (chosen experts, combine weights and
-    what its experts are fed) is a function of that token's own hidden state and router state:
-    then an autoregressive LM decodes token by token exactly as it was trained, and its validation
-    loss is comparable with any causal model's. Otherwise information flows from later tokens to
-    earlier ones through the routing (expert choice, Sinkhorn, Soft MoE, capacity drops).
+    Causal in a mode when every token's routing (chosen experts, combine weights, what its experts are fed) is a
+    function of its own hidden and router state: the LM then decodes token by token exactly as trained, and its
+    validation loss is comparable with any causal model's. Otherwise later tokens leak into earlier ones through
+    the routing (expert choice, Sinkhorn, Soft MoE, capacity drops).
 
     Attributes:
         training: None when causal in training mode (``module.training``), else why not.
@@ -202,10 +184,9 @@ class TokenChoiceOptions:
     """Options shared by every token-choice router (their own ``Options`` inherit these).
 
     Args:
-        bias_update_rate: Auxiliary-loss-free load balancing (Wang et al., arXiv 2408.15664)
-            when > 0: a per-expert bias ``b`` is added to the scores for the top-k
-            *selection* only, and after every optimiser step ``b += rate * sign(mean load - load)``.
-            0 turns it off (no bias buffer at all, so checkpoints are unchanged).
+        bias_update_rate: Auxiliary-loss-free load balancing (Wang et al., arXiv 2408.15664) when > 0: a
+            per-expert bias ``b`` is added to the scores for the top-k *selection* only, and after every optimiser
+            step ``b += rate * sign(mean load - load)``. 0 turns it off (no bias buffer, checkpoints unchanged).
     """
 
     bias_update_rate: float = 0.0
@@ -216,8 +197,8 @@ class TokenChoiceOptions:
 
 
 def _option_type_problem(hint: Any, value: Any) -> str | None:
-    """What a router option of type ``hint`` expects, when ``value`` is not that (None: it is). Integers
-    (widths, counts) must be integers, numbers must be finite, flags must be booleans."""
+    """What an option of type ``hint`` expects when ``value`` is not that (None: it is): integers, finite
+    numbers, booleans."""
     kinds = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
     if value is None and type(None) in kinds:
         return None
@@ -234,24 +215,19 @@ def _option_type_problem(hint: Any, value: Any) -> str | None:
 class Router(nn.Module):
     """Base class of every router; subclasses register with :func:`rmoe.routers.register_router`.
 
-    Subclasses set ``Options`` to a dataclass of their YAML options (``model.arch.router_options``),
-    implement :meth:`forward` and declare :meth:`causality`. Routers whose parameters are shared
-    across layers build them once in :meth:`build_shared`; the decoder stores that module once and
-    hands it to every layer's router (which keeps a reference without registering it, so it is
-    counted once). A router that does not fit token choice's dispatch overrides :meth:`apply_experts`.
+    Subclasses set ``Options`` (a dataclass of ``model.arch.router_options``), implement :meth:`forward` and
+    declare :meth:`causality`. Parameters shared across layers are built once in :meth:`build_shared`; the decoder
+    owns that module and hands it to every layer's router, which keeps it unregistered (counted once).
     """
 
     Options: ClassVar[type] = NoOptions
     name: ClassVar[str] = ""
     causal_evaluation: ClassVar[Mapping[str, Any] | None] = None
-    """Router options that make its evaluation causal without changing its training (e.g.
-    ``{"eval_routing": "topk"}``), for a router that is not causal in evaluation as configured;
-    None: it offers no causal evaluation. ``ModelConfig.causal_evaluation_options`` applies and
-    checks it; ``rmoe sweep`` tests such runs both ways."""
+    """Router options that make evaluation causal without changing training (e.g. ``{"eval_routing": "topk"}``);
+    None: no causal evaluation offered. ``ModelConfig.causal_evaluation_options`` applies and checks it."""
     compile_problem: ClassVar[str | None] = None
-    """Why ``torch.compile(fullgraph=True)`` cannot trace this router (data-dependent shapes, Python
-    control flow on tensor values), or None: it can. ``model.compile=true`` refuses a router that
-    says why not; ``tests/test_compile.py`` proves the None of every registered router."""
+    """Why ``torch.compile(fullgraph=True)`` cannot trace this router (data-dependent shapes, control flow on
+    tensor values), or None: it can (proven by ``tests/test_compile.py``). ``model.compile=true`` refuses the rest."""
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__()
@@ -270,11 +246,7 @@ class Router(nn.Module):
 
     @classmethod
     def causality(cls, config: RouterContext) -> Causality:
-        """Whether this router, with the context's options, is causal in training and in evaluation.
-
-        Every router declares it (it may depend on the options: a capacity is causal only when it
-        cannot drop); ``tests/test_router_study.py`` proves each declaration.
-        """
+        """Whether this router, with these options, is causal in training and in evaluation."""
         raise NotImplementedError(f"router {cls.name!r} must declare its causality (Router.causality)")
 
     @classmethod
@@ -298,8 +270,7 @@ class Router(nn.Module):
         except (TypeError, ValueError) as err:
             raise RmoeError(f"model.arch.router_options for router {cls.name!r}: {err}") from None
 
-    # --- Costs: what the memory estimate, the FLOPs count and the summary ask of a router. The
-    # defaults fit token choice; a router that differs says how (tests/test_router_costs.py).
+    # --- Costs, for the memory estimate, the FLOPs count and the summary; the defaults fit token choice.
 
     @classmethod
     def routed_pairs(cls, config: RouterContext, num_tokens: int, num_sequences: int) -> int:
@@ -309,16 +280,14 @@ class Router(nn.Module):
 
     @classmethod
     def extra_flops_per_token(cls, config: RouterContext, seq_len: int) -> float:
-        """Forward FLOPs per token and MoE layer that no trainable parameter accounts for (2 x the
-        parameters a token uses are counted already): products with frozen weights, transport
-        iterations, the mixing of tokens into slots."""
+        """Forward FLOPs per token and MoE layer beyond 2 x the trainable parameters a token uses: products with
+        frozen weights, transport iterations, mixing tokens into slots."""
         return 0.0
 
     @classmethod
     def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
-        """Bytes one MoE layer's router saves for the backward beyond its fp32 (T, E) logits,
-        probabilities, z-loss input and weights (hidden widths, plan iterates, slot logits);
-        ``act_bytes`` is the size of a matmul output's element (2 under autocast)."""
+        """Bytes one MoE layer's router saves for the backward beyond its fp32 (T, E) logits, probabilities, z-loss
+        input and weights; ``act_bytes`` is a matmul output's element size (2 under autocast)."""
         return 0
 
     @classmethod
@@ -342,32 +311,23 @@ class Router(nn.Module):
     def apply_experts(
         self, x_TD: torch.Tensor, routing: RoutingOutput, experts: GroupedExperts, num_sequences: int
     ) -> torch.Tensor:
-        """The routed experts' combined output (T, D) for this layer's tokens, as ``routing`` says.
-
-        Default: each token's chosen (kept) experts through the sorted grouped path,
-        ``experts(x_TD, routing)``. ``num_sequences`` is B, with the T = B * S tokens of ``x_TD``
-        laid out sequence by sequence (for routers that mix tokens within a sequence).
-        """
+        """The routed experts' combined output (T, D), as ``routing`` says (default: ``experts(x_TD, routing)``).
+        ``num_sequences`` is B; the T = B * S tokens of ``x_TD`` are laid out sequence by sequence."""
         return experts(x_TD, routing)
 
 
 class TokenChoiceRouter(Router):
     """A router where each token picks its top-k experts from scores computed by the subclass.
 
-    Subclasses compute fp32 ``logits_TE`` in :meth:`forward` and return ``self.select(logits_TE)``.
-    Causal by default (:meth:`causality`): each token's scores are a function of its own hidden
-    state; a subclass whose selection compares tokens (a capacity, a transport plan) overrides it.
+    Subclasses compute fp32 ``logits_TE`` in :meth:`forward` and return ``self.select(logits_TE)``. Causal unless
+    a subclass whose selection compares tokens (a capacity, a transport plan) overrides :meth:`causality`.
 
-    Auxiliary-loss-free balancing (``bias_update_rate > 0``; Wang et al., "Auxiliary-Loss-Free
-    Load Balancing Strategy for Mixture-of-Experts", arXiv 2408.15664): with ``s`` the
-    softmax probabilities, the top-k is taken over ``s + b`` but the combine weights are the
-    unbiased ``s`` of the chosen experts (renormalised per ``norm_topk_prob``). ``b`` is the
-    persistent, non-trainable buffer ``balance_bias_E``; the number of (token, expert) choices per
-    expert is accumulated while ``self.training`` and consumed by :meth:`after_optimizer_step`,
-    which all-reduces it across processes and applies ``b += u * sign(mean load - load)``.
-
-    The load counter is a plain tensor attribute, not a buffer: DDP re-broadcasts every buffer
-    from rank 0 at each forward (``broadcast_buffers``), which would overwrite per-rank counts.
+    Auxiliary-loss-free balancing (``bias_update_rate > 0``; Wang et al., "Auxiliary-Loss-Free Load Balancing
+    Strategy for Mixture-of-Experts", arXiv 2408.15664): with ``s`` the softmax probabilities, the top-k is taken
+    over ``s + b`` but the combine weights are the unbiased ``s`` (renormalised per ``norm_topk_prob``). ``b`` is
+    the persistent buffer ``balance_bias_E``; per-expert choices are counted while training and consumed by
+    :meth:`after_optimizer_step`. The counter is a plain attribute, not a buffer: DDP re-broadcasts buffers from
+    rank 0 at each forward, which would overwrite per-rank counts.
     """
 
     Options: ClassVar[type] = TokenChoiceOptions
@@ -383,10 +343,7 @@ class TokenChoiceRouter(Router):
 
     @classmethod
     def causality(cls, config: RouterContext) -> Causality:
-        """Causal: a token's scores, top-k and weights read its own hidden (and router) state only.
-
-        The balancing bias changes between optimiser steps, never within a forward call.
-        """
+        """Causal: a token's routing reads its own state only; the balancing bias changes only between steps."""
         return CAUSAL
 
     @torch.no_grad()
@@ -420,10 +377,8 @@ class TokenChoiceRouter(Router):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """``b += u * sign(mean load - load)`` from the loads counted since the last step, then reset.
-
-        Call it on every rank (it all-reduces the counts when ``torch.distributed`` is initialised).
-        """
+        """``b += u * sign(mean load - load)`` from the loads counted since the last step, then reset. Call it on
+        every rank: it all-reduces the counts when ``torch.distributed`` is initialised."""
         if self.balance_bias_E is None:
             return
         counts_E = self._load_counts_E
@@ -455,8 +410,7 @@ def fp32_linear(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tenso
 
 @torch.no_grad()
 def init_linear(weight_OI: torch.Tensor, bias_O: torch.Tensor | None, init: str, std: float) -> None:
-    """``torch``: nn.Linear's default (U(+-1/sqrt(fan_in)) for weight and bias, i.e.
-    kaiming_uniform(a=sqrt(5))); ``normal``: N(0, std) weight, zero bias."""
+    """``torch``: nn.Linear's default, U(+-1/sqrt(fan_in)) for weight and bias; ``normal``: N(0, std), zero bias."""
     if init == "torch":
         bound = 1.0 / math.sqrt(weight_OI.shape[1])
         nn.init.uniform_(weight_OI, -bound, bound)

@@ -1,9 +1,8 @@
 """Cosine routers: ``cosine`` (in model space) and ``xmoe`` (after a down-projection).
 
-X-MoE (Chi et al., "On the Representation Collapse of Sparse Mixture of Experts", arXiv
-2204.09179): ``s_e = cos(W x, k_e) / tau`` with ``W`` a D -> 16 projection,
-``k_e`` learnable expert embeddings and ``tau`` a learnable temperature. :class:`CosineScorer`
-is that scoring head; the recurrent router reuses it on its GRU state ("XMoE + GRU", RMoE Table 2).
+X-MoE (Chi et al., "On the Representation Collapse of Sparse Mixture of Experts", arXiv 2204.09179):
+``s_e = cos(W x, k_e) / tau`` with ``W`` a D -> 16 projection, ``k_e`` learnable expert embeddings and ``tau`` a
+learnable temperature. The recurrent router reuses :class:`CosineScorer` on its GRU state ("XMoE + GRU", RMoE Table 2).
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ if TYPE_CHECKING:
 class CosineScorer(nn.Module):
     """``logits_TE = cos(P x_TI, k_E) / tau``, computed in fp32 even under autocast.
 
-    The temperature is learned as ``log(1 / tau)`` (always positive, as CLIP's logit scale) and
-    clamped at ``tau >= min_temperature`` in the forward (logits stay within +-1/min_temperature;
-    Tutel's cosine gate uses the same bound 0.01). Expert embeddings start orthogonal (as X-MoE's).
+    The temperature is learned as ``log(1 / tau)`` (positive, as CLIP's logit scale) and clamped at
+    ``tau >= min_temperature`` (logits within +-1/min_temperature, as Tutel's cosine gate). Expert embeddings start
+    orthogonal (as X-MoE's).
 
     Args:
         in_dim: Width I of the scored representation (D for a token, P for a GRU state).
@@ -113,8 +112,8 @@ class XMoeOptions(CosineOptions):
 
 @register_router("cosine")
 class CosineRouter(TokenChoiceRouter):
-    """Cosine similarity between the token and learnable expert embeddings over a learnable
-    temperature, then softmax top-k. The state passes through untouched."""
+    """Cosine similarity between the token and learnable expert embeddings over a learnable temperature, then
+    softmax top-k."""
 
     Options = CosineOptions
 
@@ -146,7 +145,7 @@ class CosineRouter(TokenChoiceRouter):
 
 @register_router("xmoe")
 class XMoeRouter(CosineRouter):
-    """X-MoE (arXiv 2204.09179): project D -> 16, L2-normalise, cosine with L2-normalised expert
-    embeddings, divide by a learnable temperature. The ``cosine`` router with ``proj_dim: 16``."""
+    """X-MoE (arXiv 2204.09179): project D -> 16, cosine with the expert embeddings, divide by a learnable
+    temperature. The ``cosine`` router with ``proj_dim: 16``."""
 
     Options = XMoeOptions

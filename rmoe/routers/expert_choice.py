@@ -1,48 +1,34 @@
 """Expert-choice routers: each expert takes its top-C tokens of the batch, by one of three plans.
 
-* ``expert_choice`` (Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022,
-  arXiv 2202.09368): ``S = softmax(X W^T)`` over experts (T, E); expert e takes the C tokens of
-  highest ``S[:, e]``. The "softmax expert choice" of Liu et al. (arXiv 2401.15969).
-* ``sinkhorn_expert_choice`` (Liu et al., arXiv 2401.15969, "Sinkhorn expert choice"): the
-  same, ranked by the entropic balanced plan ``P = Sinkhorn(exp(logits / epsilon))`` (rows sum to
-  1, columns to T/E; :func:`~rmoe.routers.transport.sinkhorn_potentials`, ``num_iters``
-  iterations) instead of ``S``.
-* ``sparse_expert_choice`` (Liu et al., "sparsity-constrained expert choice"; here with the
-  squared-L2-regularised plan of Blondel et al., "Smooth and Sparse Optimal Transport", arXiv
-  1710.06276): ranked by the sparse plan ``P = [logits / gamma + f 1^T + 1 g^T]_+``, whose dual
-  potentials come from ``num_iters`` iterations of exact block-coordinate ascent, each a
-  sort-based simplex projection of every row then of every column
-  (:func:`~rmoe.routers.transport.sparse_potentials`). Liu et al.'s own sparse router bounds the
-  number of non-zeros per column (Liu, Puigcerver, Blondel, arXiv 2209.15466); the squared-L2
+* ``expert_choice`` (Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022, arXiv 2202.09368;
+  the "softmax expert choice" of Liu et al., arXiv 2401.15969): ``S = softmax(X W^T)`` over experts (T, E);
+  expert e takes the C tokens of highest ``S[:, e]``.
+* ``sinkhorn_expert_choice`` (Liu et al., arXiv 2401.15969, "Sinkhorn expert choice"): ranked instead by the
+  entropic balanced plan ``P = Sinkhorn(exp(logits / epsilon))`` (rows sum to 1, columns to T/E;
+  :func:`~rmoe.routers.transport.sinkhorn_potentials`).
+* ``sparse_expert_choice`` (Liu et al., "sparsity-constrained expert choice"; here with the squared-L2-regularised
+  plan of Blondel et al., "Smooth and Sparse Optimal Transport", arXiv 1710.06276): ranked by the sparse plan
+  ``P = [logits / gamma + f 1^T + 1 g^T]_+`` (:func:`~rmoe.routers.transport.sparse_potentials`). Liu et al.'s
+  own sparse router bounds the non-zeros per column (Liu, Puigcerver, Blondel, arXiv 2209.15466); the squared-L2
   plan is sparse through its threshold instead, with the sparsity set by ``gamma``.
 
-``C = ceil(capacity_factor * T * K / E)`` (at least 1, at most T), so on average a token gets K
-experts; some get none and pass through the residual, some get more. Ties: ``torch.topk``'s. For
-the two plans, the column order of expert e is that of ``f_t + logits_te / epsilon`` (Sinkhorn;
-monotone in P's column, the column potential being a constant) and of ``f_t + logits_te / gamma``
-(sparse: equal to P's order where P > 0, and it ranks the tokens P sets to exactly 0 by how far
-below the threshold they are, so a column with fewer than C non-zeros still takes C tokens).
-Gate values: ``combine: softmax`` (default; what Liu et al.'s code uses) the softmax
-probabilities ``S`` of the chosen pairs, ``combine: plan`` the plan's entries (the plan is
-differentiable in the logits with the potentials held fixed; no gradient through the iterations).
-Gates are not renormalised (as in the paper), so ``model.arch.norm_topk_prob`` does not apply.
+``C = ceil(capacity_factor * T * K / E)``, so on average a token gets K experts; some get none and pass through
+the residual. For the plans, expert e ranks tokens by ``f_t + logits_te / epsilon`` (Sinkhorn; monotone in P's
+column) or ``f_t + logits_te / gamma`` (sparse: P's order where P > 0, and below the threshold by distance to it,
+so a column with fewer than C non-zeros still takes C tokens). Gates: ``combine: softmax`` (default; Liu et al.'s code)
+the softmax probabilities ``S`` of the chosen pairs, ``combine: plan`` the plan's entries (differentiable in the
+logits with the potentials held fixed). Gates are not renormalised (as in the paper): ``norm_topk_prob`` does
+not apply.
 
-NOT CAUSAL for an autoregressive LM whenever the capacity can drop (``capacity_factor * K < E``):
-whether token t is processed depends on every other token of the batch, later ones included (the
-model warns at start-up). With ``capacity_factor * K >= E`` every expert takes every token and the
-softmax router is a causal dense MoE (so is a plan router with ``combine: softmax``; with
-``combine: plan`` the gates still mix the batch). ``eval_routing: topk`` gives the causal
-evaluation a token-choice model would get from the same router: in eval mode every token takes its
-top-K experts of ``S`` with gates ``S`` (not renormalised, like the training gates), which is what
-decoding token by token can do; training is unchanged. Validation losses of ``eval_routing: same``
-are not comparable with causal models'.
+NOT CAUSAL whenever the capacity can drop (``capacity_factor * K < E``): whether token t is processed depends on
+later tokens of the batch. With ``capacity_factor * K >= E`` every expert takes every token: a causal dense MoE,
+unless ``combine: plan`` gates mix the batch. ``eval_routing: topk`` gives a causal evaluation: in eval mode every
+token takes its top-K experts of ``S`` with gates ``S`` (not renormalised); training is unchanged.
 
-Representation: ``expert_ids_TK`` lists all E experts for every token (K = E columns),
-``keep_TK`` marks the chosen pairs and ``weights_TK`` holds the gate values (0 elsewhere). The
-dispatch therefore gathers T*E rows (E times a top-k router's) before dropping the unkept ones.
-With all E experts in ``expert_ids_TK``, the Switch auxiliary loss is the constant 1 (no gradient);
-per-expert token counts must read ``keep_TK``. In eval mode with ``eval_routing: topk`` the routing
-is a plain top-K one (K columns, no ``keep_TK``).
+Representation: ``expert_ids_TK`` lists all E experts for every token (K = E columns), ``keep_TK`` marks the chosen
+pairs and ``weights_TK`` holds the gates (0 elsewhere), so the dispatch gathers T*E rows before dropping the unkept
+ones, the Switch auxiliary loss is the constant 1 (no gradient), and per-expert token counts must read ``keep_TK``.
+With ``eval_routing: topk`` the eval-mode routing is a plain top-K one (K columns, no ``keep_TK``).
 
 Shape legend: T tokens, D model width, E experts, K top-k, C capacity (tokens per expert).
 """
@@ -67,11 +53,11 @@ if TYPE_CHECKING:
 @dataclass
 class ExpertChoiceOptions:
     """Args:
-    capacity_factor: C = ceil(capacity_factor * T * K / E) tokens per expert; 1 matches the compute
-        of top-K token choice. The paper's capacity factor c (experts per token on average) is
-        ``K * capacity_factor`` here: its "EC-CF2" is ``top_k: 2, capacity_factor: 1``.
-    eval_routing: ``same``: evaluate with expert choice, as trained (not causal); ``topk``: in eval
-        mode each token takes its top-K experts of the softmax (causal; see the module docstring).
+    capacity_factor: C = ceil(capacity_factor * T * K / E) tokens per expert; 1 matches the compute of top-K
+        token choice. The paper's capacity factor c is ``K * capacity_factor``: its "EC-CF2" is ``top_k: 2,
+        capacity_factor: 1``.
+    eval_routing: ``same``: evaluate with expert choice, as trained (not causal); ``topk``: in eval mode each
+        token takes its top-K experts of the softmax (causal).
     """
 
     capacity_factor: float = 1.0
@@ -89,12 +75,11 @@ class PlanOptions:
     """Options of a transport plan (shared by the Sinkhorn and sparse routers).
 
     Args:
-        num_iters: Iterations of the plan's solver (one row and one column update each), >= 1.
-            Columns are exact after any number; the row error falls with the iterations and grows
-            with the logits' spread: Sinkhorn's default 10 gives row sums within 1e-4 of 1 on 4096 x 8
-            logits of std ~1.4 (tested), about 5e-3 at std 3 (then raise it).
-        combine: Gate values of the chosen pairs: ``softmax`` of the logits (Liu et al.'s code)
-            or the ``plan``'s entries.
+        num_iters: Iterations of the plan's solver (one row and one column update each), >= 1. Columns are exact;
+            the row error falls with the iterations and grows with the logits' spread: Sinkhorn's default 10 keeps
+            row sums within 1e-4 of 1 on 4096 x 8 logits of std ~1.4, about 5e-3 at std 3 (then raise it).
+        combine: Gate values of the chosen pairs: ``softmax`` of the logits (Liu et al.'s code) or the ``plan``'s
+            entries.
     """
 
     num_iters: int = 10
@@ -108,7 +93,7 @@ class PlanOptions:
 
 
 class PlanCosts:
-    """The cost of a transport plan's solver, for the routers that solve one (a mixin of costs)."""
+    """Cost methods of the routers that solve a transport plan (a mixin)."""
 
     @classmethod
     def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
@@ -125,7 +110,6 @@ class PlanCosts:
 class SinkhornExpertChoiceOptions(PlanOptions, ExpertChoiceOptions):
     """Args:
     epsilon: Entropic regularisation, > 0: the plan is Sinkhorn(exp(logits / epsilon)).
-    (and ``num_iters``, ``combine`` of the plan; ``capacity_factor``, ``eval_routing`` of expert choice)
     """
 
     epsilon: float = 1.0
@@ -141,9 +125,8 @@ class SinkhornExpertChoiceOptions(PlanOptions, ExpertChoiceOptions):
 class SparseExpertChoiceOptions(PlanOptions, ExpertChoiceOptions):
     """Args:
     gamma: Squared-L2 regularisation, > 0: the plan is ``[logits / gamma + f + g]_+``; smaller is sparser.
-    num_iters: Block-coordinate ascent iterations (default 25: row sums within 1e-3 of 1 for
-        logits up to std 3 on 4096 x 8, columns exact; ``tests/test_router_study.py``).
-    (and ``combine`` of the plan; ``capacity_factor``, ``eval_routing`` of expert choice)
+    num_iters: Block-coordinate ascent iterations (default 25: row sums within 1e-3 of 1 for logits up to std 3
+        on 4096 x 8, columns exact).
     """
 
     gamma: float = 1.0
@@ -182,8 +165,7 @@ class ExpertChoiceRouter(Router):
 
     @classmethod
     def causality(cls, config: RouterContext) -> Causality:
-        """Not causal when the capacity can drop (``capacity_factor * K < E``) or the gates come
-        from a plan; in evaluation causal with ``eval_routing: topk``."""
+        """Not causal when the capacity can drop or the gates come from a plan (causal eval: ``eval_routing: topk``)."""
         options = config.options
         if options.capacity_factor * config.top_k < config.num_experts:
             training = EXPERT_CHOICE_REASON
@@ -204,8 +186,8 @@ class ExpertChoiceRouter(Router):
         return expert_capacity(num_tokens, self.num_experts, self.top_k, self.options.capacity_factor)
 
     def rank_and_gate(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rank_TE, gates_TE)``: each expert takes the C tokens of highest ``rank_TE[:, e]``,
-        gated by ``gates_TE``. Softmax expert choice: both are the softmax probabilities."""
+        """``(rank_TE, gates_TE)``: each expert takes the C tokens of highest ``rank_TE[:, e]``, gated by
+        ``gates_TE``. Softmax expert choice: both are the softmax probabilities."""
         return probs_TE, probs_TE
 
     def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
@@ -238,8 +220,7 @@ class SinkhornExpertChoiceRouter(PlanCosts, ExpertChoiceRouter):
 
 @register_router("sparse_expert_choice")
 class SparseExpertChoiceRouter(PlanCosts, ExpertChoiceRouter):
-    """Expert choice ranked by the squared-L2 (sparse) balanced plan (Blondel et al., arXiv 1710.06276;
-    module docstring)."""
+    """Expert choice ranked by the squared-L2 (sparse) balanced plan (Blondel et al., arXiv 1710.06276)."""
 
     Options = SparseExpertChoiceOptions
 

@@ -18,12 +18,10 @@ if TYPE_CHECKING:
 @dataclass
 class LinearOptions(TokenChoiceOptions):
     """Args:
-    bias: A per-expert bias on the logits, ``x W^T + b`` (default off: Qwen2-MoE's gate and the
-        RMoE authors' large-scale baseline have none; their enwik8 baseline was an ``nn.Linear(d, E)``
-        with one). A token-independent lever on each expert's load.
-    init: ``normal`` (N(0, initializer_range), like every other matrix of the model; zero bias) or
-        ``torch`` (PyTorch's nn.Linear default, U(+-1/sqrt(D)) for weight and bias, as the
-        recurrent router's ``init: torch``).
+    bias: A per-expert bias on the logits, ``x W^T + b`` (off: Qwen2-MoE's gate and the RMoE authors'
+        large-scale baseline have none; their enwik8 baseline, an ``nn.Linear(d, E)``, had one).
+    init: ``normal`` (N(0, initializer_range), like the rest of the model; zero bias) or ``torch`` (nn.Linear's
+        default, U(+-1/sqrt(D)) for weight and bias, as the recurrent router's ``init: torch``).
     """
 
     bias: bool = False
@@ -39,8 +37,7 @@ class LinearOptions(TokenChoiceOptions):
 class LinearRouter(TokenChoiceRouter):
     """``logits = x W^T (+ b)`` (D -> E), fp32 softmax, top-k, optional renormalisation.
 
-    Without options, equal to transformers' ``Qwen2MoeTopKRouter`` (its ``weight`` has the same
-    name and shape). The state passes through untouched. Options: :class:`LinearOptions`.
+    Without options, equal to transformers' ``Qwen2MoeTopKRouter`` (same ``weight`` name and shape).
     """
 
     Options = LinearOptions

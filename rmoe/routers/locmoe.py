@@ -1,31 +1,26 @@
-"""LocMoE-style affinity router with expert capacity (Li et al., "LocMoE: A Low-overhead MoE for
-Large Language Model Training", arXiv 2401.13920; LocMoE+, arXiv 2406.00023).
+"""LocMoE-style affinity router with expert capacity (Li et al., "LocMoE: A Low-overhead MoE for Large Language
+Model Training", arXiv 2401.13920; LocMoE+, arXiv 2406.00023).
 
-Affinity ``delta_ti = cos(x_t, w_i)`` against the rows of an orthogonal grouped-average-pooling
-(GAP) matrix, ``w_i = (E/D) 1{j in group i}``: with D split into E contiguous groups,
-``delta_ti = sqrt(|g_i|) mean(x_t over g_i) / ||x_t||``. Each token takes its top-k experts over
-``softmax(delta / temperature)`` (token choice); each expert then keeps at most C of the tokens
-that chose it, those of highest affinity (``C = ceil(capacity_factor * T * K / E)``), and the
-dropped (token, expert) pairs are expressed by ``keep_TK`` False: they contribute 0 and the token
-passes through the residual (and the shared expert, if any).
+Affinity ``delta_ti = cos(x_t, w_i)`` against the rows of an orthogonal grouped-average-pooling (GAP) matrix,
+``w_i = (E/D) 1{j in group i}``: with D split into E contiguous groups, ``delta_ti = sqrt(|g_i|) mean(x_t over g_i)
+/ ||x_t||``. Each token takes its top-k experts over ``softmax(delta / temperature)`` (token choice); each expert
+then keeps at most C of the tokens that chose it, those of highest affinity (``C = ceil(capacity_factor * T * K /
+E)``); dropped pairs have ``keep_TK`` False: they contribute 0 and the token passes through the residual (and the
+shared expert, if any).
 
 Choices the papers leave open, made here:
-- Only the routing is implemented; LocMoE's node-locality loss and locality-aware all-to-all
-  (the "Loc" in the name) concern multi-node expert parallelism and are out of scope.
-- Combine weights are the softmax probabilities of ``delta / temperature`` at the chosen experts,
-  renormalised per ``model.arch.norm_topk_prob`` *before* drops (a dropped pair's share is lost, not
-  given to the kept one), as in Switch/GShard capacity.
-- C is computed over the T tokens of one forward call (the whole local batch), at least 1 and at
-  most T; LocMoE's lower bound on capacity is left to ``capacity_factor``. Ties in affinity keep
-  the earlier token. The bias of auxiliary-loss-free balancing (when on) steers the token choice;
-  the capacity ranking uses the unbiased affinity, and the balancing counts choices before drops.
-- When D is not divisible by E the groups differ in size by one (``torch.tensor_split``); the
-  cosine normalises each row, so the affinity stays ``sqrt(|g_i|) mean_g(x) / ||x||``.
-- ``learnable_keys``: the GAP rows initialise trainable expert keys (fixed buffer otherwise).
+- Only the routing is implemented; LocMoE's node-locality loss and locality-aware all-to-all concern multi-node
+  expert parallelism and are out of scope.
+- Combine weights are the softmax probabilities at the chosen experts, renormalised per ``norm_topk_prob``
+  *before* drops (a dropped pair's share is lost, not given to the kept one), as in Switch/GShard capacity.
+- C is computed over the T tokens of one forward call; LocMoE's lower bound on capacity is left to
+  ``capacity_factor``. Ties in affinity keep the earlier token. The balancing bias (when on) steers the token
+  choice; the capacity ranking uses the unbiased affinity, and the balancing counts choices before drops.
+- When D is not divisible by E the groups differ in size by one (``torch.tensor_split``); the cosine normalises
+  each row, so the affinity stays ``sqrt(|g_i|) mean_g(x) / ||x||``.
 
-Capacity makes a token's drop depend on the other tokens of the batch, later ones included: like
-every capacity-limited MoE, this router is causal only when nothing is dropped (e.g.
-``capacity_factor >= E / K``).
+Causal only when nothing can be dropped (``capacity_factor >= E / K``): which tokens an expert keeps depends on the
+other tokens of the batch, later ones included.
 """
 
 from __future__ import annotations
@@ -81,11 +76,10 @@ def gap_rows(num_experts: int, hidden_size: int) -> torch.Tensor:
 def capacity_keep_mask(
     expert_ids_TK: torch.Tensor, affinity_TK: torch.Tensor, num_experts: int, capacity: int
 ) -> torch.Tensor:
-    """True for the (at most ``capacity``) highest-affinity pairs of each expert; vectorised.
+    """True for the (at most ``capacity``) highest-affinity pairs of each expert; vectorised, no host sync.
 
-    Sort the T*K pairs by (expert, -affinity) with two stable sorts, rank each pair within its
-    expert's group (position minus the group's start) and keep ranks below the capacity.
-    No host synchronisation.
+    Sort the T*K pairs by (expert, -affinity) with two stable sorts, rank each pair within its expert's group
+    (position minus the group's start) and keep ranks below the capacity.
     """
     ids_S = expert_ids_TK.reshape(-1)
     by_affinity_S = torch.argsort(affinity_TK.reshape(-1), descending=True, stable=True)
@@ -102,7 +96,7 @@ def capacity_keep_mask(
 class LocMoeRouter(TokenChoiceRouter):
     """GAP-affinity token choice, then per-expert capacity by affinity (see the module docstring).
 
-    The state passes through untouched. With fixed keys the router has no trainable parameter.
+    With fixed keys the router has no trainable parameter.
     """
 
     Options = LocMoeOptions

@@ -19,8 +19,7 @@ if TYPE_CHECKING:
 @dataclass
 class MlpOptions(TokenChoiceOptions):
     """Args:
-    hidden_dim: Width H of the MLP's hidden layer (128 matches RMoE's default state width, so the
-        per-layer parameter count is that of RMoE's projector + gate).
+    hidden_dim: Width H of the hidden layer (128: the per-layer parameters of RMoE's projector + gate).
     """
 
     hidden_dim: int = 128
@@ -33,10 +32,7 @@ class MlpOptions(TokenChoiceOptions):
 
 @register_router("mlp")
 class MlpRouter(TokenChoiceRouter):
-    """``logits = W2 gelu(W1 x)`` (D -> H -> E, no biases), in fp32, then softmax top-k.
-
-    The state passes through untouched.
-    """
+    """``logits = W2 gelu(W1 x)`` (D -> H -> E, no biases), in fp32, then softmax top-k."""
 
     Options = MlpOptions
 

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 @dataclass
 class RandomOptions(TokenChoiceOptions):
     """Args:
-    init_std: Std of the frozen Normal weights (None: ``model.arch.initializer_range``, the linear
-        router's init). Only the combine weights depend on it; the top-k does not.
+    init_std: Std of the frozen Normal weights (None: ``model.arch.initializer_range``). Only the combine weights
+        depend on it, not the top-k.
     """
 
     init_std: float | None = None
@@ -34,9 +34,8 @@ class RandomOptions(TokenChoiceOptions):
 class RandomRouter(TokenChoiceRouter):
     """A linear router whose weight ``(E, D)`` is drawn once and never trained.
 
-    The weight is a persistent buffer (no trainable parameter; saved with and restored from
-    checkpoints). :meth:`reset_parameters` draws it from the global torch RNG, so a run is
-    reproducible from its seed. The state passes through untouched.
+    The weight is a persistent buffer (saved in checkpoints), drawn from the global torch RNG: reproducible from
+    the run's seed.
     """
 
     Options = RandomOptions

@@ -1,6 +1,5 @@
-"""The layerwise recurrent router of RMoE (Qiu et al., "Layerwise Recurrent Router for
-Mixture-of-Experts", ICLR 2025, arXiv 2408.06793, Sec. 3, Eqs. 4-6), with the paper's ablations
-(Tables 4-7) as options.
+"""The layerwise recurrent router of RMoE (Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts",
+ICLR 2025, arXiv 2408.06793, Sec. 3, Eqs. 4-6), with the paper's ablations (Tables 4-7) as options.
 
 At MoE layer i, with x_i the MoE block's normalised input (T, D):
 
@@ -8,21 +7,18 @@ At MoE layer i, with x_i the MoE block's normalised input (T, D):
     h_i  = Cell(x'_i, h_{i-1})      one cell for all layers              (Eq. 5; h_0 = 0)
     logits_i = G_i n(h_i)           P -> E (+ bias), per layer           (Eq. 6)
 
-then fp32 softmax, top-k and renormalisation; ``n`` is the identity (paper) or, with
-``state_norm: rms``, a parameter-free RMS normalisation of h_i (the state passed on stays h_i).
+then fp32 softmax, top-k and renormalisation; ``n`` is the identity (paper) or, with ``state_norm: rms``, a
+parameter-free RMS normalisation of h_i (the state passed on stays h_i).
 
-Scale at initialisation. The cell's state is bounded (|h| < 1) and, from small inputs, small, so
-the logits' scale at step 0 depends on how Proj_i and G_i start. ``init: torch`` is what the
-authors' models used (their released enwik8 checkpoints' weight statistics show nn.Linear /
-nn.GRUCell defaults, with biases: ``weight_hh`` of the NP runs, which no gradient reaches, is at
-std 0.0511 = 1/sqrt(3 x 128)): every projector and head matrix U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-like the cell. ``init: normal`` draws them from N(0, initializer_range), the rest of the model's
-init, which starts the logits an order of magnitude below a linear router's (near-uniform
-probabilities); ``head_init_std`` overrides the head's std. The analytics log the resulting scale
-as ``router_logit_std`` for every router. The recurrence runs over depth only: every token
-is routed in parallel and nothing is carried across positions, so causal decoding is unaffected.
-The experts still receive x_i (never x'_i), and h never enters the residual stream; it travels
-from MoE layer to MoE layer as the opaque router state (:class:`RecurrentState`).
+Scale at initialisation: the cell's state is bounded (|h| < 1) and small from small inputs, so the logits' scale at
+step 0 depends on how Proj_i and G_i start. ``init: torch`` is what the authors' models used (their released enwik8
+checkpoints show nn.Linear / nn.GRUCell defaults with biases: ``weight_hh`` of the NP runs, which no gradient
+reaches, is at std 0.0511 = 1/sqrt(3 x 128)). ``init: normal`` (N(0, initializer_range), the rest of the model's
+init) starts the logits an order of magnitude below a linear router's (near-uniform probabilities).
+
+The recurrence runs over depth only: every token is routed in parallel and nothing is carried across positions, so
+causal decoding is unaffected. The experts receive x_i (never x'_i), and h never enters the residual stream; it
+travels between MoE layers as the opaque router state (:class:`RecurrentState`).
 """
 
 from __future__ import annotations
@@ -50,24 +46,22 @@ class RecurrentOptions(TokenChoiceOptions):
     state_dim: Width P of the projected input and of the recurrent state (paper: 128).
     cell: ``gru`` (paper), ``rnn`` (tanh) or ``lstm`` (its state carries (h, c)).
     projector: ``layerwise`` (one Proj_i per layer, paper) or ``shared`` (one for all).
-    pass_state: False is the paper's "NP": every layer starts from h_0 = 0 (same parameters and
-        FLOPs, no cross-layer information).
+    pass_state: False is the paper's "NP": every layer starts from h_0 = 0 (same parameters and FLOPs, no
+        cross-layer information).
     detach_state: Pass h forward but stop its gradient between layers (forward information only).
-    residual_alpha: Residual routing ("r-alpha"): add alpha times the previous MoE layer's router
-        logits (its final ones, residual included) to this layer's logits. 0: off.
+    residual_alpha: Residual routing ("r-alpha"): add alpha times the previous MoE layer's final router logits
+        to this layer's logits. 0: off.
     residual_detach: Stop the gradient through those previous logits.
     head: ``linear`` (G_i, paper) or ``cosine`` (X-MoE's cosine head on h_i, "XMoE + GRU", Table 2).
     cosine_dim: Cosine head only: down-projection width of h before the cosine (0: none).
     cosine_init_temperature: Cosine head only: initial learnable temperature.
     cosine_min_temperature: Cosine head only: lower clamp of the temperature.
-    init: How the projector and head matrices start: ``torch`` (PyTorch's nn.Linear default,
-        U(+-1/sqrt(fan_in)), as the cell and as in the authors' models) or ``normal``
-        (N(0, initializer_range), like every other matrix of the model; this project's default
-        before the scale study).
-    bias: Biases on the projector and the linear head (default: on, as in the authors' models); they
-        start at 0 with ``init: normal`` and U(+-1/sqrt(fan_in)) with ``init: torch``.
-    state_norm: ``none`` (paper) or ``rms``: the head reads h_i / rms(h_i), so the logits' scale is
-        the head's whatever the state's scale (parameter-free; the passed state is unchanged).
+    init: How the projector and head matrices start: ``torch`` (nn.Linear's default, U(+-1/sqrt(fan_in)), like
+        the cell and the authors' models) or ``normal`` (N(0, initializer_range), like the rest of the model).
+    bias: Biases on the projector and the linear head (as in the authors' models); they start at 0 with
+        ``init: normal`` and U(+-1/sqrt(fan_in)) with ``init: torch``.
+    state_norm: ``none`` (paper) or ``rms``: the head reads h_i / rms(h_i), so the logits' scale is the head's
+        whatever the state's (parameter-free; the passed state is unchanged).
     head_init_std: ``init: normal`` only: std of G_i (null: initializer_range).
     """
 
@@ -134,8 +128,8 @@ class RecurrentState:
 
 
 class RecurrentCore(nn.Module):
-    """The parameters all layers share: the cell (``torch.nn.*Cell`` conventions and default init)
-    and, with ``projector: shared``, the projector. Built once by :meth:`RecurrentRouter.build_shared`."""
+    """The parameters all layers share: the cell (``torch.nn.*Cell`` conventions and init) and, with
+    ``projector: shared``, the projector."""
 
     def __init__(self, config: RouterContext, options: RecurrentOptions) -> None:
         super().__init__()
@@ -173,9 +167,8 @@ class RecurrentCore(nn.Module):
 class RecurrentRouter(TokenChoiceRouter):
     """RMoE's router (see the module docstring); ``cell`` also selects the rnn and lstm variants.
 
-    Per layer it owns the projector (``proj``, (P, D), unless shared) and the head: ``gate``
-    ((E, P)) or a :class:`~rmoe.routers.cosine.CosineScorer`. Gradients flow through h across
-    layers unless ``detach_state`` is set.
+    Per layer it owns the projector (``proj``, (P, D), unless shared) and the head: ``gate`` ((E, P)) or a
+    :class:`~rmoe.routers.cosine.CosineScorer`. Gradients flow through h across layers unless ``detach_state``.
     """
 
     Options = RecurrentOptions
@@ -220,8 +213,7 @@ class RecurrentRouter(TokenChoiceRouter):
 
     @classmethod
     def saved_bytes(cls, config: RouterContext, num_tokens: int, num_sequences: int, act_bytes: int) -> int:
-        """About 8 fp32 tensors of the state width P per token: the projected input, the cell's
-        gates and workspace, the state passed on."""
+        """About 8 fp32 (T, P) tensors: the projected input, the cell's gates and workspace, the state passed on."""
         return 8 * num_tokens * config.options.state_dim * 4
 
     @torch.no_grad()

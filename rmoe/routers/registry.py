@@ -35,10 +35,8 @@ def register_router(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[
 
 
 def discover_routers(package: str, path: Iterable[str]) -> list[str]:
-    """Import every module of ``package`` (its ``__path__`` is ``path``), registering their routers.
-
-    Returns the names of the modules imported, in alphabetical order.
-    """
+    """Import every module of ``package`` (its ``__path__`` is ``path``), registering their routers; return the
+    names of the modules imported, in alphabetical order."""
     names = sorted(info.name for info in pkgutil.iter_modules(list(path)) if not info.name.startswith("_"))
     for name in names:
         importlib.import_module(f"{package}.{name}")

@@ -1,28 +1,22 @@
-"""Sinkhorn token choice (Liu, Blondel, Riquelme, Puigcerver, "Routers in Vision Mixture of Experts:
-An Empirical Study", arXiv 2401.15969, Sec. 3.1; BASE layers, Lewis et al., arXiv 2103.16716; S-BASE,
-Clark et al., "Unified Scaling Laws for Routed Language Models", arXiv 2202.01169).
+"""Sinkhorn token choice (Liu, Blondel, Riquelme, Puigcerver, "Routers in Vision Mixture of Experts: An Empirical
+Study", arXiv 2401.15969, Sec. 3.1; BASE layers, Lewis et al., arXiv 2103.16716; S-BASE, Clark et al., "Unified
+Scaling Laws for Routed Language Models", arXiv 2202.01169).
 
 1. ``logits = x W^T`` (D -> E, no bias), fp32.
-2. The entropic balanced plan ``P = Sinkhorn(exp(logits / epsilon))``: rows sum to 1, columns
-   to T/E, over the T tokens of the forward call, by ``num_iters`` log-domain Sinkhorn iterations
-   without gradient (:func:`~rmoe.routers.transport.sinkhorn_potentials`; columns exact, rows
-   to the error stated there).
-3. Each token takes the top-K experts of its row of P. With P = exp(logits/eps + f 1^T + 1 g^T)
-   the row order is that of ``logits / epsilon + g`` (``f_t`` is a per-row constant): the balance
-   enters the choice through the experts' potentials ``g``.
-4. Gates: ``combine: softmax`` (default; Liu et al.'s code) the softmax of the logits at the
-   chosen experts, ``combine: plan`` P's entries (differentiable in the logits with the potentials
-   held fixed); renormalised over the K per ``model.arch.norm_topk_prob``.
+2. The entropic balanced plan ``P = Sinkhorn(exp(logits / epsilon))`` over the T tokens of the forward call: rows
+   sum to 1, columns to T/E (:func:`~rmoe.routers.transport.sinkhorn_potentials`, no gradient).
+3. Each token takes the top-K experts of its row of P. With P = exp(logits/eps + f 1^T + 1 g^T) the row order is
+   that of ``logits / epsilon + g`` (``f_t`` is a per-row constant): balance enters through the experts' ``g``.
+4. Gates: ``combine: softmax`` (default; Liu et al.'s code) the softmax of the logits at the chosen experts,
+   ``combine: plan`` P's entries (differentiable in the logits with the potentials held fixed); renormalised over
+   the K per ``model.arch.norm_topk_prob``.
 
-``probs_TE`` is the softmax of the logits, so the balance loss and the metrics read the router's
-own distribution (the plan is balanced by construction; the auxiliary loss stays available).
+``probs_TE`` is the softmax of the logits, so the balance loss and the metrics read the router's own distribution.
 
-NOT CAUSAL in training (unless K = E with softmax gates): the potentials g depend on every token of
-the batch, later ones included. ``eval_routing: topk`` is BASE / S-BASE's switch: Sinkhorn in
-training only, and in eval mode plain top-K of the softmax (exactly the ``linear`` router), which is
-causal, so validation losses compare with causal models' and the model decodes token by token.
-``eval_routing: same`` (default) evaluates with Sinkhorn over the evaluation batch, as Liu et al. do
-for images, which is not causal.
+NOT CAUSAL in training (unless K = E with softmax gates): the potentials g depend on every token of the batch,
+later ones included. ``eval_routing: topk`` is BASE / S-BASE's switch: Sinkhorn in training only, plain softmax
+top-K in eval mode (exactly the ``linear`` router), which is causal. ``eval_routing: same`` (default) evaluates
+with Sinkhorn over the evaluation batch, as Liu et al. do for images, which is not causal.
 
 Shape legend: T tokens, D model width, E experts, K top-k.
 """
@@ -49,9 +43,8 @@ if TYPE_CHECKING:
 class SinkhornTokenChoiceOptions(PlanOptions):
     """Args:
     epsilon: Entropic regularisation, > 0: the plan is Sinkhorn(exp(logits / epsilon)).
-    eval_routing: ``same``: Sinkhorn in evaluation too (not causal); ``topk``: plain softmax top-K
-        in eval mode (BASE / S-BASE; causal evaluation).
-    (and ``num_iters``, default 10, and ``combine``: softmax | plan)
+    eval_routing: ``same``: Sinkhorn in evaluation too (not causal); ``topk``: plain softmax top-K in eval mode
+        (BASE / S-BASE; causal evaluation).
     """
 
     epsilon: float = 1.0
@@ -78,8 +71,8 @@ class SinkhornTokenChoiceRouter(PlanCosts, Router):
 
     @classmethod
     def causality(cls, config: RouterContext) -> Causality:
-        """Training: not causal (the plan's expert potentials read the whole batch), unless every
-        token takes every expert with softmax gates. Evaluation: causal with ``eval_routing: topk``."""
+        """Training: not causal (the expert potentials read the whole batch) unless every token takes every expert
+        with softmax gates. Evaluation: causal with ``eval_routing: topk``."""
         options = config.options
         if config.top_k == config.num_experts and options.combine == "softmax":
             return CAUSAL

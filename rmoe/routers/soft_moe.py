@@ -1,46 +1,33 @@
-"""Soft MoE (Puigcerver, Riquelme, Mustafa, Houlsby, "From Sparse to Soft Mixtures of Experts",
-ICLR 2024, arXiv 2308.00951; the "Soft MoE" router of Liu et al., arXiv 2401.15969).
+"""Soft MoE (Puigcerver, Riquelme, Mustafa, Houlsby, "From Sparse to Soft Mixtures of Experts", ICLR 2024, arXiv
+2308.00951; the "Soft MoE" router of Liu et al., arXiv 2401.15969).
 
-Every expert has P slots (``slots_per_expert``), N = E * P slots in all, each with a learnable
-vector ``phi_n`` (the columns of the paper's Phi, stored as the rows of ``slot_embeddings``, (N, D)).
-Per sequence of S tokens (paper, Sec. 2.1 and Algorithm 1):
+Every expert has P slots (``slots_per_expert``), N = E * P in all, each with a learnable vector ``phi_n`` (the
+columns of the paper's Phi, stored as the rows of ``slot_embeddings``, (N, D)). Per sequence of S tokens (paper,
+Sec. 2.1 and Algorithm 1):
 
-1. ``logits[s, n] = x_s . phi_n``. With ``normalize: true`` (default; Sec. 2.3 "Normalization")
-   both are L2-normalised over D and a learnable scalar ``scale`` (initialised to 1) multiplies
-   the product: ``logits = scale * (x_s / ||x_s||) . (phi_n / ||phi_n||)``. In fp32.
-2. Dispatch ``D = softmax over the S tokens`` (each column sums to 1); slot inputs
-   ``x~_n = sum_s D[s, n] x_s``: every slot is a convex combination of the sequence's tokens.
-3. Each expert e runs on its P slots (all E experts' slots go through the same sorted grouped
-   path as token choice, one contiguous group of B * P rows per expert).
-4. Combine ``C = softmax over the N slots`` (each row sums to 1); ``y_s = sum_n C[s, n] f(x~_n)``.
-   Nothing is dropped: every token receives every slot's output.
+1. ``logits[s, n] = x_s . phi_n`` in fp32, or with ``normalize: true`` (Sec. 2.3) ``scale * (x_s / ||x_s||) .
+   (phi_n / ||phi_n||)``, ``scale`` a learnable scalar initialised to 1.
+2. Dispatch ``D = softmax over the S tokens`` (each column sums to 1); slot inputs ``x~_n = sum_s D[s, n] x_s``.
+3. Each expert e runs on its P slots (through the same sorted grouped path as token choice, one contiguous group
+   of B * P rows per expert).
+4. Combine ``C = softmax over the N slots`` (each row sums to 1); ``y_s = sum_n C[s, n] f(x~_n)``. Nothing is
+   dropped.
 
-Over which tokens the dispatch runs: **each sequence of the batch separately** (the MoE block
-passes B, and the T = B * S tokens are laid out sequence by sequence). In the paper a group is
-one image's tokens; per sequence keeps the sequences of a batch independent of each other (a
-sequence's output does not depend on the batch it is in, nor on the batch size) and the compute
-per sequence fixed: N slots per sequence, so ``slots_per_expert = S * K / E`` matches the expert
-compute of top-K token choice at sequence length S (e.g. 64 at S = 256, K = 2, E = 8).
+The dispatch runs over **each sequence separately** (in the paper a group is one image's tokens): a sequence's
+output does not depend on the batch it is in, and the compute per sequence is fixed, so
+``slots_per_expert = S * K / E`` matches the expert compute of top-K token choice at sequence length S.
 
-NOT CAUSAL, in training and evaluation: every slot averages the whole sequence, so a token's
-output depends on the later tokens of its sequence. No causal evaluation is offered (a causal
-Soft MoE would need every position's own prefix-restricted slots: S times the expert compute);
-its validation loss is not comparable with causal models'.
+NOT CAUSAL, in training and evaluation: every slot averages the whole sequence. No causal evaluation is offered
+(it would need every position's own prefix-restricted slots: S times the expert compute).
 
-``RoutingOutput`` carries the token-slot logits in ``slot_logits_TN`` (for :meth:`apply_experts`) and,
-for the metrics and losses: ``probs_TE[t, e] = sum_{n in e} C[t, n]``, the
-share of token t's output that comes from expert e's slots (rows sum to 1);
-``logits_TE[t, e] = logsumexp_{n in e} logits[t, n]``, so ``softmax(logits_TE) = probs_TE`` and
-the z-loss is ``logsumexp`` over all N slots; ``expert_ids_TK`` lists all E experts for every
-token (K = E), ``weights_TK = probs_TE``, ``keep_TK`` None (nothing dropped), so the load is
-uniform and the drop ratio 0, and top-1 metrics read each token's argmax expert by combine mass.
-Soft MoE needs no balance loss: with every expert in ``expert_ids_TK`` the Switch loss is the
-constant 1 (its gradient is exactly 0), and the router study sweep
-(``configs/sweeps/router_study_cpu.yaml``) sets ``model.aux_loss_coef=0`` and ``model.z_loss_coef=0``
-for it (the paper uses neither); set them so on the command line for other Soft MoE runs.
+``RoutingOutput`` carries ``slot_logits_TN`` (for :meth:`apply_experts`) and, for metrics and losses,
+``probs_TE[t, e] = sum_{n in e} C[t, n]`` (token t's output share from expert e's slots) and
+``logits_TE[t, e] = logsumexp_{n in e} logits[t, n]`` (so ``softmax(logits_TE) = probs_TE``); ``expert_ids_TK``
+lists all E experts, ``weights_TK = probs_TE``. The Switch loss is then the constant 1 (zero gradient): the paper
+uses neither it nor the z-loss, so set ``model.aux_loss_coef=0 model.z_loss_coef=0`` (as the router study does).
 
-Shape legend: B sequences, S tokens per sequence, T = B * S, D model width, E experts,
-P slots per expert, N = E * P slots, R = B * N slot rows.
+Shape legend: B sequences, S tokens per sequence, T = B * S, D model width, E experts, P slots per expert,
+N = E * P slots, R = B * N slot rows.
 """
 
 from __future__ import annotations
@@ -79,8 +66,8 @@ class SoftMoeOptions:
 
 @register_router("soft_moe")
 class SoftMoeRouter(Router):
-    """Soft MoE: slots per expert, dispatch softmax over each sequence's tokens, combine softmax over
-    slots (see the module docstring). Owns its dispatch (:meth:`apply_experts`). The state passes through."""
+    """Soft MoE: slots per expert, dispatch softmax over each sequence's tokens, combine softmax over slots (see the
+    module docstring). Owns its dispatch (:meth:`apply_experts`)."""
 
     Options = SoftMoeOptions
 

@@ -4,35 +4,24 @@ Both solve, for router scores ``s`` (the logits, T x E), the regularised transpo
 
     max_P  <P, s> - Omega(P)   subject to   P >= 0,  P 1_E = r = 1_T,  P^T 1_T = c = (T / E) 1_E,
 
-i.e. every token sends one unit of mass and every expert receives the same T/E: a balanced
-assignment ("Routers in Vision Mixture of Experts", Liu, Blondel, Riquelme, Puigcerver, arXiv
-2401.15969, Sec. 3.1-3.2). Each is solved through its dual, by exact block-coordinate ascent: the
-row potentials given the column ones, then the column potentials given the row ones, for a fixed
-number of iterations (one iteration = one row update and one column update; it ends with the
-column update, so the column sums are exact and the row sums carry the remaining error). No host
-synchronisation, no data-dependent stopping, and no autograd through the iterations: the
-potentials are computed under ``no_grad`` and the plan is then a differentiable function of the
-scores with the potentials held fixed.
+i.e. every token sends one unit of mass and every expert receives the same T/E: a balanced assignment ("Routers in
+Vision Mixture of Experts", Liu, Blondel, Riquelme, Puigcerver, arXiv 2401.15969, Sec. 3.1-3.2). Each is solved
+through its dual by exact block-coordinate ascent (row potentials given the column ones, then the reverse) for a
+fixed number of iterations, ending with the column update: column sums are exact, row sums carry the remaining
+error. No host sync, no data-dependent stopping, no autograd through the iterations: the potentials are computed
+under ``no_grad`` and the plan is a differentiable function of the scores with the potentials held fixed.
 
-* :func:`sinkhorn_potentials`: ``Omega(P) = eps sum P log P`` (Cuturi, "Sinkhorn Distances",
-  arXiv 1306.0895). The plan is ``P = exp(s / eps + f 1^T + 1 g^T)`` and the block updates are
-  the Sinkhorn-Knopp scalings, here in the log domain (stable for any scale of the scores):
-  ``f = log r - logsumexp_e(s / eps + g)``, ``g = log c - logsumexp_t(s / eps + f)``.
-* :func:`sparse_potentials`: ``Omega(P) = (gamma / 2) ||P||^2`` (Blondel, Seguy, Rolet, "Smooth
-  and Sparse Optimal Transport", AISTATS 2018, arXiv 1710.06276: the smoothed dual of their Sec. 3
-  with the squared 2-norm, whose ``delta(x) = ||[x]_+||^2 / (2 gamma)`` and gradient
-  ``[x]_+ / gamma`` they tabulate). With cost ``C = -s`` the dual is
-  ``max_{alpha, beta} <alpha, r> + <beta, c> - sum_{t,e} [alpha_t + beta_e + s_te]_+^2 / (2 gamma)``,
-  and the optimal plan is its gradient, ``P = [alpha 1^T + 1 beta^T + s]_+ / gamma``: sparse, since
-  every entry below the threshold is exactly 0. Blondel et al. solve the dual with L-BFGS; we use
-  its exact block-coordinate ascent (the Gauss-Seidel method for this dual of Lorenz, Manns,
-  Meyer, "Quadratically Regularized Optimal Transport", arXiv 1903.01112), which needs no line
-  search and no host synchronisation. With ``f = alpha / gamma``, ``g = beta / gamma``
-  and ``z = s / gamma``: maximising over ``f_t`` alone sets row t's sum to ``r_t``, which is the
-  Euclidean projection of ``z_t + g`` onto the simplex of mass ``r_t`` (``[z_t + g + f_t]_+``
-  with ``-f_t`` its threshold); the column step is the same over tokens. Each projection is the
-  sort-based algorithm of Held, Wolfe, Crowder (1974) / Duchi et al. (2008): sort, cumulative sum,
-  the largest ``k`` with ``y_(k) > (sum_{j<=k} y_(j) - mass) / k``.
+* :func:`sinkhorn_potentials`: ``Omega(P) = eps sum P log P`` (Cuturi, "Sinkhorn Distances", arXiv 1306.0895).
+  The plan is ``P = exp(s / eps + f 1^T + 1 g^T)``; the block updates are the Sinkhorn-Knopp scalings in the log
+  domain (stable at any scale): ``f = log r - logsumexp_e(s / eps + g)``, ``g = log c - logsumexp_t(s / eps + f)``.
+* :func:`sparse_potentials`: ``Omega(P) = (gamma / 2) ||P||^2`` (Blondel, Seguy, Rolet, "Smooth and Sparse Optimal
+  Transport", AISTATS 2018, arXiv 1710.06276, Sec. 3). With cost ``C = -s`` the dual is
+  ``max_{alpha, beta} <alpha, r> + <beta, c> - sum_{t,e} [alpha_t + beta_e + s_te]_+^2 / (2 gamma)`` and the plan
+  its gradient, ``P = [alpha 1^T + 1 beta^T + s]_+ / gamma``: sparse, exactly 0 below the threshold. Instead of
+  Blondel et al.'s L-BFGS, exact block-coordinate ascent (Gauss-Seidel; Lorenz, Manns, Meyer, arXiv 1903.01112):
+  with ``f = alpha / gamma``, ``g = beta / gamma``, ``z = s / gamma``, the row step is the Euclidean projection of
+  ``z_t + g`` onto the simplex of mass ``r_t`` (``-f_t`` its threshold), the column step the same over tokens, each
+  by the sort-based algorithm of Held, Wolfe, Crowder (1974) / Duchi et al. (2008).
 
 Shape legend: T tokens, E experts.
 """
@@ -49,8 +38,6 @@ def sinkhorn_potentials(
     scores_TE: torch.Tensor, num_iters: int, epsilon: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-domain Sinkhorn potentials ``(f_T, g_E)`` of the entropic plan ``exp(s/eps + f + g)``.
-
-    Rows of the plan sum to 1 and columns to T/E (columns exactly after the last iteration).
 
     Args:
         scores_TE: Router scores (logits), any dtype; computed in fp32.
@@ -75,8 +62,8 @@ def sinkhorn_plan(scores_TE: torch.Tensor, num_iters: int, epsilon: float = 1.0)
 
 
 def simplex_threshold(y_NM: torch.Tensor, mass: float) -> torch.Tensor:
-    """``theta_N`` with ``sum_m [y_nm - theta_n]_+ = mass`` for every row: the threshold of the
-    Euclidean projection of each row onto ``{x >= 0, sum x = mass}`` (mass > 0), sort-based."""
+    """``theta_N`` with ``sum_m [y_nm - theta_n]_+ = mass`` for every row: the threshold of the Euclidean
+    projection of each row onto ``{x >= 0, sum x = mass}`` (mass > 0), sort-based."""
     sorted_NM = torch.sort(y_NM, dim=-1, descending=True).values
     cumsum_NM = torch.cumsum(sorted_NM, dim=-1)
     k_M = torch.arange(1, y_NM.shape[-1] + 1, device=y_NM.device, dtype=y_NM.dtype)
@@ -87,14 +74,14 @@ def simplex_threshold(y_NM: torch.Tensor, mass: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sparse_potentials(scores_TE: torch.Tensor, num_iters: int, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dual potentials ``(f_T, g_E)`` of the squared-L2 plan ``[s / gamma + f + g]_+``, by exact
-    block-coordinate ascent on the smoothed dual (two simplex projections per iteration).
+    """Dual potentials ``(f_T, g_E)`` of the squared-L2 plan ``[s / gamma + f + g]_+``, by exact block-coordinate
+    ascent on the smoothed dual (two simplex projections per iteration).
 
     Args:
         scores_TE: Router scores (logits), any dtype; computed in fp32.
         num_iters: Number of (row, column) update pairs, >= 1.
-        gamma: Strength of the squared-L2 regularisation; smaller is sparser (gamma -> 0: the
-            unregularised, vertex plan; large: a dense plan close to uniform).
+        gamma: Strength of the squared-L2 regularisation; smaller is sparser (gamma -> 0: the unregularised,
+            vertex plan; large: a dense plan close to uniform).
     """
     z_TE = scores_TE.detach().float() / gamma
     T, E = z_TE.shape

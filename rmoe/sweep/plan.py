@@ -50,23 +50,17 @@ def fit_args(sweep: Sweep, run: GridRun, ckpt_path: Path | str | None = None) ->
 
 
 def rmoe_test_args(run: GridRun, ckpt_path: Path | str, router_options: Mapping[str, Any] | None = None) -> list[str]:
-    """The ``rmoe`` arguments that test a checkpoint of the run with its saved config, into ``<run>/test/``;
-    with ``router_options`` (a causal evaluation, :func:`causal_evaluation`), into ``<run>/test_causal/``."""
+    """The ``rmoe`` arguments that test a checkpoint with the run's saved config into ``<run>/test/``, or, with
+    ``router_options`` (:func:`causal_evaluation`), into ``<run>/test_causal/``."""
     version = TEST_DIR if router_options is None else CAUSAL_TEST_DIR
-    args = [
-        "test",
-        "--config",
-        str(run.fit_dir / "config.yaml"),
-        f"--ckpt={ckpt_path}",
-        f"trainer.logger.init_args.version={version}",
-    ]
+    args = ["test", "--config", str(run.fit_dir / "config.yaml"), f"--ckpt={ckpt_path}"]
+    args.append(f"trainer.logger.init_args.version={version}")
     return args + [f"model.arch.router_options.{key}={value}" for key, value in (router_options or {}).items()]
 
 
 def causal_evaluation(fit_dir: Path) -> dict[str, Any] | None:
-    """The router options that make a finished fit's evaluation causal, when it is not causal in
-    evaluation as trained and its router offers one (``ModelConfig.causal_evaluation_options``);
-    None otherwise (already causal, no offer, or no saved config)."""
+    """The router options that make a finished fit's evaluation causal (``ModelConfig.causal_evaluation_options``);
+    None when already causal, not offered, or without a saved config."""
     from rmoe.model.config import ModelConfig
 
     try:
@@ -77,11 +71,7 @@ def causal_evaluation(fit_dir: Path) -> dict[str, Any] | None:
 
 
 def checkpoint_to_test(fit_dir: Path, which: str) -> Path:
-    """The checkpoint to test: the newest ``best-*.ckpt`` (``which="best"``), else ``last.ckpt``.
-
-    Raises:
-        FileNotFoundError: If the run has no such checkpoint.
-    """
+    """The newest ``best-*.ckpt`` (``which="best"``), else ``last.ckpt``; FileNotFoundError if neither exists."""
     directory = fit_dir / "checkpoints"
     best = sorted(directory.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if which == "best" else []
     for candidate in [*reversed(best), directory / "last.ckpt"]:

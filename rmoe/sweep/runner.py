@@ -1,10 +1,5 @@
-"""Running a sweep: one child process per run, threads for ``--jobs``, signals, resume and markers.
-
-Each run is one child process, ``python -m rmoe.sweep --exec-run <run>/run.json`` (so a crash
-cannot take down the sweep), that runs ``rmoe.cli.main`` for ``fit`` and then, in the same
-interpreter, for ``test`` (:func:`exec_run`). A finished run gets its marker (``done.json``) and
-is skipped from then on; see :mod:`rmoe.sweep` for resuming and stopping.
-"""
+"""Running a sweep: one child process per run (``python -m rmoe.sweep --exec-run <run>/run.json``, which runs
+:func:`exec_run`), threads for ``--jobs``, signals, resume and markers; see :mod:`rmoe.sweep`."""
 
 from __future__ import annotations
 
@@ -42,11 +37,9 @@ from rmoe.sweep.plan import (
 )
 from rmoe.sweep.spec import GridRun, Sweep, SweepError
 
-STAGES = ("fit", "test", "causal-test")
-"""A run's stages, in order; a finished run's follow-up runs only the last."""
+STAGES = ("fit", "test", "causal-test")  # in order; a finished run's follow-up runs only the last
 _ATTEMPT_HEADER = "===== "  # starts each attempt's part of stdout.log
-CHILD_MODULE = "rmoe.sweep"
-"""The module a run's child process runs (``python -m rmoe.sweep --exec-run <run.json>``)."""
+CHILD_MODULE = "rmoe.sweep"  # what a run's child process runs with -m
 
 
 @dataclass
@@ -75,14 +68,9 @@ class Summary:
 
 
 def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | None = None) -> Summary:
-    """Run (or skip, or resume) every run; never raises for a failed run.
+    """Run (or skip, or resume) every run of ``runs``, ``jobs`` at a time; never raises for a failed run.
 
-    Args:
-        sweep: The sweep.
-        runs: The runs to consider (from :func:`expand`).
-        jobs: Runs at a time. With more than one, each child gets ``OMP_NUM_THREADS`` = cores / jobs
-            unless the environment sets it.
-        out: Where progress lines go (default ``sys.stdout``).
+    With ``jobs`` > 1 each child gets ``OMP_NUM_THREADS`` = cores / jobs unless the environment sets it.
     """
     out = out or sys.stdout
     lock = threading.Lock()
@@ -137,8 +125,8 @@ def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | 
 
 @contextlib.contextmanager
 def _run_lock(run: GridRun) -> Iterator[bool]:
-    """Hold ``<run>/running.lock`` (``flock``, exclusive, non-blocking) while this process handles the
-    run; yields False when another process holds it. The OS drops the lock when its holder dies."""
+    """Hold ``<run>/running.lock`` (``flock``, non-blocking; the OS drops it when its holder dies); yields
+    False when another process holds it."""
     run.dir.mkdir(parents=True, exist_ok=True)
     with (run.dir / RUN_LOCK).open("a") as handle:
         try:
@@ -154,23 +142,19 @@ def _run_lock(run: GridRun) -> Iterator[bool]:
 
 _children: set[subprocess.Popen[bytes]] = set()
 _children_lock = threading.Lock()
-
-
 _terminated = threading.Event()
 
 
 def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     """The sweep's SIGTERM handler: stop like Ctrl-C, but without waiting for the children to stop by
-    themselves (a signal sent to the sweep process alone did not reach them)."""
+    themselves (the signal did not reach them)."""
     _terminated.set()
     raise KeyboardInterrupt
 
 
 def _stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
-    """Stop the running children: wait ``grace`` seconds for them to exit by themselves (a terminal's
-    Ctrl-C reached them too; not after a SIGTERM to the sweep), then SIGTERM them (they stop at once,
-    as failed: the run resumes from its last checkpoint next time) and wait ``timeout`` seconds, then
-    kill what is left."""
+    """Wait ``grace`` seconds for the children to exit (a terminal's Ctrl-C reached them too; no wait after
+    a SIGTERM to the sweep), then SIGTERM them (failed; resumed next time), wait ``timeout``, kill the rest."""
     if _terminated.is_set():
         grace = 0.0
     with _children_lock:
@@ -189,8 +173,7 @@ def _stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
 
 
 def _causal_test_due(sweep: Sweep, run: GridRun) -> bool:
-    """A finished, tested run whose router is not causal in evaluation, offers a causal evaluation,
-    and has no ``test_causal/`` yet."""
+    """A finished, tested run whose router offers a causal evaluation and that has no ``test_causal/`` yet."""
     return sweep.after_fit == "test" and not run.causal_test_dir.exists() and causal_evaluation(run.fit_dir) is not None
 
 
@@ -305,12 +288,10 @@ def spec_sha256(spec: dict[str, Any]) -> str:
 
 
 def check_root(sweep: Sweep, reuse: bool = False) -> None:
-    """A sweep root belongs to the sweep that first ran there (its ``sweep.yaml`` records the spec and
-    its hash). The same sweep may come back with more labels in its grid (more routers, more seeds):
-    the root's record becomes the union. Anything else (another name, other configs, overrides or grid
-    keys, or a label that now stands for other settings) is refused unless ``reuse``
-    (``--reuse-root``): a run name there (``router=linear,seed=0``) would stand for other settings,
-    and ``rmoe report`` would head the old runs' numbers with the new sweep's name."""
+    """A sweep root belongs to the sweep that first ran there (its ``sweep.yaml`` records the spec and hash).
+    The same sweep may come back with more grid labels (the record becomes the union). Anything else (another
+    name, configs, overrides or grid keys, or a label with other settings) is refused unless ``reuse``
+    (``--reuse-root``): a run name would stand for other settings and the report would mislabel old runs."""
     copy = sweep.root / SWEEP_COPY
     if reuse or not copy.is_file():
         return
@@ -338,8 +319,7 @@ def check_root(sweep: Sweep, reuse: bool = False) -> None:
 
 
 def _write_sweep_copy(sweep: Sweep) -> None:
-    """``<root>/sweep.yaml``: the grid (keys and labels in order) for the report and for the record, with the
-    hash of the spec that owns the root (:func:`check_root`)."""
+    """Write ``<root>/sweep.yaml``: the grid for the report, with the hash of the owning spec (:func:`check_root`)."""
     spec = _spec(sweep)
     copy = sweep.root / SWEEP_COPY
     recorded = (yaml.safe_load(copy.read_text()) or {}) if copy.is_file() else {}
@@ -384,18 +364,15 @@ def _duration(seconds: float) -> str:
 
 
 def exec_run(plan_path: str | os.PathLike[str]) -> int:
-    """Run one run's stages (what the child process does); returns the exit code.
+    """Run one run's stages in the child process; returns the exit code.
 
-    ``rmoe.cli.main`` for ``fit`` with the plan's arguments, then, if ``after_fit`` is ``test``,
-    for ``test`` on the chosen checkpoint with the fit's saved config, and, when the router is not
-    causal in evaluation but offers a causal evaluation (``eval_routing: topk``), ``test`` again with
-    it into ``test_causal/``: the number comparable with causal models'. The plan's ``stages``
-    says which of ``fit``, ``test``, ``causal-test`` run (all three by default). Each stage's command
-    line is printed first. User errors exit 2 (``rmoe``'s own code); a crash raises (exit 1).
+    ``rmoe.cli.main`` for ``fit``, then (``after_fit: test``) ``test`` of the chosen checkpoint, and, when the
+    router is not causal in evaluation but offers a causal evaluation (``eval_routing: topk``), ``test`` again
+    with it into ``test_causal/`` (comparable with causal models). The plan's ``stages`` picks among ``fit``,
+    ``test``, ``causal-test`` (default all). User errors exit 2 (``rmoe``'s code); a crash raises (exit 1).
     """
     plan = json.loads(Path(plan_path).read_text())
-    # SIGTERM (the sweep stopping, a job scheduler) must end the run as failed, not let Lightning
-    # finish fit() early as if done: Lightning calls this handler after its own.
+    # SIGTERM must end the run as failed, not let Lightning finish fit() early (it calls this after its own).
     signal.signal(signal.SIGTERM, _exit_on_signal)
     from rmoe.cli import main as rmoe_main
 

@@ -1,7 +1,6 @@
-"""The sweep file: parsing and checking it, expanding its grid into runs, ``--only`` and ``--set``.
+"""The sweep file (keys: :mod:`rmoe.sweep`): parsing, checking, expanding the grid, ``--only`` and ``--set``.
 
-A sweep file (YAML) names the base configs, a grid and the overrides every run gets; the keys are
-described in :mod:`rmoe.sweep`. Every error is a :class:`SweepError` naming the file and the key.
+Every error is a :class:`SweepError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -58,15 +57,11 @@ class Sweep:
     """A parsed, checked sweep file.
 
     Attributes:
-        name: The sweep's name.
-        root: Directory holding one sub-directory per run (one TensorBoard root).
-        configs: Config files every run starts from, in order.
+        root: One sub-directory per run (one TensorBoard root).
         grid: ``key -> label -> Value``, in file order; runs are the cartesian product.
         overrides: ``key=value`` overrides every run gets (after the grid's).
-        after_fit: ``"test"`` to run ``rmoe test`` after a successful fit, else None.
         test_checkpoint: Which checkpoint ``rmoe test`` evaluates: ``best`` (by ``val/loss``) or ``last``.
         checkpoint_every_n_steps: Interval of the appended resume checkpoint (None: not appended).
-        description: Free text, shown by the report.
     """
 
     name: str
@@ -82,17 +77,13 @@ class Sweep:
 
 @dataclass(frozen=True)
 class GridRun:
-    """One point of a sweep's grid: a run to be (or already) made (not its directory on disk:
-    :class:`rmoe.runs.RunDir` is a training run's directory, read back).
+    """One point of a sweep's grid: a run to make (:class:`rmoe.runs.RunDir` reads a run directory back).
 
     Attributes:
         name: Labels joined with ``-``, e.g. ``gru-s0``; the run's directory name under the root.
-        labels: ``grid key -> label`` for this run.
-        configs: Every config file of the run, in command-line order.
-        overrides: Every ``key=value`` override of the run, in command-line order.
+        configs, overrides: The run's config files and ``key=value`` overrides, in command-line order.
         dir: ``<root>/<name>``.
-        extra: The overrides of ``overrides`` that came from the command line (``--set``), not from
-            the sweep file: recorded in the run's plan, so that a report says what really ran.
+        extra: The overrides that came from ``--set``, not the sweep file (recorded in the run's plan).
     """
 
     name: str
@@ -132,12 +123,7 @@ class GridRun:
 
 
 def load_sweep(path: str | os.PathLike[str], base_dir: str | os.PathLike[str] | None = None) -> Sweep:
-    """Read and check a sweep file.
-
-    Args:
-        path: The YAML sweep file.
-        base_dir: Directory relative config paths are checked against (default: the current one,
-            where the runs will be launched).
+    """Read and check a sweep file; relative config paths are checked against ``base_dir`` (default: cwd).
 
     Raises:
         SweepError: If the file is missing, not YAML, or any key is wrong (the message names it).
@@ -300,13 +286,8 @@ def check_overrides(items: Iterable[str], option: str = "--set") -> tuple[str, .
 
 
 def expand(sweep: Sweep, only: Mapping[str, set[str]] | None = None, extra: Sequence[str] = ()) -> list[GridRun]:
-    """The sweep's runs, in grid order (the last grid key varies fastest).
-
-    Args:
-        sweep: The sweep.
-        only: Keep runs whose label for each given key is in the set.
-        extra: ``key=value`` overrides appended to every run (``--set``).
-    """
+    """The sweep's runs in grid order (the last key varies fastest); ``only`` keeps runs whose label for each
+    given key is in the set, ``extra`` (``--set``) is appended to every run's overrides."""
     only = only or {}
     keys = list(sweep.grid)
     runs = []

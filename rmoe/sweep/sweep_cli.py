@@ -93,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nrmoe sweep: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
     busy = f", {summary.count('busy')} left to the other sweep process running them" if summary.count("busy") else ""
-    # finished with other settings: the --set overrides of an earlier invocation (noted), or, in a root another
-    # sweep owned (--reuse-root), another spec's run under this name (stale: not this sweep's results)
+    # in a root another sweep owned (--reuse-root), a run finished with other settings is another spec's: stale
     stale = [o for o in summary.outcomes if o.status == "skipped" and o.message] if args.reuse_root else []
     print(
         f"\nsweep {sweep.name}: {summary.count('done')} done, {summary.count('skipped')} skipped "
@@ -106,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  FAILED {outcome.run.name}: exit {outcome.returncode}: {outcome.message}\n    log: {outcome.run.log}")
     for outcome in stale:
         print(f"  STALE {outcome.run.name}: {outcome.message}")
-    # the report of the runs that ran here, written next to them (never over a committed results folder)
+    # written next to the runs, never over a committed results folder
     only = "".join(f" --only {shlex.quote(o)}" for o in args.only)
     print(f"rmoe sweep: report with: rmoe report {shlex.quote(str(sweep.root))} --out {sweep.root / 'report'}{only}")
     return 1 if summary.failed or stale else 0

@@ -23,11 +23,9 @@ _summary_log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 
 
 def training_flops_per_token(model: MoeLM, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x the non-embedding parameters a token uses + 12 x L x D x S for
-    attention (PaLM, arXiv 2204.02311, appendix B) + 3 x the router's forward FLOPs that no
-    parameter accounts for. The routed experts count as many times as the router routes a token
-    (``Router.routed_pairs`` / T: K for token choice). What TokenThroughput's MFU and the model
-    summary use."""
+    """Training FLOPs per token: 6 x the non-embedding parameters a token uses + 12 x L x D x S for attention
+    (PaLM, arXiv 2204.02311, appendix B) + 3 x the router's forward FLOPs that no parameter accounts for.
+    Routed experts count ``Router.routed_pairs`` / T times (K for token choice)."""
     cfg = model.config
     routed = sum(p.numel() for n, p in model.named_parameters() if n.endswith(ROUTED_EXPERT_PARAMETERS))
     dense = model.num_parameters(exclude_embeddings=True) - routed
@@ -40,11 +38,10 @@ def training_flops_per_token(model: MoeLM, seq_len: int) -> float:
     return flops
 
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's data sheets, matched
-# in order against torch.cuda.get_device_name() (first match wins: "L40S" and "L40" before "L4",
-# "GB200" before "B200", the NVL and PCIe variants before the H100 SXM default).
+# Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s per GPU, from NVIDIA's data sheets, matched in order
+# against torch.cuda.get_device_name(): the first match wins, so longer names come first.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("GB200", 2.5e15),  # the Blackwell GPU of a Grace Blackwell superchip (before "B200")
+    ("GB200", 2.5e15),  # the Blackwell GPU of a Grace Blackwell superchip
     ("B200", 2.25e15),
     ("H200 NVL", 835e12),
     ("H200", 989e12),  # H200 SXM (and GH200: the same Hopper GPU)
@@ -67,14 +64,9 @@ def peak_bf16_flops(device_name: str) -> float | None:
 
 
 class TokenThroughput(L.Callback):
-    """Logs ``train/tokens_per_sec`` (all processes) over a rolling window of optimiser steps, and on a
-    GPU ``train/mfu``: model FLOP/s utilisation, :func:`training_flops_per_token` (the PaLM appendix B
-    estimate, with the router's own costs) over the card's dense bf16 peak
-    (:data:`PEAK_BF16_FLOPS`, whatever the precision, as torchtitan reports it). A card not in the
-    table is named once, and only tokens/s is logged.
-
-    Both are logged on the steps Lightning logs (``trainer.log_every_n_steps``), from host clocks and
-    counts: no value is read from the device.
+    """Logs ``train/tokens_per_sec`` (all processes) over a rolling window of optimiser steps, and on a GPU
+    ``train/mfu``: :func:`training_flops_per_token` over the card's dense bf16 peak (:data:`PEAK_BF16_FLOPS`,
+    whatever the precision, as torchtitan reports it). Host clocks and counts only: nothing is read from the device.
 
     Args:
         window: Number of batches the rate is averaged over.
@@ -115,10 +107,8 @@ class TokenThroughput(L.Callback):
 class SaveTokenizer(L.Callback):
     """Writes the data module's tokenizer into ``<log_dir>/tokenizer`` so a run is self-contained.
 
-    Runs on every process: ``trainer.log_dir`` is a collective (a broadcast from rank 0), so reading
-    it on rank 0 alone would leave rank 0 waiting for the other processes forever;
-    only global rank 0 writes.
-    """
+    Runs on every process: ``trainer.log_dir`` is a collective (a broadcast from rank 0), so reading it on rank 0
+    alone would hang; only global rank 0 writes."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # every process takes part in this broadcast
@@ -128,13 +118,9 @@ class SaveTokenizer(L.Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar, but a step-bounded run (``trainer.max_steps > 0``) counts optimiser steps
-    out of ``max_steps`` across epochs (from the restored step on resume) and shows tokens/s.
-
-    Lightning's own bar counts the batches of the current epoch and titles it ``Epoch 0``, which
-    says nothing about progress when the run ends at a step count (and its rich variant prints
-    ``Epoch 0/-2`` for ``max_epochs: -1``). Epoch-bounded runs keep Lightning's bar unchanged.
-    """
+    """Lightning's tqdm bar, but a step-bounded run (``trainer.max_steps > 0``) counts optimiser steps out of
+    ``max_steps`` across epochs (from the restored step on resume) and shows tokens/s; Lightning's counts the
+    batches of the current epoch. Epoch-bounded runs keep Lightning's bar."""
 
     @staticmethod
     def _steps(trainer: L.Trainer) -> bool:
@@ -185,13 +171,8 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class MoeModelSummary(ModelSummary):
-    """Lightning's model summary with the active parameters and the training FLOPs per token instead
-    of its ``Total Flops`` line.
-
-    Lightning measures FLOPs only by running ``example_input_array`` through the model, which this
-    module does not set (a forward at start-up, whose routing would depend on a made-up batch), so
-    it printed ``0``. The FLOPs here are :func:`training_flops_per_token` at the data's block size.
-    """
+    """Lightning's model summary with the active parameters and :func:`training_flops_per_token` at the data's
+    block size instead of its ``Total Flops`` line (which needs an ``example_input_array``, not set here)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pl_module = pl_module
@@ -226,8 +207,8 @@ class MoeModelSummary(ModelSummary):
 
 
 class FitSummary(L.Callback):
-    """At the end of a finished ``fit``, on rank 0: the steps and wall time, the last and best validation
-    loss and bpb, and where the checkpoints are. Installed by the ``rmoe`` command on ``fit``."""
+    """Prints at the end of a finished ``fit``, on rank 0: steps, wall time, last and best validation loss and bpb,
+    and where the checkpoints are."""
 
     def __init__(self) -> None:
         self._start = 0.0
@@ -261,16 +242,11 @@ class FitSummary(L.Callback):
 
 
 class RunStatus(L.Callback):
-    """Writes ``<log_dir>/status.json``: ``{"state": "running" | "finished" | "failed" | "interrupted", ...}``
-    with the command (fit, validate, test), the pid, the start and end times, the last global step
-    (kept current: at every checkpoint and at least every ``every_seconds`` of training) and, for a
-    failure, the error; for an interruption (:mod:`rmoe.training.interrupt`), the signal and the
-    checkpoint written. A run killed from outside (kill -9, the OOM killer) stays ``running`` with a
-    pid that no longer exists: a folder without ``"finished"`` is not a complete run.
-
-    Installed by the ``rmoe`` command on every trainer. ``trainer.log_dir`` is a collective, so it
-    is read once in ``setup`` on every process; only global rank 0 writes.
-    """
+    """Writes ``<log_dir>/status.json``: ``{"state": "running" | "finished" | "failed" | "interrupted", ...}`` with
+    the command, pid, start and end times, the global step (at every checkpoint and at least every
+    ``every_seconds``), and the error, or the signal and checkpoint of an interruption. A run killed from outside
+    (kill -9, the OOM killer) stays ``running``. ``trainer.log_dir`` is a collective: read in ``setup`` on every
+    process; only global rank 0 writes."""
 
     def __init__(self, every_seconds: float = 30.0) -> None:
         self.every_seconds = every_seconds

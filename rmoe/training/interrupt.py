@@ -1,24 +1,16 @@
 """Stopping a training run on a signal without losing it: Ctrl-C, a scheduler's SIGTERM, SLURM's SIGUSR1.
 
-A cluster stops jobs with signals: SIGINT (Ctrl-C, ``scancel --signal=INT``), SIGTERM (``scancel``,
-preemption, the end of a time limit, followed by SIGKILL after a grace period) and SIGUSR1 (SLURM's
-``--signal=USR1@<seconds>`` before the time limit, Lightning's requeue signal). :class:`Interruption`
-(installed by the ``rmoe`` command on every ``fit``) turns each into the same orderly stop:
+:class:`Interruption` (on every ``rmoe fit``) turns SIGINT, SIGTERM (``scancel``, preemption, a time limit) and
+SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``, Lightning's requeue signal) into the same orderly stop:
 
-1. the handler only records the signal (and forwards it to the processes Lightning started, as
-   Lightning's own SIGTERM handler does), so the step in progress finishes;
-2. at the next step boundary (the end of a training step, or of a validation batch) the run stops
-   on every process at the same step: on one process at once; under DDP through Lightning's own
-   per-step broadcast of rank 0's flag (``trainer.received_sigterm``);
-3. ``last.ckpt`` is written (atomically, like every checkpoint), ``status.json`` says ``interrupted``
-   with the signal, the step and the checkpoint;
-4. the process exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1),
-   so no scheduler or script takes the run for a success. Under SLURM with Lightning's auto-requeue
-   (``SLURMEnvironment``), SIGUSR1 also requeues the job (``scontrol requeue``) after the checkpoint.
+1. the handler only records the signal (and forwards it to the processes Lightning started), so the step finishes;
+2. at the next step boundary (a training step's or validation batch's end) every process stops at the same step
+   (under DDP through Lightning's per-step broadcast of rank 0's ``trainer.received_sigterm``);
+3. ``last.ckpt`` is written and ``status.json`` says ``interrupted``, with the signal, step and checkpoint;
+4. the process exits with 128 + the signal number, so no scheduler takes the run for a success; under SLURM with
+   Lightning's auto-requeue, SIGUSR1 also requeues the job.
 
-A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint). Resuming from the interrupted
-``last.ckpt`` gives the uninterrupted run's curve (tested; an interruption during validation
-resumes by finishing that validation, Lightning's mid-evaluation restart).
+A second Ctrl-C stops at once, without a checkpoint. Resuming from ``last.ckpt`` gives the uninterrupted run's curve.
 """
 
 from __future__ import annotations
@@ -38,19 +30,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rmoe.training.module import logs_this_step
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-"""The signals that stop a run in order (the others keep their default action)."""
-
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # the others keep their default action
 _received: dict[str, int] = {}  # {"signum": n} once a signal has been received in this process
 
 
 def received_signal() -> int | None:
-    """The signal this process received during training, if any (what the exit code says)."""
+    """The signal this process received during training, if any."""
     return _received.get("signum")
 
 
 class Interrupted(SystemExit):
-    """Raised at the step boundary after a signal: a ``SystemExit`` whose code is 128 + the signal."""
+    """Raised at the step boundary after a signal: exit code 128 + the signal."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
@@ -69,13 +59,12 @@ def exit_code(exception: BaseException) -> int:
 
 
 class Interruption(L.Callback):
-    """See the module docstring. Installed by the ``rmoe`` command; in a script, add it to the callbacks.
+    """See the module docstring. In a script, add it to the callbacks.
 
     Args:
-        every_minutes: Also write ``last.ckpt`` at the first logged step (``trainer.log_every_n_steps``)
-            after every this many minutes of training, so that a run killed without a signal (SIGKILL,
-            a node failure) loses at most about that much; 0 turns it off. Rank 0's clock decides,
-            broadcast to the others on those steps only.
+        every_minutes: Also write ``last.ckpt`` at the first logged step after every this many minutes of
+            training, so a run killed without a signal (SIGKILL, a node failure) loses at most that much; 0: off.
+            Rank 0's clock decides, broadcast to the others on logged steps only.
     """
 
     def __init__(self, every_minutes: float = 0.0) -> None:
@@ -107,8 +96,7 @@ class Interruption(L.Callback):
             signal.signal(signum, self._handle)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # again: Lightning registers its own SIGTERM handler just before the training stage (chaining ours,
-        # so a signal during the sanity check is seen by both); from here ours alone decides
+        # again: Lightning registers its own SIGTERM handler (chaining ours) just before training; ours decides
         self._install(trainer)
         self._last_save = time.monotonic()
 
@@ -140,8 +128,7 @@ class Interruption(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # the boundary after a whole optimiser step, once Lightning has logged it; the batch just fetched is
-        # not trained on, and a resume fetches it again (the data position follows the optimiser step)
+        # after a whole optimiser step: the batch just fetched is not trained on, and a resume fetches it again
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if "signum" in _received and trainer.world_size == 1 and first_micro_batch:  # DDP: Lightning's broadcast
             raise Interrupted(_received["signum"])
@@ -188,18 +175,15 @@ class Interruption(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Make the interrupted run's checkpoint resume as the uninterrupted run goes on.
 
-        Lightning's loops resume exactly from checkpoints saved at a training batch's end. The stop
-        comes a moment later (at the next batch's start, or inside a validation), so the loop
-        counters are set back to that point: after a training step, as if saved at its end; during a
-        validation, the validation is marked as interrupted at its first batch, so that the resumed
-        run runs all of it again (from where it stopped, Lightning would only finish the rest)."""
+        Lightning's loops resume exactly from a training batch's end; the stop comes later, so the loop counters
+        are set back: after a training step, as if saved at its end; during a validation, to its first batch, so
+        that the resumed run runs all of it again (Lightning would only finish the rest)."""
         if self._rewind is None:
             return
         fit = checkpoint.get("loops", {}).get("fit_loop", {})
         steps, batches = fit.get("epoch_loop.state_dict", {}), fit.get("epoch_loop.batch_progress")
         if self._rewind == "step" and "_batches_that_stepped" in steps and batches and batches["total"]["processed"]:
-            # as if saved at the last batch's end (what a ModelCheckpoint every N steps writes): that batch
-            # processed, not completed, the next one not fetched, the logging step not moved on
+            # as a ModelCheckpoint at the batch's end: processed, not completed, the logging step not moved on
             for part in ("total", "current"):
                 batches[part].update(ready=batches[part]["processed"], completed=batches[part]["processed"] - 1)
             steps["_batches_that_stepped"] -= 1
@@ -229,8 +213,7 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path | None:
 
 
 def save_last(trainer: L.Trainer, path: Path) -> None:
-    """Write ``last.ckpt`` as the run's ModelCheckpoint's own (it then overwrites it later, instead of
-    writing ``last-v1.ckpt`` beside a file it did not write)."""
+    """Write ``last.ckpt`` as the run's ModelCheckpoint's own (so it later overwrites it, not ``last-v1.ckpt``)."""
     trainer.save_checkpoint(path)
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath == str(path.parent):

@@ -1,55 +1,38 @@
 """How much memory one training step needs, and a refusal before training when the machine lacks it.
 
-:func:`check_step_memory` estimates the peak of one training step (forward, backward, optimiser
-step) from the architecture, the micro-batch and the precision, compares it with what the device
-has free (:func:`available_bytes`) and raises :class:`~rmoe.errors.RmoeError` naming the keys to
-lower. ``RMOE_SKIP_MEMORY_CHECK=1`` skips the check (for an estimate that is wrong on some machine).
+:func:`check_step_memory` estimates the peak of one training step (forward, backward, optimiser step) from the
+architecture, the micro-batch and the precision, compares it with the device's free memory
+(:func:`available_bytes`) and raises :class:`~rmoe.errors.RmoeError` naming the keys to lower.
+``RMOE_SKIP_MEMORY_CHECK=1`` skips the check.
 
-What is counted (:func:`step_memory_terms`; B batch, S block, T = B*S tokens, D width, V vocab,
-K top-k, F expert width, P parameters):
+The terms (:func:`step_memory_terms`; B batch, S block, T = B*S tokens, D width, V vocab, K top-k, F expert
+width, P parameters):
 
-* ``parameters``, ``gradients``, ``optimizer``: P in the parameter dtype twice, AdamW's two fp32
-  moments (their steady state, after the first step), and under ``*-mixed`` autocast's
-  low-precision copy of every weight (kept for the backward).
-* ``activations``: what each layer saves for the backward, read off the code:
-  the residual stream and both RMSNorms (their normalised input and output); q and k after
-  the rotary embedding, v, the attention output and its (T, H*Dh) reshape copy, the per-row
-  logsumexp; routed experts: per (token, expert) pair, the three (T*K, F) SwiGLU activations
-  (gate, up, silu(gate)*up), plus the (T*K, D) gathered inputs and outputs of the ``sliced``
-  backend (not of ``tiled``, the CPU choice for large batches) and the sort indices; the
-  router's (T, E) logits and probabilities and what the router saves besides
-  (``Router.saved_bytes``: hidden widths, plan iterates, slots); a shared expert's or dense
-  layer's four (T, F) SwiGLU tensors.
-  Attention saves no T x T score matrix when ``scaled_dot_product_attention`` takes a fused
-  kernel: on CPU, torch 2.13 takes ``_scaled_dot_product_flash_attention_for_cpu`` for fp32 and
-  bf16, causal, with grouped-query heads (checked on the device at run time with
-  ``torch._fused_sdp_choice``); where it would take the math path, the (B, H, S, S) scores are
-  counted (twice: the softmax saved for the backward and the matrix being computed).
-* ``logits``: the (T, V) logits, in fp32 three times at the start of the backward (the saved
-  log-softmax, its gradient from the loss and the gradient of the logits), plus the fp32 copy
-  and the low-precision gradient under autocast.
-* ``backward working set``: the largest layer's temporary gradients (the MoE backward's three
-  (T*K, F) buffers, the (T, D) gradients of the residual stream); the peak is the larger of the
-  start of the backward (activations + logits) and a layer's backward (activations + working set).
+* ``parameters``, ``gradients``, ``optimizer``: P in the parameter dtype twice, AdamW's two fp32 moments, and
+  under ``*-mixed`` autocast's low-precision copy of every weight (kept for the backward).
+* ``activations``: what each layer saves for the backward, read off the code: the residual stream and both
+  RMSNorms; q, k (after rotary), v, the attention output and its reshape copy, the logsumexp; per routed
+  (token, expert) pair the three (T*K, F) SwiGLU activations, the sort indices, and the (T*K, D) gathered
+  inputs and outputs of the ``sliced`` backend; the router's (T, E) logits and probabilities and
+  ``Router.saved_bytes``; a shared expert's or dense layer's four (T, F) SwiGLU tensors. The (B, H, S, S)
+  scores count (twice) only where ``scaled_dot_product_attention`` takes the math path rather than a fused
+  kernel (asked of torch at run time: :func:`attention_materialises_scores`).
+* ``logits``: the (T, V) logits in fp32 three times at the start of the backward (log-softmax, its gradient,
+  the logits' gradient), plus the fp32 copy and the low-precision gradient under autocast.
+* ``backward working set``: the largest layer's temporary gradients; the peak is the larger of the start of the
+  backward (activations + logits) and a layer's backward (activations + working set).
 
-Gradient accumulation does not change the peak: each micro-batch of ``data.batch_size`` is
-forward and backward on its own; only the gradients persist across micro-batches, and they are
-counted. Evaluation (no graph) needs less per block; a larger ``data.eval_batch_size`` is not
-checked here.
+Gradient accumulation does not change the peak (only the gradients persist across micro-batches, and they are
+counted). Evaluation needs less per block; ``data.eval_batch_size`` is not checked.
 
-Calibration (``python benchmarks/bench_memory.py``: CPU, fp32, torch 2.13; the peak RSS of a fresh
-process over two training steps -- ``MoeLMModule._losses``, backward, gradient clipping, fused
-AdamW step -- minus its peak before the model was built, after a warm-up step of a tiny model;
-the table and its command are in docs/speed.md). The estimate is **a lower bound**: 0.58 to 1.03
-of the measured peak over nine shapes. It is close where attention's saved tensors dominate (long
-blocks) and low by up to 1.7x where the MoE layers and the allocator's transient buffers of the
-backward dominate, which the terms above do not count. Hence the check: it **refuses** a step
-whose estimate alone exceeds the free memory (it certainly does not fit) and **warns** when the
-estimate times :data:`UNDERESTIMATE` does (it may not).
+The estimate is a **lower bound** of the measured peak (``benchmarks/bench_memory.py``; docs/speed.md): it does not
+count the allocator's transient buffers of the backward. Hence the check **refuses** a step whose estimate alone
+exceeds the free memory and **warns** when the estimate times :data:`UNDERESTIMATE` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -60,15 +43,14 @@ import torch
 from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 
-SKIP_ENV = "RMOE_SKIP_MEMORY_CHECK"
-"""Set to ``1`` to skip :func:`check_step_memory`."""
+SKIP_ENV = "RMOE_SKIP_MEMORY_CHECK"  # set to 1 to skip check_step_memory
 
 GIB = 2**30
 MIB = 2**20
 
 UNDERESTIMATE = 1.8
-"""The largest measured / estimated peak of the calibration (docs/speed.md): above ``estimate x
-UNDERESTIMATE`` of free memory, :func:`check_step_memory` warns that the step may not fit."""
+"""The largest measured / estimated peak of the calibration (docs/speed.md): the margin above which
+:func:`check_step_memory` warns."""
 
 # Where the CPU memory figures are read (module attributes so tests can point them elsewhere).
 PROC_MEMINFO = Path("/proc/meminfo")
@@ -81,12 +63,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 def _dtype_sizes(precision: Any) -> tuple[int, int, int, bool]:
     """``(parameter, residual/norm, matmul activation)`` bytes per element and whether autocast is on.
-
-    Lightning's spellings: ``32-true`` / ``32``, ``64-true``, ``bf16-mixed`` / ``16-mixed`` (also
-    ``bf16`` / ``16``), ``bf16-true`` / ``16-true``. Under autocast the residual stream and the
-    RMSNorms stay fp32 (the embedding is fp32 and the norms compute in fp32); matmul outputs are
-    half precision.
-    """
+    Under autocast the residual stream and the RMSNorms stay fp32; matmul outputs are half precision."""
     p = str(precision).lower()
     if p in ("64", "64-true", "double"):
         return 8, 8, 8, False
@@ -101,17 +78,11 @@ def _num_parameters(arch: ModelConfig) -> int:
     """Exact parameter count (a tied head once), from a model built on the meta device (no memory)."""
     from rmoe.model.decoder import MoeLM
 
-    config = arch if arch.vocab_size > 0 else _with_vocab(arch, 256)
+    config = arch if arch.vocab_size > 0 else dataclasses.replace(arch, vocab_size=256)
     with warnings.catch_warnings():  # routers warn about causality on construction
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             return MoeLM(config).num_parameters()
-
-
-def _with_vocab(arch: ModelConfig, vocab_size: int) -> ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(arch, vocab_size=vocab_size)
 
 
 def _device(device: Any) -> torch.device:
@@ -119,13 +90,9 @@ def _device(device: Any) -> torch.device:
 
 
 def attention_materialises_scores(arch: ModelConfig, device: Any = None, precision: Any = "32-true") -> bool:
-    """Whether training attention takes the math path of ``scaled_dot_product_attention`` (a
-    (B, H, S, S) score matrix) rather than a fused kernel that never holds it.
-
-    Asked of torch itself (``torch._fused_sdp_choice``) with tiny tensors of the model's head
-    shape and the compute dtype on the device; a CUDA device that is not available here is
-    assumed to take the math path (the pessimistic answer).
-    """
+    """Whether training attention takes the math path of ``scaled_dot_product_attention`` (a (B, H, S, S) score
+    matrix) rather than a fused kernel, per ``torch._fused_sdp_choice`` on tiny tensors of the model's head shape.
+    A CUDA device not available here is assumed to take the math path."""
     dev = _device(device)
     _, _, act, mixed = _dtype_sizes(precision)
     dtype = {8: torch.float64, 4: torch.float32}.get(act, torch.bfloat16)
@@ -158,9 +125,7 @@ def step_memory_terms(
     accumulate: int = 1,
     device: Any = None,
 ) -> dict[str, int]:
-    """The terms of :func:`estimate_step_bytes`, in bytes, largest first: ``parameters``,
-    ``gradients``, ``optimizer``, ``activations``, ``attention scores`` (only on the math path),
-    ``logits`` and ``backward working set`` (see the module docstring for what each counts)."""
+    """The terms of :func:`estimate_step_bytes` in bytes, largest first (see the module docstring)."""
     del accumulate  # the peak is per micro-batch; the gradients it keeps are counted anyway
     dev = _device(device)
     p_size, r, a, mixed = _dtype_sizes(precision)
@@ -176,7 +141,7 @@ def step_memory_terms(
     terms: dict[str, int] = {}
     terms["parameters"] = n_params * p_size
     terms["gradients"] = n_params * p_size
-    terms["optimizer"] = 2 * n_params * max(p_size, 4 if p_size == 4 else p_size)
+    terms["optimizer"] = 2 * n_params * p_size  # AdamW's two moments, in the parameters' dtype
     if mixed:  # autocast's half-precision weight copies, saved for the backward
         terms["parameters"] += n_params * a
 
@@ -237,15 +202,11 @@ def estimate_step_bytes(
     *,
     device: Any = None,
 ) -> int:
-    """Estimated peak bytes of one training step: forward, backward and AdamW step of one micro-batch
-    of ``batch_size`` blocks of ``block_size`` tokens (sum of :func:`step_memory_terms`).
+    """Estimated peak bytes of one training step (forward, backward, AdamW step) of one process's micro-batch.
 
     Args:
         arch: The model (``vocab_size`` 0 counts 256).
-        batch_size: ``data.batch_size``, the micro-batch of one process.
-        block_size: ``data.block_size``.
-        precision: ``trainer.precision`` (``32-true``, ``bf16-mixed``, ``16-mixed``, ``bf16-true``...).
-        accumulate: ``trainer.accumulate_grad_batches``: does not change the peak (see the module docstring).
+        accumulate: ``trainer.accumulate_grad_batches``: does not change the peak.
         device: Where the step runs (default CPU): decides the attention kernel and the expert backend.
     """
     return sum(step_memory_terms(arch, batch_size, block_size, precision, accumulate, device).values())
@@ -285,8 +246,7 @@ def _stat_value(path: Path, key: str) -> int:
 
 
 def _cgroup_available() -> int | None:
-    """The cgroup's memory limit minus what it uses (less its reclaimable inactive page cache), or
-    None without a limit. cgroup v2 (``memory.max``) first, then v1 (``memory/memory.limit_in_bytes``)."""
+    """The cgroup's memory limit minus its usage (less reclaimable inactive page cache), None without a limit."""
     v2, v1 = CGROUP_ROOT, CGROUP_ROOT / "memory"
     for limit_file, usage_file, stat_file, cache_key in (
         (v2 / "memory.max", v2 / "memory.current", v2 / "memory.stat", "inactive_file"),
@@ -302,12 +262,8 @@ def _cgroup_available() -> int | None:
 
 
 def available_bytes(device: Any) -> int | None:
-    """Bytes a training step can still allocate on ``device``; None when unknown.
-
-    CUDA: the free memory of the device (``torch.cuda.mem_get_info``). CPU: ``MemAvailable`` of
-    ``/proc/meminfo``, or the room left under the cgroup's memory limit (``/sys/fs/cgroup/memory.max``,
-    or cgroup v1's ``memory.limit_in_bytes``) when that is lower. Other devices: None.
-    """
+    """Bytes a training step can still allocate on ``device``; None when unknown. CUDA: the device's free memory.
+    CPU: ``MemAvailable`` of ``/proc/meminfo``, or the room under the cgroup's memory limit if lower."""
     dev = _device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -347,18 +303,12 @@ def check_step_memory(
     accumulate: int = 1,
     processes: int = 1,
 ) -> None:
-    """Raise :class:`RmoeError` when one training step certainly needs more memory than ``device`` has
-    (the estimate, a lower bound, exceeds it), and warn when it may (the estimate times
-    :data:`UNDERESTIMATE` exceeds it).
+    """Raise :class:`RmoeError` when one training step certainly needs more memory than ``device`` has (the
+    estimate, a lower bound, exceeds it), and warn when it may (times :data:`UNDERESTIMATE`). The message names
+    the largest block size and batch size that would fit with the margin.
 
-    ``processes``: how many processes of this machine share its memory, each with a step of its own
-    (the CPU processes of a DDP run); the estimate is multiplied by it.
-
-    Does nothing when ``RMOE_SKIP_MEMORY_CHECK=1`` or when the free memory is unknown
-    (:func:`available_bytes` is None). The message gives the estimate and its largest terms, what
-    is available, and the keys to lower (``data.block_size``, ``data.batch_size``,
-    ``model.arch.num_layers`` / ``model.arch.hidden_size``), with the largest block size and batch
-    size that would fit with the margin.
+    ``processes``: how many processes share this machine's memory, each with its own step (CPU DDP).
+    Does nothing when ``RMOE_SKIP_MEMORY_CHECK=1`` or the free memory is unknown.
     """
     if os.environ.get(SKIP_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         return

@@ -1,8 +1,4 @@
-"""What a run's ``trainer.precision`` means for the model, and the checks made before it starts.
-
-One reading of Lightning's precision spellings (``32-true``/``32``, ``64-true``, ``bf16-mixed``,
-``16-mixed``, ``bf16-true``, ``16-true``) for the memory estimate, the expert backend and these checks.
-"""
+"""What a run's ``trainer.precision`` (Lightning's spellings) means for the model, and the checks before it starts."""
 
 from __future__ import annotations
 
@@ -29,15 +25,9 @@ def compute_dtype(precision: Any) -> torch.dtype:
 
 
 def check_device_and_precision(arch: ModelConfig, device: torch.device, precision: Any, compile: bool = False) -> str:
-    """Refuse, before anything runs, a precision, expert backend or compilation that cannot run on
-    ``device``; returns the expert backend that will run (for ``auto``, the one it resolves to).
-
-    Raises :class:`~rmoe.errors.RmoeError` naming the key: ``trainer.precision`` in bf16 on a GPU
-    without bf16, ``model.arch.expert_backend=grouped_mm`` at widths it cannot take,
-    ``model.compile=true`` with a router that cannot be traced (:attr:`rmoe.routers.Router.compile_problem`)
-    or with ``grouped_mm`` outside bf16 (torch traces ``grouped_mm`` in bf16 only). A forced
-    ``grouped_mm`` where its fused kernel does not run is allowed (torch's per-group fallback computes
-    the same numbers, with a host sync per call), with a warning that says so.
+    """Refuse, before anything runs, a precision, expert backend or compilation that cannot run on ``device``;
+    returns the expert backend that will run. A forced ``grouped_mm`` without its fused kernel only warns (torch's
+    per-group fallback computes the same numbers, with a host sync per call).
     """
     dtype = compute_dtype(precision)
     if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
@@ -73,8 +63,7 @@ def check_device_and_precision(arch: ModelConfig, device: torch.device, precisio
 
 
 def expert_backend_of_run(arch: ModelConfig, device: torch.device, precision: Any) -> str:
-    """The expert backend a run's MoE layers take (``none`` without experts), for ``auto`` the one
-    :func:`rmoe.model.moe.resolve_expert_backend` picks for this device and precision."""
+    """The expert backend a run's MoE layers take (``none`` without experts; ``auto`` resolved)."""
     if arch.num_experts == 0:
         return "none"
     dtype = compute_dtype(precision)

@@ -1,22 +1,14 @@
 """What ``rmoe fit --ckpt`` may change about a run, and what the learning rate does when it does.
 
-Resuming continues the run saved in the checkpoint with the config given on the command line. Three
-kinds of keys:
-
-* **what the run is** cannot change: the architecture (``model.arch.*``, the router and its options
-  included; ``expert_backend`` is how it runs, not what, and may change), the tokenizer
-  (``data.tokenizer``, ``data.bpe_vocab_size``) and the context (``data.block_size``). A difference
-  is refused before anything is written, naming every differing key with both values
-  (:func:`check_resume_config`); to start a new run from the weights, use ``model.init_from``.
-* **the data position**: batch size, seed, number of processes and gradient accumulation must be the
-  checkpoint's (checked when the data loader restores its position, :mod:`rmoe.data.sampler`).
-* **everything else applies from the resume step**: the optimiser's settings (weight decay, betas,
-  eps), the balance-loss coefficients, validation and logging intervals, callbacks, precision, and
-  the learning-rate schedule by the rule of :class:`LRSchedule`: unchanged, it continues exactly; a
-  new peak ``model.optim.lr`` scales the rest of the same schedule (the one jump, the one asked
-  for); a changed shape (``warmup_steps``, ``min_lr_ratio`` or ``trainer.max_steps``) restarts it at
-  the resume step: the multiplier it had reached there becomes the start of a new cosine to the new
-  ``min_lr_ratio`` at the new end, so a longer run decays smoothly from where it was, no jump.
+* **What the run is** cannot change: ``model.arch.*`` (but ``expert_backend``), ``data.tokenizer``,
+  ``data.bpe_vocab_size``, ``data.block_size``; :func:`check_resume_config` refuses a difference before anything
+  is written (a new run from the weights: ``model.init_from``).
+* **The data position**: batch size, seed, processes and accumulation must be the checkpoint's
+  (checked by :mod:`rmoe.data.sampler`).
+* **Everything else applies from the resume step**, the learning-rate schedule by :class:`LRSchedule`'s rule:
+  unchanged, it continues exactly; a new peak ``model.optim.lr`` scales the rest of it; a changed shape
+  (``warmup_steps``, ``min_lr_ratio``, ``trainer.max_steps``) restarts a cosine from the multiplier reached at the
+  resume step to the new end, without a jump.
 """
 
 from __future__ import annotations
@@ -45,13 +37,7 @@ def _plain(value: Any) -> Any:
 
 
 def check_resume_config(config: Any, checkpoint: dict[str, Any], ckpt_path: str) -> None:
-    """Refuse a ``fit --ckpt`` whose config changes what the run is (see the module docstring).
-
-    Args:
-        config: The parsed ``fit`` config (its ``model`` and ``data``).
-        checkpoint: The checkpoint, as read.
-        ckpt_path: Its path, for the message.
-    """
+    """Refuse a ``fit --ckpt`` whose parsed ``fit`` config changes what the run is, naming every differing key."""
     saved_arch = _plain(checkpoint.get("hyper_parameters", {}).get("arch") or {})
     saved_data = _plain(checkpoint.get("datamodule_hyper_parameters") or {})
     arch = _plain(getattr(getattr(config, "model", None), "arch", None) or {})
@@ -77,11 +63,9 @@ def check_resume_config(config: Any, checkpoint: dict[str, Any], ckpt_path: str)
 class LRSchedule:
     """The learning rate of every optimiser step: ``peak_lr`` times :meth:`multiplier`.
 
-    Linear warmup from ~0 to 1 over ``warmup_steps``, then a cosine from 1 to ``min_lr_ratio`` at
-    ``total_steps``. A resumed run whose schedule changed restarts it at ``restart_step``: from there
-    the multiplier goes from ``restart_multiplier`` (what the earlier schedule had reached) by a cosine
-    to ``min_lr_ratio`` at ``total_steps`` (after finishing the warmup to 1 first, if the new warmup
-    is not over yet). Saved in every checkpoint, so a second resume continues it exactly.
+    Linear warmup to 1 over ``warmup_steps``, then a cosine to ``min_lr_ratio`` at ``total_steps``. A resumed run
+    whose schedule changed restarts it at ``restart_step``: a cosine from ``restart_multiplier`` (what the earlier
+    schedule had reached; after finishing the new warmup, if any). Saved in every checkpoint.
     """
 
     peak_lr: float
@@ -103,8 +87,7 @@ class LRSchedule:
         return self.min_lr_ratio + (start - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def resumed(self, saved: LRSchedule | None, step: int) -> LRSchedule:
-        """This run's schedule when it resumes at ``step`` a run that had ``saved`` (None: unknown, as an
-        unchanged one): ``saved`` itself when nothing changed, else restarted at ``step``."""
+        """This run's schedule when resuming at ``step`` a run that had ``saved`` (None: as unchanged)."""
         if saved is None:
             return self
         if (saved.warmup_steps, saved.total_steps, saved.min_lr_ratio) == (

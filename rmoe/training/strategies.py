@@ -9,12 +9,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` as pure FSDP2: one data-parallel mesh dimension over every
-    process (``devices x num_nodes``) and no tensor parallelism, whatever the cluster's shape.
-    :meth:`rmoe.training.module.MoeLMModule.configure_model` applies ``fully_shard`` on that mesh.
-
-    ``ModelParallelStrategy``'s own ``"auto"`` sizes mean data parallel across nodes and tensor
-    parallel within a node, which this model does not implement; this class only fixes the sizes.
+    """Lightning's ``ModelParallelStrategy`` as pure FSDP2: one data-parallel mesh dimension over every process and
+    no tensor parallelism (its ``"auto"`` sizes would mean tensor parallel within a node, which this model does
+    not implement). :meth:`rmoe.training.module.MoeLMModule.configure_model` applies ``fully_shard`` on that mesh.
 
     Args:
         save_distributed_checkpoint: False (default): each checkpoint is one ordinary ``.ckpt`` file

@@ -1,10 +1,8 @@
 """Run folders that two ``rmoe fit`` started at once cannot share.
 
-Lightning's TensorBoard and CSV loggers pick ``version_<n>`` by listing the folder: two processes
-started together with the same ``save_dir`` and ``name`` both see ``version_0`` free and write into
-it (one's ``config.yaml`` beside the other's ``last.ckpt``). :func:`claim_log_versions` reserves the
-folder instead, with ``mkdir``, which the file system performs atomically: exactly one process
-creates ``version_<n>``, the other moves on to ``version_<n+1>``.
+Lightning's loggers pick ``version_<n>`` by listing the folder, so two runs started together can both take
+``version_0``. :func:`claim_log_versions` reserves it with ``mkdir``, which is atomic: one process creates it,
+the other moves on to ``version_<n+1>``.
 """
 
 from __future__ import annotations
@@ -24,11 +22,7 @@ _VERSION = re.compile(r"version_(\d+)$")
 
 
 def claim_version(root: str | os.PathLike[str]) -> int:
-    """Create ``root/version_<n>`` for the smallest free ``n`` above every existing one; returns ``n``.
-
-    Raises:
-        RmoeError: ``root`` cannot be created or written (naming it and why).
-    """
+    """Create ``root/version_<n>`` for the smallest free ``n`` above every existing one; returns ``n``."""
     from rmoe.checkpoints import describe_os_error
 
     root = Path(root)
@@ -49,14 +43,9 @@ def claim_version(root: str | os.PathLike[str]) -> int:
 
 
 def claim_log_versions(loggers: Iterable[Any]) -> list[Path]:
-    """Give each TensorBoard/CSV logger without a fixed version a folder of its own (:func:`claim_version`).
-
-    Only global rank 0 claims: it is the process that writes the run folder, and the other ranks
-    receive its paths by broadcast (``trainer.log_dir``, ``ModelCheckpoint``'s folder).
-    A logger with a fixed version (``rmoe sweep``, a resumed run) writes where it says; its folder
-    is checked for write access. Returns the folders this process claimed (new, so a run that
-    fails before it trains can give them back).
-    """
+    """Give each TensorBoard/CSV logger without a fixed version a folder of its own; returns the folders claimed
+    (so a run that fails before it trains can give them back). A logger with a fixed version is checked for write
+    access. Only global rank 0 claims: the other ranks receive its paths by broadcast (``trainer.log_dir``)."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from rmoe.checkpoints import disk_nearly_full, ensure_writable_dir
