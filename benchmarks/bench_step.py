@@ -119,7 +119,7 @@ def make_step(
         out = model(inputs)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
         if out.routing:
-            aux, z = average_over_layers(out.routing, config.num_experts)
+            aux, z, _ = average_over_layers(out.routing, config.num_experts)
             loss = loss + 0.01 * aux + 0.001 * z
         loss.backward()
         optimizer.step()

@@ -5,4 +5,4 @@ from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM, MoeLMOutput
 
 __all__ = ["ModelConfig", "MoeLM", "MoeLMOutput", "RmoeError"]
-__version__ = "0.2.0"  # CHANGELOG.md says what changed
+__version__ = "0.3.0"  # CHANGELOG.md says what changed

@@ -41,6 +41,11 @@ def parse_layer_tag(tag: str) -> tuple[str, str] | None:
     return (match["series"], match["layer"]) if match else None
 
 
+def scalar_pattern(split: str, names: Iterable[str]) -> str:
+    """A regex of the model-level tags ``moe/{split}/{name}`` of ``names``, the name captured."""
+    return rf"^{re.escape(PREFIX)}/{split}/({'|'.join(re.escape(n) for n in names)})$"
+
+
 def layer_pattern(split: str, names: Iterable[str]) -> str:
     """A regex of the per-layer (and per-pair) tags of ``names`` in ``split``, the name captured."""
     return rf"^{re.escape(PREFIX)}/{split}/({'|'.join(re.escape(n) for n in names)})/layer_\d+(?:_\d+)?$"

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 from test_router_study import STUDY_CASES
-from test_routers import CASES
+from test_routers import CASES, VOCAB
 
 from rmoe import MoeLM, RmoeError
 from rmoe.model.moe import GroupedExperts, SparseMoeBlock, grouped_mm_unavailable, resolve_expert_backend
@@ -140,9 +140,10 @@ def router_pass(router: str, options: dict, backend: str, dtype: str, inputs):
     own fp32 input, so the routing is the same in every dtype: (outputs, input grads, weight grads), routing."""
     model, first, second = two_moe_blocks(router, options, backend)
     x0, x1, g0, g1 = (t.clone().requires_grad_(i < 2) for i, t in enumerate(inputs))
+    ids_BS = torch.randint(0, VOCAB, x0.shape[:2], generator=torch.Generator().manual_seed(7))  # hash routing
     with autocast(dtype):
-        out0, routing0, state = first(x0, None)
-        out1, routing1, _ = second(x1, state)
+        out0, routing0, state = first(x0, None, ids_BS)
+        out1, routing1, _ = second(x1, state, ids_BS)
     loss = (out0.float() * g0).sum() + (out1.float() * g1).sum()
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [x0, x1, *params], allow_unused=True)

@@ -46,11 +46,11 @@ def test_zero_coefficient_contributes_no_gradient():
     weight = torch.randn(4, 8, requires_grad=True)
     x = torch.randn(32, 8)
     routing = routing_from_logits(x @ weight.T)
-    aux, z = average_over_layers([routing], 4)
+    aux, z, _ = average_over_layers([routing], 4)
     (0.0 * aux + 0.0 * z).backward()
     assert torch.count_nonzero(weight.grad) == 0
     weight.grad = None
     routing = routing_from_logits(x @ weight.T)
-    aux, z = average_over_layers([routing], 4)
+    aux, z, _ = average_over_layers([routing], 4)
     (0.01 * aux + 0.001 * z).backward()
     assert torch.count_nonzero(weight.grad) > 0

@@ -501,7 +501,7 @@ def test_router_grad_norms_match_backward_and_leave_grads_alone():
     ids = torch.randint(0, config.vocab_size, (2, 12))
     out = model(ids)
     lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, config.vocab_size), ids[:, 1:].reshape(-1))
-    balance_loss, _ = average_over_layers(out.routing, config.num_experts)
+    balance_loss, _, _ = average_over_layers(out.routing, config.num_experts)
     norms = router_grad_norms(model, lm_loss, 0.01 * balance_loss)
     assert all(p.grad is None for p in model.parameters())
     expected_keys = {"total", "shared", "layer_0", "layer_1", "layer_2"}
@@ -611,3 +611,36 @@ def test_the_analytics_guide_lists_every_metric_as_declared():
     assert copy == markdown_table(), (
         "the metrics table of docs/analytics.md is stale: paste rmoe.metrics.catalog.markdown_table()"
     )
+
+
+def test_active_experts_metrics_count_kept_pairs_per_token():
+    from rmoe.evaluation.routing_eval import active_experts_histogram
+    from rmoe.metrics import RoutingStats, expert_pair_flops
+    from rmoe.routers import RoutingOutput
+
+    E, T = 4, 6
+    probs = torch.full((T, E), 0.25)
+    ids = torch.tensor([[0, 1, 2, 3]] * T)
+    keep = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]).bool()
+    routing = RoutingOutput(probs.log(), probs, torch.ones(T, E), ids, keep, chosen_TK=keep)
+    stats = RoutingStats(E, flops_per_pair=expert_pair_flops(8, 16))
+    summary = stats.update([routing, routing]).compute()
+    active = torch.tensor([1.0, 2, 3, 1, 0, 4])
+    torch.testing.assert_close(summary["active_experts_mean"], torch.full((2,), active.mean().item()))
+    torch.testing.assert_close(summary["active_experts_std"], torch.full((2,), active.std(unbiased=False).item()))
+    assert summary["drop_ratio"].tolist() == [0.0, 0.0]  # unused slots are not drops
+    assert summary["expert_flops_per_token"] == pytest.approx(2 * active.mean().item() * 6 * 3 * 8 * 16)
+    assert summary["active_counts"][0].tolist() == [1, 2, 1, 1, 1]
+    hist = active_experts_histogram(summary["active_counts"])
+    assert hist["num"].tolist() == [6.0, 6.0] and hist["sum"].tolist() == [11.0, 11.0]
+    assert hist["min"].tolist() == [0.0, 0.0] and hist["max"].tolist() == [4.0, 4.0]
+
+
+def test_active_experts_by_token_frequency_splits_the_token_mass_into_quarters():
+    from rmoe.metrics.specialization import active_experts_by_frequency
+
+    occurrences_V = torch.tensor([6, 0, 1, 1])  # id 0 is 6 of the 8 tokens: the first three quarters
+    counts_VE = torch.tensor([[6, 6], [0, 0], [1, 0], [1, 1]])  # id 0: 2 experts each time, ids 2, 3: 1 and 2
+    by_q = active_experts_by_frequency(counts_VE, occurrences_V)
+    assert by_q[0].item() == 2.0 and torch.isnan(by_q[2])  # id 0 starts the mass; quarter 3 starts at token 6
+    assert by_q[3].item() == pytest.approx(3 / 2)  # ids 2 and 3: 3 pairs over 2 tokens

@@ -18,7 +18,7 @@ from tiny import tiny_config as shared_tiny_config
 
 from rmoe import ModelConfig, MoeLM, RmoeError
 from rmoe.routers import ROUTERS, Router, TokenChoiceRouter
-from rmoe.routers.locmoe import capacity_keep_mask
+from rmoe.routers.base import capacity_keep_mask
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "router"
 VOCAB = 64
@@ -68,6 +68,20 @@ CASES = [
     ("locmoe", {}),
     ("locmoe", {"learnable_keys": True, "capacity_factor": 0.5}),
     ("expert_choice", {}),
+    ("deepseek_v3", {}),
+    ("deepseek_v3", {"n_group": 2, "topk_group": 1, "bias_update_rate": 0.01, "routed_scaling_factor": 2.0}),
+    ("top_p", {"threshold": 0.5}),
+    ("linear", {"capacity_factor": 1.0}),
+    ("linear", {"capacity_factor": 0.5, "capacity_priority": "probability", "eval_capacity_factor": 1.0}),
+    ("top_p", {"threshold": 0.7, "capacity_factor": 0.5}),
+    ("hash", {}),
+    ("hash", {"per_layer": False, "seed": 1}),
+    ("remoe", {}),
+    ("remoe", {"target_experts": 1.0, "load_balanced": False}),
+    ("null_experts", {}),
+    ("null_experts", {"num_null_experts": 2, "normalize_over": "slots"}),
+    ("null_experts", {"capacity_factor": 0.5}),
+    ("null_experts", {"bias_update_rate": 0.01}),
 ]
 CASE_IDS = [r + "".join(f"-{k}={v}" for k, v in o.items()) for r, o in CASES]
 # the cases whose router declares itself causal in training (from the declaration, not from names),
@@ -117,9 +131,12 @@ def test_token_choice_weights_sum_to_one_and_causal(router, options):
     changed[:, 8:] = (ids[:, 8:] + 1 + torch.randint(0, VOCAB - 1, (2, 4))) % VOCAB
     with torch.no_grad():
         a, b = model(ids), model(changed)
-    for ra, rb in zip(a.routing, b.routing):
-        torch.testing.assert_close(ra.weights_TK.sum(-1), torch.ones(24))
-        assert ra.keep_TK is None or bool(ra.keep_TK.all())
+    for router, ra, rb in zip(routers_of(model), a.routing, b.routing, strict=True):
+        if type(router).weights_sum_to_one:  # as declared: not ReMoE's gates, nor a token of only null experts
+            scale = router.weight_scale() if isinstance(router, TokenChoiceRouter) else 1.0  # DeepSeek's scaling
+            torch.testing.assert_close(ra.weights_TK.sum(-1), torch.full((24,), scale))
+        chosen = torch.ones_like(ra.weights_TK, dtype=torch.bool) if ra.chosen_TK is None else ra.chosen_TK
+        assert ra.keep_TK is None or torch.equal(ra.keep_TK, chosen)  # nothing dropped in evaluation
         # the discrete routing of earlier tokens is exactly unchanged
         early = torch.arange(24).view(2, 12)[:, :8].reshape(-1)
         assert torch.equal(ra.expert_ids_TK[early], rb.expert_ids_TK[early])
@@ -379,7 +396,10 @@ def test_gru_logits_start_near_the_linear_routers_scale_only_with_the_torch_init
         ({"cell": "transformer"}, "cell='transformer'; expected one of: gru, rnn, lstm"),
         ({"state_dim": 0}, "state_dim=0 must be a positive integer"),
         ({"bias_update_rate": -1.0}, "bias_update_rate=-1.0 must be >= 0"),
-        ({"hidden": 3}, "valid options: bias_update_rate, state_dim"),
+        (
+            {"hidden": 3},
+            "valid options: bias_update_rate, capacity_factor, capacity_priority, eval_capacity_factor, state_dim",
+        ),
         ({"init": "xavier"}, "init='xavier'; expected one of: torch, normal"),
         ({"state_norm": "layer"}, "state_norm='layer'; expected one of: none, rms"),
         ({"head_init_std": 0.1}, "head_init_std only applies to init: normal"),
@@ -582,6 +602,12 @@ def test_router_configs_exist_for_every_router_and_variant():
         "linear_torch",
         "gru_init_normal",
         "gru_state_norm",
+        "deepseek_v3",
+        "top_p",
+        "linear_capacity",
+        "hash",
+        "remoe",
+        "null_experts",
     }
     assert expected <= names
 

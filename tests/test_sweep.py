@@ -192,6 +192,8 @@ def test_report_only_and_paired_differences_match_the_event_files(swept, tmp_pat
     row = next(line for line in paired.splitlines() if line.startswith("| gru | 2 | "))
     assert f"{statistics.fmean(diffs):+.4f}" in row and f"{statistics.stdev(diffs):.4f}" in row
     assert all(f"{d:+.3f}" in row for d in diffs)
+    assert (out / "paired_final_val_bpb.png").stat().st_size > 0  # the forest plot of the same differences
+    assert "paired_final_val_bpb.png" in (out / "results.md").read_text()
     assert report.main([str(root), "--out", str(out), "--only", "router=gru"]) == 0
     assert {r["router"] for r in csv.DictReader((out / "results.csv").open())} == {"gru"}
     assert report.main([str(root), "--out", str(out), "--only", "router=nope"]) == 2

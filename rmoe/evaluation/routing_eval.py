@@ -117,10 +117,34 @@ class RoutingHistograms:
             state = _empty_state(sample_NL.shape[1], self.num_bins)
             _add(state, sample_NL.T.float().cpu(), *self._range["gate_entropy"])
             out["gate_entropy"] = _raw_histogram(state, self.edges["gate_entropy"])
+        active_LA = summary.get("active_counts")
+        if active_LA is not None:
+            out["active_experts"] = active_experts_histogram(active_LA)
         return out
 
 
-ROUTING_TENSORS = ("logits_TE", "probs_TE", "weights_TK", "expert_ids_TK", "keep_TK")
+def active_experts_histogram(counts_LA: torch.Tensor) -> dict[str, Any]:
+    """The raw histogram of the experts computing each token (bins 0, 1, ..., E) from its counts (L, E + 1),
+    built from one read of the host counts (python numbers, so nothing here can wait for a device)."""
+    rows = counts_LA.cpu().tolist()
+    A = len(rows[0]) if rows else 0
+
+    def per_layer(value: Any) -> torch.Tensor:
+        return torch.tensor([value(row) for row in rows], dtype=torch.float64)
+
+    seen = [[k for k in range(A) if row[k]] for row in rows]
+    return {
+        "edges": torch.tensor([k - 0.5 for k in range(A + 1)], dtype=torch.float64),
+        "counts": torch.tensor(rows, dtype=torch.float64),
+        "num": per_layer(sum),
+        "sum": per_layer(lambda row: sum(k * n for k, n in enumerate(row))),
+        "sum_squares": per_layer(lambda row: sum(k * k * n for k, n in enumerate(row))),
+        "min": torch.tensor([min(ks, default=math.inf) for ks in seen], dtype=torch.float64),
+        "max": torch.tensor([max(ks, default=-math.inf) for ks in seen], dtype=torch.float64),
+    }
+
+
+ROUTING_TENSORS = ("logits_TE", "probs_TE", "weights_TK", "expert_ids_TK", "keep_TK", "chosen_TK")
 """The fields of :class:`~rmoe.routers.RoutingOutput` the routing metrics read (not Soft MoE's slot logits)."""
 
 
@@ -189,7 +213,7 @@ def evaluate_routing(
     """
     model.eval().to(device)
     config = model.config
-    stats = RoutingStats(config.num_experts, top_k=config.top_k, max_samples=max_samples)
+    stats = RoutingStats.for_model(config, max_samples=max_samples)
     histograms = RoutingHistograms(config.num_experts)
     token_stats = TokenExpertStats(config.vocab_size, config.num_experts)
     expert_outputs = ExpertOutputStats(model, max_expert_tokens) if expert_analyses and config.moe_layers else None

@@ -24,7 +24,7 @@ from rmoe.metrics.load import (
     num_dead_experts,
     tokens_per_expert,
 )
-from rmoe.metrics.stats import RoutingStats, routing_summary, summary_scalars
+from rmoe.metrics.stats import RoutingStats, expert_pair_flops, routing_summary, summary_scalars
 
 __all__ = [
     "NUM_PROB_BINS",
@@ -32,6 +32,7 @@ __all__ = [
     "binned_probability_mi_matrix",
     "consecutive_joint_histograms",
     "entropy_from_counts",
+    "expert_pair_flops",
     "expert_similarity",
     "expert_similarity_per_layer",
     "gate_entropy",

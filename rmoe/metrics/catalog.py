@@ -73,6 +73,18 @@ class RoutingBatch:
         return torch.stack([tokens_per_expert(r.expert_ids_TK, self.num_experts, r.keep_TK) for r in self.routing])
 
     @cached_property
+    def active_LT(self) -> torch.Tensor:
+        """Experts each token is computed by (its kept pairs), fp32."""
+        return torch.stack(
+            [
+                torch.full(r.expert_ids_TK.shape[:1], r.expert_ids_TK.shape[1], device=self.probs_LTE.device)
+                if r.keep_TK is None
+                else r.keep_TK.sum(dim=-1).to(self.probs_LTE.device)
+                for r in self.routing
+            ]
+        ).float()
+
+    @cached_property
     def top1_LT(self) -> torch.Tensor:
         """Each token's highest-weight kept expert (-1 when all its pairs were dropped)."""
         return torch.stack(
@@ -172,32 +184,55 @@ def _bincount_rows(ids_LT: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 def _num_fully_dropped(batch: RoutingBatch) -> torch.Tensor:
-    """Per layer, the tokens with no kept pair (L,) int64."""
+    """Per layer, the tokens that chose an expert and have no kept pair (L,) int64."""
+    device = batch.probs_LTE.device
+    counts = []
+    for r in batch.routing:
+        if r.keep_TK is None:
+            counts.append(torch.zeros((), dtype=torch.int64, device=device))
+            continue
+        chose_T = torch.ones_like(r.keep_TK[:, 0]) if r.chosen_TK is None else r.chosen_TK.any(dim=-1)
+        counts.append((chose_T & ~r.keep_TK.any(dim=-1)).sum().to(device))
+    return torch.stack(counts)
+
+
+def _num_chosen_pairs(batch: RoutingBatch) -> torch.Tensor:
+    """Per layer, the (token, expert) pairs the router chose (L,) int64 (dynamic-k routers leave slots unused)."""
     device = batch.probs_LTE.device
     return torch.stack(
         [
-            torch.zeros((), dtype=torch.int64, device=device)
-            if r.keep_TK is None
-            else (~r.keep_TK.any(dim=-1)).sum().to(device)
+            torch.tensor(r.expert_ids_TK.numel(), device=device)
+            if r.chosen_TK is None
+            else r.chosen_TK.sum().to(device)
             for r in batch.routing
         ]
     )
 
 
+def _active_histogram(batch: RoutingBatch) -> torch.Tensor:
+    """Per layer, tokens computed by 0, 1, ..., E experts: (L, E + 1) int64."""
+    return _bincount_rows(batch.active_LT.long().clamp(max=batch.num_experts), batch.num_experts + 1)
+
+
 STATISTICS: tuple[Statistic, ...] = (
     Statistic("tokens_per_expert_LE", "LE", torch.int64, lambda b: b.load_LE),
-    Statistic(
-        "num_pairs_L",
-        "L",
-        torch.int64,
-        lambda b: torch.tensor([r.expert_ids_TK.numel() for r in b.routing], device=b.probs_LTE.device),
-    ),
+    Statistic("num_pairs_L", "L", torch.int64, _num_chosen_pairs),
+    Statistic("active_counts_LA", "LA", torch.int64, _active_histogram),
     Statistic("num_dropped_tokens_L", "L", torch.int64, _num_fully_dropped),
     Statistic("top1_counts_LE", "LE", torch.int64, lambda b: _bincount_rows(b.top1_LT, b.num_experts)),
     Statistic("top1_joint_PEE", "PEE", torch.int64, lambda b: consecutive_joint_histograms(b.top1_LT, b.num_experts)),
     Statistic("binned_log_count_sum_LL", "LL", torch.float64, lambda b: binned_log_count_sums(b.probs_LTE, b.num_bins)),
 )
 """The shared count statistics of :class:`~rmoe.metrics.RoutingStats` (besides ``num_tokens`` and sums)."""
+
+
+def _active_std(counts_LA: torch.Tensor) -> torch.Tensor:
+    """Std of the active-expert counts from their histogram (L, A) -> (L,)."""
+    k_A = torch.arange(counts_LA.shape[1], dtype=torch.float64)
+    n_L = counts_LA.sum(dim=-1).double().clamp(min=1)
+    mean_L = (counts_LA.double() * k_A).sum(dim=-1) / n_L
+    var_L = (counts_LA.double() * k_A.pow(2)).sum(dim=-1) / n_L - mean_L.pow(2)
+    return var_L.clamp(min=0).sqrt().float()
 
 
 def _load(a: Accumulated) -> torch.Tensor:
@@ -235,14 +270,37 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "drop_ratio",
         "layer",
-        "share of (token, expert) pairs dropped by a capacity",
+        "share of the chosen (token, expert) pairs dropped by a capacity",
         from_state=lambda a: (1.0 - _load(a).sum(dim=-1).double() / a.state["num_pairs_L"].double()).float(),
     ),
     Metric(
         "token_drop_ratio",
         "layer",
-        "share of tokens with every pair dropped",
+        "share of tokens with every chosen pair dropped",
         from_state=lambda a: (a.state["num_dropped_tokens_L"].double() / a.num_tokens).float(),
+    ),
+    # the compute each token gets
+    Metric(
+        "active_experts_mean",
+        "layer",
+        "experts that compute each token, mean over tokens (K for top-K without drops)",
+        per_token=lambda b: b.active_LT,
+        hparam=True,
+        report=True,
+        summary=True,
+    ),
+    Metric(
+        "active_experts_std",
+        "layer",
+        "standard deviation over tokens of the experts that compute each token",
+        from_state=lambda a: _active_std(a.state["active_counts_LA"]),
+    ),
+    Metric(
+        "expert_flops_per_token",
+        "scalar",
+        "realised training FLOPs of the routed experts per token, all MoE layers (6 x 3 D F per computed pair)",
+        report=True,
+        summary=True,
     ),
     # the gate's probabilities and logits, per token
     Metric(
@@ -318,6 +376,20 @@ METRICS: tuple[Metric, ...] = (
         "vocab_specialization",
         "layer",
         "OLMoE's vocabulary specialisation (arXiv 2409.02060)",
+        source="specialization",
+        summary=True,
+    ),
+    Metric(
+        "active_experts_frequent",
+        "layer",
+        "experts computing a token, mean over the most frequent ids' quarter of the tokens",
+        source="specialization",
+        summary=True,
+    ),
+    Metric(
+        "active_experts_rare",
+        "layer",
+        "experts computing a token, mean over the rarest ids' quarter of the tokens",
         source="specialization",
         summary=True,
     ),

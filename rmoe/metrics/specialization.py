@@ -137,6 +137,29 @@ def router_saturation(expert_ids_a_TK: torch.Tensor, expert_ids_b_TK: torch.Tens
     return same_TKK.any(dim=2).sum(dim=1).double().mean() / K
 
 
+@torch.no_grad()
+def active_experts_by_frequency(
+    counts_VE: torch.Tensor, occurrences_V: torch.Tensor, num_buckets: int = 4
+) -> torch.Tensor:
+    """Mean experts computing a token, per token-frequency bucket (most frequent first): (num_buckets,) fp64.
+
+    The token ids are sorted by occurrences and cut into buckets of equal token mass (quarters by default, so the
+    first bucket holds the few most frequent ids; an id lies in the bucket where its mass starts, so a very
+    frequent id can leave the next buckets empty); a bucket's value is its kept pairs over its occurrences (NaN
+    when empty). Huang et al. (arXiv 2403.07652) report that top-p spends more experts on
+    harder, rarer tokens: this is the measure of it.
+    """
+    occurrences_V = occurrences_V.double()
+    order_V = torch.argsort(occurrences_V, descending=True, stable=True)
+    mass_V = occurrences_V[order_V].cumsum(0) - occurrences_V[order_V]  # tokens before this id
+    total = float(occurrences_V.sum())
+    bucket_V = (mass_V / max(total, 1.0) * num_buckets).long().clamp(max=num_buckets - 1)
+    pairs_V = counts_VE[order_V].sum(dim=-1).double()
+    pairs_Q = torch.zeros(num_buckets, dtype=torch.float64).index_add_(0, bucket_V, pairs_V)
+    tokens_Q = torch.zeros(num_buckets, dtype=torch.float64).index_add_(0, bucket_V, occurrences_V[order_V])
+    return torch.where(tokens_Q > 0, pairs_Q / tokens_Q.clamp(min=1.0), float("nan"))
+
+
 class TokenExpertStats:
     """Accumulates, per MoE layer, the (token id, expert) and co-activation counts over a stream of batches,
     in O(L V E + L E^2) memory; mergeable across processes."""
@@ -175,14 +198,18 @@ class TokenExpertStats:
 
     def compute(self, *, min_count: int = DEFAULT_MIN_COUNT, num_pairs: int = 20) -> dict[str, Any]:
         """``vocab_specialization`` (L,), ``coactivation`` (L, E, E), ``coactivation_max`` (L,) (the largest
-        off-diagonal rate), ``top_specialized`` (per layer), ``token_expert_counts`` (L, V, E) and
-        ``token_occurrences`` (V,), as CPU tensors; {} before any update."""
+        off-diagonal rate), ``top_specialized`` (per layer), ``active_experts_frequent`` and ``active_experts_rare``
+        (L,) (:func:`active_experts_by_frequency`: the most frequent and the rarest quarter of the tokens),
+        ``token_expert_counts`` (L, V, E) and ``token_occurrences`` (V,), as CPU tensors; {} before any update."""
         if self.counts_LVE is None:
             return {}
         counts_LVE, occurrences_V = self.counts_LVE.cpu(), self.occurrences_V.cpu()
         rates_LEE = torch.stack([coactivation_rate(j) for j in self.joint_LEE.cpu()])
         finite = rates_LEE.nan_to_num(float("-inf")).flatten(1).amax(dim=1)
+        by_frequency_LQ = torch.stack([active_experts_by_frequency(c, occurrences_V) for c in counts_LVE])
         return {
+            "active_experts_frequent": by_frequency_LQ[:, 0],
+            "active_experts_rare": by_frequency_LQ[:, -1],
             "vocab_specialization": torch.stack(
                 [specialization_summary(c, occurrences_V, min_count=min_count) for c in counts_LVE]
             ),
@@ -199,6 +226,7 @@ class TokenExpertStats:
 __all__ = [
     "DEFAULT_MIN_COUNT",
     "TokenExpertStats",
+    "active_experts_by_frequency",
     "coactivation_counts",
     "coactivation_rate",
     "router_saturation",

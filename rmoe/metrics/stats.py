@@ -77,6 +77,8 @@ class RoutingStats:
         max_paths: Cap on the number of distinct paths tracked; None for no cap.
         num_bins: Bins over [0, 1] of the binned-probability MI (the RMoE paper: 100).
         seed: Seed of the reservoir's random numbers.
+        flops_per_pair: Training FLOPs of one computed (token, expert) pair (:func:`expert_pair_flops`); with it
+            the summary has ``expert_flops_per_token`` (else NaN).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class RoutingStats:
         max_paths: int | None = DEFAULT_MAX_PATHS,
         num_bins: int = NUM_PROB_BINS,
         seed: int = 0,
+        flops_per_pair: float | None = None,
     ) -> None:
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples={max_samples} must be >= 1 (or None to keep every token)")
@@ -96,9 +99,16 @@ class RoutingStats:
         self.max_samples = max_samples
         self.max_paths = max_paths
         self.num_bins = num_bins
+        self.flops_per_pair = flops_per_pair
         self.seed = seed
         self._groups = _groups()
         self.reset()
+
+    @classmethod
+    def for_model(cls, config: Any, **kwargs: Any) -> RoutingStats:
+        """The statistics of a model's routing (a ``ModelConfig``: its E, K and the expert FLOPs per pair)."""
+        flops = expert_pair_flops(config.hidden_size, config.moe_intermediate_size)
+        return cls(config.num_experts, top_k=config.top_k, flops_per_pair=flops, **kwargs)
 
     def reset(self) -> None:
         """Forget everything (the layer count is learnt again at the next :meth:`update`)."""
@@ -110,7 +120,7 @@ class RoutingStats:
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def _init_state(self, num_layers: int, device: torch.device) -> None:
-        sizes = {"L": num_layers, "E": self.num_experts, "P": max(num_layers - 1, 0)}
+        sizes = {"L": num_layers, "E": self.num_experts, "P": max(num_layers - 1, 0), "A": self.num_experts + 1}
         self.num_layers = num_layers
         self._state = {"num_tokens": torch.zeros((), dtype=torch.int64, device=device)}
         for stat in STATISTICS:
@@ -257,6 +267,13 @@ class RoutingStats:
         counts_N = self._paths.counts().cpu()
         out["num_paths"] = int(counts_N.numel())
         out["path_entropy"] = float(entropy_from_counts(counts_N))
+        active_L = values.get("active_experts_mean")
+        out["expert_flops_per_token"] = (
+            float(self.flops_per_pair * active_L.double().sum())
+            if self.flops_per_pair is not None and active_L is not None
+            else float("nan")
+        )
+        out["active_counts"] = s["active_counts_LA"]
         out["path_num_tokens"] = self._paths.num_tokens
         out["paths_truncated"] = self._paths.truncated
         return out
@@ -358,6 +375,12 @@ def routing_summary(
     model's ``top_k`` for expert-choice routing, whose ``expert_ids_TK`` lists all E experts."""
     stats = RoutingStats(num_experts, top_k=top_k, max_samples=None, max_paths=None, num_bins=num_bins)
     return stats.update(routing).compute()
+
+
+def expert_pair_flops(hidden_size: int, expert_size: int) -> float:
+    """Training FLOPs of one (token, expert) pair a SwiGLU expert computes: 6 x its 3 D F weights (forward and
+    backward, as the MFU count)."""
+    return 6.0 * 3 * hidden_size * expert_size
 
 
 def summary_scalars(summary: dict[str, Any], prefix: str = "routing") -> dict[str, float]:

@@ -175,7 +175,10 @@ class ModelConfig:
             norm_topk_prob=self.norm_topk_prob,
             initializer_range=self.initializer_range,
             moe_layers=tuple(self.moe_layers),
+            vocab_size=self.vocab_size,
         )
+        if self.num_experts > 0:
+            router_class.check_context(self._router_context)
 
     def router_context(self) -> RouterContext:
         """What the routers are told about this model (the router seam's only view of the config)."""

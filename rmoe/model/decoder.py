@@ -181,11 +181,12 @@ class DecoderLayer(nn.Module):
         router_state: Any,
         mask_B1SK: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        token_ids_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingOutput | None, Any]:
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin, mask_B1SK, cache)
         h_BSD = self.post_attention_layernorm(x_BSD)
         if isinstance(self.mlp, SparseMoeBlock):
-            out_BSD, routing, router_state = self.mlp(h_BSD, router_state)
+            out_BSD, routing, router_state = self.mlp(h_BSD, router_state, token_ids_BS)
         else:
             out_BSD, routing = self.mlp(h_BSD), None
         return x_BSD + out_BSD, routing, router_state
@@ -310,7 +311,7 @@ class MoeLM(nn.Module):
         router_state: Any = None
         routing: list[RoutingOutput] = []
         for layer in self.layers:
-            x_BSD, layer_routing, router_state = layer(x_BSD, cos, sin, router_state, mask_B1SK, cache)
+            x_BSD, layer_routing, router_state = layer(x_BSD, cos, sin, router_state, mask_B1SK, cache, input_ids_BS)
             if layer_routing is not None:
                 routing.append(layer_routing)
         logits = self.lm_head(self.norm(x_BSD))

@@ -11,9 +11,11 @@ from rmoe.routers import RoutingOutput, tokens_per_expert
 
 
 def expert_counts(routing: RoutingOutput, num_experts: int) -> torch.Tensor:
-    """Routed (token, expert) assignments per expert before any capacity drop: ``(E,)`` fp32, no gradient, on the
+    """Chosen (token, expert) pairs per expert before any capacity drop: ``(E,)`` fp32, no gradient, on the
     probabilities' device."""
-    return tokens_per_expert(routing.expert_ids_TK.to(routing.probs_TE.device), num_experts).float()
+    device = routing.probs_TE.device
+    chosen_TK = None if routing.chosen_TK is None else routing.chosen_TK.to(device)
+    return tokens_per_expert(routing.expert_ids_TK.to(device), num_experts, chosen_TK).float()
 
 
 def load_balancing_loss(
@@ -40,20 +42,50 @@ def load_balancing_loss(
     return num_experts * torch.sum(fraction_E.to(mean_prob_E.device) * mean_prob_E)
 
 
+def sequence_balancing_loss(routing: RoutingOutput, num_experts: int, num_sequences: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (arXiv 2412.19437, Eqs. 17-20): :func:`load_balancing_loss` of
+    each sequence's tokens alone, averaged over the B sequences. With ``f`` normalised to sum to 1 over experts,
+    ``E * sum_e f_e P_e`` is DeepSeek's ``sum_i f_i P_i`` (their ``f_i`` carries the factor ``E / K``); ``P``
+    is the mean of ``probs_TE``, which a sigmoid router normalises per token as DeepSeek's ``s'``."""
+    probs_BSE = routing.probs_TE.float().view(num_sequences, -1, num_experts)
+    B, S, E = probs_BSE.shape
+    ids_BSK = routing.expert_ids_TK.to(probs_BSE.device).view(B, S, -1)
+    chosen = (
+        torch.ones_like(ids_BSK, dtype=probs_BSE.dtype)
+        if routing.chosen_TK is None
+        else routing.chosen_TK.to(probs_BSE.device).view(B, S, -1).to(probs_BSE.dtype)
+    )
+    counts_BE = torch.zeros(B, E, dtype=probs_BSE.dtype, device=probs_BSE.device)
+    counts_BE.scatter_add_(1, ids_BSK.reshape(B, -1), chosen.reshape(B, -1))
+    fraction_BE = counts_BE / counts_BE.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    return (E * (fraction_BE * probs_BSE.mean(dim=1)).sum(dim=-1)).mean()
+
+
 def router_z_loss(routing: RoutingOutput) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al., arXiv 2202.08906, Eq. 5): mean over tokens of logsumexp(logits)^2."""
     return torch.logsumexp(routing.logits_TE.float(), dim=-1).pow(2).mean()
 
 
 def average_over_layers(
-    routing: list[RoutingOutput], num_experts: int, fraction_LE: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean load-balancing loss, mean z-loss) over the MoE layers; zeros for a dense model. ``fraction_LE``: per
-    MoE layer, the ``f_e`` to use instead of each batch's own (see :func:`load_balancing_loss`)."""
+    routing: list[RoutingOutput],
+    num_experts: int,
+    fraction_LE: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss, the routers' own loss), each the mean over the MoE layers; zeros for a dense
+    model or a router without a loss of its own. ``fraction_LE``: per MoE layer, the ``f_e`` to use instead of
+    each batch's own (see :func:`load_balancing_loss`); ``num_sequences``: the balance loss per sequence
+    (:func:`sequence_balancing_loss`) over that many sequences."""
+    zero = torch.zeros(())
     if not routing:
-        zero = torch.zeros(())
-        return zero, zero
-    fractions = [None] * len(routing) if fraction_LE is None else list(fraction_LE)
-    aux = torch.stack([load_balancing_loss(r, num_experts, f) for r, f in zip(routing, fractions, strict=True)]).mean()
+        return zero, zero, zero
+    if num_sequences is not None:
+        aux = torch.stack([sequence_balancing_loss(r, num_experts, num_sequences) for r in routing]).mean()
+    else:
+        fractions = [None] * len(routing) if fraction_LE is None else list(fraction_LE)
+        losses = [load_balancing_loss(r, num_experts, f) for r, f in zip(routing, fractions, strict=True)]
+        aux = torch.stack(losses).mean()
     z = torch.stack([router_z_loss(r) for r in routing]).mean()
-    return aux, z
+    own = [r.router_loss for r in routing if r.router_loss is not None]
+    router_loss = torch.stack(own).mean() if own else zero.to(z.device)
+    return aux, z, router_loss

@@ -427,10 +427,12 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, router_state: Any) -> tuple[torch.Tensor, RoutingOutput, Any]:
+    def forward(
+        self, x_BSD: torch.Tensor, router_state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RoutingOutput, Any]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing, router_state = self.router(x_TD, router_state)
+        routing, router_state = self.router(x_TD, router_state, token_ids_BS)
         out_TD = self.router.apply_experts(x_TD, routing, self.experts, B)  # default: experts(x_TD, routing)
         if self.shared_expert is not None:
             out_TD = out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)

@@ -16,11 +16,14 @@ from typing import Any
 
 from rmoe.metrics.catalog import metrics
 from rmoe.runs import CAUSAL_TEST_DIR, MARKER_FILE, PLAN_FILE, TEST_DIR, fit_dir, fit_status, read_events
-from rmoe.tags import layer_pattern, series
+from rmoe.tags import layer_pattern, scalar_pattern, series
 
 # Routing-metric patterns: matching tags are grouped by the first capture group (the column) and their final
 # values averaged (over layers); the defaults are the catalog's metrics declared with report=True.
-DEFAULT_METRICS = (layer_pattern("val", [m.name for m in metrics(flag="report")]),)
+DEFAULT_METRICS = (
+    layer_pattern("val", [m.name for m in metrics(flag="report") if m.kind != "scalar"]),
+    scalar_pattern("val", [m.name for m in metrics(flag="report", kind="scalar")]),
+)
 
 SEED_KEY = "seed"
 

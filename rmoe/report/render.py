@@ -277,3 +277,30 @@ def plot_bars(groups: Sequence[Group], key: str, label: str, path: Path) -> bool
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot_paired(paired: Sequence[Paired], baseline: str, metric: str, path: Path) -> bool:
+    """The same-seed differences against the baseline, sorted, with their 95% t-intervals (a forest plot); one
+    row per group, the per-seed differences as dots. False when nothing pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = sorted((p for p in paired if p.n), key=lambda p: p.mean)
+    if not shown:
+        return False
+    fig, ax = plt.subplots(figsize=(7.0, 0.35 * len(shown) + 1.6))
+    for y, p in enumerate(shown):
+        half = p.half_width if math.isfinite(p.half_width) else 0.0
+        colour = {"better": "tab:green", "worse": "tab:red"}.get(p.verdict, "tab:gray")
+        ax.errorbar(p.mean, y, xerr=half, fmt="o", color=colour, capsize=3)
+        ax.scatter(p.differences, [y] * p.n, s=8, color=colour, alpha=0.4)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(shown)), [" / ".join(p.labels.values()) + f" (n={p.n})" for p in shown], fontsize=8)
+    ax.set_xlabel(f"Δ {metric} against {baseline} (same seed; mean and 95% t-interval)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -26,7 +26,15 @@ from rmoe.report.collect import (
     read_run,
 )
 from rmoe.report.paired import paired_comparisons
-from rmoe.report.render import markdown_table, paired_table, plot_bars, plot_curves, write_csvs, write_markdown
+from rmoe.report.render import (
+    markdown_table,
+    paired_table,
+    plot_bars,
+    plot_curves,
+    plot_paired,
+    write_csvs,
+    write_markdown,
+)
 from rmoe.runs import PLAN_FILE, find_sweep_runs
 
 
@@ -99,10 +107,12 @@ def report(
             raise ReportError(
                 f"--paired-metric {', '.join(unknown)}: not a column of these runs; any of: {', '.join(known)}."
             )
-        tables = [
-            (m, paired_table(paired_comparisons(complete, key, baseline, m), key, baseline, m)) for m in paired_metrics
-        ]
+        comparisons = {m: paired_comparisons(complete, key, baseline, m) for m in paired_metrics}
+        tables = [(m, paired_table(comparisons[m], key, baseline, m)) for m in paired_metrics]
         tables = [(m, t) for m, t in tables if t]
+        for m, comparison in comparisons.items():
+            if plot_paired(comparison, f"{key}={baseline}", m, out / f"paired_{m}.png"):
+                plots.append(f"paired_{m}.png")
         if tables:
             paired_text = (
                 f"Paired against `{key}={baseline}` (same seed: same initialisation and data order); Δ = run - "

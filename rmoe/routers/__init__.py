@@ -3,6 +3,7 @@ router is one file here (a class decorated with ``@register_router``), its confi
 
 from rmoe.routers.base import (
     CAUSAL,
+    CapacityOptions,
     Causality,
     Router,
     RouterContext,
@@ -22,6 +23,7 @@ __all__ = [
     "ALIASES",
     "CAUSAL",
     "ROUTERS",
+    "CapacityOptions",
     "Causality",
     "Router",
     "RouterContext",

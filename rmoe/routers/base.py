@@ -26,7 +26,7 @@ import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,7 @@ class RouterContext:
         norm_topk_prob: Renormalise the K combine weights of token choice to sum to 1.
         initializer_range: Std of the default Normal init of router matrices.
         moe_layers: Indices (in the decoder) of the MoE layers, in depth order.
+        vocab_size: V, the token ids' range (0 while the data module has not set it).
     """
 
     router_class: type[Router]
@@ -64,6 +65,7 @@ class RouterContext:
     norm_topk_prob: bool = True
     initializer_range: float = 0.02
     moe_layers: tuple[int, ...] = ()
+    vocab_size: int = 0
 
     @property
     def router(self) -> str:
@@ -106,10 +108,15 @@ class RoutingOutput:
             balance loss uses it.
         weights_TK: Combine weights of the chosen experts (fp32).
         expert_ids_TK: Chosen expert ids (int64).
-        keep_TK: Capacity routers: True where the (token, expert) pair is computed, False where it was dropped
-            (the token passes through the residual). None: all kept.
+        keep_TK: True where the (token, expert) pair is computed, False where it was dropped by a capacity or is
+            an unused slot (``chosen_TK``); a token with no computed pair passes through the residual. None: all.
         slot_logits_TN: For a router that mixes tokens into N slots and owns its dispatch (Soft MoE): the fp32
             token-slot logits. None otherwise.
+        chosen_TK: Dynamic-k routers: True where the router chose the pair, False for an unused slot (the token
+            took fewer than K experts). None: every pair was chosen. A router that sets it sets ``keep_TK`` within
+            it (an unused slot is never computed), so a chosen pair that is not kept was dropped by a capacity.
+        router_loss: The router's own training loss for this layer, already weighted by its coefficient (top-p's
+            entropy loss, ReMoE's L1 penalty), added to the model's loss; None: none.
     """
 
     logits_TE: torch.Tensor
@@ -118,6 +125,8 @@ class RoutingOutput:
     expert_ids_TK: torch.Tensor
     keep_TK: torch.Tensor | None = None
     slot_logits_TN: torch.Tensor | None = None
+    chosen_TK: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
 
     def detach(self) -> RoutingOutput:
         """The same decisions, detached (callbacks read the routing after the backward freed the graph)."""
@@ -196,6 +205,72 @@ class TokenChoiceOptions:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 turns it off)")
 
 
+CAPACITY_PRIORITIES = ("position", "probability")
+
+
+@dataclass
+class CapacityOptions(TokenChoiceOptions):
+    """Token choice with an expert capacity (Switch Transformer, arXiv 2101.03961; GShard, arXiv 2006.16668).
+
+    Args:
+        capacity_factor: In training, each expert computes at most ``C = ceil(capacity_factor * S * K / E)`` of
+            the pairs of each sequence of S tokens that chose it; the rest are dropped (the token passes through
+            the residual, and the shared expert if any). None: no capacity.
+        capacity_priority: Which pairs an expert keeps: ``position`` (earlier tokens first, a token's first
+            choice before its second: causal, a token's slot depends on earlier tokens only) or ``probability``
+            (highest combine weight first, as Batch Prioritized Routing: not causal, later tokens can take an
+            earlier token's slot).
+        eval_capacity_factor: The capacity in evaluation (None: none, so evaluation routes like plain top-k and
+            decodes token by token as it validates).
+    """
+
+    capacity_factor: float | None = None
+    capacity_priority: Literal["position", "probability"] = "position"
+    eval_capacity_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"{key}={value} must be > 0 (null: no capacity)")
+        if self.capacity_priority not in CAPACITY_PRIORITIES:
+            raise ValueError(
+                f"capacity_priority={self.capacity_priority!r}; expected one of: {', '.join(CAPACITY_PRIORITIES)}"
+            )
+
+
+def capacity_keep_mask(
+    group_TK: torch.Tensor, priority_TK: torch.Tensor | None, num_groups: int, capacity: int
+) -> torch.Tensor:
+    """True for the (at most ``capacity``) first pairs of each group; vectorised, no host sync.
+
+    Args:
+        group_TK: Each pair's group in [0, num_groups) (an expert, or a (sequence, expert) pair).
+        priority_TK: Higher first; ties and None keep the flattened order (token by token, a token's k in order).
+
+    The T*K pairs are ordered by priority, then grouped with a stable sort; a pair's rank is its position minus its
+    group's start, and ranks below the capacity are kept.
+    """
+    group_S = group_TK.reshape(-1)
+    if priority_TK is None:
+        order_S = torch.argsort(group_S, stable=True)
+    else:
+        by_priority_S = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)
+        order_S = by_priority_S[torch.argsort(group_S[by_priority_S], stable=True)]
+    counts_G = tokens_per_expert(group_S, num_groups)
+    starts_G = torch.cumsum(counts_G, dim=0) - counts_G
+    rank_S = torch.arange(group_S.numel(), device=group_S.device) - starts_G[group_S[order_S]]
+    keep_S = torch.empty_like(group_S, dtype=torch.bool)
+    keep_S[order_S] = rank_S < capacity
+    return keep_S.view_as(group_TK)
+
+
+def num_sequences_of(token_ids_BS: torch.Tensor | None) -> int:
+    """B of a forward call (1 when the router is called without its token ids)."""
+    return 1 if token_ids_BS is None else token_ids_BS.shape[0]
+
+
 def _option_type_problem(hint: Any, value: Any) -> str | None:
     """What an option of type ``hint`` expects when ``value`` is not that (None: it is): integers, finite
     numbers, booleans."""
@@ -225,6 +300,9 @@ class Router(nn.Module):
     causal_evaluation: ClassVar[Mapping[str, Any] | None] = None
     """Router options that make evaluation causal without changing training (e.g. ``{"eval_routing": "topk"}``);
     None: no causal evaluation offered. ``ModelConfig.causal_evaluation_options`` applies and checks it."""
+    weights_sum_to_one: ClassVar[bool] = True
+    """A token's combine weights sum to 1 (times ``weight_scale``) under ``norm_topk_prob``; False for a router
+    whose weights are gates of their own (ReMoE) or that lets a token choose no expert (null experts)."""
     compile_problem: ClassVar[str | None] = None
     """Why ``torch.compile(fullgraph=True)`` cannot trace this router (data-dependent shapes, control flow on
     tensor values), or None: it can (proven by ``tests/test_compile.py``). ``model.compile=true`` refuses the rest."""
@@ -270,6 +348,11 @@ class Router(nn.Module):
         except (TypeError, ValueError) as err:
             raise RmoeError(f"model.arch.router_options for router {cls.name!r}: {err}") from None
 
+    @classmethod
+    def check_context(cls, config: RouterContext) -> None:
+        """Refuse options that contradict the model's sizes (raise :class:`RmoeError` naming the keys); called once,
+        when the model config is validated. Default: nothing to check."""
+
     # --- Costs, for the memory estimate, the FLOPs count and the summary; the defaults fit token choice.
 
     @classmethod
@@ -305,7 +388,15 @@ class Router(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the training loop on every router after each optimiser step (no-op here)."""
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
+        """This layer's routing of the T = B * S tokens of ``x_TD`` and the state for the next MoE layer.
+
+        ``token_ids_BS`` are the tokens' ids (B, S), laid out as ``x_TD``: the decoder always passes them (hash
+        routing reads them; capacities count per sequence); None when a router is called on bare hidden states,
+        taken as one sequence.
+        """
         raise NotImplementedError
 
     def apply_experts(
@@ -319,18 +410,25 @@ class Router(nn.Module):
 class TokenChoiceRouter(Router):
     """A router where each token picks its top-k experts from scores computed by the subclass.
 
-    Subclasses compute fp32 ``logits_TE`` in :meth:`forward` and return ``self.select(logits_TE)``. Causal unless
-    a subclass whose selection compares tokens (a capacity, a transport plan) overrides :meth:`causality`.
+    Subclasses compute fp32 ``logits_TE`` in :meth:`forward` and return ``self.select(logits_TE, token_ids_BS)``;
+    one whose gate is not a softmax or whose choice is not a plain top-k overrides :meth:`gate_scores` or
+    :meth:`choose`
+    (DeepSeek-V3's sigmoid scores and group-limited choice). With :class:`CapacityOptions` the selection drops the
+    pairs over an expert's capacity (:meth:`capacity_keep`). Causal unless its capacity ranks by probability, or
+    a subclass whose selection compares tokens overrides :meth:`causality`.
 
     Auxiliary-loss-free balancing (``bias_update_rate > 0``; Wang et al., "Auxiliary-Loss-Free Load Balancing
-    Strategy for Mixture-of-Experts", arXiv 2408.15664): with ``s`` the softmax probabilities, the top-k is taken
-    over ``s + b`` but the combine weights are the unbiased ``s`` (renormalised per ``norm_topk_prob``). ``b`` is
-    the persistent buffer ``balance_bias_E``; per-expert choices are counted while training and consumed by
+    Strategy for Mixture-of-Experts", arXiv 2408.15664): with ``s`` the gate's scores, the top-k is taken over
+    ``s + b`` but the combine weights are the unbiased ``s`` (renormalised per ``norm_topk_prob``). ``b`` is the
+    persistent buffer ``balance_bias_E``; per-expert choices are counted while training and consumed by
     :meth:`after_optimizer_step`. The counter is a plain attribute, not a buffer: DDP re-broadcasts buffers from
     rank 0 at each forward, which would overwrite per-rank counts.
     """
 
-    Options: ClassVar[type] = TokenChoiceOptions
+    Options: ClassVar[type] = CapacityOptions
+    causal_evaluation: ClassVar[Mapping[str, Any] | None] = {"eval_capacity_factor": None}
+    norm_eps: ClassVar[float] = 0.0
+    """Added to the sum of the chosen scores before renormalising (sigmoid scores can all be ~0)."""
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
@@ -343,8 +441,37 @@ class TokenChoiceRouter(Router):
 
     @classmethod
     def causality(cls, config: RouterContext) -> Causality:
-        """Causal: a token's routing reads its own state only; the balancing bias changes only between steps."""
-        return CAUSAL
+        """Causal (a token's routing reads its own state; the balancing bias changes only between steps) unless a
+        capacity ranks pairs by probability and can drop."""
+        options = config.options
+        if not isinstance(options, CapacityOptions):
+            return CAUSAL
+
+        def reason(factor: float | None, key: str) -> str | None:
+            if factor is None or options.capacity_priority == "position":
+                return None
+            if factor * config.top_k >= config.num_experts:  # C = S: an expert can take every token
+                return None
+            return (
+                f"{key}={factor:g} with capacity_priority=probability: an expert keeps the highest-weight pairs of "
+                "the sequence, so a later token can take an earlier token's slot"
+            )
+
+        return Causality(
+            reason(options.capacity_factor, "capacity_factor"),
+            reason(options.eval_capacity_factor, "eval_capacity_factor"),
+        )
+
+    @classmethod
+    def routed_pairs(cls, config: RouterContext, num_tokens: int, num_sequences: int) -> int:
+        """T * K, or with a training capacity below that, E * C per sequence."""
+        pairs = num_tokens * config.top_k
+        options = config.options
+        if isinstance(options, CapacityOptions) and options.capacity_factor is not None:
+            seq_len = max(1, num_tokens // max(1, num_sequences))
+            capacity = expert_capacity(seq_len, config.num_experts, config.top_k, options.capacity_factor)
+            pairs = min(pairs, num_sequences * config.num_experts * capacity)
+        return pairs
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -353,23 +480,74 @@ class TokenChoiceRouter(Router):
             self.balance_bias_E.zero_()
         self._load_counts_E = None
 
-    def select(self, logits_TE: torch.Tensor) -> RoutingOutput:
-        """fp32 softmax over experts, top-k (over ``probs + b`` when balancing), renormalise."""
-        if self.balance_bias_E is None:
-            return topk_softmax(logits_TE, self.top_k, self.config.norm_topk_prob)
-        logits_TE = logits_TE.float()
+    def gate_scores(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores_TE, probs_TE)``: the scores the choice ranks and the combine weights take (fp32), and the
+        probability over experts the balance loss and the metrics read. Default: both the softmax."""
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        expert_ids_TK = torch.topk(probs_TE + self.balance_bias_E.float(), self.top_k, dim=-1).indices
-        weights_TK = probs_TE.gather(1, expert_ids_TK)  # unbiased scores: b steers the choice only
+        return probs_TE, probs_TE
+
+    def choose(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """The K experts of each token ``(T, K)`` from its (biased) scores. Default: top-k."""
+        return torch.topk(choice_TE, self.top_k, dim=-1).indices
+
+    def weight_scale(self) -> float:
+        """Multiplies the combine weights after renormalisation (DeepSeek-V3's ``routed_scaling_factor``)."""
+        return 1.0
+
+    def select(self, logits_TE: torch.Tensor, token_ids_BS: torch.Tensor | None = None) -> RoutingOutput:
+        """Gate, choose (over ``scores + b`` when balancing), renormalise, scale, apply the capacity."""
+        logits_TE = logits_TE.float()
+        scores_TE, probs_TE = self.gate_scores(logits_TE)
+        if self.balance_bias_E is None and type(self).choose is TokenChoiceRouter.choose:
+            weights_TK, expert_ids_TK = torch.topk(scores_TE, self.top_k, dim=-1)
+        else:
+            choice_TE = scores_TE if self.balance_bias_E is None else scores_TE + self.balance_bias_E.float()
+            expert_ids_TK = self.choose(choice_TE)
+            weights_TK = scores_TE.gather(1, expert_ids_TK)  # unbiased scores: b steers the choice only
         if self.config.norm_topk_prob:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        if self.training:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + self.norm_eps)
+        scale = self.weight_scale()
+        if scale != 1.0:
+            weights_TK = weights_TK * scale
+        if self.training and self.balance_bias_E is not None:
             self._count_load(expert_ids_TK)
-        return RoutingOutput(logits_TE, probs_TE, weights_TK, expert_ids_TK)
+        keep_TK = self.capacity_keep(expert_ids_TK, weights_TK, token_ids_BS)
+        return RoutingOutput(logits_TE, probs_TE, weights_TK, expert_ids_TK, keep_TK)
+
+    def capacity(self, seq_len: int) -> int | None:
+        """Pairs an expert may compute per sequence of ``seq_len`` tokens in the current mode (None: no cap)."""
+        options = self.options
+        if not isinstance(options, CapacityOptions):
+            return None
+        factor = options.capacity_factor if self.training else options.eval_capacity_factor
+        return None if factor is None else expert_capacity(seq_len, self.num_experts, self.top_k, factor)
+
+    def capacity_keep(
+        self,
+        expert_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        token_ids_BS: torch.Tensor | None,
+        chosen_TK: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The pairs within each expert's capacity, counted per sequence (None: no capacity in this mode). Unused
+        slots (``chosen_TK`` False) take no slot and are not kept."""
+        T = expert_ids_TK.shape[0]
+        B = num_sequences_of(token_ids_BS)
+        capacity = self.capacity(T // B)
+        if capacity is None:
+            return chosen_TK
+        E = self.num_experts
+        sequence_T1 = (torch.arange(T, device=expert_ids_TK.device) // (T // B))[:, None]
+        group_TK = sequence_T1 * E + expert_ids_TK  # (T, K) one group per (sequence, expert)
+        if chosen_TK is not None:
+            group_TK = group_TK.masked_fill(~chosen_TK, B * E)  # a group of their own, never kept
+        priority_TK = weights_TK.detach() if self.options.capacity_priority == "probability" else None
+        keep_TK = capacity_keep_mask(group_TK, priority_TK, B * E + 1, capacity)
+        return keep_TK if chosen_TK is None else keep_TK & chosen_TK
 
     @torch.no_grad()
-    def _count_load(self, expert_ids_TK: torch.Tensor) -> None:
-        counts_E = tokens_per_expert(expert_ids_TK, self.num_experts).float()
+    def _count_load(self, expert_ids_TK: torch.Tensor, chosen_TK: torch.Tensor | None = None) -> None:
+        counts_E = tokens_per_expert(expert_ids_TK, self.num_experts, chosen_TK).float()
         if self._load_counts_E is None or self._load_counts_E.device != counts_E.device:
             self._load_counts_E = counts_E
         else:

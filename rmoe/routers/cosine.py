@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear
+from rmoe.routers.base import CapacityOptions, RoutingOutput, TokenChoiceRouter, fp32_linear
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class CosineScorer(nn.Module):
 
 
 @dataclass
-class CosineOptions(TokenChoiceOptions):
+class CosineOptions(CapacityOptions):
     """Args:
     proj_dim: Down-projection width before the cosine (0: cosine in model space).
     init_temperature: Initial temperature ``tau`` (learned; CLIP's 0.07).
@@ -139,8 +139,10 @@ class CosineRouter(TokenChoiceRouter):
         super().reset_parameters()
         self.scorer.reset_parameters()
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
-        return self.select(self.scorer(x_TD)), state
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
+        return self.select(self.scorer(x_TD), token_ids_BS), state
 
 
 @register_router("xmoe")

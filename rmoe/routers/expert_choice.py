@@ -190,7 +190,9 @@ class ExpertChoiceRouter(Router):
         ``gates_TE``. Softmax expert choice: both are the softmax probabilities."""
         return probs_TE, probs_TE
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = fp32_linear(x_TD, self.weight)
         probs_TE = torch.softmax(logits_TE, dim=-1)

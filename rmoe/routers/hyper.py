@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear
+from rmoe.routers.base import CapacityOptions, RoutingOutput, TokenChoiceRouter, fp32_linear
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class HyperOptions(TokenChoiceOptions):
+class HyperOptions(CapacityOptions):
     """Args:
     embedding_dim: Width d_e of each layer's trainable embedding (the only trainable router part).
     hypernet_hidden_dim: Hidden width of the frozen hypernetwork.
@@ -95,6 +95,8 @@ class HyperRouter(TokenChoiceRouter):
         super().reset_parameters()
         nn.init.normal_(self.embedding)
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         weight_ED = self.shared(self.embedding)
-        return self.select(fp32_linear(x_TD, weight_ED)), state
+        return self.select(fp32_linear(x_TD, weight_ED), token_ids_BS), state

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear, init_linear
+from rmoe.routers.base import CapacityOptions, RoutingOutput, TokenChoiceRouter, fp32_linear, init_linear
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LinearOptions(TokenChoiceOptions):
+class LinearOptions(CapacityOptions):
     """Args:
     bias: A per-expert bias on the logits, ``x W^T + b`` (off: Qwen2-MoE's gate and the RMoE authors'
         large-scale baseline have none; their enwik8 baseline, an ``nn.Linear(d, E)``, had one).
@@ -52,6 +52,8 @@ class LinearRouter(TokenChoiceRouter):
         super().reset_parameters()  # the bias-balancing buffer
         init_linear(self.weight, self.bias, self.options.init, self.config.initializer_range)
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         logits_TE = fp32_linear(x_TD, self.weight, self.bias)
-        return self.select(logits_TE), state
+        return self.select(logits_TE, token_ids_BS), state

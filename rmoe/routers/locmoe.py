@@ -38,8 +38,8 @@ from rmoe.routers.base import (
     RoutingOutput,
     TokenChoiceOptions,
     TokenChoiceRouter,
+    capacity_keep_mask,
     expert_capacity,
-    tokens_per_expert,
 )
 from rmoe.routers.registry import register_router
 
@@ -73,25 +73,6 @@ def gap_rows(num_experts: int, hidden_size: int) -> torch.Tensor:
     return rows_ED
 
 
-def capacity_keep_mask(
-    expert_ids_TK: torch.Tensor, affinity_TK: torch.Tensor, num_experts: int, capacity: int
-) -> torch.Tensor:
-    """True for the (at most ``capacity``) highest-affinity pairs of each expert; vectorised, no host sync.
-
-    Sort the T*K pairs by (expert, -affinity) with two stable sorts, rank each pair within its expert's group
-    (position minus the group's start) and keep ranks below the capacity.
-    """
-    ids_S = expert_ids_TK.reshape(-1)
-    by_affinity_S = torch.argsort(affinity_TK.reshape(-1), descending=True, stable=True)
-    order_S = by_affinity_S[torch.argsort(ids_S[by_affinity_S], stable=True)]  # grouped by expert
-    counts_E = tokens_per_expert(ids_S, num_experts)
-    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
-    rank_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts_E[ids_S[order_S]]
-    keep_S = torch.empty_like(ids_S, dtype=torch.bool)
-    keep_S[order_S] = rank_S < capacity
-    return keep_S.view_as(expert_ids_TK)
-
-
 @register_router("locmoe")
 class LocMoeRouter(TokenChoiceRouter):
     """GAP-affinity token choice, then per-expert capacity by affinity (see the module docstring).
@@ -100,6 +81,7 @@ class LocMoeRouter(TokenChoiceRouter):
     """
 
     Options = LocMoeOptions
+    causal_evaluation = None  # its capacity applies in evaluation too
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
@@ -132,10 +114,17 @@ class LocMoeRouter(TokenChoiceRouter):
         )
         return Causality(reason, reason)
 
-    def capacity(self, num_tokens: int) -> int:
-        return expert_capacity(num_tokens, self.num_experts, self.top_k, self.options.capacity_factor)
+    def capacity(self, seq_len: int) -> int:
+        """Over the T tokens of the forward call (LocMoE's capacity is not per sequence)."""
+        return expert_capacity(seq_len, self.num_experts, self.top_k, self.options.capacity_factor)
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def capacity_keep(self, *args: Any, **kwargs: Any) -> None:
+        """None: :meth:`forward` applies LocMoE's own capacity, ranked by affinity over the whole call."""
+        return None
+
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             affinity_TE = F.linear(
                 F.normalize(x_TD.float(), dim=-1, eps=1e-6), F.normalize(self.keys.float(), dim=-1, eps=1e-6)

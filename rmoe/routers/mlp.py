@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear
+from rmoe.routers.base import CapacityOptions, RoutingOutput, TokenChoiceRouter, fp32_linear
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class MlpOptions(TokenChoiceOptions):
+class MlpOptions(CapacityOptions):
     """Args:
     hidden_dim: Width H of the hidden layer (128: the per-layer parameters of RMoE's projector + gate).
     """
@@ -46,7 +46,9 @@ class MlpRouter(TokenChoiceRouter):
         """The fp32 hidden layer before and after the GELU, and its gradient's input (T, H) x 3."""
         return 3 * num_tokens * config.options.hidden_dim * 4
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         hidden_TH = F.gelu(fp32_linear(x_TD, self.up_proj))
         logits_TE = fp32_linear(hidden_TH, self.out_proj)
-        return self.select(logits_TE), state
+        return self.select(logits_TE, token_ids_BS), state

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear
+from rmoe.routers.base import CapacityOptions, RoutingOutput, TokenChoiceRouter, fp32_linear
 from rmoe.routers.registry import register_router
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class RandomOptions(TokenChoiceOptions):
+class RandomOptions(CapacityOptions):
     """Args:
     init_std: Std of the frozen Normal weights (None: ``model.arch.initializer_range``). Only the combine weights
         depend on it, not the top-k.
@@ -55,6 +55,8 @@ class RandomRouter(TokenChoiceRouter):
         std = self.options.init_std if self.options.init_std is not None else self.config.initializer_range
         nn.init.normal_(self.weight, std=std)
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         logits_TE = fp32_linear(x_TD, self.weight)
-        return self.select(logits_TE), state
+        return self.select(logits_TE, token_ids_BS), state

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from rmoe.routers.base import RoutingOutput, TokenChoiceOptions, TokenChoiceRouter, fp32_linear, init_linear
+from rmoe.routers.base import CapacityOptions, RoutingOutput, TokenChoiceRouter, fp32_linear, init_linear
 from rmoe.routers.cosine import CosineScorer, check_cosine_options
 from rmoe.routers.registry import register_router
 
@@ -41,7 +41,7 @@ _CELLS = {"gru": nn.GRUCell, "rnn": nn.RNNCell, "lstm": nn.LSTMCell}
 
 
 @dataclass
-class RecurrentOptions(TokenChoiceOptions):
+class RecurrentOptions(CapacityOptions):
     """Args:
     state_dim: Width P of the projected input and of the recurrent state (paper: 128).
     cell: ``gru`` (paper), ``rnn`` (tanh) or ``lstm`` (its state carries (h, c)).
@@ -227,7 +227,9 @@ class RecurrentRouter(TokenChoiceRouter):
         if self.scorer is not None:
             self.scorer.reset_parameters()
 
-    def forward(self, x_TD: torch.Tensor, state: RecurrentState | None) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: RecurrentState | None, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         o = self.options
         core: RecurrentCore = self.shared
         if self.proj is not None:
@@ -260,7 +262,7 @@ class RecurrentRouter(TokenChoiceRouter):
             c_TP=c_TP if o.pass_state else None,
             logits_TE=logits_TE if o.residual_alpha else None,
         )
-        return self.select(logits_TE), next_state
+        return self.select(logits_TE, token_ids_BS), next_state
 
 
 def rms_normalize(x_TP: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -83,7 +83,9 @@ class SinkhornTokenChoiceRouter(PlanCosts, Router):
             training += " and its gates are the plan's entries"
         return Causality(training, None if options.eval_routing == "topk" else training)
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         o = self.options
         logits_TE = fp32_linear(x_TD, self.weight)
         if not self.training and o.eval_routing == "topk":  # S-BASE: plain top-k at evaluation

@@ -114,7 +114,9 @@ class SoftMoeRouter(Router):
             slots_ND = F.normalize(self.slot_embeddings.float(), dim=-1, eps=1e-6)
             return self.scale.float() * F.linear(x_TD, slots_ND)
 
-    def forward(self, x_TD: torch.Tensor, state: Any) -> tuple[RoutingOutput, Any]:
+    def forward(
+        self, x_TD: torch.Tensor, state: Any, token_ids_BS: torch.Tensor | None = None
+    ) -> tuple[RoutingOutput, Any]:
         T, E = x_TD.shape[0], self.num_experts
         slot_logits_TN = self.slot_logits(x_TD)
         logits_TE = torch.logsumexp(slot_logits_TN.view(T, E, self.slots_per_expert), dim=-1)

@@ -223,7 +223,7 @@ class RoutingAnalytics(L.Callback):
             # everything this step logs reaches the host in one transfer; the metrics run there
             routing, (stacked, similarity_L, tokens_in) = routing_to_host(routing, extra)
             scalars: dict[str, float] = dict(zip(norms, stacked.tolist(), strict=True))
-            stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
+            stats = RoutingStats.for_model(pl_module.arch, max_samples=self.max_samples)
             summary = stats.update(routing).compute()
             scalars.update(summary_scalars(summary, prefix=series("train")))
             scalars.update(
@@ -296,7 +296,7 @@ class RoutingAnalytics(L.Callback):
     def _eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval = None
         if self.enabled and not trainer.sanity_checking:
-            stats = RoutingStats(pl_module.arch.num_experts, top_k=pl_module.arch.top_k, max_samples=self.max_samples)
+            stats = RoutingStats.for_model(pl_module.arch, max_samples=self.max_samples)
             tokens = TokenExpertStats(pl_module.arch.vocab_size, pl_module.arch.num_experts)
             histograms = RoutingHistograms(pl_module.arch.num_experts) if self.histograms else None
             self._eval = (stats, histograms, tokens)

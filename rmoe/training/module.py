@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from torch.distributed.device_mesh import DeviceMesh
 
-TRAIN_LOSSES = ("loss", "aux_loss", "z_loss", "total_loss")
+TRAIN_LOSSES = ("loss", "aux_loss", "z_loss", "router_loss", "total_loss")
 """``train/<name>`` scalars, each the mean over the optimiser step's micro-batches and processes
 (with ``train/grad_norm``, the global gradient norm before clipping), logged every
 ``trainer.log_every_n_steps`` optimiser steps."""
@@ -101,6 +101,8 @@ class MoeLMModule(L.LightningModule):
             process; under gradient accumulation the k-th micro-batch uses the counts of
             micro-batches 1..k (later ones are not computed yet), so the last one sees the whole
             step. ``P_e`` is always the local mean (its gradient is averaged by DDP/FSDP).
+            ``sequence``: the loss of each sequence alone, averaged over the sequences (DeepSeek-V3's
+            sequence-wise balance loss, arXiv 2412.19437, in training and evaluation).
             Validation and test use each batch's own fractions.
         compile: ``torch.compile`` each decoder layer (in place, so checkpoint names don't change), with
             ``fullgraph=True`` on the ``grouped_mm`` path. The ``rmoe`` command refuses what cannot be
@@ -118,7 +120,7 @@ class MoeLMModule(L.LightningModule):
         optim: OptimConfig | None = None,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.001,
-        aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch",
+        aux_loss_scope: Literal["micro_batch", "global_batch", "sequence"] = "micro_batch",
         compile: bool = False,
         init_from: str | None = None,
     ) -> None:
@@ -130,9 +132,9 @@ class MoeLMModule(L.LightningModule):
                 or not (math.isfinite(value) and value >= 0)
             ):
                 raise RmoeError(f"model.{key}={value!r} is invalid; expected a finite number >= 0 (0: off).")
-        if aux_loss_scope not in ("micro_batch", "global_batch"):
+        if aux_loss_scope not in ("micro_batch", "global_batch", "sequence"):
             raise RmoeError(
-                f"model.aux_loss_scope={aux_loss_scope!r} is invalid; expected micro_batch or global_batch."
+                f"model.aux_loss_scope={aux_loss_scope!r} is invalid; expected micro_batch, global_batch or sequence."
             )
         self.save_hyperparameters()
         self.arch = arch
@@ -243,10 +245,20 @@ class MoeLMModule(L.LightningModule):
         out = self.model(inputs)
         lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
         fraction_LE = self._step_fractions(out.routing, sum_over_ranks) if sum_over_ranks and out.routing else None
-        aux_loss, z_loss = average_over_layers(out.routing, self.arch.num_experts, fraction_LE)
-        aux_loss, z_loss = aux_loss.to(lm_loss.device), z_loss.to(lm_loss.device)
-        balance_loss = self.aux_loss_coef * aux_loss + self.z_loss_coef * z_loss
-        losses = {"loss": lm_loss + balance_loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "z_loss": z_loss}
+        num_sequences = inputs.shape[0] if self.aux_loss_scope == "sequence" else None
+        aux_loss, z_loss, router_loss = (
+            loss.to(lm_loss.device)
+            for loss in average_over_layers(out.routing, self.arch.num_experts, fraction_LE, num_sequences)
+        )
+        # the routers' own losses (top-p's entropy, ReMoE's L1) carry their coefficients
+        balance_loss = self.aux_loss_coef * aux_loss + self.z_loss_coef * z_loss + router_loss
+        losses = {
+            "loss": lm_loss + balance_loss,
+            "lm_loss": lm_loss,
+            "aux_loss": aux_loss,
+            "z_loss": z_loss,
+            "router_loss": router_loss,
+        }
         return {**losses, "balance_loss": balance_loss}, out.routing
 
     @torch.no_grad()
@@ -273,7 +285,7 @@ class MoeLMModule(L.LightningModule):
         global_batch = self.aux_loss_scope == "global_batch"
         losses, routing = self._losses(batch, self._sum_over_ranks if global_batch else None)
         self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
-        values = torch.stack([losses["lm_loss"], losses["aux_loss"], losses["z_loss"], losses["loss"]]).detach()
+        values = torch.stack([losses[k] for k in ("lm_loss", "aux_loss", "z_loss", "router_loss", "loss")]).detach()
         self._step_loss_sums = values if self._step_loss_sums is None else self._step_loss_sums + values
         self._step_micro_batches += 1
         out: dict[str, Any] = {"loss": losses["loss"], "routing": [r.detach() for r in routing]}
@@ -282,7 +294,8 @@ class MoeLMModule(L.LightningModule):
         if every and step % every == 0 and step != self._grad_norms_step and self.trainer.is_global_zero:
             self._grad_norms_step = step
             balance = losses["balance_loss"]
-            weighted = (self.aux_loss_coef or self.z_loss_coef) and balance.requires_grad  # else no gradient
+            has_own = any(r.router_loss is not None for r in routing)
+            weighted = (self.aux_loss_coef or self.z_loss_coef or has_own) and balance.requires_grad  # else none
             named = {"lm": losses["lm_loss"], **({"balance": balance} if weighted else {})}
             out["router_grad_norms"] = router_grad_norm_tensors(self.model, named)
         return out
@@ -438,6 +451,7 @@ class MoeLMModule(L.LightningModule):
         self.log(f"{split}/loss", losses["lm_loss"], batch_size=n, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/aux_loss", losses["aux_loss"], batch_size=n, sync_dist=True)
         self.log(f"{split}/z_loss", losses["z_loss"], batch_size=n, sync_dist=True)
+        self.log(f"{split}/router_loss", losses["router_loss"], batch_size=n, sync_dist=True)
         return {"routing": routing}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, Any]:
