@@ -60,8 +60,12 @@ def non_causal_reason(config: ModelConfig) -> str | None:
     evaluation forward only if the router is causal in evaluation (:meth:`rmoe.routers.Router.causality`):
     expert choice, Sinkhorn routing, Soft MoE and capacity drops are not, unless ``eval_routing: topk``.
     """
-    reason = config.causality().evaluation
-    return f"router {config.router!r} is not causal in evaluation: {reason}" if reason else None
+    causality = config.causality()
+    if causality.evaluation:
+        return f"router {config.router!r} is not causal in evaluation: {causality.evaluation}"
+    if causality.decoding:
+        return f"router {config.router!r} cannot decode token by token as it evaluates: {causality.decoding}"
+    return None
 
 
 def load_model(

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_routers import build, tiny_config
+from test_routers import build, routers_of, tiny_config
 from tiny import BASE_CONFIGS, scalars, tiny_overrides
 
 from rmoe import RmoeError
@@ -42,8 +42,9 @@ def test_each_expert_keeps_its_first_c_pairs_per_sequence(router, priority):
     out = model(ids_BS)
     C = expert_capacity(16, 4, 2, 0.5)
     assert C == 4
-    for r in out.routing:
-        expected = naive_keep(r.expert_ids_TK, r.weights_TK, 3, 4, C, priority)
+    for router, r in zip(routers_of(model), out.routing, strict=True):
+        scores_TK = router.gate_scores(r.logits_TE)[0].gather(1, r.expert_ids_TK)  # the router's probabilities
+        expected = naive_keep(r.expert_ids_TK, scores_TK, 3, 4, C, priority)
         assert torch.equal(r.keep_TK, expected)
         assert not r.keep_TK.all()  # the capacity binds at 0.5
     model.eval()
@@ -84,6 +85,8 @@ def test_position_priority_is_causal_and_probability_priority_is_not():
     with_eval = tiny_config("linear", {"capacity_priority": "probability", "eval_capacity_factor": 0.5})
     assert with_eval.causality().evaluation is not None
     assert with_eval.causal_evaluation_options() == {"eval_capacity_factor": None}
+    by_position = tiny_config("linear", {"eval_capacity_factor": 0.5})
+    assert by_position.causality().causal and "a cached decoding step" in by_position.causality().decoding
     with pytest.warns(UserWarning, match="not causal in training"):
         build_warning = __import__("rmoe").MoeLM
         build_warning(probability)
@@ -140,3 +143,30 @@ def test_a_capacity_run_logs_its_drop_rate_through_the_command(tmp_path):
     assert active and next(iter(active.values())) < 2
     flops = scalars(run, "moe/train/expert_flops_per_token")
     assert flops and next(iter(flops.values())) > 0
+
+
+def test_an_evaluation_capacity_by_position_cannot_decode_and_generate_says_so():
+    from rmoe.inference import non_causal_reason
+    from rmoe.model.decoder import KVCache
+
+    config = tiny_config("linear", {"eval_capacity_factor": 0.5}, top_k=1, initializer_range=0.5)
+    assert "cannot decode token by token" in non_causal_reason(config)
+    model = build("linear", {"eval_capacity_factor": 0.5}, top_k=1, initializer_range=0.5).eval()
+    ids_BS = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids_BS).routing[0].keep_TK
+        cache = KVCache()
+        steps = [model(ids_BS[:, t : t + 1], cache=cache).routing[0].keep_TK for t in range(16)]
+    assert not full.all() and all(step is None or step.all() for step in steps)  # the full forward drops, decoding not
+
+
+def test_probability_priority_ranks_by_the_router_probability_even_at_top_1():
+    model = build("linear", {"capacity_factor": 0.5, "capacity_priority": "probability"}, top_k=1, seed=5).train()
+    router = routers_of(model)[0]
+    r = model(torch.randint(0, 64, (2, 16))).routing[0]
+    assert bool((r.weights_TK == 1).all())  # renormalised top-1 weights carry no order
+    scores_TK = r.probs_TE.gather(1, r.expert_ids_TK)
+    C = expert_capacity(16, 4, 1, 0.5)
+    assert torch.equal(r.keep_TK, naive_keep(r.expert_ids_TK, scores_TK, 2, 4, C, "probability"))
+    assert not torch.equal(r.keep_TK, naive_keep(r.expert_ids_TK, scores_TK, 2, 4, C, "position"))
+    assert router.options.capacity_priority == "probability"

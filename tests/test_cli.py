@@ -393,6 +393,10 @@ def test_fit_ends_with_a_summary_and_a_failed_start_leaves_no_run_folder(tmp_pat
     assert "rmoe fit: 2 steps in " in err and f"run folder {run}" in err
     assert "last validation: val/loss " in err and "best val/loss " in err and f"{run}/checkpoints/best-" in err
     assert f"last checkpoint: {run}/checkpoints/last.ckpt" in err
+    # top-2 of E without drops: the realised expert FLOPs equal the bound
+    line = next(line for line in err.splitlines() if "routed-expert training FLOPs per token" in line)
+    realised, bound = line.split(": ")[1].split(" (")[0], line.split("MFU count ")[1].split(",")[0]
+    assert realised == bound, line
     # a start that fails after the run folder was claimed (the data has too few tokens for a block) gives it back
     (tmp_path / "short.txt").write_text("hi")
     with pytest.raises(SystemExit) as exit_info:

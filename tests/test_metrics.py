@@ -644,3 +644,29 @@ def test_active_experts_by_token_frequency_splits_the_token_mass_into_quarters()
     by_q = active_experts_by_frequency(counts_VE, occurrences_V)
     assert by_q[0].item() == 2.0 and torch.isnan(by_q[2])  # id 0 starts the mass; quarter 3 starts at token 6
     assert by_q[3].item() == pytest.approx(3 / 2)  # ids 2 and 3: 3 pairs over 2 tokens
+
+
+def test_router_saturation_ignores_pairs_that_are_not_computed():
+    from rmoe.metrics.specialization import router_saturation
+
+    final = torch.tensor([[0, 1], [2, -1], [-1, -1]])  # the second token uses one expert, the third none
+    earlier = torch.tensor([[1, -1], [2, 3], [0, 1]])
+    # token 0: {1} of {0, 1}; token 1: {2} of {2}; token 2 is left out
+    assert router_saturation(earlier, final).item() == pytest.approx((0.5 + 1.0) / 2)
+    top_k = torch.tensor([[0, 1], [2, 3]])
+    assert router_saturation(top_k, top_k).item() == 1.0
+
+
+def test_a_layer_with_no_chosen_pair_has_a_finite_balance_loss_and_soft_moe_no_expert_count():
+    from rmoe.metrics import routing_summary
+    from rmoe.model.losses import load_balancing_loss
+    from rmoe.routers import RoutingOutput
+
+    probs = torch.full((3, 4), 0.25)
+    nothing = torch.zeros(3, 2, dtype=torch.bool)
+    routing = RoutingOutput(probs.log(), probs, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long), nothing,
+                            chosen_TK=nothing)  # fmt: skip
+    assert load_balancing_loss(routing, 4).item() == 0.0
+    soft = RoutingOutput(probs.log(), probs, torch.ones(3, 4), torch.arange(4).expand(3, 4), slot_logits_TN=probs)
+    summary = routing_summary([soft], 4)
+    assert torch.isnan(summary["active_experts_mean"]).all() and summary["active_counts"].sum() == 0

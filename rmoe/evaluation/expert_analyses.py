@@ -162,7 +162,8 @@ def weight_analyses(model: MoeLM, *, reorder: bool = True) -> dict[str, Any]:
 
 @torch.no_grad()
 def routed_expert_ids(model: MoeLM, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> list[Any]:
-    """Every MoE layer's ``expert_ids_TK`` over the batches (inputs ``[:, :-1]``), concatenated: L x (T, K)."""
+    """Every MoE layer's ``expert_ids_TK`` over the batches (inputs ``[:, :-1]``), concatenated: L x (T, K); a
+    pair that is not computed (``keep_TK`` False) is -1."""
     model.eval().to(device)
     per_layer: list[list[torch.Tensor]] = []
     for batch in batches:
@@ -170,7 +171,8 @@ def routed_expert_ids(model: MoeLM, batches: Iterable[torch.Tensor], device: str
         if not per_layer:
             per_layer = [[] for _ in out.routing]
         for l, r in enumerate(out.routing):
-            per_layer[l].append(r.expert_ids_TK.cpu())
+            ids_TK = r.expert_ids_TK if r.keep_TK is None else r.expert_ids_TK.masked_fill(~r.keep_TK, -1)
+            per_layer[l].append(ids_TK.cpu())
     return [torch.cat(parts) for parts in per_layer]
 
 

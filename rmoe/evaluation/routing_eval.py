@@ -159,9 +159,11 @@ def routing_to_host(
     flat = [t for row in fields for t in row if t is not None]
     host = to_host([*flat, *extra])
     moved, out = iter(host[: len(flat)]), []
-    for row in fields:
+    for r, row in zip(routing, fields, strict=True):
         values = {name: (next(moved) if t is not None else None) for name, t in zip(ROUTING_TENSORS, row, strict=True)}
-        out.append(RoutingOutput(**values))
+        # slot logits are not moved (T x slots); an empty tensor still says that the router mixes tokens into slots
+        slots = None if r.slot_logits_TN is None else torch.empty(0, 0)
+        out.append(RoutingOutput(**values, slot_logits_TN=slots))
     return out, host[len(flat) :]
 
 

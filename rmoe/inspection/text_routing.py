@@ -38,6 +38,7 @@ class TextRouting:
         keep_LTK: False where a capacity router dropped the pair (all True without capacity).
         layer_indices: The decoder layer of each MoE layer.
         expert_choice: ``expert_ids_TK`` lists all E experts: an unkept pair means "not chosen", not "dropped".
+        chosen_LTK: A dynamic-k router's used slots (None: all); an unused slot is neither shown nor dropped.
     """
 
     token_ids: torch.Tensor
@@ -48,6 +49,7 @@ class TextRouting:
     num_experts: int
     layer_indices: list[int]
     expert_choice: bool
+    chosen_LTK: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -56,9 +58,13 @@ class TextRouting:
     def token_experts(self, layer: int, t: int) -> list[tuple[int, float, bool]]:
         """``[(expert, weight, kept)]`` of token t in MoE layer ``layer``, highest weight first;
         for expert choice only the experts that took it."""
+        chosen = self.chosen_LTK[layer, t] if self.chosen_LTK is not None else [True] * self.keep_LTK.shape[-1]
         pairs = [
             (int(e), float(w), bool(k))
-            for e, w, k in zip(self.expert_ids_LTK[layer, t], self.weights_LTK[layer, t], self.keep_LTK[layer, t])
+            for e, w, k, c in zip(
+                self.expert_ids_LTK[layer, t], self.weights_LTK[layer, t], self.keep_LTK[layer, t], chosen
+            )
+            if c
         ]
         if self.expert_choice:
             pairs = [p for p in pairs if p[2]]
@@ -106,14 +112,18 @@ def route_text(
     device = next(model.parameters()).device
     chunk = context_length or ids.numel()
     model.eval()
-    per_layer: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in config.moe_layers]
+    per_layer: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in config.moe_layers]
+    dynamic = False
     for start in range(0, ids.numel(), chunk):
         out = model(ids[start : start + chunk][None].to(device))
         for l, r in enumerate(out.routing):
-            keep = r.keep_TK if r.keep_TK is not None else torch.ones_like(r.expert_ids_TK, dtype=torch.bool)
-            per_layer[l].append((r.expert_ids_TK.cpu(), r.weights_TK.float().cpu(), keep.cpu()))
-    stacked = [torch.stack([torch.cat([part[i] for part in layer]) for layer in per_layer]) for i in range(3)]
-    expert_ids_LTK, weights_LTK, keep_LTK = stacked
+            every = torch.ones_like(r.expert_ids_TK, dtype=torch.bool)
+            keep = r.keep_TK if r.keep_TK is not None else every
+            dynamic = dynamic or r.chosen_TK is not None
+            chosen = r.chosen_TK if r.chosen_TK is not None else every
+            per_layer[l].append((r.expert_ids_TK.cpu(), r.weights_TK.float().cpu(), keep.cpu(), chosen.cpu()))
+    stacked = [torch.stack([torch.cat([part[i] for part in layer]) for layer in per_layer]) for i in range(4)]
+    expert_ids_LTK, weights_LTK, keep_LTK, chosen_LTK = stacked
     return TextRouting(
         token_ids=ids,
         pieces=token_pieces(tokenizer, ids.tolist()),
@@ -122,7 +132,10 @@ def route_text(
         keep_LTK=keep_LTK,
         num_experts=config.num_experts,
         layer_indices=list(config.moe_layers),
-        expert_choice=expert_ids_LTK.shape[-1] == config.num_experts and config.top_k < config.num_experts,
+        expert_choice=expert_ids_LTK.shape[-1] == config.num_experts
+        and config.top_k < config.num_experts
+        and not dynamic,
+        chosen_LTK=chosen_LTK if dynamic else None,
     )
 
 

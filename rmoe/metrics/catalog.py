@@ -74,15 +74,19 @@ class RoutingBatch:
 
     @cached_property
     def active_LT(self) -> torch.Tensor:
-        """Experts each token is computed by (its kept pairs), fp32."""
-        return torch.stack(
-            [
-                torch.full(r.expert_ids_TK.shape[:1], r.expert_ids_TK.shape[1], device=self.probs_LTE.device)
-                if r.keep_TK is None
-                else r.keep_TK.sum(dim=-1).to(self.probs_LTE.device)
-                for r in self.routing
-            ]
-        ).float()
+        """Experts each token is computed by (its kept pairs), fp32; NaN for a router that mixes tokens into slots
+        (Soft MoE: a token is in every slot, no expert computes it alone)."""
+        device = self.probs_LTE.device
+        rows = []
+        for r in self.routing:
+            T, K = r.expert_ids_TK.shape
+            if r.slot_logits_TN is not None:
+                rows.append(torch.full((T,), float("nan"), device=device))
+            elif r.keep_TK is None:
+                rows.append(torch.full((T,), float(K), device=device))
+            else:
+                rows.append(r.keep_TK.sum(dim=-1).to(device).float())
+        return torch.stack(rows)
 
     @cached_property
     def top1_LT(self) -> torch.Tensor:
@@ -210,8 +214,11 @@ def _num_chosen_pairs(batch: RoutingBatch) -> torch.Tensor:
 
 
 def _active_histogram(batch: RoutingBatch) -> torch.Tensor:
-    """Per layer, tokens computed by 0, 1, ..., E experts: (L, E + 1) int64."""
-    return _bincount_rows(batch.active_LT.long().clamp(max=batch.num_experts), batch.num_experts + 1)
+    """Per layer, tokens computed by 0, 1, ..., E experts: (L, E + 1) int64 (a Soft MoE layer: zeros)."""
+    active_LT = batch.active_LT
+    counted_L1 = torch.isfinite(active_LT).all(dim=-1, keepdim=True)
+    ids_LT = active_LT.nan_to_num(0.0).long().clamp(0, batch.num_experts)
+    return _bincount_rows(ids_LT, batch.num_experts + 1) * counted_L1
 
 
 STATISTICS: tuple[Statistic, ...] = (
@@ -298,7 +305,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "expert_flops_per_token",
         "scalar",
-        "realised training FLOPs of the routed experts per token, all MoE layers (6 x 3 D F per computed pair)",
+        "realised training FLOPs of the routed experts per token of the routing measured, all MoE layers (6 x 3 D F "
+        "per computed pair)",
         report=True,
         summary=True,
     ),

@@ -130,11 +130,17 @@ def coactivation_rate(joint_EE: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def router_saturation(expert_ids_a_TK: torch.Tensor, expert_ids_b_TK: torch.Tensor) -> torch.Tensor:
-    """OLMoE's router saturation (arXiv 2409.02060, Sec. 5): ``1/N sum_i |E_i^(t) ∩ E_i^(T)| / k``, the
-    overlap of the top-k sets two checkpoints choose for the same N tokens, 0-d fp64 in [0, 1]."""
-    K = expert_ids_a_TK.shape[1]
-    same_TKK = expert_ids_a_TK[:, :, None] == expert_ids_b_TK[:, None, :]
-    return same_TKK.any(dim=2).sum(dim=1).double().mean() / K
+    """OLMoE's router saturation (arXiv 2409.02060, Sec. 5): ``1/N sum_i |E_i^(t) ∩ E_i^(T)| / |E_i^(T)|``, the
+    overlap of the expert sets two checkpoints (b the final one, T) compute for the same N tokens, 0-d fp64 in
+    [0, 1]; ``|E_i^(T)| = k`` for top-k. A negative id marks a pair that is not computed (dropped, an unused
+    slot, an expert that did not take the token): it is in neither set. Tokens b computes with no expert are left
+    out."""
+    computed_a_TK, computed_b_TK = expert_ids_a_TK >= 0, expert_ids_b_TK >= 0
+    same_TKK = (expert_ids_a_TK[:, :, None] == expert_ids_b_TK[:, None, :]) & computed_a_TK[:, :, None]
+    overlap_T = (same_TKK.any(dim=1) & computed_b_TK).sum(dim=1)
+    size_T = computed_b_TK.sum(dim=1)
+    counted_T = size_T > 0
+    return (overlap_T[counted_T].double() / size_T[counted_T]).mean()
 
 
 @torch.no_grad()

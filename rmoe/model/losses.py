@@ -37,7 +37,7 @@ def load_balancing_loss(
     """
     if fraction_E is None:
         counts_E = expert_counts(routing, num_experts)
-        fraction_E = counts_E / counts_E.sum()
+        fraction_E = counts_E / counts_E.sum().clamp(min=1.0)  # a layer where no pair was chosen: 0, not NaN
     mean_prob_E = routing.probs_TE.float().mean(dim=0)
     return num_experts * torch.sum(fraction_E.to(mean_prob_E.device) * mean_prob_E)
 

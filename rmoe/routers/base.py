@@ -150,6 +150,10 @@ class Causality:
 
     training: str | None = None
     evaluation: str | None = None
+    decoding: str | None = None
+    """Why decoding token by token with a KV cache differs from the evaluation forward although no later token
+    leaks into an earlier one (a capacity in evaluation by position: each cached step routes one token alone and
+    drops nothing); None: it does not. ``rmoe generate`` and ``rmoe export`` refuse it with this reason."""
 
     @property
     def causal(self) -> bool:
@@ -218,8 +222,8 @@ class CapacityOptions(TokenChoiceOptions):
             the residual, and the shared expert if any). None: no capacity.
         capacity_priority: Which pairs an expert keeps: ``position`` (earlier tokens first, a token's first
             choice before its second: causal, a token's slot depends on earlier tokens only) or ``probability``
-            (highest combine weight first, as Batch Prioritized Routing: not causal, later tokens can take an
-            earlier token's slot).
+            (the highest router probabilities first, as Batch Prioritized Routing: not causal, later tokens can
+            take an earlier token's slot).
         eval_capacity_factor: The capacity in evaluation (None: none, so evaluation routes like plain top-k and
             decodes token by token as it validates).
     """
@@ -453,13 +457,21 @@ class TokenChoiceRouter(Router):
             if factor * config.top_k >= config.num_experts:  # C = S: an expert can take every token
                 return None
             return (
-                f"{key}={factor:g} with capacity_priority=probability: an expert keeps the highest-weight pairs of "
+                f"{key}={factor:g} with capacity_priority=probability: an expert keeps the most probable pairs of "
                 "the sequence, so a later token can take an earlier token's slot"
             )
 
+        factor = options.eval_capacity_factor
+        decoding = None
+        if factor is not None and factor * config.top_k < config.num_experts:
+            decoding = (
+                f"eval_capacity_factor={factor:g} drops pairs over an expert's capacity among the sequence's tokens, "
+                "but a cached decoding step routes one token alone and drops nothing"
+            )
         return Causality(
             reason(options.capacity_factor, "capacity_factor"),
-            reason(options.eval_capacity_factor, "eval_capacity_factor"),
+            reason(factor, "eval_capacity_factor"),
+            decoding,
         )
 
     @classmethod
@@ -511,7 +523,7 @@ class TokenChoiceRouter(Router):
             weights_TK = weights_TK * scale
         if self.training and self.balance_bias_E is not None:
             self._count_load(expert_ids_TK)
-        keep_TK = self.capacity_keep(expert_ids_TK, weights_TK, token_ids_BS)
+        keep_TK = self.capacity_keep(expert_ids_TK, scores_TE.gather(1, expert_ids_TK), token_ids_BS)
         return RoutingOutput(logits_TE, probs_TE, weights_TK, expert_ids_TK, keep_TK)
 
     def capacity(self, seq_len: int) -> int | None:
@@ -525,12 +537,13 @@ class TokenChoiceRouter(Router):
     def capacity_keep(
         self,
         expert_ids_TK: torch.Tensor,
-        weights_TK: torch.Tensor,
+        scores_TK: torch.Tensor,
         token_ids_BS: torch.Tensor | None,
         chosen_TK: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The pairs within each expert's capacity, counted per sequence (None: no capacity in this mode). Unused
-        slots (``chosen_TK`` False) take no slot and are not kept."""
+        """The pairs within each expert's capacity, counted per sequence (None: no capacity in this mode).
+        ``scores_TK``: the router's score of each pair before any renormalisation (its probability), the order of
+        ``capacity_priority: probability``. Unused slots (``chosen_TK`` False) take no slot and are not kept."""
         T = expert_ids_TK.shape[0]
         B = num_sequences_of(token_ids_BS)
         capacity = self.capacity(T // B)
@@ -541,7 +554,7 @@ class TokenChoiceRouter(Router):
         group_TK = sequence_T1 * E + expert_ids_TK  # (T, K) one group per (sequence, expert)
         if chosen_TK is not None:
             group_TK = group_TK.masked_fill(~chosen_TK, B * E)  # a group of their own, never kept
-        priority_TK = weights_TK.detach() if self.options.capacity_priority == "probability" else None
+        priority_TK = scores_TK.detach() if self.options.capacity_priority == "probability" else None
         keep_TK = capacity_keep_mask(group_TK, priority_TK, B * E + 1, capacity)
         return keep_TK if chosen_TK is None else keep_TK & chosen_TK
 

@@ -142,7 +142,7 @@ class NullExpertsRouter(TokenChoiceRouter):
         expert_ids_TK = choice_ids_TK.masked_fill(~chosen_TK, 0)  # a placeholder, never computed
         if self.training and self.balance_bias_E is not None:
             self._count_load(expert_ids_TK, chosen_TK)
-        keep_TK = self.capacity_keep(expert_ids_TK, weights_TK, token_ids_BS, chosen_TK)
+        keep_TK = self.capacity_keep(expert_ids_TK, top_TK, token_ids_BS, chosen_TK)
         # a per-token shift: the softmax over the real experts is unchanged, the logsumexp is the whole router's
         logits_TE = torch.log_softmax(logits_TX[:, :E], dim=-1) + torch.logsumexp(logits_TX, dim=-1, keepdim=True)
         router_loss = None

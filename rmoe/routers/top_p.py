@@ -72,7 +72,7 @@ class TopPRouter(TokenChoiceRouter):
         if self.options.entropy_loss_coef > 0:
             entropy_T = -(probs_TE * torch.log(probs_TE.clamp(min=torch.finfo(probs_TE.dtype).tiny))).sum(dim=-1)
             router_loss = self.options.entropy_loss_coef * entropy_T.mean()
-        keep_TK = self.capacity_keep(expert_ids_TK, weights_TK, token_ids_BS, chosen_TK)
+        keep_TK = self.capacity_keep(expert_ids_TK, top_TK, token_ids_BS, chosen_TK)
         return RoutingOutput(
             logits_TE, probs_TE, weights_TK, expert_ids_TK, keep_TK, chosen_TK=chosen_TK, router_loss=router_loss
         )

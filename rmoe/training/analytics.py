@@ -134,6 +134,7 @@ class RoutingAnalytics(L.Callback):
         self._last_train_step = -1
         self._eval: tuple[RoutingStats, Any, TokenExpertStats | None] | None = None
         self._last_val_scalars: dict[str, float] = {}
+        self.last_val_expert_flops: float | None = None  # realised, at the last validation (the fit summary's)
         self._hparams_written = False
         self.seconds_spent = 0.0  # wall time spent in this callback (for overhead measurements)
 
@@ -372,6 +373,7 @@ class RoutingAnalytics(L.Callback):
         self._logger.log_metrics(scalars, step=step)
         if split == "val":
             self._last_val_scalars = scalars
+            self.last_val_expert_flops = float(summary["expert_flops_per_token"])
         if histograms is not None:
             write_histograms(self._logger.experiment, split, histograms.compute(summary), step)
         if self.images:

@@ -4,6 +4,7 @@ bar that counts optimiser steps, and a model summary with the numbers that matte
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
 
+from rmoe.metrics import expert_pair_flops
 from rmoe.model.decoder import ROUTED_EXPERT_PARAMETERS, MoeLM
 from rmoe.runs import STATUS_FILE
 from rmoe.training.module import logs_this_step
@@ -230,6 +232,20 @@ class FitSummary(L.Callback):
         last = [f"{tag} {float(metrics[tag]):.4f}" for tag in ("val/loss", "val/bpb") if tag in metrics]
         if last:
             lines.append(f"  last validation: {', '.join(last)}")
+        analytics = [c for c in trainer.callbacks if hasattr(c, "last_val_expert_flops")]
+        realised = analytics[0].last_val_expert_flops if analytics else None
+        model = getattr(pl_module, "model", None)
+        if realised is not None and math.isfinite(realised) and isinstance(model, MoeLM):
+            cfg = model.config
+            context = cfg.router_context()
+            seq_len = getattr(trainer.datamodule, "block_size", None) or 1
+            bound_pairs = context.router_class.routed_pairs(context, seq_len, 1) / seq_len
+            bound = len(cfg.moe_layers) * bound_pairs * expert_pair_flops(cfg.hidden_size, cfg.moe_intermediate_size)
+            lines.append(
+                "  routed-expert training FLOPs per token at the last validation: "
+                f"{get_human_readable_count(int(realised))} (the memory estimate and MFU count "
+                f"{get_human_readable_count(int(bound))}, the router's bound)"
+            )
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.best_model_path and callback.monitor:
                 score = callback.best_model_score

@@ -271,7 +271,7 @@ class MoeLMModule(L.LightningModule):
         if self._step_counts_LE is not None:
             counts_LE = counts_LE + self._step_counts_LE
         self._step_counts_LE = counts_LE
-        return counts_LE / counts_LE.sum(dim=-1, keepdim=True)
+        return counts_LE / counts_LE.sum(dim=-1, keepdim=True).clamp(min=1.0)
 
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum_(tensor.clone())
