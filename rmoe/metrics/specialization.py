@@ -161,9 +161,10 @@ def active_experts_by_frequency(
     total = float(occurrences_V.sum())
     bucket_V = (mass_V / max(total, 1.0) * num_buckets).long().clamp(max=num_buckets - 1)
     pairs_V = counts_VE[order_V].sum(dim=-1).double()
-    pairs_Q = torch.zeros(num_buckets, dtype=torch.float64).index_add_(0, bucket_V, pairs_V)
-    tokens_Q = torch.zeros(num_buckets, dtype=torch.float64).index_add_(0, bucket_V, occurrences_V[order_V])
-    return torch.where(tokens_Q > 0, pairs_Q / tokens_Q.clamp(min=1.0), float("nan"))
+    # made from the inputs (new_zeros), so they live where the counts do
+    pairs_Q = occurrences_V.new_zeros(num_buckets).index_add_(0, bucket_V, pairs_V)
+    tokens_Q = occurrences_V.new_zeros(num_buckets).index_add_(0, bucket_V, occurrences_V[order_V])
+    return torch.where(tokens_Q > 0, pairs_Q / tokens_Q.clamp(min=1.0), tokens_Q.new_full((), float("nan")))
 
 
 class TokenExpertStats:
