@@ -136,3 +136,34 @@ def test_deepseek_model_trains_with_the_sequence_loss_through_the_module():
     losses["loss"].backward()
     assert module.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
     assert isinstance(module.model, MoeLM) and len(routing) == arch.num_layers
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.arch.router=deepseek_v3", "model.arch.router_options.n_group=3"], "n_group=3 does not divide"),
+        (
+            [
+                "model.arch.router=deepseek_v3",
+                "model.arch.router_options.n_group=2",
+                "model.arch.router_options.topk_group=3",
+            ],
+            "topk_group=3 is more than n_group=2",
+        ),
+        (["model.arch.router=top_p", "model.arch.router_options.threshold=1.5"], "threshold=1.5"),
+        (["model.arch.router=linear", "model.arch.router_options.capacity_factor=0"], "capacity_factor=0"),
+        (["model.arch.router=remoe", "model.arch.router_options.target_experts=8"], "target_experts"),
+        (["model.arch.router=hash", "model.arch.router_options.vocab_size=10"], "vocab_size"),
+    ],
+)
+def test_contradicting_router_options_stop_fit_with_one_paragraph(overrides, fragment, tmp_path, capsys):
+    from tiny import BASE_CONFIGS, tiny_overrides
+
+    from rmoe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *BASE_CONFIGS, *tiny_overrides(tmp_path), *overrides])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
