@@ -279,6 +279,7 @@ METRICS: tuple[Metric, ...] = (
         "layer",
         "share of the chosen (token, expert) pairs dropped by a capacity",
         from_state=lambda a: (1.0 - _load(a).sum(dim=-1).double() / a.state["num_pairs_L"].double()).float(),
+        report=True,
     ),
     Metric(
         "token_drop_ratio",
