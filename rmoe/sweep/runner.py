@@ -87,20 +87,7 @@ def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | 
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
     def one(i: int, run: GridRun) -> Outcome:
-        with _run_lock(run) as locked:
-            if not locked:
-                say(i, run, f"skipped: another sweep process is running it (it holds {run.dir / RUN_LOCK})")
-                return Outcome(run, "busy")
-            return unlocked(i, run)
-
-    def unlocked(i: int, run: GridRun) -> Outcome:
-        if run.marker.is_file():
-            if _causal_test_due(sweep, run):  # finished before the sweep tested both ways
-                return _launch(sweep, run, env, lambda text: say(i, run, text), stages=("causal-test",))
-            note = _changed_note(sweep, run)
-            say(i, run, f"skipped (finished: {run.marker}){note}")
-            return Outcome(run, "skipped", message=note.removeprefix("; NOTE: "))
-        return _launch(sweep, run, env, lambda text: say(i, run, text))
+        return launch_one(sweep, run, env, lambda text: say(i, run, text))
 
     outcomes: dict[int, Outcome] = {}
     pool = ThreadPoolExecutor(max_workers=jobs) if jobs > 1 else None
@@ -115,12 +102,28 @@ def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | 
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: start nothing new, stop the running children
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-        _stop_children()
+        stop_children()
         raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return Summary([outcomes[i] for i in range(len(runs))])
+
+
+def launch_one(sweep: Sweep, run: GridRun, env: Mapping[str, str], say: Callable[[str], None]) -> Outcome:
+    """Handle one run, as every launcher does: skip it when another process holds its lock or it is finished (a
+    finished one may still get its causal test), else run (or resume) it in a child process."""
+    with _run_lock(run) as locked:
+        if not locked:
+            say(f"skipped: another sweep process is running it (it holds {run.dir / RUN_LOCK})")
+            return Outcome(run, "busy")
+        if run.marker.is_file():
+            if _causal_test_due(sweep, run):  # finished before the sweep tested both ways
+                return _launch(sweep, run, env, say, stages=("causal-test",))
+            note = _changed_note(sweep, run)
+            say(f"skipped (finished: {run.marker}){note}")
+            return Outcome(run, "skipped", message=note.removeprefix("; NOTE: "))
+        return _launch(sweep, run, env, say)
 
 
 @contextlib.contextmanager
@@ -152,7 +155,7 @@ def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
+def stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
     """Wait ``grace`` seconds for the children to exit (a terminal's Ctrl-C reached them too; no wait after
     a SIGTERM to the sweep), then SIGTERM them (failed; resumed next time), wait ``timeout``, kill the rest."""
     if _terminated.is_set():
@@ -225,7 +228,7 @@ def _launch(
             try:
                 returncode = process.wait()
             except KeyboardInterrupt:  # --jobs 1 waits in the main thread: stop the child while the run is locked
-                _stop_children()
+                stop_children()
                 raise
             finally:
                 with _children_lock:

@@ -9,8 +9,18 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rmoe.errors import RmoeError, ToolArgumentParser
+from rmoe.sweep.cluster import (
+    JOBS_FILE,
+    LAUNCHERS,
+    SUBMITIT_FOLDER,
+    ClusterOptions,
+    parse_sbatch,
+    sbatch_script,
+    submit,
+)
 from rmoe.sweep.plan import commands, run_state, shell_join
 from rmoe.sweep.runner import check_root, exec_run, execute, stop_on_sigterm
 from rmoe.sweep.spec import SweepError, check_overrides, expand, load_sweep, parse_only
@@ -46,6 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run this sweep in a root another sweep owns (its finished runs with other settings are reported stale)",
     )
+    cluster = parser.add_argument_group("cluster (--launcher slurm: a SLURM job array through submitit)")
+    cluster.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="local",
+        help="local: child processes here (default); slurm: one array task per run; submitit-local: the slurm "
+        "code path on this machine (submitit's local executor)",
+    )
+    cluster.add_argument("--partition", help="SLURM partition (required by --launcher slurm)")
+    cluster.add_argument("--gpus-per-run", type=int, default=0, metavar="N", help="GPUs per run (0 or 1)")
+    cluster.add_argument("--cpus-per-run", type=int, metavar="N", help="CPUs per run (default: the partition's)")
+    cluster.add_argument("--time-limit", type=int, default=24 * 60, metavar="MIN", help="minutes per task (1 day)")
+    cluster.add_argument(
+        "--sbatch", action="append", default=[], metavar="KEY=VALUE", help="a further sbatch option (repeatable)"
+    )
+    cluster.add_argument("--wait", action="store_true", help="wait for the submitted runs and print the summary")
     parser.add_argument("--exec-run", metavar="RUN_JSON", help=argparse.SUPPRESS)  # the child process
     return parser
 
@@ -69,6 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep = dataclasses.replace(sweep, root=Path(args.root))
         runs = expand(sweep, parse_only(args.only, sweep), check_overrides(args.extra))
         check_root(sweep, reuse=args.reuse_root)
+        cluster = ClusterOptions(
+            partition=args.partition,
+            gpus_per_run=args.gpus_per_run,
+            cpus_per_run=args.cpus_per_run,
+            time_limit_min=args.time_limit,
+            array_parallelism=args.jobs,
+            sbatch=parse_sbatch(args.sbatch),
+        )
+        cluster.check(args.launcher)
     except SweepError as err:
         print(f"rmoe: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -77,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     print(f"sweep {sweep.name}: {len(runs)} run(s) under {sweep.root}  (tensorboard --logdir {sweep.root})")
+    if args.launcher != "local":
+        return _submit(sweep, runs, args, cluster)
     if args.dry_run:
         for i, run in enumerate(runs):
             state = run_state(run)
@@ -109,3 +146,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = "".join(f" --only {shlex.quote(o)}" for o in args.only)
     print(f"rmoe sweep: report with: rmoe report {shlex.quote(str(sweep.root))} --out {sweep.root / 'report'}{only}")
     return 1 if summary.failed or stale else 0
+
+
+def _submit(sweep: Any, runs: Sequence[Any], args: argparse.Namespace, cluster: ClusterOptions) -> int:
+    """``--launcher slurm`` / ``submitit-local``: submit the runs that are not finished as one job array."""
+    todo = [run for run in runs if run_state(run) != "done"]
+    print(f"rmoe sweep: {len(runs) - len(todo)} finished run(s) skipped; {len(todo)} to submit ({args.launcher}).")
+    if args.dry_run:
+        if args.launcher == "slurm":
+            print(sbatch_script(cluster, sweep.root / SUBMITIT_FOLDER / "%j", sweep.name, len(todo), sys.executable))
+        return 0
+    if not todo:
+        return 0
+    jobs = submit(sweep, todo, args.launcher, cluster, args.sweep, args.root, args.extra)
+    print(f"submitted {len(jobs)} task(s): job {jobs[0].job_id.split('_')[0]} (recorded in {sweep.root / JOBS_FILE})")
+    if not args.wait:
+        print(f"rmoe sweep: run the same command again to submit what did not finish; report with: rmoe report "
+              f"{shlex.quote(str(sweep.root))} --out {sweep.root / 'report'}")  # fmt: skip
+        return 0
+    failed = 0
+    for job, run in zip(jobs, todo, strict=True):
+        try:
+            status = job.result()
+            print(f"  {run.name}: {status}")
+        except Exception as err:  # a failed task: its run's log says why
+            failed += 1
+            print(f"  FAILED {run.name}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}")
+            print(f"    log: {run.log}")
+    print(f"\nsweep {sweep.name}: {len(todo) - failed} done, {failed} failed.")
+    return 1 if failed else 0
