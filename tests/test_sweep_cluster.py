@@ -67,6 +67,8 @@ def test_a_slurm_dry_run_prints_the_array_script(tmp_path, capsys):
     assert sweep_main([*args, "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-3%2" in out and "#SBATCH --partition=cpu" in out and "--signal=USR2@90" in out
+    assert sweep_main(args) == 0  # without --jobs: the array's default parallelism
+    assert "#SBATCH --array=0-3%4" in capsys.readouterr().out
 
 
 def write_spec(tmp_path: Path, steps: int) -> Path:
@@ -97,14 +99,15 @@ def test_submitit_local_runs_the_grid_then_a_rerun_submits_nothing(tmp_path, cap
     spec = write_spec(tmp_path, steps=4)
     assert sweep_main([str(spec), "--launcher", "submitit-local", "--wait"]) == 0
     out = capsys.readouterr().out
-    assert "submitted 2 task(s)" in out and "2 done, 0 failed" in out
+    assert "submitted 2 task(s)" in out and "sweep cluster: 2 done." in out
     root = tmp_path / "sweep"
     for name in ("s0", "s1"):
         assert json.loads((root / name / "done.json").read_text())["name"] == name
         assert (root / name / "test").is_dir() and (root / name / "run.json").is_file()
     assert len((root / JOBS_FILE).read_text().splitlines()) == 2
     assert sweep_main([str(spec), "--launcher", "submitit-local", "--wait"]) == 0
-    assert "2 finished run(s) skipped; 0 to submit" in capsys.readouterr().out
+    assert "2 finished run(s) skipped, 0 in the queue; 0 to submit" in capsys.readouterr().out
+    assert (root / "sweep.yaml").is_file()  # the root's owner and grid, as the local launcher writes them
     assert report.main([str(root), "--out", str(tmp_path / "report")]) == 0
 
 
@@ -122,7 +125,7 @@ def task_pids(folder: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_an_interrupted_task_is_requeued_and_resumes_its_run(tmp_path, monkeypatch):
+def test_an_interrupted_task_is_requeued_and_resumes_its_run(tmp_path, monkeypatch, capsys):
     import signal
 
     monkeypatch.chdir(tmp_path)
@@ -137,6 +140,9 @@ def test_an_interrupted_task_is_requeued_and_resumes_its_run(tmp_path, monkeypat
     while not checkpoint.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert checkpoint.exists() and not runs[0].marker.exists(), "the run never wrote its first checkpoint"
+    # a second invocation while the task runs does not submit the run again
+    assert sweep_main([str(spec), "--launcher", "submitit-local", "--only", "seed=s0"]) == 0
+    assert f"s0: still queued or running as job {job.job_id}" in capsys.readouterr().out
     pids = task_pids(sweep.root / ".submitit")
     assert pids, "no submitit task process found"
     for pid in pids:  # what SLURM sends ahead of a preemption or the time limit (--signal=USR2@90)

@@ -29,6 +29,10 @@ from rmoe.sweep.spec import GridRun, Sweep, SweepError, expand, load_sweep
 LAUNCHERS = ("local", "slurm", "submitit-local")
 SUBMITIT_FOLDER = ".submitit"
 """Under the sweep root: submitit's job scripts, pickles and logs (``%j`` is the job id)."""
+MAX_REQUEUES = 1000
+"""Times a task may be requeued at its time limit (submitit's default is 3); preemptions do not count."""
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD")
+"""SLURM states of a job that will still run: its run is not submitted again."""
 JOBS_FILE = "slurm_jobs.txt"
 """Under the sweep root: one line per submitted run, ``<job id> <run name>``, appended at each submission."""
 
@@ -96,6 +100,7 @@ class ClusterOptions:
             return {**params, "signal_delay_s": self.signal_delay_s}
         params.update(
             slurm_signal_delay_s=self.signal_delay_s,
+            slurm_max_num_timeout=MAX_REQUEUES,
             slurm_partition=self.partition,
             slurm_array_parallelism=self.array_parallelism,
             slurm_gpus_per_node=self.gpus_per_run or None,
@@ -130,6 +135,7 @@ class SweepTask:
     root: str | None = None
     extra: tuple[str, ...] = ()
     workdir: str = dataclasses.field(default_factory=os.getcwd)
+    stop_timeout_s: float = 30.0  # the child's time to stop on the signal, well inside --signal's delay
 
     def _run(self) -> tuple[Sweep, GridRun]:
         sweep = load_sweep(self.sweep_file)
@@ -171,7 +177,7 @@ class SweepTask:
 
         from rmoe.sweep.runner import stop_children
 
-        stop_children(grace=0.0)
+        stop_children(grace=0.0, timeout=self.stop_timeout_s)
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
 
 
@@ -201,8 +207,12 @@ def submit(
     extra: Sequence[str],
 ) -> list[Any]:
     """Submit ``runs`` as one job array; returns submitit's jobs. Records ``<job id> <run>`` in the root."""
+    from rmoe.sweep.runner import write_sweep_copy
+
     sweep.root.mkdir(parents=True, exist_ok=True)
-    tasks = [SweepTask(sweep_file, run.name, root, tuple(extra)) for run in runs]
+    write_sweep_copy(sweep)  # the root's owner and grid, as the local launcher records them
+    stop = max(5.0, options.signal_delay_s / 3)
+    tasks = [SweepTask(sweep_file, run.name, root, tuple(extra), stop_timeout_s=stop) for run in runs]
     jobs = executor(launcher, sweep.root, options, sweep.name).submit_array(tasks)
     with (sweep.root / JOBS_FILE).open("a") as record:
         for job, run in zip(jobs, runs, strict=True):
@@ -220,8 +230,35 @@ def sbatch_script(options: ClusterOptions, folder: Path, name: str, num_tasks: i
     command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     params = {k.removeprefix("slurm_"): v for k, v in options.executor_parameters("slurm").items()}
     params["map_count"] = num_tasks
+    params.pop("max_num_timeout")  # submitit's requeue count, not an sbatch option
     params["time"] = params.pop("timeout_min")
     params["ntasks_per_node"] = params.pop("tasks_per_node")
     params["additional_parameters"] = params.pop("additional_parameters") or None
     params = {k: v for k, v in params.items() if v is not None}
     return _make_sbatch_string(command=command, folder=folder, job_name=f"rmoe-{name}", **params)
+
+
+def active_jobs(root: Path, launcher: str) -> dict[str, str]:
+    """``{run name: job id}`` of the runs whose last submitted job (``<root>/slurm_jobs.txt``) is still queued or
+    running, so a second invocation does not submit them again."""
+    record = root / JOBS_FILE
+    if not record.is_file():
+        return {}
+    last: dict[str, str] = {}
+    for line in record.read_text().splitlines():
+        job_id, _, name = line.partition(" ")
+        if name:
+            last[name] = job_id
+    import submitit
+
+    active = {}
+    for name, job_id in last.items():
+        if launcher == "submitit-local":  # a local job's id is its controller's pid
+            try:
+                os.kill(int(job_id), 0)
+            except (OSError, ValueError):
+                continue
+            active[name] = job_id
+        elif submitit.SlurmJob(root / SUBMITIT_FOLDER / "%j", job_id).state in ACTIVE_STATES:
+            active[name] = job_id
+    return active

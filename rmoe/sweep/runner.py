@@ -81,7 +81,7 @@ def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | 
             print(f"[{i + 1:>{width}}/{len(runs)}] {run.name}: {text}", file=out, flush=True)
 
     sweep.root.mkdir(parents=True, exist_ok=True)
-    _write_sweep_copy(sweep)
+    write_sweep_copy(sweep)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -173,6 +173,11 @@ def stop_children(grace: float = 10.0, timeout: float = 120.0) -> None:
         running = [p for p in running if p.poll() is None]
         if not running:
             return
+
+
+def has_work(sweep: Sweep, run: GridRun) -> bool:
+    """Whether a launcher has something to do for the run: it is not finished, or it still needs its causal test."""
+    return not run.marker.is_file() or _causal_test_due(sweep, run)
 
 
 def _causal_test_due(sweep: Sweep, run: GridRun) -> bool:
@@ -321,7 +326,7 @@ def check_root(sweep: Sweep, reuse: bool = False) -> None:
         )
 
 
-def _write_sweep_copy(sweep: Sweep) -> None:
+def write_sweep_copy(sweep: Sweep) -> None:
     """Write ``<root>/sweep.yaml``: the grid for the report, with the hash of the owning spec (:func:`check_root`)."""
     spec = _spec(sweep)
     copy = sweep.root / SWEEP_COPY

@@ -17,12 +17,13 @@ from rmoe.sweep.cluster import (
     LAUNCHERS,
     SUBMITIT_FOLDER,
     ClusterOptions,
+    active_jobs,
     parse_sbatch,
     sbatch_script,
     submit,
 )
 from rmoe.sweep.plan import commands, run_state, shell_join
-from rmoe.sweep.runner import check_root, exec_run, execute, stop_on_sigterm
+from rmoe.sweep.runner import check_root, exec_run, execute, has_work, stop_on_sigterm
 from rmoe.sweep.spec import SweepError, check_overrides, expand, load_sweep, parse_only
 
 
@@ -41,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=LABEL[,LABEL]",
         help="keep the runs with one of these labels for KEY (repeatable; keys combine with AND)",
     )
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time (default 1)")
+    parser.add_argument(
+        "--jobs", type=int, metavar="N", help="runs at a time (default 1; with --launcher slurm: the array's, 256)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -88,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.sweep:
             raise SweepError("no sweep file given (e.g. rmoe sweep configs/sweeps/table1_cpu.yaml).")
+        if args.jobs is None:
+            args.jobs = 1 if args.launcher == "local" else 256
         if args.jobs < 1:
             raise SweepError(f"--jobs {args.jobs}: must be at least 1.")
         sweep = load_sweep(args.sweep)
@@ -149,29 +154,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _submit(sweep: Any, runs: Sequence[Any], args: argparse.Namespace, cluster: ClusterOptions) -> int:
-    """``--launcher slurm`` / ``submitit-local``: submit the runs that are not finished as one job array."""
-    todo = [run for run in runs if run_state(run) != "done"]
-    print(f"rmoe sweep: {len(runs) - len(todo)} finished run(s) skipped; {len(todo)} to submit ({args.launcher}).")
-    if args.dry_run:
-        if args.launcher == "slurm":
-            print(sbatch_script(cluster, sweep.root / SUBMITIT_FOLDER / "%j", sweep.name, len(todo), sys.executable))
-        return 0
+    """``--launcher slurm`` / ``submitit-local``: submit the runs with work left as one job array."""
+    todo = [run for run in runs if has_work(sweep, run)]
+    active = active_jobs(sweep.root, args.launcher) if todo else {}
+    for run in todo:
+        if run.name in active:
+            print(f"  {run.name}: still queued or running as job {active[run.name]}: not submitted again")
+    todo = [run for run in todo if run.name not in active]
+    print(
+        f"rmoe sweep: {len(runs) - len(todo) - len(active)} finished run(s) skipped, {len(active)} in the queue; "
+        f"{len(todo)} to submit ({args.launcher})."
+    )
     if not todo:
         return 0
-    jobs = submit(sweep, todo, args.launcher, cluster, args.sweep, args.root, args.extra)
+    if args.dry_run:
+        if args.launcher == "slurm":
+            folder = (sweep.root / SUBMITIT_FOLDER / "%j").resolve()
+            print(sbatch_script(cluster, folder, sweep.name, len(todo), sys.executable))
+        return 0
+    try:
+        jobs = submit(sweep, todo, args.launcher, cluster, args.sweep, args.root, args.extra)
+    except Exception as err:  # sbatch refused (account, partition, limits) or no srun/sbatch here
+        print(f"rmoe: error: --launcher {args.launcher}: submitting failed: {err}", file=sys.stderr)
+        return 2
     print(f"submitted {len(jobs)} task(s): job {jobs[0].job_id.split('_')[0]} (recorded in {sweep.root / JOBS_FILE})")
     if not args.wait:
         print(f"rmoe sweep: run the same command again to submit what did not finish; report with: rmoe report "
               f"{shlex.quote(str(sweep.root))} --out {sweep.root / 'report'}")  # fmt: skip
         return 0
-    failed = 0
+    statuses: dict[str, int] = {}
     for job, run in zip(jobs, todo, strict=True):
         try:
-            status = job.result()
-            print(f"  {run.name}: {status}")
-        except Exception as err:  # a failed task: its run's log says why
-            failed += 1
-            print(f"  FAILED {run.name}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}")
+            status = str(job.result())
+        except Exception as err:  # a failed task: the RuntimeError it raised says why, its run's log the rest
+            status = "failed"
+            lines = [line for line in str(err).splitlines() if line.startswith("RuntimeError:")]
+            print(f"  FAILED {run.name}: {lines[-1].removeprefix('RuntimeError: ') if lines else err}")
             print(f"    log: {run.log}")
-    print(f"\nsweep {sweep.name}: {len(todo) - failed} done, {failed} failed.")
-    return 1 if failed else 0
+        else:
+            print(f"  {run.name}: {status}")
+        statuses[status] = statuses.get(status, 0) + 1
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+    print(f"\nsweep {sweep.name}: {counts}.")
+    return 1 if statuses.get("failed") else 0
