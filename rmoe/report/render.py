@@ -207,12 +207,19 @@ def write_markdown(
     (out / "results.md").write_text("\n".join(parts))
 
 
-def plot_curves(groups: Sequence[Group], tag: str, path: Path, band: str) -> bool:
-    """Validation curves: a group's mean over runs at the steps all its runs logged, with a band."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: reports without plots need none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(groups: Sequence[Group], tag: str, path: Path, band: str) -> bool:
+    """Validation curves: a group's mean over runs at the steps all its runs logged, with a band."""
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
@@ -252,10 +259,7 @@ def plot_curves(groups: Sequence[Group], tag: str, path: Path, band: str) -> boo
 
 def plot_bars(groups: Sequence[Group], key: str, label: str, path: Path) -> bool:
     """Bar chart of a metric per group: mean with ± std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     shown = [(g, *g.mean_std(key)) for g in groups if g.values(key)]
     if not shown:
@@ -282,10 +286,7 @@ def plot_bars(groups: Sequence[Group], key: str, label: str, path: Path) -> bool
 def plot_paired(paired: Sequence[Paired], baseline: str, metric: str, path: Path) -> bool:
     """The same-seed differences against the baseline, sorted, with their 95% t-intervals (a forest plot); one
     row per group, the per-seed differences as dots. False when nothing pairs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     shown = sorted((p for p in paired if p.n), key=lambda p: p.mean)
     if not shown:
