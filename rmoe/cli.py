@@ -250,6 +250,10 @@ class RmoeCLI(LightningCLI):
                 f"in {trainer.precision} instead, a different numerical path. Set trainer.precision=bf16-mixed or "
                 "32-true."
             )
+        from rmoe.training.strategies import ExpertParallelStrategy
+
+        if isinstance(trainer.strategy, ExpertParallelStrategy):
+            trainer.strategy.check_model(self.model.arch, compile=self.model.compile_layers)
         launcher = getattr(trainer.strategy, "launcher", None)
         if device.type == "cuda" and getattr(launcher, "_start_method", None) == "fork":
             return  # asking CUDA about the device here would break the fork that follows
@@ -260,6 +264,10 @@ class RmoeCLI(LightningCLI):
         from rmoe.training.memory import check_step_memory
 
         device = trainer.strategy.root_device
+        from rmoe.training.strategies import ExpertParallelStrategy
+
+        if isinstance(trainer.strategy, ExpertParallelStrategy):
+            trainer.strategy.check_model(self.model.arch, compile=self.model.compile_layers)
         launcher = getattr(trainer.strategy, "launcher", None)
         if device.type == "cuda" and getattr(launcher, "_start_method", None) == "fork":
             return  # asking CUDA for its free memory here would break the fork that follows
@@ -371,12 +379,13 @@ def _atomic_io_applies(strategy: Any, plugins: Any) -> bool:
     """Whether the trainer gets :class:`~rmoe.checkpoints.AtomicCheckpointIO`: a plain strategy, no own writer."""
     from lightning.fabric.plugins import CheckpointIO
 
+    from rmoe.training.strategies import ExpertParallelStrategy
+
     plugin_list = plugins if isinstance(plugins, list) else [plugins] if plugins else []
-    return (
-        isinstance(strategy, str)
-        and strategy in _PLAIN_STRATEGIES
-        and not any(isinstance(p, CheckpointIO) for p in plugin_list)
+    plain = (isinstance(strategy, str) and strategy in _PLAIN_STRATEGIES) or isinstance(
+        strategy, ExpertParallelStrategy
     )
+    return plain and not any(isinstance(p, CheckpointIO) for p in plugin_list)
 
 
 _LIGHTNING_OPTIONS = {"--ckpt": "--ckpt_path", "--ckpt-path": "--ckpt_path", "--print-config": "--print_config"}

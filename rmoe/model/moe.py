@@ -14,7 +14,7 @@ token, so DDP needs no ``find_unused_parameters``.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import nn
 from rmoe.errors import RmoeError
 from rmoe.model.config import ModelConfig
 from rmoe.routers import RoutingOutput, tokens_per_expert
+
+if TYPE_CHECKING:
+    from rmoe.model.expert_parallel import ExpertParallel
 
 
 class SwiGLU(nn.Module):
@@ -121,6 +124,9 @@ class GroupedExperts(nn.Module):
         self.backend = backend
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Set by rmoe.model.expert_parallel.shard_experts: the weights then hold E / ep experts, and run() sends
+        # each pair to the process of its expert.
+        self.expert_parallel: ExpertParallel | None = None
 
     def _resolve_backend(self, x_TD: torch.Tensor, num_pairs: int) -> str:
         D, F_ = self.gate_up_proj.shape[-1], self.down_proj.shape[-1]
@@ -149,16 +155,33 @@ class GroupedExperts(nn.Module):
         if keep_TK is not None:  # dropped pairs get the id E: sorted last, never computed
             expert_ids_TK = expert_ids_TK.masked_fill(~keep_TK, E)
             weights_TK = weights_TK.masked_fill(~keep_TK, 0.0)
+        if self.expert_parallel is not None:
+            dtype = self._compute_dtype(x_TD)
+            out_TD = self.expert_parallel.run(x_TD.to(dtype), expert_ids_TK, weights_TK, E, self._run_received)
+            return out_TD.to(x_TD.dtype)
+        return self._run_here(x_TD, expert_ids_TK, weights_TK, has_drops=keep_TK is not None)
 
+    def _run_received(self, x_RD: torch.Tensor, local_ids_R: torch.Tensor) -> torch.Tensor:
+        """Under EP: this process's experts on the rows sent to it, one output row per row (R, D)."""
+        if x_RD.shape[0] == 0:
+            # Nothing to compute, but the backward still takes part in the group's all-to-alls, and the
+            # experts get a zero gradient (as on one process), not a missing one.
+            anchor = (self.gate_up_proj.sum() + self.down_proj.sum()) * 0.0
+            return x_RD * 0.0 + anchor.to(x_RD.dtype)
+        return self._run_here(x_RD, local_ids_R[:, None], x_RD.new_ones(x_RD.shape[0], 1), has_drops=False)
+
+    def _run_here(
+        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, has_drops: bool
+    ) -> torch.Tensor:
+        """:meth:`run` on the experts this process holds (ids local to them; a dropped pair has id E)."""
+        E = self.gate_up_proj.shape[0]
         ids_S = expert_ids_TK.reshape(-1)  # (S,)
         order_S = torch.argsort(ids_S, stable=True)  # (S,) pair index, grouped by expert
         counts_E = tokens_per_expert(ids_S, E)  # (E,) kept pairs per expert (dropped ones have id E)
         dtype = self._compute_dtype(x_TD)
         backend = self._resolve_backend(x_TD, ids_S.numel())
         if backend == "grouped_mm":
-            out_TD = self._grouped_mm_forward(
-                x_TD.to(dtype), weights_TK, order_S, counts_E, has_drops=keep_TK is not None
-            )
+            out_TD = self._grouped_mm_forward(x_TD.to(dtype), weights_TK, order_S, counts_E, has_drops=has_drops)
         else:
             function = _TiledExperts if backend == "tiled" else _SlicedExperts
             with torch.autocast(x_TD.device.type, enabled=False):  # cast by hand: mm(out=) is not autocast-aware

@@ -51,6 +51,7 @@ from rmoe.metrics.specialization import DEFAULT_MIN_COUNT, TokenExpertStats
 from rmoe.routers.base import RoutingOutput
 from rmoe.tags import layer_label, layer_tag, series
 from rmoe.training.module import MoeLMModule
+from rmoe.training.strategies import ExpertParallelStrategy
 from rmoe.training.tensorboard import (
     custom_scalars_layout,
     hparam_metrics,
@@ -142,11 +143,11 @@ class RoutingAnalytics(L.Callback):
     # Setup
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # FSDP (ModelParallelStrategy): parameters are sharded, and reading them (expert similarity) or
-        # back-propagating to them (grad norms) on rank 0 alone is a collective the others never join.
-        self._sharded = isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
+        # FSDP (ModelParallelStrategy) or expert parallelism: parameters are sharded, and reading them (expert
+        # similarity) or back-propagating to them (grad norms) on rank 0 alone is a collective the others never join.
+        self._sharded = isinstance(getattr(trainer, "strategy", None), (ModelParallelStrategy, ExpertParallelStrategy))
         if self._sharded:
-            message = "router gradient norms and expert similarity are off with sharded parameters (FSDP)"
+            message = "router gradient norms and expert similarity are off with sharded parameters (FSDP, EP)"
             self._warn_once("sharded", f"RoutingAnalytics: {message}: rank 0 alone cannot gather them.")
             self.grad_norms = False
         self._logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from rmoe.metrics.gradients import router_grad_norm_tensors
 from rmoe.metrics.language import language_metrics
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
+from rmoe.model.expert_parallel import dispatch_stats, expert_parallel_size, expert_parameters
 from rmoe.model.losses import average_over_layers, expert_counts
 from rmoe.routers import Router, RoutingOutput
 from rmoe.syncs import HostCopy, all_reduce_mean_, all_reduce_sum_, to_host
@@ -160,6 +162,7 @@ class MoeLMModule(L.LightningModule):
         self._pending: tuple[int, HostCopy] | None = None  # (step, its values on their way to the host)
         self._grad_norm: torch.Tensor | None = None  # this step's global gradient norm (device scalar)
         self._grad_share_scale = 1
+        self._step_clock: float | None = None  # expert parallelism: the end of the previous step (perf_counter)
         self._resumed: tuple[int, LRSchedule | None] | None = None  # (step, saved schedule) of a resumed run
         self._evaluated: dict[str, tuple[int, int]] = {}  # split -> (tokens, batches) of this pass, this process
         self.lr_schedule: LRSchedule | None = None
@@ -337,6 +340,34 @@ class MoeLMModule(L.LightningModule):
                     self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
         else:
             self._pending = (step, HostCopy(torch.cat([means, self._grad_norm.reshape(1)])))
+        self._log_expert_parallel()
+
+    def _log_expert_parallel(self) -> None:
+        """Under expert parallelism, on logged steps: each process's all-to-all traffic of the step (``ep/sent/
+        rank<r>``, ``ep/received/rank<r>``: (token, expert) rows, each of the model width, summed over the MoE
+        layers and forward + backward counted once), ``ep/load_imbalance`` (the busiest process's expert rows over
+        the mean: what the balance loss buys in time) and ``ep/all_to_all_share`` (the mean share of the step's
+        wall time spent inside the all-to-alls). One all-gather on logged steps only."""
+        stats = dispatch_stats(self)
+        if stats is None:
+            return
+        now = time.perf_counter()
+        step_seconds, self._step_clock = now - (self._step_clock or now), now
+        taken = stats.take()
+        if not logs_this_step(self.trainer):
+            return
+        mine = torch.tensor([taken["sent"], taken["received"], taken["computed"], taken["seconds"], step_seconds])
+        device = self._step_loss_sums.device if self._step_loss_sums is not None else mine.device
+        everyone = [torch.empty(5, device=device) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(everyone, mine.to(device))
+        table = torch.stack(everyone).cpu()  # (W, 5)
+        for rank, row in enumerate(table):
+            self.log(f"ep/sent/rank{rank}", row[0], rank_zero_only=True)
+            self.log(f"ep/received/rank{rank}", row[1], rank_zero_only=True)
+        computed = table[:, 2]
+        self.log("ep/load_imbalance", computed.max() / computed.mean().clamp(min=1.0), rank_zero_only=True)
+        if bool((table[:, 4] > 0).all()):
+            self.log("ep/all_to_all_share", (table[:, 3] / table[:, 4]).mean(), rank_zero_only=True)
 
     def _grad_norm_share(self) -> torch.Tensor:
         """``(1,)`` fp32: this process's share of the squared gradient norm, such that the mean over the
@@ -350,13 +381,22 @@ class MoeLMModule(L.LightningModule):
         self._grad_share_scale = 1
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return torch.zeros(1, device=device)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        sharded = {id(p) for p in expert_parameters(self)}  # expert parallelism: this process's experts only
+        grads = [p.grad for p in self.parameters() if p.grad is not None and id(p) not in sharded]
         if any(hasattr(g, "to_local") for g in grads):  # FSDP2's DTensor shards
             grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
             self._grad_share_scale = self.trainer.world_size
-        if not grads:
-            return torch.zeros(1, device=device)
-        return torch.nn.utils.get_total_norm(grads).float().pow(2).reshape(1).to(device)
+        share = torch.zeros(1, device=device)
+        if grads:
+            share = torch.nn.utils.get_total_norm(grads).float().pow(2).reshape(1).to(device)
+        expert_grads = [p.grad for p in expert_parameters(self) if p.grad is not None]
+        if expert_grads:
+            # ep processes hold disjoint experts, each replicated W/ep times: ep x the local square, averaged
+            # over the W processes, is the experts' whole square
+            share = share + expert_parallel_size(self) * torch.nn.utils.get_total_norm(expert_grads).float().pow(
+                2
+            ).reshape(1).to(device)
+        return share
 
     def _device_skip(self, optimizer: torch.optim.Optimizer, reduced: torch.Tensor) -> torch.Tensor | None:
         """Cancel this step's update on the device when a value is not finite: the fused optimiser's
