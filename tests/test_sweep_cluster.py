@@ -38,7 +38,6 @@ def test_the_sbatch_script_is_the_fixture():
     ("args", "fragment"),
     [
         (["--launcher", "slurm"], "--launcher slurm needs --partition NAME"),
-        (["--launcher", "slurm", "--partition", "gpu", "--gpus-per-run", "2"], "--gpus-per-run 2: a run over"),
         (["--launcher", "slurm", "--partition", "gpu", "--time-limit", "0"], "--time-limit 0"),
         (["--launcher", "slurm", "--partition", "gpu", "--sbatch", "account"], "--sbatch 'account': expected"),
         (["--launcher", "submitit-local", "--cpus-per-run", "0"], "--cpus-per-run 0"),
@@ -151,3 +150,46 @@ def test_an_interrupted_task_is_requeued_and_resumes_its_run(tmp_path, monkeypat
     log = runs[0].log.read_text()
     assert "(new)" in log and "(resume)" in log  # the requeued task resumed the run from its checkpoint
     assert json.loads(runs[0].marker.read_text())["resumed_from"]
+
+
+@pytest.mark.slow
+def test_a_run_of_two_processes_is_one_array_task_of_two_ranks(tmp_path, monkeypatch, capsys):
+    """``--processes-per-run 2``: one array task of 2 submitit tasks; task 0 plans and records the run, task 1
+    follows its plan; the two ``rmoe fit`` processes are the ranks of one DDP run (gloo), then of its test."""
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path, steps=4)
+    doc = yaml.safe_load(spec.read_text())
+    doc["grid"] = {"seed": {"s0": "seed_everything=0"}}
+    doc["overrides"] += ["trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.devices=2"]
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    args = [str(spec), "--launcher", "submitit-local", "--processes-per-run", "2", "--wait"]
+    assert sweep_main(args) == 0, capsys.readouterr()
+    assert "sweep cluster: 1 done." in capsys.readouterr().out
+    run = tmp_path / "sweep" / "s0"
+    assert json.loads((run / "done.json").read_text())["name"] == "s0" and (run / "test").is_dir()
+    rank0, rank1 = (run / "stdout.log").read_text(), (run / "stdout.rank1.log").read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in rank0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in rank1
+    assert rank1.count("$ python -m rmoe test") == rank0.count("$ python -m rmoe test") == 1  # the same stages
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["test", "version_0"]  # one run, not one per rank
+    assert sweep_main(args) == 0  # the finished run: nothing submitted, no rank waits
+    assert "1 finished run(s) skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--processes-per-run", "0"], "--processes-per-run 0: expected >= 1"),
+        (["--gpus-per-run", "4", "--processes-per-run", "2"], "Lightning runs one process per GPU"),
+    ],
+)
+def test_bad_process_counts_are_refused_before_submitting(args, fragment, tmp_path, capsys):
+    spec = ROOT / "configs/sweeps/tiny.yaml"
+    assert sweep_main([str(spec), "--root", str(tmp_path / "r"), "--launcher", "submitit-local", *args]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_sbatch_script_of_a_four_gpu_run_asks_for_a_task_per_gpu(tmp_path):
+    options = ClusterOptions(partition="gpu", gpus_per_run=4)
+    script = sbatch_script(options, tmp_path, "grid", num_tasks=3)
+    assert "#SBATCH --ntasks-per-node=4" in script and "#SBATCH --gpus-per-node=4" in script

@@ -9,16 +9,24 @@ limit SLURM signals the task ahead of time; submitit calls :meth:`SweepTask.chec
 resumes the run. Running ``rmoe sweep ... --launcher slurm`` again submits only what is not finished.
 
 ``--launcher submitit-local`` is the same code path through submitit's local executor (processes on this
-machine, with requeueing): how the tests run it without a cluster. A run is one task with ``--gpus-per-run``
-GPUs; a run over several GPUs needs one task per GPU (Lightning's SLURM environment), which this launcher does not
-start yet: ``--gpus-per-run`` above 1 is refused.
+machine, with requeueing): how the tests run it without a cluster.
+
+A run over several processes (``--processes-per-run N``, by default one per GPU of ``--gpus-per-run``) is one array
+task of N SLURM tasks (``--ntasks-per-node N``): task 0 does what the local launcher does (lock, resume, plan,
+``done.json``), tasks 1..N-1 wait for its plan and run the same stages, and each ``rmoe fit`` finds its rank in
+Lightning's SLURM environment (``SLURM_PROCID`` ...), as under ``srun``. Under ``submitit-local`` the ranks get
+Lightning's own variables (``LOCAL_RANK``, ``MASTER_PORT`` ...) instead, as torchrun gives them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import sys
+import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +41,9 @@ MAX_REQUEUES = 1000
 """Times a task may be requeued at its time limit (submitit's default is 3); preemptions do not count."""
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD")
 """SLURM states of a job that will still run: its run is not submitted again."""
+RANKS_FILE = "ranks.json"
+"""Under a run of several processes: ``{"attempt": <job id>.<restart>, "plan": <run.json or null>}``, written by
+task 0 for the others of its attempt."""
 JOBS_FILE = "slurm_jobs.txt"
 """Under the sweep root: one line per submitted run, ``<job id> <run name>``, appended at each submission."""
 
@@ -43,7 +54,9 @@ class ClusterOptions:
 
     Attributes:
         partition: ``sbatch --partition`` (required by ``--launcher slurm``).
-        gpus_per_run: GPUs of each task (``--gpus-per-node``); 0 for a CPU run.
+        gpus_per_run: GPUs of each run (``--gpus-per-node``); 0 for a CPU run.
+        processes_per_run: Processes of each run, one SLURM task each (``--ntasks-per-node``); None: one per GPU
+            (at least 1). The run's config must ask Lightning for as many (``trainer.devices``).
         cpus_per_run: ``--cpus-per-task`` (None: the partition's default).
         time_limit_min: ``--time`` in minutes; the task is signalled ahead of it and requeued.
         array_parallelism: Tasks of the array running at once (``--array=...%N``).
@@ -54,6 +67,7 @@ class ClusterOptions:
 
     partition: str | None = None
     gpus_per_run: int = 0
+    processes_per_run: int | None = None
     cpus_per_run: int | None = None
     time_limit_min: int = 24 * 60
     array_parallelism: int = 256
@@ -81,11 +95,13 @@ class ClusterOptions:
                 f"--gpus-per-run {self.gpus_per_run} and --cpus-per-run {self.cpus_per_run}: expected >= 0 GPUs "
                 "and >= 1 CPU."
             )
-        if self.gpus_per_run > 1:
+        processes = self.processes_per_run
+        if processes is not None and processes < 1:
+            raise SweepError(f"--processes-per-run {processes}: expected >= 1 (one SLURM task per process).")
+        if processes is not None and self.gpus_per_run > 1 and processes != self.gpus_per_run:
             raise SweepError(
-                f"--gpus-per-run {self.gpus_per_run}: a run over several GPUs needs one SLURM task per GPU "
-                "(Lightning's SLURM environment), which this launcher does not start yet; use 1 GPU per run, or "
-                "submit such a run with your own sbatch script running `srun python -m rmoe fit ...`."
+                f"--processes-per-run {processes} with --gpus-per-run {self.gpus_per_run}: Lightning runs one "
+                "process per GPU; leave --processes-per-run out (it follows the GPUs) or make them equal."
             )
         if self.time_limit_min < 1 or self.array_parallelism < 1:
             raise SweepError(
@@ -93,9 +109,14 @@ class ClusterOptions:
                 "must be at least 1."
             )
 
+    @property
+    def tasks_per_run(self) -> int:
+        """SLURM tasks (processes) of each run."""
+        return self.processes_per_run or max(1, self.gpus_per_run)
+
     def executor_parameters(self, launcher: str) -> dict[str, Any]:
         """submitit's ``update_parameters`` for this launcher."""
-        params: dict[str, Any] = {"timeout_min": self.time_limit_min, "tasks_per_node": 1, "nodes": 1}
+        params: dict[str, Any] = {"timeout_min": self.time_limit_min, "tasks_per_node": self.tasks_per_run, "nodes": 1}
         if launcher == "submitit-local":
             return {**params, "signal_delay_s": self.signal_delay_s}
         params.update(
@@ -136,6 +157,7 @@ class SweepTask:
     extra: tuple[str, ...] = ()
     workdir: str = dataclasses.field(default_factory=os.getcwd)
     stop_timeout_s: float = 30.0  # the child's time to stop on the signal, well inside --signal's delay
+    launcher: str = "slurm"
 
     def _run(self) -> tuple[Sweep, GridRun]:
         sweep = load_sweep(self.sweep_file)
@@ -149,17 +171,29 @@ class SweepTask:
     def __call__(self) -> str:
         import threading
 
+        import submitit
+
         from rmoe.sweep.runner import launch_one
 
         os.chdir(self.workdir)  # the paths of the sweep file are relative to where the sweep was submitted
         sweep, run = self._run()
+        job = submitit.JobEnvironment()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **rank_environment(self.launcher, job))
+        attempt = f"{job.job_id}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"  # requeued: the same job, counted
+        if job.global_rank == 0:
+
+            def announce(plan: Path | None) -> None:
+                if job.num_tasks > 1:  # the other ranks run what this one plans (None: nothing this time)
+                    record = {"attempt": attempt, "plan": None if plan is None else str(plan)}
+                    (run.dir / RANKS_FILE).write_text(json.dumps(record) + "\n")
+
+            target = lambda: done.append(launch_one(sweep, run, env, print, announce))  # noqa: E731
+        else:
+            target = lambda: done.append(follow(run, attempt, job.global_rank, env))  # noqa: E731
         done: list[Any] = []
         # The run waits in a thread of its own: submitit's signal handler (checkpoint) runs in the main thread
         # and stops the run's child, which a handler interrupting that very wait could not do (Popen's lock).
-        worker = threading.Thread(
-            target=lambda: done.append(launch_one(sweep, run, dict(os.environ, PYTHONUNBUFFERED="1"), print)),
-            daemon=True,
-        )
+        worker = threading.Thread(target=target, daemon=True)
         worker.start()
         while worker.is_alive():
             worker.join(timeout=1.0)
@@ -179,6 +213,43 @@ class SweepTask:
 
         stop_children(grace=0.0, timeout=self.stop_timeout_s)
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
+
+
+def rank_environment(launcher: str, job: Any) -> dict[str, str]:
+    """What a rank of a run of several processes needs beyond its environment. Under SLURM nothing: ``srun``
+    set ``SLURM_PROCID`` and the rest, which Lightning's SLURM environment reads. Under submitit's local executor,
+    Lightning's own variables, as torchrun would set them (a port from the job id, shared by the ranks)."""
+    if launcher != "submitit-local" or job.num_tasks == 1:
+        return {}
+    port = 20000 + zlib.crc32(str(job.job_id).encode()) % 20000
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(job.num_tasks),
+            "NODE_RANK": "0", "LOCAL_RANK": str(job.local_rank)}  # fmt: skip
+
+
+def follow(run: GridRun, attempt: str, rank: int, env: Mapping[str, str], timeout_s: float = 600.0) -> Any:
+    """Rank ``rank`` (> 0) of a run of several processes: wait for task 0's plan of this attempt, then run the
+    same stages in a child (its output in ``<run>/stdout.rank<r>.log``); task 0 keeps the run's record."""
+    from rmoe.sweep.runner import CHILD_MODULE, Outcome, run_child
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            record = json.loads((run.dir / RANKS_FILE).read_text())
+        except (OSError, ValueError):
+            record = {}
+        if record.get("attempt") == attempt:
+            break
+        if time.monotonic() > deadline:
+            return Outcome(run, "failed", message=f"rank {rank}: task 0 wrote no plan in {timeout_s:.0f} s")
+        time.sleep(0.5)
+    if record["plan"] is None:
+        return Outcome(run, "skipped")
+    log = run.dir / f"stdout.rank{rank}.log"
+    returncode = run_child([sys.executable, "-m", CHILD_MODULE, "--exec-run", record["plan"]], log, env)
+    if returncode:
+        message = f"rank {rank} exited {returncode} (log: {log})"
+        return Outcome(run, "failed", returncode=returncode, message=message)
+    return Outcome(run, "done")
 
 
 def executor(launcher: str, root: Path, options: ClusterOptions, name: str) -> Any:
@@ -212,7 +283,9 @@ def submit(
     sweep.root.mkdir(parents=True, exist_ok=True)
     write_sweep_copy(sweep)  # the root's owner and grid, as the local launcher records them
     stop = max(5.0, options.signal_delay_s / 3)
-    tasks = [SweepTask(sweep_file, run.name, root, tuple(extra), stop_timeout_s=stop) for run in runs]
+    tasks = [
+        SweepTask(sweep_file, run.name, root, tuple(extra), stop_timeout_s=stop, launcher=launcher) for run in runs
+    ]
     jobs = executor(launcher, sweep.root, options, sweep.name).submit_array(tasks)
     with (sweep.root / JOBS_FILE).open("a") as record:
         for job, run in zip(jobs, runs, strict=True):

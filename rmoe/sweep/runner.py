@@ -110,20 +110,29 @@ def execute(sweep: Sweep, runs: Sequence[GridRun], jobs: int = 1, out: TextIO | 
     return Summary([outcomes[i] for i in range(len(runs))])
 
 
-def launch_one(sweep: Sweep, run: GridRun, env: Mapping[str, str], say: Callable[[str], None]) -> Outcome:
+def launch_one(
+    sweep: Sweep,
+    run: GridRun,
+    env: Mapping[str, str],
+    say: Callable[[str], None],
+    announce: Callable[[Path | None], None] = lambda plan: None,
+) -> Outcome:
     """Handle one run, as every launcher does: skip it when another process holds its lock or it is finished (a
-    finished one may still get its causal test), else run (or resume) it in a child process."""
+    finished one may still get its causal test), else run (or resume) it in a child process. ``announce`` gets
+    the plan the child runs, or None when there is none (the other ranks of a multi-process run follow it)."""
     with _run_lock(run) as locked:
         if not locked:
+            announce(None)
             say(f"skipped: another sweep process is running it (it holds {run.dir / RUN_LOCK})")
             return Outcome(run, "busy")
         if run.marker.is_file():
             if _causal_test_due(sweep, run):  # finished before the sweep tested both ways
-                return _launch(sweep, run, env, say, stages=("causal-test",))
+                return _launch(sweep, run, env, say, stages=("causal-test",), announce=announce)
+            announce(None)
             note = _changed_note(sweep, run)
             say(f"skipped (finished: {run.marker}){note}")
             return Outcome(run, "skipped", message=note.removeprefix("; NOTE: "))
-        return _launch(sweep, run, env, say)
+        return _launch(sweep, run, env, say, announce=announce)
 
 
 @contextlib.contextmanager
@@ -191,6 +200,7 @@ def _launch(
     env: Mapping[str, str],
     say: Callable[[str], None],
     stages: Sequence[str] = STAGES,
+    announce: Callable[[Path | None], None] = lambda plan: None,
 ) -> Outcome:
     """Run the stages in one child; ``("causal-test",)`` only adds the causal test to a finished run."""
     follow_up = "fit" not in stages
@@ -217,6 +227,7 @@ def _launch(
     # a follow-up keeps the finished run's run.json (its record) and gets its own plan file
     plan_path = run.dir / FOLLOW_UP_PLAN if follow_up else run.plan
     plan_path.write_text(json.dumps(plan, indent=1) + "\n")
+    announce(plan_path)
     if follow_up:
         say(f"finished; adding its test with causal evaluation (log: {run.log})")
     else:
@@ -225,19 +236,7 @@ def _launch(
     with run.log.open("a") as log:
         attempt = "causal test" if follow_up else ("resume" if ckpt else "new")
         log.write(f"\n{_ATTEMPT_HEADER}{_now()} sweep {sweep.name}: run {run.name} ({attempt})\n")
-        log.flush()
-        child = [sys.executable, "-m", CHILD_MODULE, "--exec-run", str(plan_path)]
-        with subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT, env=dict(env)) as process:
-            with _children_lock:
-                _children.add(process)
-            try:
-                returncode = process.wait()
-            except KeyboardInterrupt:  # --jobs 1 waits in the main thread: stop the child while the run is locked
-                stop_children()
-                raise
-            finally:
-                with _children_lock:
-                    _children.discard(process)
+    returncode = run_child([sys.executable, "-m", CHILD_MODULE, "--exec-run", str(plan_path)], run.log, env)
     seconds = time.monotonic() - started
     if returncode != 0:
         message = _last_error(run.log, returncode)
@@ -369,6 +368,24 @@ def _duration(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # The child process: fit, then test, in one interpreter
+
+
+def run_child(command: Sequence[str], log_path: Path, env: Mapping[str, str]) -> int:
+    """Run a run's child with its output appended to ``log_path``; :func:`stop_children` can stop it."""
+    with (
+        log_path.open("a") as log,
+        subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(env)) as process,
+    ):
+        with _children_lock:
+            _children.add(process)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # --jobs 1 waits in the main thread: stop the child while the run is locked
+            stop_children()
+            raise
+        finally:
+            with _children_lock:
+                _children.discard(process)
 
 
 def exec_run(plan_path: str | os.PathLike[str]) -> int:

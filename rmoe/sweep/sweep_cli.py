@@ -68,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         "code path on this machine (submitit's local executor)",
     )
     cluster.add_argument("--partition", help="SLURM partition (required by --launcher slurm)")
-    cluster.add_argument("--gpus-per-run", type=int, default=0, metavar="N", help="GPUs per run (0 or 1)")
+    cluster.add_argument("--gpus-per-run", type=int, default=0, metavar="N", help="GPUs per run (default 0)")
+    cluster.add_argument(
+        "--processes-per-run",
+        type=int,
+        metavar="N",
+        help="processes (SLURM tasks) per run, each finding its rank in Lightning's SLURM environment "
+        "(default: one per GPU); the run's trainer.devices must match",
+    )
     cluster.add_argument("--cpus-per-run", type=int, metavar="N", help="CPUs per run (default: the partition's)")
     cluster.add_argument("--time-limit", type=int, default=24 * 60, metavar="MIN", help="minutes per task (1 day)")
     cluster.add_argument(
@@ -103,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster = ClusterOptions(
             partition=args.partition,
             gpus_per_run=args.gpus_per_run,
+            processes_per_run=args.processes_per_run,
             cpus_per_run=args.cpus_per_run,
             time_limit_min=args.time_limit,
             array_parallelism=args.jobs,
@@ -185,7 +193,7 @@ def _submit(sweep: Any, runs: Sequence[Any], args: argparse.Namespace, cluster: 
     statuses: dict[str, int] = {}
     for job, run in zip(jobs, todo, strict=True):
         try:
-            status = str(job.result())
+            status = str(job.results()[0])  # task 0's: it holds the run's record (the others follow it)
         except Exception as err:  # a failed task: the RuntimeError it raised says why, its run's log the rest
             status = "failed"
             lines = [line for line in str(err).splitlines() if line.startswith("RuntimeError:")]
