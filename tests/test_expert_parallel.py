@@ -259,6 +259,8 @@ def test_the_checkpoint_holds_every_expert_the_weights_equal_one_process_and_it_
           *single])  # fmt: skip
     [reloaded] = scalars(resumed / "validate/version_0", "val/loss").values()
     assert reloaded == pytest.approx(scalars(ref, "val/loss")[NUM_STEPS - 1], abs=ATOL)
+    main(["export", "--ckpt", str(resumed / "checkpoints/last.ckpt"), "--out", str(ep_runs / "exported")])
+    assert (ep_runs / "exported/config.json").is_file()  # a transformers folder with every expert
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +294,8 @@ def test_the_recurrent_and_a_capacity_router_train_under_expert_parallelism_as_o
         assert scalars(ep, tag)[last] == pytest.approx(scalars(one, tag)[last], abs=1e-6), tag
     if router == "linear":
         assert scalars(one, "moe/val/drop_ratio/mean")[last] > 0  # the capacity was binding
+    one_state = torch.load(one / "checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    ep_state = torch.load(ep / "checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert ep_state.keys() == one_state.keys()
+    for key, value in one_state.items():  # the same weights after the steps, every expert
+        torch.testing.assert_close(ep_state[key], value, atol=2e-5, rtol=1e-4, msg=key)

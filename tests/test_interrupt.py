@@ -107,9 +107,17 @@ def test_a_sigterm_from_another_process_stops_the_run_in_order(tmp_path):
     assert (run_dir / "checkpoints/last.ckpt").is_file()
 
 
-def test_ddp_stops_every_process_at_the_same_step_and_resumes_exactly(reference, tmp_path):
+STRATEGIES = {
+    "ddp": ["trainer.strategy=ddp"],
+    # expert parallelism: the checkpoint of the stop gathers every expert from both processes
+    "ep": ["--config", str(TESTS.parent / "configs/strategy/ep.yaml")],
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_ddp_stops_every_process_at_the_same_step_and_resumes_exactly(strategy, reference, tmp_path):
     root, expected = reference
-    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2",
+    ddp = [*STRATEGIES[strategy], "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2",
            "data.eval_batch_size=2"]  # fmt: skip
     stopped = run(fit_command(tmp_path, "ddp", *ddp, signal_at("signal_name: SIGTERM, step: 3")), tmp_path)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
