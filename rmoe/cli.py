@@ -571,6 +571,7 @@ def build_cli(argv: list[str], run: bool = True) -> RmoeCLI:
 
 _TOOLS = {
     "analyze": "rmoe.analyze",
+    "eval": "rmoe.evaluation.harness",
     "generate": "rmoe.generate",
     "export": "rmoe.interop.export",
     "import": "rmoe.interop.importer",

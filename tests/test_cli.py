@@ -17,7 +17,9 @@ from rmoe.errors import RmoeError
 
 ROOT = Path(__file__).resolve().parents[1]
 # experiment configs only; sweep files (a `grid:` of overrides, `rmoe sweep`) are tested in test_sweep.py
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "grid" not in (yaml.safe_load(p.read_text()) or {}))
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                 if "grid" not in (yaml.safe_load(p.read_text()) or {}) and "eval/tasks" not in str(p))  # fmt: skip
+"""Every rmoe config file (not sweep files, not lm-eval task files)."""
 
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -254,12 +256,12 @@ def long_options(parser) -> set[str]:
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and a.help != "==SUPPRESS=="}
 
 
-READS_A_MODEL = ("analyze", "inspect", "generate", "export")
+READS_A_MODEL = ("analyze", "eval", "inspect", "generate", "export")
 
 
 def test_every_subcommand_spells_the_shared_options_the_same():
     parsers = tool_parsers()
-    assert set(parsers) == {"analyze", "inspect", "generate", "export", "import", "sweep", "report", "routers"}
+    assert set(parsers) == {"analyze", "eval", "inspect", "generate", "export", "import", "sweep", "report", "routers"}
     for name, parser in parsers.items():
         assert parser.allow_abbrev is False, name
         options = long_options(parser)
@@ -267,9 +269,9 @@ def test_every_subcommand_spells_the_shared_options_the_same():
         if name in READS_A_MODEL:
             assert "--ckpt" in options, f"rmoe {name} reads the model from --ckpt"
             assert not [a for a in parser._actions if a.dest in ("model",) and not a.option_strings], name
-    for name in ("analyze", "inspect", "export", "import", "report"):
+    for name in ("analyze", "eval", "inspect", "export", "import", "report"):
         assert "--out" in long_options(parsers[name]), f"rmoe {name} writes to --out"
-    for name in ("analyze", "inspect", "generate"):
+    for name in ("analyze", "eval", "inspect", "generate"):
         assert "--device" in long_options(parsers[name]), name
     for name in ("inspect", "generate", "export", "import"):
         assert "--tokenizer" in long_options(parsers[name]), name

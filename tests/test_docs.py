@@ -45,6 +45,7 @@ SUBCOMMANDS = (
     "validate",
     "test",
     "analyze",
+    "eval",
     "inspect",
     "generate",
     "export",
@@ -59,7 +60,17 @@ QUICK_RUN = "runs/quick/version_0"
 """The run the examples read: what ``rmoe fit --config configs/base.yaml --config configs/quick.yaml`` writes first."""
 FILES = {"notes.txt": TEXT * 4}
 """Files the examples assume the user has, written into the working folder."""
-RANK = {"fit": 0, "validate": 1, "test": 1, "analyze": 1, "inspect": 1, "generate": 1, "export": 2, "import": 3}
+RANK = {
+    "fit": 0,
+    "validate": 1,
+    "test": 1,
+    "analyze": 1,
+    "eval": 1,
+    "inspect": 1,
+    "generate": 1,
+    "export": 2,
+    "import": 3,
+}
 RANK |= {"sweep": 4, "report": 5}
 """The order blocks run in: a command runs after the commands that write what it reads (see :func:`rank`)."""
 
@@ -322,6 +333,8 @@ def overrides(words: list[str], workspace: Path) -> list[str]:
         return ["--max-tokens", "64"]
     if command == "generate":
         return ["--max-new-tokens", "4"]
+    if command == "eval":
+        return ["--limit", "2"]
     if command == "export":
         return ["--overwrite"] if "--push-to-hub" not in args else []
     if command == "sweep":  # one run of the grid (the first label of every key), shrunk

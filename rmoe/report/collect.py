@@ -23,6 +23,7 @@ from rmoe.tags import layer_pattern, scalar_pattern, series
 DEFAULT_METRICS = (
     layer_pattern("val", [m.name for m in metrics(flag="report") if m.kind != "scalar"]),
     scalar_pattern("val", [m.name for m in metrics(flag="report", kind="scalar")]),
+    r"^(downstream/.+)$",  # lm-eval scores logged during fit (rmoe.training.downstream.DownstreamEval)
 )
 
 SEED_KEY = "seed"
