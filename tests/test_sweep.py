@@ -499,15 +499,18 @@ def test_other_sweep_files_expand(path, capsys, monkeypatch):
 def test_config_folders_hold_one_kind_of_file():
     """Each folder of configs/ holds what its name says: sweeps/ grids, size/ model sizes (no grid, no
     callbacks: base.yaml has the one list), arch/ model.arch keys, data/ data keys, strategy/
-    trainer.strategy, router/ model keys."""
+    trainer.strategy, router/ model keys, eval/ the downstream-evaluation callback appended to base.yaml's list
+    (its tasks/ folder: lm-eval task files, not rmoe configs)."""
     configs = ROOT / "configs"
-    assert {p.name for p in configs.iterdir() if p.is_dir()} == {"sweeps", "size", "router", "arch", "data", "strategy"}
+    folders = {p.name for p in configs.iterdir() if p.is_dir()}
+    assert folders == {"sweeps", "size", "router", "arch", "data", "strategy", "eval"}
     assert sorted(p.name for p in configs.glob("*.yaml")) == ["base.yaml", "quick.yaml"]
     allowed = {
         "arch": {"model": {"arch"}},
         "data": {"data": None},
         "strategy": {"trainer": {"strategy"}},
         "router": {"model": None},
+        "eval": {"trainer": {"callbacks+"}},
     }
     for path in configs.glob("*/*.yaml"):
         config = yaml.safe_load(path.read_text()) or {}
