@@ -21,7 +21,8 @@ from rmoe.cli import main
 
 pytest.importorskip("lm_eval")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# whole runs of lm-eval over a trained and exported model: out of the inner loop
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 QUESTIONS = [
     ("The quick brown fox jumps over the lazy", ["dog", "cat", "box"], 0),
@@ -158,7 +159,6 @@ def assert_same_responses(actual: dict, expected: dict) -> None:
                     assert a == pytest.approx(b, abs=1e-4, rel=1e-5), (task, a, b)
 
 
-@pytest.mark.slow  # about 40 s each: lm-eval twice over four tasks
 @pytest.mark.parametrize("which", ["byte", "bpe", "gru"])
 def test_rmoe_eval_and_lm_evals_hf_model_on_the_export_give_the_same_numbers(setup, which):
     setup = with_variant(setup, which)
@@ -174,7 +174,6 @@ def test_rmoe_eval_and_lm_evals_hf_model_on_the_export_give_the_same_numbers(set
     assert not math.isnan(mine["results"]["rmoe_mc"]["acc,none"])
 
 
-@pytest.mark.slow
 def test_batching_and_padding_give_what_batch_size_one_gives(setup):
     assert_same_responses(responses(ours(setup, "byte", batch_size=3)), responses(ours(setup, "byte", batch_size=1)))
 
