@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from torch import nn
 
 from rmoe.routers import tokens_per_expert
 from rmoe.syncs import to_host
+
+if TYPE_CHECKING:
+    from rmoe.model.moe import GroupedExperts
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 """The parameters of :class:`~rmoe.model.moe.GroupedExperts` that EP splits on dim 0 (experts)."""
@@ -188,25 +191,27 @@ def shard_experts(module: nn.Module, group: Any, size: int, index: int) -> list[
     return names
 
 
-def dispatch_stats(module: nn.Module) -> DispatchStats | None:
-    """The counters of a model whose experts are sharded (None: no EP)."""
-    for _, experts in expert_modules(module):
-        if experts.expert_parallel is not None:
-            return experts.expert_parallel.stats
-    return None
+def sharded_experts(module: nn.Module) -> list[tuple[str, GroupedExperts]]:
+    """``(name, GroupedExperts)`` of every MoE layer under ``module`` whose experts are sharded (empty without EP)."""
+    return [(name, e) for name, e in expert_modules(module) if e.expert_parallel is not None]
 
 
-def expert_parallel_size(module: nn.Module) -> int:
-    """``ep`` of a model whose experts are sharded, 1 without EP."""
-    for _, experts in expert_modules(module):
-        if experts.expert_parallel is not None:
-            return experts.expert_parallel.size
-    return 1
+def expert_parallel_of(module: nn.Module) -> ExpertParallel | None:
+    """The EP group, size and counters of a model whose experts are sharded (every layer shares them); None."""
+    sharded = sharded_experts(module)
+    return sharded[0][1].expert_parallel if sharded else None
 
 
 def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The sharded expert parameters under ``module`` (empty without EP)."""
-    return [getattr(e, p) for _, e in expert_modules(module) if e.expert_parallel is not None for p in EXPERT_WEIGHTS]
+    return [getattr(e, p) for _, e in sharded_experts(module) for p in EXPERT_WEIGHTS]
+
+
+def _state_keys(module: nn.Module, prefix: str) -> Iterator[tuple[str, GroupedExperts]]:
+    """``(state-dict key, its GroupedExperts)`` of every sharded expert weight under ``module``."""
+    for name, experts in sharded_experts(module):
+        for p in EXPERT_WEIGHTS:
+            yield (f"{prefix}{name}.{p}" if name else f"{prefix}{p}"), experts
 
 
 def _gather_rows(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
@@ -219,34 +224,24 @@ def gather_expert_state(module: nn.Module, state: dict[str, Any], prefix: str = 
     """``state`` (``module.state_dict()`` with ``prefix``) with every sharded expert weight gathered to all E
     experts: a checkpoint that loads on one process and at any EP size. Every process of the group must call it."""
     state = dict(state)
-    for name, experts in expert_modules(module):
-        ep = experts.expert_parallel
-        if ep is None:
-            continue
-        for p in EXPERT_WEIGHTS:
-            key = f"{prefix}{name}.{p}" if name else f"{prefix}{p}"
-            state[key] = _gather_rows(state[key], ep.group, ep.size)
+    for key, experts in _state_keys(module, prefix):
+        state[key] = _gather_rows(state[key], experts.expert_parallel.group, experts.expert_parallel.size)
     return state
 
 
 def slice_expert_state(module: nn.Module, state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The inverse of :func:`gather_expert_state`: full (E, ...) expert weights cut to this process's rows."""
     state = dict(state)
-    for name, experts in expert_modules(module):
+    for key, experts in _state_keys(module, prefix):
         ep = experts.expert_parallel
-        if ep is None:
-            continue
-        for p in EXPERT_WEIGHTS:
-            key = f"{prefix}{name}.{p}" if name else f"{prefix}{p}"
-            if key in state and state[key].shape[0] == experts.num_experts:
-                state[key] = state[key][local_experts(experts.num_experts, ep.size, ep.index)]
+        if key in state and state[key].shape[0] == experts.num_experts:
+            state[key] = state[key][local_experts(experts.num_experts, ep.size, ep.index)]
     return state
 
 
 def _expert_param_indices(module: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict:
     """{index in the optimiser's state dict: ExpertParallel} of the sharded expert parameters."""
-    owner = {id(getattr(e, p)): e for _, e in expert_modules(module) if e.expert_parallel is not None
-             for p in EXPERT_WEIGHTS}  # fmt: skip
+    owner = {id(getattr(e, p)): e for _, e in sharded_experts(module) for p in EXPERT_WEIGHTS}
     out = {}
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         for param, index in zip(group["params"], saved_group["params"], strict=True):

@@ -23,7 +23,7 @@ from rmoe.metrics.gradients import router_grad_norm_tensors
 from rmoe.metrics.language import language_metrics
 from rmoe.model.config import ModelConfig
 from rmoe.model.decoder import MoeLM
-from rmoe.model.expert_parallel import dispatch_stats, expert_parallel_size, expert_parameters
+from rmoe.model.expert_parallel import expert_parallel_of, expert_parameters
 from rmoe.model.losses import average_over_layers, expert_counts
 from rmoe.routers import Router, RoutingOutput
 from rmoe.syncs import HostCopy, all_reduce_mean_, all_reduce_sum_, to_host
@@ -348,9 +348,10 @@ class MoeLMModule(L.LightningModule):
         layers and forward + backward counted once), ``ep/load_imbalance`` (the busiest process's expert rows over
         the mean: what the balance loss buys in time) and ``ep/all_to_all_share`` (the mean share of the step's
         wall time spent inside the all-to-alls). One all-gather on logged steps only."""
-        stats = dispatch_stats(self)
-        if stats is None:
+        ep = expert_parallel_of(self)
+        if ep is None:
             return
+        stats = ep.stats
         now = time.perf_counter()
         step_seconds, self._step_clock = now - (self._step_clock or now), now
         taken = stats.take()
@@ -381,21 +382,21 @@ class MoeLMModule(L.LightningModule):
         self._grad_share_scale = 1
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return torch.zeros(1, device=device)
-        sharded = {id(p) for p in expert_parameters(self)}  # expert parallelism: this process's experts only
+        ep = expert_parallel_of(self)  # expert parallelism: this process holds some of the experts
+        sharded = set(map(id, expert_parameters(self))) if ep is not None else set()
         grads = [p.grad for p in self.parameters() if p.grad is not None and id(p) not in sharded]
+        expert_grads = [p.grad for p in self.parameters() if p.grad is not None and id(p) in sharded]
         if any(hasattr(g, "to_local") for g in grads):  # FSDP2's DTensor shards
             grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
             self._grad_share_scale = self.trainer.world_size
         share = torch.zeros(1, device=device)
         if grads:
             share = torch.nn.utils.get_total_norm(grads).float().pow(2).reshape(1).to(device)
-        expert_grads = [p.grad for p in expert_parameters(self) if p.grad is not None]
         if expert_grads:
             # ep processes hold disjoint experts, each replicated W/ep times: ep x the local square, averaged
             # over the W processes, is the experts' whole square
-            share = share + expert_parallel_size(self) * torch.nn.utils.get_total_norm(expert_grads).float().pow(
-                2
-            ).reshape(1).to(device)
+            square = torch.nn.utils.get_total_norm(expert_grads).float().pow(2).reshape(1).to(device)
+            share = share + ep.size * square
         return share
 
     def _device_skip(self, optimizer: torch.optim.Optimizer, reduced: torch.Tensor) -> torch.Tensor | None:
