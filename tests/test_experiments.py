@@ -121,3 +121,51 @@ def test_budget_plot_gap_curves_from_a_curves_csv(tmp_path):
     assert "| gru_paper - linear_torch | x3 | " + " | ".join(["+0.010"] * 10) + " |" in table
     assert "| gru_paper - gru_np | x3 | " + " | ".join(["-0.020"] * 10) + " |" in table
     assert (tmp_path / "gaps.png").is_file()
+
+
+def test_router_study_table_has_the_known_gaps_signatures_and_order(tmp_path):
+    """Two routers against linear over three seeds: gaps with the t-interval of the known differences, seeds
+    worse counted, a router with no causal evaluation last, expert choice without a dropped-pairs share."""
+    study = load("router_study_table")
+    fields = ["run", "seed", "router", "complete", "final_val_bpb", "test_bpb", "comparable_test_bpb",
+              "active_experts_mean", "train/active_experts_mean", "train/expert_flops_per_token",
+              "train/drop_ratio", "train/token_drop_ratio", "gate_entropy_mean", "load_max_vio", "top1_mi"]  # fmt: skip
+    rows = []
+    for i, seed in enumerate(("s0", "s1", "s2")):
+        base = {"seed": seed, "complete": "1", "active_experts_mean": 2, "train/active_experts_mean": 2,
+                "train/expert_flops_per_token": 100, "train/drop_ratio": 0, "train/token_drop_ratio": 0,
+                "gate_entropy_mean": 1.5, "load_max_vio": 0.4, "top1_mi": 0.6}  # fmt: skip
+        test = 2.2 + i / 100
+        rows.append(base | {"run": f"{seed}-linear", "router": "linear", "final_val_bpb": 2.0, "test_bpb": test,
+                            "comparable_test_bpb": test})  # fmt: skip
+        # gaps 0.1, 0.2, 0.3 on test; expert choice leaves 1% of tokens without an expert and uses 90% of the FLOPs
+        rows.append(base | {"run": f"{seed}-expert_choice", "router": "expert_choice", "final_val_bpb": 2.0 - 0.1,
+                            "test_bpb": 2.3 + 0.11 * i, "comparable_test_bpb": 2.3 + 0.11 * i,
+                            "train/expert_flops_per_token": 90, "train/drop_ratio": 0.75,
+                            "train/token_drop_ratio": 0.01})  # fmt: skip
+        rows.append(base | {"run": f"{seed}-soft_moe", "router": "soft_moe", "final_val_bpb": 3.0, "test_bpb": 3.0,
+                            "comparable_test_bpb": ""})  # fmt: skip
+    rows.append(rows[1] | {"run": "s3-expert_choice", "seed": "s3", "complete": "0", "comparable_test_bpb": 9.0})
+    path = tmp_path / "runs.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    runs = study.read_runs(path)
+    assert sorted(runs["expert_choice"]) == ["s0", "s1", "s2"]  # the incomplete run is left out
+    gap = study.paired(runs, "expert_choice", "linear", "comparable_test_bpb")
+    assert gap.differences == pytest.approx([0.1, 0.2, 0.3])
+    # mean 0.2, std 0.1, 95% half-width t(2) * 0.1 / sqrt(3) = 4.303 * 0.0577
+    assert gap.half_width == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert study.paired(runs, "soft_moe", "linear", "comparable_test_bpb") is None
+
+    study.main([str(path), "--out", str(tmp_path / "out")])
+    lines = (tmp_path / "out" / "study.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| linear", "| expert_choice", "| soft_moe"]
+    cells = lines[3].split(" | ")
+    assert cells[2] == "+0.200 [-0.048, +0.448]" and cells[3] == "3/3" and cells[4] == "indistinguishable"
+    assert cells[5] == "-0.100 [-0.100, -0.100]" and cells[6] == "**better**"
+    assert cells[7] == "2.00 / 2.00" and cells[8] == "0.90" and cells[9] == "– / 1.0%"
+    assert "none (no causal evaluation)" in lines[4] and "+1.000 [+1.000, +1.000]" in lines[4]
+    assert "(baseline: test bpb 2.2100 ± 0.0100)" in lines[2]
