@@ -226,7 +226,10 @@ def test_a_router_not_causal_in_evaluation_is_also_tested_causally(tmp_path, cap
     (test_causal/, eval_routing: topk); the report shows both; a run finished before that stage
     existed gets it on the next invocation, and nothing else of it changes."""
     doc = yaml.safe_load(write_sweep(tmp_path, "ec.yaml", {}).read_text())
-    doc["grid"] = {"router": {"ec": "model.arch.router=expert_choice"}, "seed": {"s0": "seed_everything=0"}}
+    doc["grid"] = {
+        "router": {"ec": "model.arch.router=expert_choice", "linear": "model.arch.router=linear"},
+        "seed": {"s0": "seed_everything=0"},
+    }
     path = tmp_path / "ec.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     assert sweep.main([str(path)]) == 0
@@ -244,6 +247,20 @@ def test_a_router_not_causal_in_evaluation_is_also_tested_causally(tmp_path, cap
     assert result.metrics[report.COMPARABLE_TEST_KEY] == result.metrics["causal_test_bpb"]  # what --paired uses
     table = report.markdown_table(report.group_runs([result], ["router"]), report.base_columns([result]))
     assert "causal test bpb" in table.splitlines()[0] and "| ec \\* |" in table
+    # paired on that number: added when a row is not causal, once when also asked for by name
+    for asked, header in (
+        ([], "mean Δ causal test bpb"),
+        (["--paired-metric", "comparable_test_bpb"], "mean Δ comparable_test_bpb"),
+    ):
+        out = tmp_path / f"report{len(asked)}"
+        assert report.main([str(tmp_path / "sweep"), "--out", str(out), "--paired", "router=linear", *asked]) == 0
+        text = (out / "results.md").read_text()
+        assert text.count("| router | pairs | mean Δ") == 2 - len(asked) // 2 and text.count(header) == 1
+        gap = (
+            result.metrics["causal_test_bpb"]
+            - report.read_run(tmp_path / "sweep" / "linear-s0", {}).metrics["test_bpb"]
+        )
+        assert f"| ec | 1 | {gap:+.4f}" in text.split(header)[1]
 
     import shutil
 

@@ -120,7 +120,8 @@ def report(
                 f"or step time (negative is better), lower / higher for any other column."
             )
             paired_text += "".join(f"\n\n{text}" for _, text in tables)
-        if any(g.non_causal for g in groups):  # the same, on the one number every row can be compared by
+        # the same, on the one number every row can be compared by (unless asked for by name above)
+        if any(g.non_causal for g in groups) and COMPARABLE_TEST_KEY not in paired_metrics:
             causal = paired_table(
                 paired_comparisons(complete, key, baseline, COMPARABLE_TEST_KEY), key, baseline, "causal test bpb"
             )
