@@ -299,7 +299,7 @@ def plot_paired(paired: Sequence[Paired], baseline: str, metric: str, path: Path
         ax.scatter(p.differences, [y] * p.n, s=8, color=colour, alpha=0.4)
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_yticks(range(len(shown)), [" / ".join(p.labels.values()) + f" (n={p.n})" for p in shown], fontsize=8)
-    ax.set_xlabel(f"Δ {metric} against {baseline} (same seed; mean and 95% t-interval)")
+    ax.set_xlabel(f"Δ {metric} against {baseline}\n(same seed; mean and 95% t-interval)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
