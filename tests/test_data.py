@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import rmoe.data.datamodule as datamodule_module
 from rmoe.data import BpeTokenizer, ByteTokenizer, HfTokenizer, TextDataModule, Tokenizer, build_tokenizer, pack
 from rmoe.data.blocks import pack_tokens, tokenize_documents
 from rmoe.data.corpus import (
@@ -585,3 +592,90 @@ def test_a_damaged_bpe_tokenizer_in_the_cache_is_trained_again(files, tmp_path):
     with pytest.warns(UserWarning, match=rf"data cache entry {folder} was damaged"):
         again = TextDataModule(**settings).tokenizer
     assert again.encode_batch(["hello world"])[0].tolist() == ids
+
+
+CONCURRENT_PREPARE = """
+import sys, time, warnings
+from pathlib import Path
+from rmoe.data import TextDataModule
+go = Path(sys.argv[1])
+go.with_name(f"ready-{sys.argv[5]}").touch()
+while not go.exists():
+    time.sleep(0.001)
+warnings.simplefilter("error")  # a 'damaged' warning means one process saw another's half-built entry
+module = TextDataModule(source="files", train_files=[sys.argv[2]], val_files=[sys.argv[3]], test_files=[sys.argv[3]],
+                        tokenizer="bpe", bpe_vocab_size=300, block_size=32, batch_size=4, cache_dir=sys.argv[4])
+module.prepare_data()
+module.setup("fit")
+print(sum(int(batch.sum()) for batch in module.val_dataloader()))
+"""
+
+
+@pytest.mark.slow  # four real processes (~15 s); the interleaving itself is replayed by the next test
+def test_processes_preparing_one_cache_at_once_all_succeed(tmp_path: Path) -> None:
+    """Several ``rmoe fit`` sharing a cache (a sweep with --jobs, two users) train the BPE and build each entry
+    once, and none reads, deletes or hashes the files another is still writing."""
+    train = write(tmp_path / "train.txt", make_text(20000, "a"))
+    val = write(tmp_path / "val.txt", make_text(3000, "v"))
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_PREPARE, str(go), train, val, str(tmp_path / "cache"), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        for i in range(4)
+    ]
+    while len(list(tmp_path.glob("ready-*"))) < len(children):  # every child imported rmoe and waits
+        assert all(child.poll() is None for child in children), [child.communicate() for child in children]
+        time.sleep(0.01)
+    go.touch()
+    results = [child.communicate(timeout=300) for child in children]
+    for child, (_, err) in zip(children, results, strict=True):
+        assert child.returncode == 0, err
+    assert len({out for out, _ in results}) == 1  # the same validation data everywhere
+    assert len(list((tmp_path / "cache/splits").glob("*/blocks-32.arrow"))) == 3
+
+
+def test_an_entry_being_built_is_waited_for_not_judged_damaged(files, tmp_path, monkeypatch):
+    """The interleaving that failed: one process has written a split's tokens.arrow but not yet its sha256 when a
+    second one looks at the entry. The second must wait for the first, not delete the entry as damaged (the
+    first then failed hashing a file that was gone)."""
+    settings = dict(source="files", **files, block_size=32, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    written, resume, finished = threading.Event(), threading.Event(), threading.Event()
+    record_digest = datamodule_module._record_digest
+
+    def pausing_record_digest(directory: Path, path: Path) -> None:
+        if threading.current_thread().name == "first" and path.name == "tokens.arrow" and not written.is_set():
+            written.set()
+            assert resume.wait(60)
+        record_digest(directory, path)
+
+    errors: list[BaseException] = []
+
+    def prepare(done: threading.Event | None = None) -> None:
+        try:
+            module = TextDataModule(**settings)
+            module.prepare_data()
+            module.setup("fit")
+        except BaseException as err:
+            errors.append(err)
+        if done is not None:
+            done.set()
+
+    monkeypatch.setattr(datamodule_module, "_record_digest", pausing_record_digest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a 'damaged ... deleted' warning fails the thread that sees it
+        first = threading.Thread(target=prepare, name="first")
+        first.start()
+        assert written.wait(60)  # train's tokens.arrow is on disk, its sha256 not yet
+        second = threading.Thread(target=prepare, args=(finished,), name="second")
+        second.start()
+        assert not finished.wait(1.0)  # waits for the entry's lock
+        resume.set()
+        first.join(60)
+        second.join(60)
+    assert not errors, errors
+    assert finished.is_set()

@@ -10,9 +10,14 @@ is known at once). ``prepare_data`` (one process per node) downloads, trains the
     splits/<split>-<key>/blocks-<B>.arrow       one row per block of B + 1 ids
     splits/<split>-<key>/blocks-<B>.json        SplitStats, written last: marks the entry complete
     splits/<split>-<key>/sha256.json            the sha256 of each Arrow file, checked before it is used
+    locks/<kind>-<entry>.lock                   held while an entry is checked or built
 
 ``<key>`` hashes everything that changes the split's token stream: the corpus identity, the split, its byte cap
 and the tokenizer's fingerprint. The block size is in the file name, so changing it only re-packs the tokens.
+
+Every entry is checked and built under its own lock (``locks/splits-<split>-<key>.lock``; the OS drops it when
+its holder dies): processes that share a cache (a sweep with ``--jobs``, two runs started
+together) build each entry once and never read, hash or delete the files another is still writing.
 
 A damaged entry (truncated or bit-flipped Arrow file, stats that are not JSON, a missing file) is found before
 it is read, warned about, deleted and rebuilt: the cache holds only what can be derived again. The same holds
@@ -25,10 +30,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import filelock
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -97,6 +106,25 @@ def _damage(directory: Path, stats_path: Path, blocks_path: Path, tokens_path: P
         if _file_sha256(path) != digests[path.name]:
             return f"{path.name} does not match its sha256"
     return None
+
+
+@contextmanager
+def _entry_lock(directory: Path) -> Iterator[None]:
+    """Hold the lock of the cache entry ``directory`` (``<cache>/locks/<kind>-<entry>.lock``, apart from the entry,
+    which may be deleted and rebuilt under it); says once on stderr when another process holds it for more than a
+    moment (ranks checking one entry in turn wait less), so a long wait is never silent."""
+    locks = directory.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(locks / f"{directory.parent.name}-{directory.name}.lock")
+    try:
+        lock.acquire(timeout=2)
+    except filelock.Timeout:
+        print(f"rmoe: waiting for another process to finish the data cache entry {directory}", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_positive(key: str, value: int | None, allow_none: bool = False) -> None:
@@ -219,6 +247,10 @@ class TextDataModule(L.LightningDataModule):
             }
         )
         directory = self.cache_root / "tokenizers" / f"bpe-{key}"
+        with _entry_lock(directory):
+            return self._load_or_train_bpe_locked(directory)
+
+    def _load_or_train_bpe_locked(self, directory: Path) -> Tokenizer:
         if (directory / META_FILE).is_file():
             try:
                 return BpeTokenizer.load(directory)
@@ -230,10 +262,8 @@ class TextDataModule(L.LightningDataModule):
             trained = BpeTokenizer.train(_iter_texts(self._load_documents()["train"]), self.bpe_vocab_size)
             temporary = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
             trained.save(temporary)
-            try:
-                temporary.rename(directory)
-            except OSError:  # another process finished first
-                shutil.rmtree(temporary, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)  # an incomplete folder a killed process left
+            temporary.rename(directory)
         return BpeTokenizer.load(directory)
 
     def save_tokenizer(self, directory: str) -> None:
@@ -263,9 +293,13 @@ class TextDataModule(L.LightningDataModule):
 
     def _prepare_split(self, split: str) -> Path:
         """Build the split's cached blocks unless they exist and are intact; return the blocks' Arrow file."""
+        directory = self._split_dir(split)
+        with _entry_lock(directory):
+            return self._prepare_split_locked(split, directory)
+
+    def _prepare_split_locked(self, split: str, directory: Path) -> Path:
         from datasets import Dataset
 
-        directory = self._split_dir(split)
         blocks_path = directory / f"blocks-{self.block_size}.arrow"
         stats_path = blocks_path.with_suffix(".json")
         tokens_path = directory / "tokens.arrow"
