@@ -26,6 +26,7 @@ VARIANTS = {  # case -> (router, options): the option sets that change what a ro
     "mlp": ("mlp", {"hidden_dim": 8}),
     "hyper": ("hyper", {"embedding_dim": 4, "hypernet_hidden_dim": 8}),
     "locmoe": ("locmoe", {"capacity_factor": 2.0}),  # E / K = 2: no token is ever dropped
+    "locmoe_eval_topk": ("locmoe", {"eval_routing": "topk"}),  # drops in training only
 }
 if "sinkhorn_token_choice" in ROUTERS:  # balanced by a transport plan in training, plain top-k in evaluation
     VARIANTS["sinkhorn_token_choice_eval_topk"] = ("sinkhorn_token_choice", {"eval_routing": "topk"})
@@ -47,6 +48,7 @@ def test_every_registered_router_is_covered_or_refused():
     assert "expert_choice" in refused and "gru" in covered
     assert non_causal_reason(tiny_config(router="locmoe")) is not None  # default capacity 1.25 drops tokens
     assert non_causal_reason(tiny_config(router="locmoe", router_options={"capacity_factor": 2.0})) is None
+    assert non_causal_reason(tiny_config(router="locmoe", router_options={"eval_routing": "topk"})) is None
 
 
 def _randomize(model: torch.nn.Module) -> None:

@@ -46,6 +46,7 @@ OPTION_CASES = [
     ("sparse_expert_choice", {"capacity_factor": 2.0}, {}),
     ("sinkhorn_token_choice", {}, {"top_k": 4}),  # K = E with softmax gates
     ("locmoe", {"capacity_factor": 2.0}, {}),
+    ("locmoe", {"eval_routing": "topk"}, {}),  # drops in training only
 ]
 CAUSALITY_CASES = [(r, o, {}) for r, o in CASES + STUDY_CASES] + OPTION_CASES
 
@@ -101,14 +102,14 @@ def test_causality_declaration_holds_and_warns_once(router, options, overrides):
 def test_the_causal_evaluation_each_router_offers_is_causal(router, options, overrides):
     """``ModelConfig.causal_evaluation_options``: {} when evaluation is causal already; the options that
     make it causal (checked by changing later tokens in eval mode) where the router offers them; None
-    for the routers that offer none (Soft MoE; LocMoE's capacity that drops)."""
+    for the router that offers none (Soft MoE: every slot mixes the whole sequence)."""
     config = tiny_config(router, options, **{"initializer_range": 0.2, **overrides})
     offer = config.causal_evaluation_options()
     if config.causality().evaluation is None:
         assert offer == {}
         return
     if offer is None:
-        assert router in ("soft_moe", "locmoe"), router
+        assert router == "soft_moe", router
         return
     assert offer in ({"eval_routing": "topk"}, {"eval_capacity_factor": None}), offer
     causal = tiny_config(router, {**options, **offer}, **{"initializer_range": 0.2, **overrides})

@@ -493,6 +493,29 @@ def test_locmoe_respects_capacity_and_keeps_highest_affinity():
     assert dropped_somewhere
 
 
+def test_locmoe_eval_routing_topk_drops_in_training_only():
+    """``eval_routing: topk``: training as before (the capacity drops), evaluation with no capacity: the model
+    in eval mode equals LocMoE at a capacity that cannot drop, given the same weights."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    x[:, :8] += 1.5  # most tokens prefer expert 0: a capacity of 0.75 binds
+    same = routers_of(build("locmoe", {"capacity_factor": 0.75}))[0]
+    topk = routers_of(build("locmoe", {"capacity_factor": 0.75, "eval_routing": "topk"}))[0]
+    trained_same, trained_topk = same.train()(x, None)[0], topk.train()(x, None)[0]
+    assert not trained_same.keep_TK.all() and torch.equal(trained_topk.keep_TK, trained_same.keep_TK)
+    assert not same.eval()(x, None)[0].keep_TK.all()  # "same": the capacity drops in evaluation too
+    evaluated = topk.eval()(x, None)[0]
+    assert evaluated.keep_TK is None and torch.equal(evaluated.expert_ids_TK, trained_topk.expert_ids_TK)
+
+    ids = torch.randint(0, VOCAB, (2, 16))
+    model = build("locmoe", {"capacity_factor": 0.75, "eval_routing": "topk"}).eval()
+    no_drops = build("locmoe", {"capacity_factor": 2.0}).eval()
+    no_drops.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, no_drops(ids).logits)
+        assert not torch.allclose(model.train()(ids).logits, no_drops.train()(ids).logits)
+
+
 def test_capacity_keep_mask_against_a_naive_loop():
     torch.manual_seed(5)
     T, K, E, C = 40, 2, 5, 6

@@ -20,13 +20,17 @@ Choices the papers leave open, made here:
   each row, so the affinity stays ``sqrt(|g_i|) mean_g(x) / ||x||``.
 
 Causal only when nothing can be dropped (``capacity_factor >= E / K``): which tokens an expert keeps depends on the
-other tokens of the batch, later ones included.
+other tokens of the batch, later ones included. ``eval_routing: topk`` gives a causal evaluation, training
+unchanged: in eval mode no capacity, every token keeps its top-K experts (as the capacity routers of
+:class:`~rmoe.routers.base.CapacityOptions` evaluate by default), so its validation and test loss compare with
+causal routers' and it decodes token by token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +57,21 @@ class LocMoeOptions(TokenChoiceOptions):
     temperature: Divides the affinities (cosines in [-1, 1]) before the softmax.
     capacity_factor: C = ceil(capacity_factor * T * K / E) kept pairs per expert at most.
     learnable_keys: Train the expert keys (initialised to the GAP rows) instead of fixing them.
+    eval_routing: ``same``: the capacity applies in evaluation too, as trained (not causal when it can drop);
+        ``topk``: in eval mode no capacity, each token keeps its top-K experts (causal).
     """
 
     temperature: float = 0.1
     capacity_factor: float = 1.25
     learnable_keys: bool = False
+    eval_routing: Literal["same", "topk"] = "same"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.temperature <= 0 or self.capacity_factor <= 0:
             raise ValueError(f"temperature={self.temperature} and capacity_factor={self.capacity_factor} must be > 0")
+        if self.eval_routing not in ("same", "topk"):
+            raise ValueError(f"eval_routing={self.eval_routing!r}; expected one of: same, topk")
 
 
 def gap_rows(num_experts: int, hidden_size: int) -> torch.Tensor:
@@ -81,7 +90,7 @@ class LocMoeRouter(TokenChoiceRouter):
     """
 
     Options = LocMoeOptions
-    causal_evaluation = None  # its capacity applies in evaluation too
+    causal_evaluation = MappingProxyType({"eval_routing": "topk"})  # no capacity in evaluation
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
@@ -103,7 +112,8 @@ class LocMoeRouter(TokenChoiceRouter):
 
     @classmethod
     def causality(cls, config: RouterContext) -> Causality:
-        """Causal only when the capacity cannot drop: ``capacity_factor * K >= E`` (C = T)."""
+        """Causal only when the capacity cannot drop: ``capacity_factor * K >= E`` (C = T); in evaluation also
+        with ``eval_routing: topk``."""
         options = config.options
         if options.capacity_factor * config.top_k >= config.num_experts:
             return CAUSAL
@@ -112,7 +122,7 @@ class LocMoeRouter(TokenChoiceRouter):
             f"{config.num_experts / config.top_k:g}) it can drop tokens: an expert keeps at most C of the tokens "
             "that chose it, and which ones depends on the later tokens"
         )
-        return Causality(reason, reason)
+        return Causality(reason, None if options.eval_routing == "topk" else reason)
 
     def capacity(self, seq_len: int) -> int:
         """Over the T tokens of the forward call (LocMoE's capacity is not per sequence)."""
@@ -130,6 +140,8 @@ class LocMoeRouter(TokenChoiceRouter):
                 F.normalize(x_TD.float(), dim=-1, eps=1e-6), F.normalize(self.keys.float(), dim=-1, eps=1e-6)
             )
         routing = self.select(affinity_TE / self.options.temperature)
+        if not self.training and self.options.eval_routing == "topk":  # causal evaluation: no capacity
+            return routing, state
         affinity_TK = affinity_TE.gather(1, routing.expert_ids_TK)
         routing.keep_TK = capacity_keep_mask(
             routing.expert_ids_TK, affinity_TK.detach(), self.num_experts, self.capacity(x_TD.shape[0])
