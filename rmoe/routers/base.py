@@ -186,6 +186,18 @@ class Causality:
 CAUSAL = Causality()
 """The declaration of a router that is causal in training and evaluation."""
 
+EvalRouting = Literal["same", "topk"]
+"""``eval_routing`` of the routers that are not causal in training: ``same`` evaluates as trained, ``topk`` routes
+each token by its own top-K in eval mode (causal)."""
+EVAL_TOPK: Mapping[str, Any] = types.MappingProxyType({"eval_routing": "topk"})
+"""Their ``Router.causal_evaluation`` offer."""
+
+
+def check_eval_routing(value: str) -> None:
+    """Raise unless ``value`` is an :data:`EvalRouting`."""
+    if value not in typing.get_args(EvalRouting):
+        raise ValueError(f"eval_routing={value!r}; expected one of: {', '.join(typing.get_args(EvalRouting))}")
+
 
 @dataclass
 class NoOptions:

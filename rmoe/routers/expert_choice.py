@@ -36,13 +36,22 @@ Shape legend: T tokens, D model width, E experts, K top-k, C capacity (tokens pe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from rmoe.routers.base import CAUSAL, Causality, Router, RoutingOutput, expert_capacity, fp32_linear
+from rmoe.routers.base import (
+    CAUSAL,
+    EVAL_TOPK,
+    Causality,
+    EvalRouting,
+    Router,
+    RoutingOutput,
+    check_eval_routing,
+    expert_capacity,
+    fp32_linear,
+)
 from rmoe.routers.registry import register_router
 from rmoe.routers.transport import sinkhorn_potentials, sparse_potentials
 
@@ -61,13 +70,12 @@ class ExpertChoiceOptions:
     """
 
     capacity_factor: float = 1.0
-    eval_routing: Literal["same", "topk"] = "same"
+    eval_routing: EvalRouting = "same"
 
     def __post_init__(self) -> None:
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
-        if self.eval_routing not in ("same", "topk"):
-            raise ValueError(f"eval_routing={self.eval_routing!r}; expected one of: same, topk")
+        check_eval_routing(self.eval_routing)
 
 
 @dataclass
@@ -152,7 +160,7 @@ class ExpertChoiceRouter(Router):
     """
 
     Options = ExpertChoiceOptions
-    causal_evaluation = MappingProxyType({"eval_routing": "topk"})  # each token's softmax top-K in evaluation
+    causal_evaluation = EVAL_TOPK  # each token's softmax top-K in evaluation
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)

@@ -29,8 +29,7 @@ causal routers' and it decodes token by token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +37,14 @@ from torch import nn
 
 from rmoe.routers.base import (
     CAUSAL,
+    EVAL_TOPK,
     Causality,
+    EvalRouting,
     RoutingOutput,
     TokenChoiceOptions,
     TokenChoiceRouter,
     capacity_keep_mask,
+    check_eval_routing,
     expert_capacity,
 )
 from rmoe.routers.registry import register_router
@@ -64,14 +66,13 @@ class LocMoeOptions(TokenChoiceOptions):
     temperature: float = 0.1
     capacity_factor: float = 1.25
     learnable_keys: bool = False
-    eval_routing: Literal["same", "topk"] = "same"
+    eval_routing: EvalRouting = "same"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.temperature <= 0 or self.capacity_factor <= 0:
             raise ValueError(f"temperature={self.temperature} and capacity_factor={self.capacity_factor} must be > 0")
-        if self.eval_routing not in ("same", "topk"):
-            raise ValueError(f"eval_routing={self.eval_routing!r}; expected one of: same, topk")
+        check_eval_routing(self.eval_routing)
 
 
 def gap_rows(num_experts: int, hidden_size: int) -> torch.Tensor:
@@ -90,7 +91,7 @@ class LocMoeRouter(TokenChoiceRouter):
     """
 
     Options = LocMoeOptions
-    causal_evaluation = MappingProxyType({"eval_routing": "topk"})  # no capacity in evaluation
+    causal_evaluation = EVAL_TOPK  # no capacity in evaluation
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)

@@ -24,13 +24,22 @@ Shape legend: T tokens, D model width, E experts, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from rmoe.routers.base import CAUSAL, Causality, Router, RoutingOutput, fp32_linear, topk_softmax
+from rmoe.routers.base import (
+    CAUSAL,
+    EVAL_TOPK,
+    Causality,
+    EvalRouting,
+    Router,
+    RoutingOutput,
+    check_eval_routing,
+    fp32_linear,
+    topk_softmax,
+)
 from rmoe.routers.expert_choice import PlanCosts, PlanOptions
 from rmoe.routers.registry import register_router
 from rmoe.routers.transport import sinkhorn_potentials
@@ -48,14 +57,13 @@ class SinkhornTokenChoiceOptions(PlanOptions):
     """
 
     epsilon: float = 1.0
-    eval_routing: Literal["same", "topk"] = "same"
+    eval_routing: EvalRouting = "same"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.epsilon <= 0:
             raise ValueError(f"epsilon={self.epsilon} must be > 0")
-        if self.eval_routing not in ("same", "topk"):
-            raise ValueError(f"eval_routing={self.eval_routing!r}; expected one of: same, topk")
+        check_eval_routing(self.eval_routing)
 
 
 @register_router("sinkhorn_token_choice")
@@ -63,7 +71,7 @@ class SinkhornTokenChoiceRouter(PlanCosts, Router):
     """Top-K of the Sinkhorn plan per token (see the module docstring). The state passes through."""
 
     Options = SinkhornTokenChoiceOptions
-    causal_evaluation = MappingProxyType({"eval_routing": "topk"})  # S-BASE: Sinkhorn in training only
+    causal_evaluation = EVAL_TOPK  # S-BASE: Sinkhorn in training only
 
     def __init__(self, config: RouterContext, layer_idx: int, shared: nn.Module | None = None) -> None:
         super().__init__(config, layer_idx, shared)
